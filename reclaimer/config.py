@@ -1,0 +1,360 @@
+"""Load and validate the YAML config into one frozen ``Settings`` object.
+
+Errors name the key path and the line (``policies[0].idle_after (line 14): ...``). Unknown keys are errors:
+a typo must never silently disable a policy or an exemption.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+_DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+)ms)?$")
+
+
+def parse_duration(value: Any) -> float:
+    """``90s``, ``15m``, ``2h``, ``1h30m``, ``500ms`` or a bare number of seconds -> seconds (float)."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"duration must not be negative: {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError(f"not a duration: {value!r} (use e.g. 90s, 15m, 2h, 1h30m)")
+    text = value.strip().lower()
+    m = _DURATION_RE.match(text)
+    if not text or not m or not any(m.groups()):
+        raise ValueError(f"not a duration: {value!r} (use e.g. 90s, 15m, 2h, 1h30m)")
+    h, mi, s, ms = (float(g) if g else 0.0 for g in m.groups())
+    return h * 3600 + mi * 60 + s + ms / 1000
+
+
+def format_duration(seconds: float) -> str:
+    """Inverse of ``parse_duration`` for display: 5400 -> ``1h30m``."""
+    seconds = int(round(seconds))
+    if seconds <= 0:
+        return "0s"
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return "".join(f"{v}{u}" for v, u in ((h, "h"), (m, "m"), (s, "s")) if v)
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GpuSettings(_Strict):
+    backend: Literal["nvml", "simulated"] = "nvml"
+    scenario: str | None = None  # simulated backend: path to a scenario YAML (or inline via demo)
+    library_path: str | None = None  # explicit libnvidia-ml.so.1; default: the loader's search path
+
+
+class GatewaySettings(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    url: str
+    kind: Literal["jupyter-server", "kernel-gateway", "enterprise-gateway"] = "jupyter-server"
+    token_env: str | None = None
+    token_file: str | None = None
+    ca_file: str | None = None
+    verify_tls: bool = True
+    timeout: Duration = 5.0
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s?#]+(/[^\s?#]*)?$", v):
+            raise ValueError(f"must be an http(s) URL without query or fragment, got {v!r}")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> GatewaySettings:
+        if self.token_env and self.token_file:
+            raise ValueError("set token_env or token_file, not both")
+        return self
+
+
+class HubSettings(_Strict):
+    url: str
+    token_env: str | None = None
+    token_file: str | None = None
+    ca_file: str | None = None
+    verify_tls: bool = True
+    timeout: Duration = 5.0
+
+    _http_url = field_validator("url")(GatewaySettings._http_url.__func__)  # type: ignore[attr-defined]
+
+
+class KubernetesSettings(_Strict):
+    enabled: Literal["auto", True, False] = "auto"
+    pod_resources_socket: str = "/var/lib/kubelet/pod-resources/kubelet.sock"
+    kubeconfig: str | None = None  # default: in-cluster, then $KUBECONFIG / ~/.kube/config
+    user_label: str = "hub.jupyter.org/username"  # label or annotation naming the notebook's user
+    server_name_annotation: str = "hub.jupyter.org/servername"
+    kernel_id_label: str = "kernel_id"
+    resync_interval: Duration = 30.0
+    timeout: Duration = 5.0
+
+    @field_validator("enabled", mode="before")
+    @classmethod
+    def _auto_or_bool(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.lower() in ("true", "false"):
+            return v.lower() == "true"
+        return v
+
+
+class PolicyMatch(_Strict):
+    """Empty lists match everything; every non-empty list must match (AND across keys, OR within a list)."""
+
+    namespaces: tuple[str, ...] = ()
+    pod_labels: Mapping[str, str] = Field(default_factory=dict)
+    users: tuple[str, ...] = ()
+    kernel_names: tuple[str, ...] = ()
+    gateways: tuple[str, ...] = ()
+    gpu_models: tuple[str, ...] = ()  # substring match, case-insensitive: "A100" matches "NVIDIA A100-SXM4-80GB"
+
+
+class PolicySettings(_Strict):
+    name: str
+    match: PolicyMatch = Field(default_factory=PolicyMatch)
+    gpu_idle_below: Ratio = 0.05
+    idle_after: Duration = 1800.0
+    warn_before: Duration = 300.0
+    action: Literal["shutdown-kernel", "stop-server", "evict-pod", "none"] = "shutdown-kernel"
+
+    @model_validator(mode="after")
+    def _warn_inside_window(self) -> PolicySettings:
+        if self.idle_after <= 0:
+            raise ValueError("idle_after must be positive")
+        if self.warn_before >= self.idle_after:
+            raise ValueError(
+                f"warn_before ({format_duration(self.warn_before)}) must be shorter than "
+                f"idle_after ({format_duration(self.idle_after)})"
+            )
+        return self
+
+
+class ExemptionSettings(_Strict):
+    annotation: str = "reclaimer.io/exempt"
+    namespaces: tuple[str, ...] = ("kube-system",)
+    users: tuple[str, ...] = ()
+    kernel_names: tuple[str, ...] = ()
+
+
+class LimitSettings(_Strict):
+    max_actions_per_cycle: int = Field(default=5, ge=0)
+    cooldown: Duration = 600.0
+    max_fraction_per_cycle: Ratio = 0.5
+
+
+def _default_node_name() -> str:
+    return os.environ.get("NODE_NAME") or socket.gethostname()
+
+
+class Settings(_Strict):
+    mode: Literal["dry-run", "enforce"] = "dry-run"
+    node_name: str = Field(default_factory=_default_node_name)
+    listen: str = "0.0.0.0:9400"
+    sample_interval: Duration = 1.0
+    decide_interval: Duration = 15.0
+    procfs_root: str = "/proc"
+    gpu: GpuSettings = Field(default_factory=GpuSettings)
+    gateways: tuple[GatewaySettings, ...] = ()
+    hub: HubSettings | None = None
+    kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
+    policies: tuple[PolicySettings, ...] = (PolicySettings(name="default"),)
+    exemptions: ExemptionSettings = Field(default_factory=ExemptionSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"must be HOST:PORT, got {v!r}")
+        return v
+
+    @field_validator("sample_interval", "decide_interval")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("must be positive")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        if self.decide_interval < self.sample_interval:
+            raise ValueError("decide_interval must not be shorter than sample_interval")
+        names = [g.name for g in self.gateways]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"gateway names must be unique, repeated: {', '.join(dupes)}")
+        pnames = [p.name for p in self.policies]
+        pdupes = sorted({n for n in pnames if pnames.count(n) > 1})
+        if pdupes:
+            raise ValueError(f"policy names must be unique, repeated: {', '.join(pdupes)}")
+        if not self.policies:
+            raise ValueError("at least one policy is needed (use action: none to only observe)")
+        return self
+
+    @property
+    def longest_window(self) -> float:
+        """Seconds of samples the sampler must keep: the longest policy window plus a decide interval."""
+        return max(p.idle_after for p in self.policies) + self.decide_interval
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]") or "0.0.0.0", int(port)
+
+
+# --------------------------------------------------------------------------- loading with line numbers
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    path: str  # "policies[0].idle_after"
+    line: int | None  # 1-based
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.path or '<top level>'}" + (f" (line {self.line})" if self.line else "")
+        return f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """Invalid configuration. ``issues`` names each culprit by key path and line."""
+
+    def __init__(self, source: str, issues: list[ConfigIssue]):
+        self.source = source
+        self.issues = issues
+        super().__init__(f"{source}: invalid configuration\n" + "\n".join(f"  {i}" for i in issues))
+
+
+def _line_index(node: yaml.Node, path: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], int]:
+    """Map each key path in a composed YAML tree to its 1-based line."""
+    out: dict[tuple[Any, ...], int] = {path: node.start_mark.line + 1}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            out[path + (key,)] = key_node.start_mark.line + 1
+            for sub, line in _line_index(value_node, path + (key,)).items():
+                out.setdefault(sub, line) if sub == path + (key,) else out.__setitem__(sub, line)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out.update(_line_index(item, path + (i,)))
+    return out
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += ("." if text else "") + str(part)
+    return text
+
+
+def _nearest_line(lines: Mapping[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int | None:
+    for end in range(len(loc), -1, -1):
+        if loc[:end] in lines:
+            return lines[loc[:end]]
+    return None
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    # pydantic adds the tag of a union/literal branch ("literal['auto']", "function-after[...]") to locations.
+    return tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("bool",))))
+
+
+def _issues_from(exc: ValidationError, lines: Mapping[tuple[Any, ...], int]) -> list[ConfigIssue]:
+    issues: list[ConfigIssue] = []
+    seen: set[tuple[str, str]] = set()
+    for err in exc.errors():
+        loc = _clean_loc(tuple(err["loc"]))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; unknown keys are errors)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        key = (_format_loc(loc), msg)
+        if key in seen:
+            continue
+        seen.add(key)
+        issues.append(ConfigIssue(_format_loc(loc), _nearest_line(lines, loc), msg))
+    return issues
+
+
+def parse_settings(text: str, source: str = "<config>", overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Parse YAML text into Settings; ``overrides`` (e.g. ``{"mode": "enforce"}``) win over the file."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, [ConfigIssue("", line, f"not valid YAML: {problem}")]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, [ConfigIssue("", 1, f"the top level must be a mapping, got {type(data).__name__}")])
+    lines = _line_index(node) if node is not None else {}
+    data = {**data, **(overrides or {})}
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, _issues_from(exc, lines)) from None
+
+
+def load_settings(path: str | os.PathLike[str] | None, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Load a config file (``None``: all defaults)."""
+    if path is None:
+        return parse_settings("", "<defaults>", overrides)
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(p), [ConfigIssue("", None, f"cannot read: {exc.strerror or exc}")]) from None
+    return parse_settings(text, str(p), overrides)
+
+
+_SECRET_KEYS = re.compile(r"token|secret|password|passwd|authorization", re.I)
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The effective config as plain data for the start-up log. Token *sources* are kept, values never read."""
+
+    def scrub(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {
+                k: ("<redacted>" if _SECRET_KEYS.search(k) and k not in ("token_env", "token_file") else scrub(v))
+                for k, v in obj.items()
+            }
+        if isinstance(obj, (list, tuple)):
+            return [scrub(v) for v in obj]
+        return obj
+
+    return scrub(settings.model_dump(mode="json"))

@@ -1,0 +1,247 @@
+"""Plain data passed between the pipeline stages: sample -> attribute -> observe -> decide -> act -> export.
+
+Pure: no I/O imports. Every "unknown" is ``None`` (never 0): unknown is never idle.
+Ratios are 0..1, memory in bytes, times are POSIX seconds (``float``) unless a field says ``datetime``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+
+class Verdict(str, enum.Enum):
+    KEEP = "keep"
+    WARN = "warn"
+    RECLAIM = "reclaim"
+    EXEMPT = "exempt"
+    UNKNOWN = "unknown"
+
+
+class ActionKind(str, enum.Enum):
+    SHUTDOWN_KERNEL = "shutdown-kernel"
+    STOP_SERVER = "stop-server"
+    EVICT_POD = "evict-pod"
+    NONE = "none"
+
+
+# --------------------------------------------------------------------------- GPUs (nvml.py / sampler.py)
+
+
+@dataclass(frozen=True, slots=True)
+class GpuDevice:
+    """A physical GPU as enumerated at start-up."""
+
+    index: int
+    uuid: str
+    model: str
+    mig_mode: bool | None = None  # None: unknown / not supported by the driver
+    memory_total_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessSample:
+    """One compute process on one GPU in one tick (host PID namespace)."""
+
+    pid: int
+    used_memory_bytes: int | None  # None: NVML_VALUE_NOT_AVAILABLE or not reported
+    sm_utilization: float | None = None  # ratio; None: unknown (no sample yet, NOT_SUPPORTED, error)
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSample:
+    """One GPU in one tick. ``up`` is False when the GPU is lost or the device could not be read."""
+
+    timestamp: float
+    index: int
+    uuid: str
+    up: bool
+    utilization: float | None  # ratio; None: unknown (MIG, NOT_SUPPORTED, error)
+    memory_used_bytes: int | None
+    memory_total_bytes: int | None
+    processes: tuple[ProcessSample, ...] | None = ()  # None: the process list itself is unknown
+    errors: tuple[str, ...] = ()  # "nvmlDeviceGetUtilizationRates:NOT_SUPPORTED", ...
+
+
+@dataclass(frozen=True, slots=True)
+class SamplerSnapshot:
+    """What the sampler holds: devices and, per GPU uuid, the samples in its ring buffer (oldest first)."""
+
+    devices: tuple[GpuDevice, ...]
+    samples: Mapping[str, tuple[GpuSample, ...]]
+    started_at: float  # when sampling began; idle windows never reach back before it
+    sample_interval: float
+    last_sample_at: float | None = None
+
+    def latest(self, uuid: str) -> GpuSample | None:
+        s = self.samples.get(uuid)
+        return s[-1] if s else None
+
+
+# --------------------------------------------------------------------------- processes (procfs.py / attribution.py)
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessInfo:
+    """What /proc says about one process. (pid, starttime) is its identity: PIDs get reused."""
+
+    pid: int
+    ppid: int
+    starttime: int  # clock ticks after boot, field 22 of /proc/<pid>/stat
+    comm: str
+    container_id: str | None = None
+    pod_uid: str | None = None  # canonical dashed form
+    kernel_id: str | None = None  # from a `kernel-<uuid>.json` connection file on the cmdline
+
+
+@dataclass(frozen=True, slots=True)
+class AttributedProcess:
+    """A GPU process and what it belongs to. ``reason`` says why a link is missing (empty when attributed)."""
+
+    pid: int
+    starttime: int | None
+    gpu_uuid: str
+    used_memory_bytes: int | None
+    sm_utilization: float | None
+    pod_uid: str | None = None
+    container_id: str | None = None
+    kernel_id: str | None = None
+    kernel_pid: int | None = None  # the ancestor (or self) whose cmdline names the connection file
+    reason: str = ""
+
+
+# --------------------------------------------------------------------------- Kubernetes (kube.py / podresources.py)
+
+
+@dataclass(frozen=True, slots=True)
+class PodInfo:
+    uid: str
+    namespace: str
+    name: str
+    node_name: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    owner_kind: str | None = None
+    owner_name: str | None = None
+    user: str | None = None  # from the configured user label / annotation
+    phase: str | None = None
+    container_ids: tuple[str, ...] = ()  # bare ids, runtime prefix ("containerd://") stripped
+
+
+@dataclass(frozen=True, slots=True)
+class PodGpuAllocation:
+    """kubelet pod-resources: which GPUs (parent GPU uuids, MIG / time-slicing suffixes resolved) a pod holds."""
+
+    namespace: str
+    pod: str
+    container: str
+    gpu_uuids: tuple[str, ...]
+    device_ids: tuple[str, ...] = ()  # as the kubelet reported them
+
+
+# --------------------------------------------------------------------------- Jupyter (gateway.py / hub.py)
+
+
+@dataclass(frozen=True, slots=True)
+class KernelActivity:
+    """A gateway's view of one kernel. ``error`` set means unknown: never idle."""
+
+    kernel_id: str
+    gateway: str
+    observed_at: float
+    kernel_name: str | None = None
+    execution_state: str | None = None
+    last_activity: datetime | None = None  # timezone-aware UTC
+    connections: int | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerRef:
+    """A JupyterHub user server (``server_name`` "" is the default server)."""
+
+    user: str
+    server_name: str = ""
+    last_activity: datetime | None = None
+    url: str | None = None  # hub-relative URL, e.g. /user/alice/
+    ready: bool | None = None
+
+
+# --------------------------------------------------------------------------- policy input / output
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """Something that holds GPUs here and might be reclaimed: a kernel, or a pod holding GPUs with no process."""
+
+    key: str  # "kernel:<kernel_id>" or "pod:<pod_uid>"; cooldowns and warnings are keyed on it
+    node: str
+    kernel_id: str | None = None
+    gateway: str | None = None  # the configured gateway name that answered for this kernel
+    activity: KernelActivity | None = None
+    pod: PodInfo | None = None
+    server: ServerRef | None = None
+    user: str | None = None
+    gpu_uuids: tuple[str, ...] = ()  # GPUs this candidate holds (processes, or allocation for pod candidates)
+    processes: tuple[AttributedProcess, ...] = ()
+    allocated: bool = False  # True when pod-resources says the pod holds these GPUs
+
+    @property
+    def kernel_name(self) -> str | None:
+        return self.activity.kernel_name if self.activity else None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    candidate: Candidate
+    verdict: Verdict
+    action: ActionKind
+    reason: str
+    policy: str | None = None
+    idle_seconds: float | None = None
+    eta_seconds: float | None = None  # seconds until the action would be taken; 0 = now
+
+
+@dataclass(frozen=True, slots=True)
+class ActionResult:
+    """What an executor did with one planned decision. ``result`` is a bounded label value."""
+
+    decision: Decision
+    result: str  # success | already-gone | failed | blocked | skipped | dry-run
+    detail: str = ""
+    reclaimed_bytes: int = 0
+    mode: str = "dry-run"
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyState:
+    """What the policy remembers between cycles, owned by the daemon: when each key was last acted upon."""
+
+    last_action_at: Mapping[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- what one decide cycle leaves behind
+
+
+NO_NAMESPACE = "-"  # namespace label value for GPUs held outside Kubernetes (not a valid namespace name)
+
+
+@dataclass(frozen=True, slots=True)
+class CycleSnapshot:
+    """Everything the exporters (/metrics, /report, `reclaimer report`) render; built by the daemon each cycle.
+
+    Immutable, swapped atomically, so a scrape never waits on I/O and never sees a half-built cycle.
+    """
+
+    node: str
+    mode: str  # dry-run | enforce
+    generated_at: float
+    sampler: SamplerSnapshot
+    decisions: tuple[Decision, ...] = ()
+    unattributed: tuple[AttributedProcess, ...] = ()  # GPU processes that belong to no kernel, with the reason
+    gpu_idle_seconds: Mapping[str, float | None] = field(default_factory=dict)  # by GPU uuid; None: unknown
+    gateway_up: Mapping[str, bool | None] = field(default_factory=dict)  # by configured gateway name; None: not contacted yet
+    observed_at: float | None = None  # when the last gateway observation finished (None: not yet)
