@@ -1,0 +1,130 @@
+"""Join attributed GPU processes, pods, GPU allocations and gateway views into policy candidates. Pure.
+
+A candidate is either a Jupyter kernel holding GPUs (through its own processes or its children), or a pod that
+the kubelet says holds GPUs with no process on them at all. Everything else on a GPU is "unattributed", with
+the reason, and is never a candidate: unknown is never idle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from reclaimer.model import (
+    AttributedProcess,
+    Candidate,
+    KernelActivity,
+    PodGpuAllocation,
+    PodInfo,
+    ServerRef,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class JoinResult:
+    candidates: tuple[Candidate, ...]
+    unattributed: tuple[AttributedProcess, ...]
+
+
+def kernel_key(kernel_id: str) -> str:
+    return f"kernel:{kernel_id}"
+
+
+def pod_key(pod_uid: str) -> str:
+    return f"pod:{pod_uid}"
+
+
+def server_for_pod(pod: PodInfo | None, servers: Sequence[ServerRef], server_name_annotation: str) -> ServerRef | None:
+    """The JupyterHub server a pod runs, matched on user and server name (KubeSpawner's label / annotation)."""
+    if pod is None or not pod.user:
+        return None
+    name = pod.annotations.get(server_name_annotation, "")
+    for s in servers:
+        if s.user == pod.user and s.server_name == name:
+            return s
+    return None
+
+
+def join(
+    *,
+    node: str,
+    processes: Iterable[AttributedProcess],
+    pods_by_uid: Mapping[str, PodInfo],
+    pod_kernel_ids: Mapping[str, str],
+    allocations: Sequence[PodGpuAllocation] | None,
+    activities: Mapping[str, KernelActivity],
+    servers: Sequence[ServerRef] = (),
+    server_name_annotation: str = "hub.jupyter.org/servername",
+) -> JoinResult:
+    """Group GPU processes by kernel; add pods that hold allocated GPUs with no process on them.
+
+    ``allocations`` None means the kubelet could not be asked: then no pod candidate is made (unknown is never idle).
+    """
+    by_kernel: dict[str, list[AttributedProcess]] = {}
+    unattributed: list[AttributedProcess] = []
+    busy_pods: set[str] = set()
+    for p in processes:
+        kid = p.kernel_id
+        if kid is None and p.pod_uid is not None and p.pod_uid in pod_kernel_ids:
+            # Enterprise Gateway kernel pods carry the kernel id as a label; the whole pod is the kernel.
+            kid = pod_kernel_ids[p.pod_uid]
+            p = replace(p, kernel_id=kid, reason="")
+        if p.pod_uid is not None:
+            busy_pods.add(p.pod_uid)
+        if kid is None:
+            unattributed.append(p)
+            continue
+        by_kernel.setdefault(kid, []).append(p)
+
+    pods_by_name = {(pod.namespace, pod.name): pod for pod in pods_by_uid.values()}
+    allocated_gpus: dict[str, set[str]] = {}  # pod uid -> gpu uuids
+    for a in allocations or ():
+        pod = pods_by_name.get((a.namespace, a.pod))
+        if pod is not None:
+            allocated_gpus.setdefault(pod.uid, set()).update(a.gpu_uuids)
+
+    candidates: list[Candidate] = []
+    for kid, procs in by_kernel.items():
+        pod_uids = {p.pod_uid for p in procs if p.pod_uid}
+        # A kernel whose processes sit in several pods is inconsistent: keep no pod so no pod action can bind to it.
+        pod = pods_by_uid.get(next(iter(pod_uids))) if len(pod_uids) == 1 else None
+        activity = activities.get(kid)
+        server = server_for_pod(pod, servers, server_name_annotation)
+        gpus = tuple(sorted({p.gpu_uuid for p in procs}))
+        candidates.append(
+            Candidate(
+                key=kernel_key(kid),
+                node=node,
+                kernel_id=kid,
+                gateway=activity.gateway if activity and activity.error is None else None,
+                activity=activity,
+                pod=pod,
+                server=server,
+                user=(pod.user if pod else None) or (server.user if server else None),
+                gpu_uuids=gpus,
+                processes=tuple(sorted(procs, key=lambda p: (p.gpu_uuid, p.pid))),
+                allocated=bool(pod and allocated_gpus.get(pod.uid)),
+            )
+        )
+
+    if allocations is not None:
+        for uid, gpus in allocated_gpus.items():
+            if uid in busy_pods:
+                continue
+            pod = pods_by_uid[uid]
+            server = server_for_pod(pod, servers, server_name_annotation)
+            candidates.append(
+                Candidate(
+                    key=pod_key(uid),
+                    node=node,
+                    pod=pod,
+                    server=server,
+                    user=pod.user or (server.user if server else None),
+                    gpu_uuids=tuple(sorted(gpus)),
+                    allocated=True,
+                )
+            )
+
+    candidates.sort(key=lambda c: c.key)
+    unattributed.sort(key=lambda p: (p.gpu_uuid, p.pid))
+    return JoinResult(tuple(candidates), tuple(unattributed))

@@ -1,0 +1,102 @@
+"""The join of attributed GPU processes, pods, allocations and gateway views into policy candidates."""
+
+from __future__ import annotations
+
+import pytest
+
+from reclaimer.candidates import join, kernel_key, pod_key
+from reclaimer.model import AttributedProcess, KernelActivity, PodGpuAllocation, PodInfo, ServerRef
+
+K1 = "6f1c2d3e-0000-4000-8000-000000000001"
+K2 = "6f1c2d3e-0000-4000-8000-000000000002"
+POD_A = PodInfo(uid="aaaaaaaa-0000-4000-8000-00000000000a", namespace="team-a", name="jupyter-alice",
+                user="alice", annotations={"hub.jupyter.org/servername": ""})
+POD_B = PodInfo(uid="bbbbbbbb-0000-4000-8000-00000000000b", namespace="team-b", name="kernel-pod-b",
+                labels={"kernel_id": K2})
+POD_C = PodInfo(uid="cccccccc-0000-4000-8000-00000000000c", namespace="team-c", name="idle-alloc")
+
+
+def proc(pid: int, gpu: str, kernel: str | None = None, pod: str | None = None, mem: int = 1 << 30,
+         reason: str = "") -> AttributedProcess:
+    return AttributedProcess(pid=pid, starttime=100 + pid, gpu_uuid=gpu, used_memory_bytes=mem, sm_utilization=None,
+                             pod_uid=pod, kernel_id=kernel, kernel_pid=pid if kernel else None, reason=reason)
+
+
+def activity(kid: str, gateway: str = "eg", error: str | None = None) -> KernelActivity:
+    return KernelActivity(kid, gateway, 0.0, kernel_name="python3", execution_state="idle", error=error)
+
+
+PODS = {p.uid: p for p in (POD_A, POD_B, POD_C)}
+
+
+def test_kernel_processes_are_grouped_with_their_children_and_pod():
+    r = join(node="n1", processes=[proc(10, "GPU-0", K1, POD_A.uid), proc(11, "GPU-1", K1, POD_A.uid)],
+             pods_by_uid=PODS, pod_kernel_ids={}, allocations=None, activities={K1: activity(K1)})
+    (c,) = r.candidates
+    assert c.key == kernel_key(K1)
+    assert c.gpu_uuids == ("GPU-0", "GPU-1")
+    assert [p.pid for p in c.processes] == [10, 11]
+    assert c.pod == POD_A and c.user == "alice" and c.gateway == "eg"
+    assert r.unattributed == ()
+
+
+def test_pod_label_kernel_id_attributes_a_kernel_pod():
+    r = join(node="n1", processes=[proc(20, "GPU-2", None, POD_B.uid, reason="no connection file")],
+             pods_by_uid=PODS, pod_kernel_ids={POD_B.uid: K2}, allocations=None, activities={})
+    (c,) = r.candidates
+    assert c.kernel_id == K2 and c.pod == POD_B
+    assert c.processes[0].kernel_id == K2 and c.processes[0].reason == ""
+    assert c.activity is None  # no gateway answered: the policy will say unknown
+
+
+def test_process_of_no_kernel_is_unattributed_never_a_candidate():
+    p = proc(30, "GPU-3", None, None, reason="no kernel connection file among 4 ancestors")
+    r = join(node="n1", processes=[p], pods_by_uid=PODS, pod_kernel_ids={}, allocations=None, activities={})
+    assert r.candidates == ()
+    assert r.unattributed == (p,)
+
+
+def test_pod_holding_allocated_gpu_with_no_process_is_a_candidate():
+    allocs = [PodGpuAllocation("team-c", "idle-alloc", "main", ("GPU-5",)),
+              PodGpuAllocation("team-a", "jupyter-alice", "notebook", ("GPU-0",))]
+    r = join(node="n1", processes=[proc(10, "GPU-0", K1, POD_A.uid)], pods_by_uid=PODS, pod_kernel_ids={},
+             allocations=allocs, activities={K1: activity(K1)})
+    keys = [c.key for c in r.candidates]
+    assert keys == sorted([kernel_key(K1), pod_key(POD_C.uid)])
+    pod_c = next(c for c in r.candidates if c.key == pod_key(POD_C.uid))
+    assert pod_c.allocated and pod_c.gpu_uuids == ("GPU-5",) and pod_c.kernel_id is None
+    kernel = next(c for c in r.candidates if c.kernel_id == K1)
+    assert kernel.allocated  # alice's pod holds the allocation; shutting the kernel down would not free it
+
+
+@pytest.mark.parametrize("allocations", [pytest.param(None, id="kubelet-unknown"), pytest.param([], id="none")])
+def test_no_pod_candidates_without_allocation_facts(allocations):
+    r = join(node="n1", processes=[], pods_by_uid=PODS, pod_kernel_ids={}, allocations=allocations, activities={})
+    assert r.candidates == ()
+
+
+def test_kernel_spread_over_two_pods_binds_to_no_pod():
+    r = join(node="n1", processes=[proc(10, "GPU-0", K1, POD_A.uid), proc(40, "GPU-1", K1, POD_C.uid)],
+             pods_by_uid=PODS, pod_kernel_ids={}, allocations=None, activities={})
+    assert r.candidates[0].pod is None
+
+
+def test_gateway_error_leaves_gateway_unset():
+    r = join(node="n1", processes=[proc(10, "GPU-0", K1)], pods_by_uid={}, pod_kernel_ids={}, allocations=None,
+             activities={K1: activity(K1, error="HTTP 503")})
+    assert r.candidates[0].gateway is None and r.candidates[0].activity.error == "HTTP 503"
+
+
+def test_hub_server_matched_on_user_and_server_name():
+    servers = [ServerRef("alice", "gpu"), ServerRef("alice", ""), ServerRef("bob", "")]
+    r = join(node="n1", processes=[proc(10, "GPU-0", K1, POD_A.uid)], pods_by_uid=PODS, pod_kernel_ids={},
+             allocations=None, activities={}, servers=servers)
+    assert r.candidates[0].server == ServerRef("alice", "")
+
+
+def test_join_is_deterministic_whatever_the_input_order():
+    procs = [proc(10, "GPU-0", K1, POD_A.uid), proc(20, "GPU-2", K2, POD_B.uid), proc(30, "GPU-3")]
+    a = join(node="n1", processes=procs, pods_by_uid=PODS, pod_kernel_ids={}, allocations=None, activities={})
+    b = join(node="n1", processes=list(reversed(procs)), pods_by_uid=PODS, pod_kernel_ids={}, allocations=None,
+             activities={})
+    assert a == b
