@@ -1,0 +1,298 @@
+"""Prometheus metrics: a collector rebuilt from the latest ``CycleSnapshot`` at each scrape, plus the daemon's
+own counters and histograms, all in a private ``CollectorRegistry``.
+
+Per-kernel series come from the snapshot, so they vanish when the kernel does. A scrape never does I/O: the
+snapshot is already built. Pod candidates (GPUs allocated to a pod, no kernel) are keyed
+``kernel_id="pod:<pod uid>"`` in the ``reclaimer_kernel_*`` families, unique so ``on(kernel_id)`` joins with
+``reclaimer_kernel_info`` (which carries their namespace and pod) stay one-to-one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, exposition, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from reclaimer import __version__
+from reclaimer.model import NO_NAMESPACE, ActionKind, ActionResult, CycleSnapshot, Decision, Verdict
+from reclaimer.report import candidate_namespace, candidate_user, is_idle, kernel_gpu_usage, metric_kernel_id
+
+log = structlog.get_logger(__name__)
+
+# The classic text format generate_latest writes; newer clients call 1.0.0 "latest", which Prometheus 2.x predates.
+CONTENT_TYPE = getattr(exposition, "CONTENT_TYPE_PLAIN_0_0_4", CONTENT_TYPE_LATEST)
+
+SnapshotProvider = Callable[[], CycleSnapshot | None]
+NvmlErrorCounts = Callable[[], Mapping[tuple[str, str], int]]
+
+MODES: tuple[str, ...] = ("dry-run", "enforce")
+ACTIONS: tuple[str, ...] = tuple(a.value for a in ActionKind if a != ActionKind.NONE)
+# As actions.RESULTS; "verified" / "unverified": whether the GPU memory was seen released afterwards.
+RESULTS: tuple[str, ...] = (
+    "success", "already-gone", "failed", "blocked", "skipped", "dry-run", "verified", "unverified",
+)  # fmt: skip
+VERDICTS: tuple[str, ...] = tuple(v.value for v in Verdict)
+OTHER = "other"  # label value for anything outside a bounded set: never an unbounded label
+
+# Work measured in milliseconds: NVML sampling, a pure decide pass.
+FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# An HTTP round trip to a gateway, up to its timeout.
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def _bounded(value: str, allowed: tuple[str, ...], what: str) -> str:
+    if value in allowed:
+        return value
+    log.warning("metric label value outside its bounded set", label=what, value=value, used=OTHER)
+    return OTHER
+
+
+class _Families:
+    """Fresh metric families for one scrape; ``add`` drops a repeated label set instead of emitting it twice."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, GaugeMetricFamily] = {}
+        self._seen: set[tuple[str, tuple[str, ...]]] = set()
+
+    def gauge(self, name: str, doc: str, labels: tuple[str, ...]) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(name, doc, labels=list(labels))
+        self.items[name] = family
+        return family
+
+    def add(self, name: str, labels: tuple[str, ...], value: float | int | None) -> None:
+        if value is None or not math.isfinite(value):
+            return  # unknown: no series, never 0 (and never NaN)
+        key = (name, labels)
+        if key in self._seen:
+            log.warning("duplicate series in snapshot dropped", metric=name, labels=labels)
+            return
+        self._seen.add(key)
+        self.items[name].add_metric(list(labels), float(value))
+
+
+_GAUGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("reclaimer_build_info", "Build of the running daemon (value 1).", ("version",)),
+    ("reclaimer_mode", "1 for the mode the daemon runs in (dry-run or enforce).", ("mode",)),
+    ("reclaimer_gpu_info", "A GPU on this node (value 1).", ("gpu", "uuid", "model")),
+    ("reclaimer_gpu_up", "1 when the GPU answered its last sample, 0 when lost or unreadable.", ("gpu", "uuid")),
+    ("reclaimer_gpu_utilization_ratio", "GPU utilisation 0..1 (absent when unknown).", ("gpu", "uuid")),
+    ("reclaimer_gpu_memory_used_bytes", "GPU memory in use.", ("gpu", "uuid")),
+    ("reclaimer_gpu_memory_total_bytes", "GPU memory size.", ("gpu", "uuid")),
+    ("reclaimer_gpu_idle_seconds", "How long the GPU has been below its idle threshold.", ("gpu", "uuid")),
+    ("reclaimer_gpu_held_idle", "1 when kernels or pods hold the GPU and all are idle, else 0.", ("gpu", "uuid")),
+    (
+        "reclaimer_kernel_info",
+        "A kernel (or a pod candidate, kernel_id=pod:<uid>) holding GPUs here (value 1).",
+        ("kernel_id", "gateway", "namespace", "pod", "user", "kernel_name"),
+    ),
+    ("reclaimer_kernel_gpu_memory_bytes", "GPU memory the kernel's processes use.", ("kernel_id", "uuid")),
+    ("reclaimer_kernel_gpu_utilization_ratio", "GPU utilisation of the kernel 0..1.", ("kernel_id", "uuid")),
+    ("reclaimer_kernel_idle_seconds", "How long the kernel has been idle (GPU and gateway agree).", ("kernel_id",)),
+    ("reclaimer_kernel_gpus_held_idle", "GPUs the kernel holds while idle (0 when busy).", ("kernel_id",)),
+    ("reclaimer_kernel_verdict", "1 for the kernel's verdict this cycle.", ("kernel_id", "verdict")),
+    ("reclaimer_kernel_reclaim_eta_seconds", "Seconds until the policy's action (0 = now).", ("kernel_id", "action")),
+    ("reclaimer_kernels", "Kernels and pod candidates by verdict.", ("verdict",)),
+    ("reclaimer_gateway_up", "1 when the gateway answered the last observation, 0 when not.", ("gateway",)),
+    ("reclaimer_last_sample_timestamp_seconds", "When the sampler last sampled the GPUs.", ()),
+    ("reclaimer_snapshot_timestamp_seconds", "When the last decide cycle finished.", ()),
+)
+
+
+def _gpu_series(snap: CycleSnapshot, f: _Families) -> None:
+    held: dict[str, list[Decision]] = {}
+    for d in snap.decisions:
+        for uuid in d.candidate.gpu_uuids:
+            held.setdefault(uuid, []).append(d)
+    for dev in snap.sampler.devices:
+        gpu = (str(dev.index), dev.uuid)
+        f.add("reclaimer_gpu_info", (*gpu, dev.model), 1)
+        sample = snap.sampler.latest(dev.uuid)
+        if sample is not None:
+            f.add("reclaimer_gpu_up", gpu, 1 if sample.up else 0)
+        live = sample if sample is not None and sample.up else None
+        if live is not None:
+            f.add("reclaimer_gpu_utilization_ratio", gpu, live.utilization)
+            f.add("reclaimer_gpu_memory_used_bytes", gpu, live.memory_used_bytes)
+        total = live.memory_total_bytes if live is not None else None
+        f.add("reclaimer_gpu_memory_total_bytes", gpu, total if total is not None else dev.memory_total_bytes)
+        f.add("reclaimer_gpu_idle_seconds", gpu, snap.gpu_idle_seconds.get(dev.uuid))
+        f.add("reclaimer_gpu_held_idle", gpu, _held_idle(held.get(dev.uuid, [])))
+
+
+def _held_idle(holders: list[Decision]) -> int | None:
+    """1: held and every holder idle; 0: not held, or a holder is busy; None: a holder's state is unknown."""
+    if not holders:
+        return 0
+    known = [d for d in holders if d.verdict != Verdict.UNKNOWN and d.idle_seconds is not None]
+    if any(not is_idle(d) for d in known):
+        return 0
+    return 1 if len(known) == len(holders) else None
+
+
+def _kernel_series(snap: CycleSnapshot, f: _Families) -> None:
+    counts = dict.fromkeys(VERDICTS, 0)
+    for d in snap.decisions:
+        c = d.candidate
+        kid = metric_kernel_id(c)
+        gateway = c.gateway or (c.activity.gateway if c.activity is not None else None)
+        pod = c.pod.name if c.pod is not None else ""
+        info = (kid, gateway or "", candidate_namespace(c), pod, candidate_user(c) or "", c.kernel_name or "")
+        f.add("reclaimer_kernel_info", info, 1)
+        for usage in kernel_gpu_usage(c, snap.sampler):
+            f.add("reclaimer_kernel_gpu_memory_bytes", (kid, usage.uuid), usage.memory_bytes)
+            f.add("reclaimer_kernel_gpu_utilization_ratio", (kid, usage.uuid), usage.utilization)
+        unknown = d.verdict == Verdict.UNKNOWN
+        f.add("reclaimer_kernel_idle_seconds", (kid,), None if unknown else d.idle_seconds)
+        if not unknown and d.idle_seconds is not None:
+            f.add("reclaimer_kernel_gpus_held_idle", (kid,), len(set(c.gpu_uuids)) if is_idle(d) else 0)
+        f.add("reclaimer_kernel_verdict", (kid, d.verdict.value), 1)
+        counts[d.verdict.value] += 1
+        if d.eta_seconds is not None and d.action != ActionKind.NONE and d.verdict in (Verdict.WARN, Verdict.RECLAIM):
+            f.add("reclaimer_kernel_reclaim_eta_seconds", (kid, d.action.value), max(0.0, d.eta_seconds))
+    for verdict, n in counts.items():
+        f.add("reclaimer_kernels", (verdict,), n)
+
+
+def _fresh_families() -> _Families:
+    f = _Families()
+    for name, doc, labels in _GAUGES:
+        f.gauge(name, doc, labels)
+    f.add("reclaimer_build_info", (__version__,), 1)
+    return f
+
+
+class SnapshotCollector(Collector):
+    """Yields fresh families from the latest snapshot at each scrape; never blocks, never fails the scrape."""
+
+    def __init__(self, snapshot_provider: SnapshotProvider, nvml_error_counts: NvmlErrorCounts | None) -> None:
+        self._snapshot = snapshot_provider
+        self._nvml_errors = nvml_error_counts
+        self.failures = 0
+
+    def describe(self) -> list[Metric]:
+        return [*_fresh_families().items.values(), self._nvml_family({}), self._failures_family()]
+
+    def collect(self) -> Iterator[Metric]:
+        f = _fresh_families()
+        try:
+            snap = self._snapshot()
+            if snap is not None:
+                self._fill(snap, f)
+        except Exception:  # a bad snapshot must cost its series, not the whole scrape
+            self.failures += 1
+            log.exception("building metrics from the snapshot failed")
+            f = _fresh_families()
+        yield from f.items.values()
+        yield self._nvml_family(self._nvml_counts())
+        yield self._failures_family()
+
+    def _failures_family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(
+            "reclaimer_metrics_collect_errors", "Scrapes whose snapshot could not be rendered.", value=self.failures
+        )
+
+    @staticmethod
+    def _fill(snap: CycleSnapshot, f: _Families) -> None:
+        f.add("reclaimer_mode", (_bounded(snap.mode, MODES, "mode"),), 1)
+        _gpu_series(snap, f)
+        _kernel_series(snap, f)
+        for gateway, up in sorted(snap.gateway_up.items()):
+            f.add("reclaimer_gateway_up", (gateway,), None if up is None else int(up))
+        f.add("reclaimer_last_sample_timestamp_seconds", (), snap.sampler.last_sample_at)
+        f.add("reclaimer_snapshot_timestamp_seconds", (), snap.generated_at)
+
+    def _nvml_counts(self) -> Mapping[tuple[str, str], int]:
+        if self._nvml_errors is None:
+            return {}
+        try:
+            return dict(self._nvml_errors())
+        except Exception:
+            log.exception("reading the NVML error counts failed")
+            return {}
+
+    @staticmethod
+    def _nvml_family(counts: Mapping[tuple[str, str], int]) -> CounterMetricFamily:
+        family = CounterMetricFamily(
+            "reclaimer_nvml_errors", "NVML calls that failed, by function and NVML error code.",
+            labels=["function", "code"],
+        )  # fmt: skip
+        for key, n in sorted(counts.items()):
+            if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, str) for k in key)):
+                log.warning("NVML error count with a malformed key skipped", key=repr(key))
+                continue
+            family.add_metric(list(key), float(n))
+        return family
+
+
+class Metrics:
+    """Everything ``/metrics`` serves, in its own registry (never the global one).
+
+    The daemon updates the attributes (``actions_total`` ...) and swaps snapshots; ``render()`` serves a scrape.
+    """
+
+    def __init__(
+        self,
+        snapshot_provider: SnapshotProvider,
+        nvml_error_counts: NvmlErrorCounts | None = None,
+    ) -> None:
+        self.registry = CollectorRegistry()
+        self.collector = SnapshotCollector(snapshot_provider, nvml_error_counts)
+        self.registry.register(self.collector)
+        r = self.registry
+        self.actions_total = Counter(
+            "reclaimer_actions", "Reclaim actions taken (or recorded in dry-run), by result.",
+            ["action", "result", "mode"], registry=r,
+        )  # fmt: skip
+        self.reclaimed_gpu_memory_bytes_total = Counter(
+            "reclaimer_reclaimed_gpu_memory_bytes", "GPU memory released by reclaim actions.", registry=r
+        )
+        self.gpu_held_idle_seconds_total = Counter(
+            "reclaimer_gpu_held_idle_seconds",
+            "GPU-seconds a kernel or pod held a GPU below its idle threshold (the waste counter).",
+            ["namespace"], registry=r,
+        )  # fmt: skip
+        self.gateway_request_duration_seconds = Histogram(
+            "reclaimer_gateway_request_duration_seconds", "Gateway REST round trips.", ["gateway"],
+            buckets=REQUEST_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.sample_duration_seconds = Histogram(
+            "reclaimer_sample_duration_seconds", "One NVML sampling pass over all GPUs.", buckets=FAST_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.decide_duration_seconds = Histogram(
+            "reclaimer_decide_duration_seconds", "One decide cycle (attribute, policy, plan).", buckets=FAST_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        # Zero series from the start so rate()/increase() see the first event.
+        for action in ACTIONS:
+            for result in RESULTS:
+                for mode in MODES:
+                    self.actions_total.labels(action, result, mode)
+
+    def record_action(self, outcome: ActionResult) -> None:
+        """Count one executed (or dry-run recorded) action; a ``verified`` one adds the memory it released.
+
+        Label values outside the bounded sets are counted as ``other`` (and logged), never exported raw.
+        """
+        action = _bounded(outcome.decision.action.value, ACTIONS, "action")
+        result = _bounded(outcome.result, RESULTS, "result")
+        mode = _bounded(outcome.mode, MODES, "mode")
+        self.actions_total.labels(action, result, mode).inc()
+        # Memory counts as reclaimed only once verification saw it released (DESIGN rule 8).
+        if result == "verified" and outcome.reclaimed_bytes > 0:
+            self.reclaimed_gpu_memory_bytes_total.inc(outcome.reclaimed_bytes)
+
+    def add_held_idle(self, increments: Mapping[str, float]) -> None:
+        """Add ``report.held_idle_increments`` output to the waste counter (namespace label; ``-`` outside k8s)."""
+        for namespace, seconds in increments.items():
+            if seconds > 0:
+                self.gpu_held_idle_seconds_total.labels(namespace or NO_NAMESPACE).inc(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        """One scrape: the Prometheus text exposition and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE

@@ -1,0 +1,552 @@
+"""The report: one decide cycle as JSON (``/report``, ``reclaimer report -o json``) and as a kubectl-like table.
+
+Pure: renders a ``CycleSnapshot`` (or a report dict read back from a daemon) and computes the waste counter's
+increments. Unknown values stay ``None`` / JSON null, never 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from reclaimer.errors import ReclaimerError
+from reclaimer.model import (
+    NO_NAMESPACE,
+    AttributedProcess,
+    Candidate,
+    CycleSnapshot,
+    Decision,
+    GpuSample,
+    PodInfo,
+    SamplerSnapshot,
+    Verdict,
+)
+
+VERDICTS: tuple[str, ...] = tuple(v.value for v in Verdict)
+NOT_ATTRIBUTED_YET = "not attributed yet (appeared after the last decide cycle)"
+
+_GIB = 1024**3
+_MIB = 1024**2
+_KIB = 1024
+
+
+# --------------------------------------------------------------------------- per-kernel GPU usage (shared with metrics)
+
+
+@dataclass(frozen=True, slots=True)
+class KernelGpuUsage:
+    """What one candidate uses of one GPU. ``None``: unknown."""
+
+    uuid: str
+    memory_bytes: int | None
+    utilization: float | None
+
+
+def _latest_up(sampler: SamplerSnapshot, uuid: str) -> GpuSample | None:
+    sample = sampler.latest(uuid)
+    return sample if sample is not None and sample.up else None
+
+
+def _sole_holder(sample: GpuSample, own_pids: set[int]) -> bool:
+    """True when every process on the GPU belongs to the candidate (so GPU utilisation is its utilisation)."""
+    return sample.processes is not None and {p.pid for p in sample.processes} <= own_pids
+
+
+def kernel_gpu_usage(candidate: Candidate, sampler: SamplerSnapshot) -> tuple[KernelGpuUsage, ...]:
+    """Per GPU the candidate holds: the memory its processes use and their utilisation.
+
+    Memory is the sum over its processes (unknown if any is unknown); with no process of its own on a GPU whose
+    process list is known, it is 0 (an allocated GPU held by a pod without a process). Utilisation is the sum of
+    per-process SM utilisation when all are known; otherwise the GPU's own utilisation when the candidate is its
+    only user; otherwise unknown.
+    """
+    usages: list[KernelGpuUsage] = []
+    for uuid in candidate.gpu_uuids:
+        procs = [p for p in candidate.processes if p.gpu_uuid == uuid]
+        sample = _latest_up(sampler, uuid)
+        memory: int | None
+        if procs:
+            mems = [p.used_memory_bytes for p in procs]
+            memory = None if any(m is None for m in mems) else sum(m for m in mems if m is not None)
+        else:
+            memory = 0 if sample is not None and sample.processes is not None else None
+        utilization: float | None = None
+        sm = [_finite(p.sm_utilization) for p in procs]
+        if procs and all(u is not None for u in sm):
+            utilization = min(1.0, sum(u for u in sm if u is not None))
+        elif sample is not None and _sole_holder(sample, {p.pid for p in procs}):
+            utilization = _finite(sample.utilization)
+        usages.append(KernelGpuUsage(uuid, memory, utilization))
+    return tuple(usages)
+
+
+def metric_kernel_id(candidate: Candidate) -> str:
+    """The ``kernel_id`` label / report key: the kernel id, or the candidate key (``pod:<uid>``) for pod candidates.
+
+    Pod candidates (GPUs allocated, no kernel) need a unique value so joins ``on(kernel_id)`` stay one-to-one.
+    """
+    return candidate.kernel_id or candidate.key
+
+
+def candidate_namespace(candidate: Candidate) -> str:
+    """The pod's namespace, or ``NO_NAMESPACE`` for kernels outside Kubernetes."""
+    return candidate.pod.namespace if candidate.pod is not None else NO_NAMESPACE
+
+
+def candidate_user(candidate: Candidate) -> str | None:
+    if candidate.user:
+        return candidate.user
+    if candidate.server is not None:
+        return candidate.server.user
+    return candidate.pod.user if candidate.pod is not None else None
+
+
+def is_idle(decision: Decision) -> bool:
+    """Known to be idle now (the policy measured an idle stretch); unknown is never idle."""
+    return decision.verdict != Verdict.UNKNOWN and decision.idle_seconds is not None and decision.idle_seconds > 0
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def rfc3339(ts: float | datetime | None) -> str | None:
+    """POSIX seconds or a datetime (naive = UTC) -> ``2024-05-01T12:00:00Z``; ``None`` stays ``None``."""
+    if ts is None or (isinstance(ts, float) and not math.isfinite(ts)):
+        return None
+    if isinstance(ts, datetime):
+        dt = ts if ts.tzinfo is not None else ts.replace(tzinfo=timezone.utc)
+    else:
+        dt = datetime.fromtimestamp(ts, tz=timezone.utc)
+    return dt.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _finite(value: float | None) -> float | None:
+    # JSON has no NaN/Infinity; a non-finite measurement is as good as unknown.
+    return value if value is None or math.isfinite(value) else None
+
+
+def _pods_by_uid(snap: CycleSnapshot) -> dict[str, PodInfo]:
+    return {d.candidate.pod.uid: d.candidate.pod for d in snap.decisions if d.candidate.pod is not None}
+
+
+def _process_entry(
+    proc: AttributedProcess, pods: Mapping[str, PodInfo], holder: Candidate | None
+) -> dict[str, Any]:
+    pod = holder.pod if holder is not None and holder.pod is not None else pods.get(proc.pod_uid or "")
+    return {
+        "pid": proc.pid,
+        "memory_bytes": proc.used_memory_bytes,
+        "sm_utilization": _finite(proc.sm_utilization),
+        "kernel_id": proc.kernel_id or (holder.kernel_id if holder is not None else None),
+        "pod": pod.name if pod is not None else None,
+        "namespace": pod.namespace if pod is not None else None,
+        "reason": None if holder is not None else (proc.reason or "unattributed"),
+    }
+
+
+def _gpu_entries(snap: CycleSnapshot) -> list[dict[str, Any]]:
+    pods = _pods_by_uid(snap)
+    attributed: dict[tuple[str, int], tuple[AttributedProcess, Candidate | None]] = {}
+    for d in snap.decisions:
+        for p in d.candidate.processes:
+            attributed.setdefault((p.gpu_uuid, p.pid), (p, d.candidate))
+    for p in snap.unattributed:
+        attributed.setdefault((p.gpu_uuid, p.pid), (p, None))
+    entries: list[dict[str, Any]] = []
+    for dev in sorted(snap.sampler.devices, key=lambda d: d.index):
+        latest = snap.sampler.latest(dev.uuid)
+        up = latest.up if latest is not None else None
+        live = latest if latest is not None and latest.up else None
+        procs = [
+            _process_entry(p, pods, holder)
+            for (uuid, _pid), (p, holder) in sorted(attributed.items(), key=lambda kv: kv[0][1])
+            if uuid == dev.uuid
+        ]
+        seen = {e["pid"] for e in procs}
+        for sp in (live.processes or ()) if live is not None else ():
+            if sp.pid not in seen:
+                procs.append(
+                    {
+                        "pid": sp.pid,
+                        "memory_bytes": sp.used_memory_bytes,
+                        "sm_utilization": _finite(sp.sm_utilization),
+                        "kernel_id": None,
+                        "pod": None,
+                        "namespace": None,
+                        "reason": NOT_ATTRIBUTED_YET,
+                    }
+                )
+        total = live.memory_total_bytes if live is not None else None
+        entries.append(
+            {
+                "index": dev.index,
+                "uuid": dev.uuid,
+                "model": dev.model,
+                "up": up,
+                "utilization": _finite(live.utilization) if live is not None else None,
+                "memory_used_bytes": live.memory_used_bytes if live is not None else None,
+                "memory_total_bytes": total if total is not None else dev.memory_total_bytes,
+                "idle_seconds": _finite(snap.gpu_idle_seconds.get(dev.uuid)),
+                "processes": procs,
+            }
+        )
+    return entries
+
+
+def _kernel_entry(d: Decision, sampler: SamplerSnapshot) -> dict[str, Any]:
+    c = d.candidate
+    act = c.activity
+    return {
+        "kernel_id": c.kernel_id,
+        "key": c.key,
+        "gateway": c.gateway or (act.gateway if act is not None else None),
+        "namespace": c.pod.namespace if c.pod is not None else None,
+        "pod": c.pod.name if c.pod is not None else None,
+        "user": candidate_user(c),
+        "kernel_name": c.kernel_name,
+        "gpus": [
+            {"uuid": u.uuid, "memory_bytes": u.memory_bytes, "utilization": _finite(u.utilization)}
+            for u in kernel_gpu_usage(c, sampler)
+        ],
+        "allocated": c.allocated,
+        "execution_state": act.execution_state if act is not None else None,
+        "last_activity": rfc3339(act.last_activity) if act is not None else None,
+        "connections": act.connections if act is not None else None,
+        "idle_seconds": _finite(d.idle_seconds),
+        "verdict": d.verdict.value,
+        "reason": d.reason,
+        "action": d.action.value,
+        "eta_seconds": _finite(d.eta_seconds),
+        "policy": d.policy,
+    }
+
+
+def build_report(snap: CycleSnapshot) -> dict[str, Any]:
+    """The report JSON for one cycle, per DESIGN.md "Report JSON" (plus ``summary``, ``unattributed``, ...).
+
+    One ``kernels`` entry per Decision (pod candidates without a kernel have ``kernel_id`` null). JSON-safe:
+    unknown values are null, never 0; no NaN.
+    """
+    gpus = _gpu_entries(snap)
+    index_of = {g["uuid"]: g["index"] for g in gpus}
+    pods = _pods_by_uid(snap)
+    report: dict[str, Any] = {
+        "node": snap.node,
+        "generated_at": rfc3339(snap.generated_at),
+        "mode": snap.mode,
+        "last_sample_at": rfc3339(snap.sampler.last_sample_at),
+        "observed_at": rfc3339(snap.observed_at),
+        "gateways": [{"name": name, "up": up} for name, up in sorted(snap.gateway_up.items())],
+        "gpus": gpus,
+        "kernels": [_kernel_entry(d, snap.sampler) for d in snap.decisions],
+        "unattributed": [
+            {**_process_entry(p, pods, None), "gpu_uuid": p.gpu_uuid, "gpu": index_of.get(p.gpu_uuid)}
+            for p in snap.unattributed
+        ],
+    }
+    report["summary"] = summarize(report)
+    return report
+
+
+def summarize(report: Mapping[str, Any]) -> dict[str, Any]:
+    """Counts over a report's kernels: GPUs held idle (distinct), VRAM those idle holders use, verdict counts."""
+    idle_gpus: set[str] = set()
+    idle_bytes = 0
+    verdicts = dict.fromkeys(VERDICTS, 0)
+    for k in report["kernels"]:
+        verdicts[k["verdict"]] = verdicts.get(k["verdict"], 0) + 1
+        if k["verdict"] != Verdict.UNKNOWN.value and (k["idle_seconds"] or 0) > 0:
+            for g in k["gpus"]:
+                idle_gpus.add(g["uuid"])
+                idle_bytes += g["memory_bytes"] or 0
+    return {
+        "gpus_held_idle": len(idle_gpus),
+        "memory_held_idle_bytes": idle_bytes,
+        "reclaimable_now": verdicts[Verdict.RECLAIM.value],
+        "warned": verdicts[Verdict.WARN.value],
+        "verdicts": verdicts,
+    }
+
+
+# --------------------------------------------------------------------------- validating a report read back
+
+
+class ReportSchemaError(ReclaimerError, ValueError):
+    """A payload that is not a gpu-reclaimer report; the message names the offending path."""
+
+
+_NUM = (int, float)
+
+
+def _check(obj: Any, path: str, types: tuple[type, ...], nullable: bool) -> None:
+    if obj is None and nullable:
+        return
+    # bool is an int subclass but never a valid number here.
+    if isinstance(obj, bool) and bool not in types:
+        ok = False
+    else:
+        ok = isinstance(obj, types)
+    if not ok:
+        want = " or ".join(t.__name__ for t in types) + (" or null" if nullable else "")
+        raise ReportSchemaError(f"{path}: expected {want}, got {type(obj).__name__} {obj!r:.60}")
+
+
+def _check_fields(obj: Any, path: str, fields: Mapping[str, tuple[tuple[type, ...], bool]]) -> None:
+    _check(obj, path, (dict,), False)
+    for name, (types, nullable) in fields.items():
+        if name not in obj:
+            raise ReportSchemaError(f"{path}.{name}: required field is missing")
+        _check(obj[name], f"{path}.{name}", types, nullable)
+
+
+_TOP = {"node": ((str,), False), "generated_at": ((str,), False), "mode": ((str,), False),
+        "gpus": ((list,), False), "kernels": ((list,), False)}  # fmt: skip
+_GPU = {"index": ((int,), False), "uuid": ((str,), False), "model": ((str,), True), "utilization": (_NUM, True),
+        "memory_used_bytes": (_NUM, True), "memory_total_bytes": (_NUM, True), "processes": ((list,), False)}  # fmt: skip
+_PROC = {"pid": ((int,), False), "memory_bytes": (_NUM, True), "sm_utilization": (_NUM, True),
+         "kernel_id": ((str,), True), "pod": ((str,), True), "namespace": ((str,), True)}  # fmt: skip
+_KERNEL = {"kernel_id": ((str,), True), "gateway": ((str,), True), "namespace": ((str,), True), "pod": ((str,), True),
+           "user": ((str,), True), "kernel_name": ((str,), True), "gpus": ((list,), False),
+           "execution_state": ((str,), True), "last_activity": ((str,), True), "connections": ((int,), True),
+           "idle_seconds": (_NUM, True), "verdict": ((str,), False), "reason": ((str,), False),
+           "action": ((str,), False), "eta_seconds": (_NUM, True)}  # fmt: skip
+_KERNEL_GPU = {"uuid": ((str,), False), "memory_bytes": (_NUM, True), "utilization": (_NUM, True)}
+
+
+def report_from_json(payload: Any) -> dict[str, Any]:
+    """Validate a decoded ``/report`` payload well enough to render it; returns it (with ``summary`` filled in).
+
+    Raises ``ReportSchemaError`` naming the first offending path (``kernels[2].verdict: ...``).
+    """
+    _check_fields(payload, "report", _TOP)
+    for i, gpu in enumerate(payload["gpus"]):
+        _check_fields(gpu, f"gpus[{i}]", _GPU)
+        for j, proc in enumerate(gpu["processes"]):
+            _check_fields(proc, f"gpus[{i}].processes[{j}]", _PROC)
+            _check(proc.get("reason"), f"gpus[{i}].processes[{j}].reason", (str,), True)
+    for i, kernel in enumerate(payload["kernels"]):
+        _check_fields(kernel, f"kernels[{i}]", _KERNEL)
+        if kernel["verdict"] not in VERDICTS:
+            raise ReportSchemaError(
+                f"kernels[{i}].verdict: expected one of {', '.join(VERDICTS)}, got {kernel['verdict']!r:.60}"
+            )
+        for j, g in enumerate(kernel["gpus"]):
+            _check_fields(g, f"kernels[{i}].gpus[{j}]", _KERNEL_GPU)
+    unattributed = payload.get("unattributed", [])
+    _check(unattributed, "report.unattributed", (list,), False)
+    for i, proc in enumerate(unattributed):
+        _check_fields(proc, f"unattributed[{i}]", _PROC)
+    return {**payload, "unattributed": unattributed, "summary": summarize(payload)}
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def human_bytes(n: float | None) -> str:
+    """1.5 GiB -> ``1.5 GiB``; unknown -> ``?``."""
+    if n is None:
+        return "?"
+    if n >= _GIB:
+        return f"{n / _GIB:.1f} GiB"
+    if n >= _MIB:
+        return f"{n / _MIB:.0f} MiB"
+    if n >= _KIB:
+        return f"{n / _KIB:.0f} KiB"
+    return f"{int(n)} B"
+
+
+def human_duration(seconds: float | None) -> str:
+    """2820 -> ``47m``, 7500 -> ``2h5m``, 190000 -> ``2d4h``; unknown -> ``?``."""
+    if seconds is None:
+        return "?"
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        h, m = divmod(s // 60, 60)
+        return f"{h}h{m}m" if m else f"{h}h"
+    d, h = divmod(s // 3600, 24)
+    return f"{d}d{h}h" if h else f"{d}d"
+
+
+def human_ratio(r: float | None) -> str:
+    """0.031 -> ``3%``; unknown -> ``?``."""
+    return "?" if r is None else f"{r * 100:.0f}%"
+
+
+def _gpu_bytes(kernel: Mapping[str, Any], totals: Mapping[str, float | None]) -> float:
+    # Waste weight: VRAM used; a GPU allocated to a pod with no process weighs its whole memory.
+    held = 0.0
+    for g in kernel["gpus"]:
+        if g["memory_bytes"]:
+            held += g["memory_bytes"]
+        elif kernel.get("allocated"):
+            held += totals.get(g["uuid"]) or 0
+    return held
+
+
+def waste(kernel: Mapping[str, Any], totals: Mapping[str, float | None]) -> float:
+    """Sort key for the table: GPU memory held × idle seconds (unknowns weigh 0)."""
+    idle = kernel["idle_seconds"] if kernel["verdict"] != Verdict.UNKNOWN.value else None
+    return _gpu_bytes(kernel, totals) * (idle or 0)
+
+
+def _sum_known(values: Iterable[float | None]) -> float | None:
+    vals = list(values)
+    return None if not vals or any(v is None for v in vals) else sum(v for v in vals if v is not None)
+
+
+def _kernel_row(k: Mapping[str, Any], index_of: Mapping[str, int]) -> list[str]:
+    short = (k["kernel_id"] or "")[:8]
+    who = f"{k['pod']}/{short}" if k["pod"] and short else (k["pod"] or short or "?")
+    gpus = ",".join(str(index_of.get(g["uuid"], g["uuid"][:12])) for g in k["gpus"]) or "-"
+    util = _sum_known(g["utilization"] for g in k["gpus"])
+    eta = k["eta_seconds"]
+    return [
+        k["namespace"] or "-",
+        who,
+        k["user"] or "-",
+        gpus,
+        human_bytes(_sum_known(g["memory_bytes"] for g in k["gpus"])),
+        human_ratio(min(util, 1.0) if util is not None else None),
+        (k["execution_state"] or "?") if k["kernel_id"] else "-",
+        human_duration(k["idle_seconds"]),
+        k["verdict"],
+        k["action"],
+        "-" if eta is None else ("now" if eta <= 0 else human_duration(eta)),
+        k["reason"],
+    ]
+
+
+_MIN_FLEXIBLE = 24  # a REASON cut shorter than this says nothing
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _cell(value: str) -> str:
+    # Names and reasons come from pods, gateways or a remote /report: no terminal escapes, one line per row.
+    return _CONTROL.sub(" ", value)
+
+
+def _format_table(headers: list[str], rows: list[list[str]], width: int | None, flexible: str | None) -> list[str]:
+    """Left-aligned columns two spaces apart. Over ``width``, only the ``flexible`` column is shortened (with …),
+    never below ``_MIN_FLEXIBLE`` characters; every other column stays whole (lines may then run long, as kubectl's).
+    """
+    rows = [[_cell(c) for c in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    if width is not None and flexible in headers:
+        i = headers.index(flexible)
+        excess = sum(widths) + 2 * (len(widths) - 1) - width
+        if excess > 0:
+            widths[i] = max(min(widths[i], _MIN_FLEXIBLE), widths[i] - excess)
+            rows = [[*r[:i], r[i] if len(r[i]) <= widths[i] else r[i][: widths[i] - 1] + "…", *r[i + 1 :]] for r in rows]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [headers, *rows]]
+
+
+def summary_line(summary: Mapping[str, Any]) -> str:
+    """``3 GPUs held idle, 60.0 GiB; 1 reclaimable now; 2 warned`` (+ exempt / unknown counts when any)."""
+    n = summary["gpus_held_idle"]
+    parts = [
+        f"{n} GPU{'s' if n != 1 else ''} held idle, {human_bytes(summary['memory_held_idle_bytes'])}",
+        f"{summary['reclaimable_now']} reclaimable now",
+        f"{summary['warned']} warned",
+    ]
+    for verdict in (Verdict.EXEMPT.value, Verdict.UNKNOWN.value):
+        if summary["verdicts"].get(verdict):
+            parts.append(f"{summary['verdicts'][verdict]} {verdict}")
+    return "; ".join(parts)
+
+
+def render_table(report: Mapping[str, Any], width: int | None = None) -> str:
+    """A plain kubectl-like text table of the report: kernels by waste (GPU memory × idle time, descending), a
+    summary line, the GPUs, unattributed processes. No colours. ``width``: shorten REASON / UUID to fit it.
+    """
+    report = report if "summary" in report else {**report, "summary": summarize(report)}
+    index_of = {g["uuid"]: g["index"] for g in report["gpus"]}
+    totals = {g["uuid"]: g["memory_total_bytes"] for g in report["gpus"]}
+    kernels = sorted(
+        report["kernels"],
+        key=lambda k: (-waste(k, totals), k["namespace"] or "", k["pod"] or "", k["kernel_id"] or ""),
+    )
+    note = " (verdicts show what enforce would do)" if report["mode"] == "dry-run" else ""
+    lines = [_cell(f"node {report['node']}  mode {report['mode']}{note}  at {report['generated_at']}"), ""]
+    headers = ["NAMESPACE", "POD/KERNEL", "USER", "GPU", "MEM", "UTIL", "STATE", "IDLE", "VERDICT", "ACTION", "ETA",
+               "REASON"]  # fmt: skip
+    if kernels:
+        lines += _format_table(headers, [_kernel_row(k, index_of) for k in kernels], width, "REASON")
+    else:
+        lines.append("No kernels or pods hold a GPU on this node.")
+    lines += ["", summary_line(report["summary"]), ""]
+    gpu_rows = [
+        [
+            str(g["index"]),
+            g["model"] or "?",
+            human_ratio(g["utilization"]),
+            f"{human_bytes(g['memory_used_bytes'])} / {human_bytes(g['memory_total_bytes'])}",
+            human_duration(g.get("idle_seconds")),
+            str(len(g["processes"])),
+            g["uuid"],
+        ]
+        for g in sorted(report["gpus"], key=lambda g: g["index"])
+    ]
+    lines += _format_table(["GPU", "MODEL", "UTIL", "MEM", "IDLE", "PROCS", "UUID"], gpu_rows, width, "UUID")
+    if report.get("unattributed"):
+        rows = [
+            [
+                str(p["gpu"]) if p.get("gpu") is not None else str(p.get("gpu_uuid") or "?"),
+                str(p["pid"]),
+                human_bytes(p["memory_bytes"]),
+                p["namespace"] or "-",
+                p["pod"] or "-",
+                p.get("reason") or "unattributed",
+            ]
+            for p in report["unattributed"]
+        ]
+        lines += ["", "Unattributed GPU processes:"]
+        lines += _format_table(["GPU", "PID", "MEM", "NAMESPACE", "POD", "REASON"], rows, width, "REASON")
+    return "\n".join(lines)
+
+
+def render_json(report: Mapping[str, Any]) -> str:
+    """The report as indented JSON text (no trailing newline); strict: NaN/Infinity are rejected, never emitted."""
+    return json.dumps(report, indent=2, allow_nan=False)
+
+
+# --------------------------------------------------------------------------- the waste counter
+
+
+def held_idle_increments(
+    snap_prev_time: float | None,
+    snap: CycleSnapshot,
+    threshold_for: Callable[[Decision], float],
+) -> dict[str, float]:
+    """GPU-seconds held idle per namespace since the previous cycle, for ``reclaimer_gpu_held_idle_seconds_total``.
+
+    Each sample of a held GPU taken in ``(snap_prev_time, snap.generated_at]`` (all samples up to
+    ``generated_at`` when ``snap_prev_time`` is None) counts one sample interval, shared equally among the
+    candidates holding that GPU, for each holder whose threshold its known utilisation is below. Samples with
+    unknown utilisation (or a GPU that is down) count nothing. Pod namespace, or ``NO_NAMESPACE`` outside Kubernetes.
+    """
+    holders: dict[str, list[Decision]] = {}
+    for d in snap.decisions:
+        for uuid in dict.fromkeys(d.candidate.gpu_uuids):
+            holders.setdefault(uuid, []).append(d)
+    lower = -math.inf if snap_prev_time is None else snap_prev_time
+    interval = snap.sampler.sample_interval
+    out: dict[str, float] = {}
+    for uuid, decisions in holders.items():
+        thresholds = [(candidate_namespace(d.candidate), threshold_for(d)) for d in decisions]
+        share = interval / len(decisions)
+        for s in snap.sampler.samples.get(uuid, ()):
+            if not (lower < s.timestamp <= snap.generated_at) or not s.up or s.utilization is None:
+                continue
+            for namespace, threshold in thresholds:
+                if s.utilization < threshold:
+                    out[namespace] = out.get(namespace, 0.0) + share
+    return out

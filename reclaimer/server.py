@@ -1,0 +1,119 @@
+"""The HTTP edge: ``/metrics``, ``/healthz``, ``/readyz``, ``/report`` and an index, as an aiohttp app.
+
+Handlers only read what the daemon already built (the snapshot, the loops' heartbeats): nothing here waits on
+a gateway, the API server or the GPU. Liveness never depends on a dependency.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from typing import Any, Protocol
+
+import structlog
+from aiohttp import web
+
+from reclaimer.metrics import Metrics
+from reclaimer.model import CycleSnapshot
+from reclaimer.report import build_report
+
+log = structlog.get_logger(__name__)
+
+ENDPOINTS: tuple[tuple[str, str], ...] = (
+    ("/metrics", "Prometheus metrics"),
+    ("/healthz", "liveness: 200 while the daemon's own loops tick"),
+    ("/readyz", "readiness: 200 once the first sample and observation are in (JSON details)"),
+    ("/report", "the current report (JSON, same schema as `reclaimer report -o json`)"),
+)
+
+
+class DaemonView(Protocol):
+    """What the HTTP server may ask the daemon. Every method returns at once (no I/O)."""
+
+    def snapshot(self) -> CycleSnapshot | None: ...
+
+    def health(self, now: float) -> tuple[bool, str]: ...  # loops ticking? liveness NEVER depends on dependencies
+
+    def readiness(self, now: float) -> tuple[bool, dict[str, Any]]: ...  # first sample and observation in; by component
+
+
+VIEW_KEY: web.AppKey[DaemonView] = web.AppKey("reclaimer_view", DaemonView)  # type: ignore[type-abstract]
+METRICS_KEY: web.AppKey[Metrics] = web.AppKey("reclaimer_metrics", Metrics)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[METRICS_KEY].render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    ok, reason = request.app[VIEW_KEY].health(time.time())
+    if ok:
+        return web.Response(text="ok\n")
+    log.warning("liveness failing", reason=reason)
+    return web.Response(status=503, text=f"{reason}\n")
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    ready, details = request.app[VIEW_KEY].readiness(time.time())
+    return web.json_response({"ready": ready, "components": details}, status=200 if ready else 503)
+
+
+async def _report(request: web.Request) -> web.Response:
+    snap = request.app[VIEW_KEY].snapshot()
+    if snap is None:
+        return web.json_response(
+            {"error": "no decision cycle has completed yet; retry after the first decide interval"}, status=503
+        )
+    return web.json_response(build_report(snap))
+
+
+async def _index(request: web.Request) -> web.Response:
+    items = "".join(
+        f'<li><a href="{path}">{path}</a> — {html.escape(what)}</li>' for path, what in ENDPOINTS
+    )
+    page = f"<!doctype html><html><head><title>gpu-reclaimer</title></head><body><h1>gpu-reclaimer</h1><ul>{items}</ul></body></html>\n"
+    return web.Response(text=page, content_type="text/html")
+
+
+@web.middleware
+async def _errors_as_500(request: web.Request, handler: Any) -> web.StreamResponse:
+    """A bug in a handler answers a short 500 and one log line, never a traceback to the client."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception as exc:
+        log.exception("HTTP handler failed", path=request.path)
+        return web.json_response({"error": f"internal error: {type(exc).__name__}"}, status=500)
+
+
+def make_app(view: DaemonView, metrics: Metrics) -> web.Application:
+    """The aiohttp application serving ``view`` and ``metrics`` (GET and HEAD on every endpoint)."""
+    app = web.Application(middlewares=[_errors_as_500])
+    app[VIEW_KEY] = view
+    app[METRICS_KEY] = metrics
+    app.router.add_get("/", _index)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/report", _report)
+    return app
+
+
+async def serve(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Start serving ``app`` on host:port (port 0: any free port; see ``runner.addresses``).
+
+    Returns the started runner; the caller stops it with ``await runner.cleanup()``. No access log: Prometheus
+    scrapes every few seconds and each line would say nothing new.
+    """
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    log.info("http server listening", addresses=[f"{a[0]}:{a[1]}" for a in runner.addresses])
+    return runner

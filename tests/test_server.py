@@ -1,0 +1,166 @@
+"""The HTTP server: endpoints, status codes, liveness independent of dependencies, and the serve() helper."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient
+from structlog.testing import capture_logs
+
+from reclaimer.metrics import Metrics
+from reclaimer.model import CycleSnapshot
+from reclaimer.report import build_report, report_from_json
+from reclaimer.server import DaemonView, make_app, serve
+from tests.support.export_fixtures import node_snapshot
+
+
+@dataclass
+class FakeView:
+    """A DaemonView whose answers the test sets; it records the ``now`` it was asked with."""
+
+    snap: CycleSnapshot | None = None
+    healthy: tuple[bool, str] = (True, "ok")
+    ready: tuple[bool, dict[str, Any]] = (True, {"sampler": {"ok": True}})
+    asked_at: list[float] = field(default_factory=list)
+
+    def snapshot(self) -> CycleSnapshot | None:
+        return self.snap
+
+    def health(self, now: float) -> tuple[bool, str]:
+        self.asked_at.append(now)
+        return self.healthy
+
+    def readiness(self, now: float) -> tuple[bool, dict[str, Any]]:
+        self.asked_at.append(now)
+        return self.ready
+
+
+async def client_for(aiohttp_client: Any, view: DaemonView) -> TestClient:
+    return await aiohttp_client(make_app(view, Metrics(view.snapshot)))
+
+
+async def test_metrics_endpoint_serves_prometheus_text(aiohttp_client: Any) -> None:
+    client = await client_for(aiohttp_client, FakeView(snap=node_snapshot()))
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    body = await resp.text()
+    assert 'reclaimer_gpu_info{gpu="0",model="NVIDIA A100-SXM4-80GB"' in body
+    assert "reclaimer_kernel_info{" in body
+
+
+async def test_metrics_before_the_first_cycle(aiohttp_client: Any) -> None:
+    client = await client_for(aiohttp_client, FakeView(snap=None))
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+    assert "reclaimer_build_info" in await resp.text()
+
+
+@pytest.mark.parametrize(
+    "healthy,status,body",
+    [
+        pytest.param((True, "ok"), 200, "ok\n", id="loops-ticking"),
+        pytest.param((False, "decide loop last ticked 95s ago"), 503, "decide loop last ticked 95s ago\n",
+                     id="loop-stalled"),
+    ],
+)  # fmt: skip
+async def test_healthz(aiohttp_client: Any, healthy: tuple[bool, str], status: int, body: str) -> None:
+    view = FakeView(healthy=healthy)
+    client = await client_for(aiohttp_client, view)
+    before = time.time()
+    resp = await client.get("/healthz")
+    assert (resp.status, await resp.text()) == (status, body)
+    assert before <= view.asked_at[-1] <= time.time()
+
+
+async def test_liveness_ignores_dependencies_readiness_reports_them(aiohttp_client: Any) -> None:
+    details = {"sampler": {"ok": True}, "gateways": {"eg": {"ok": False, "error": "timeout"}}, "kubernetes": {"ok": None}}
+    client = await client_for(aiohttp_client, FakeView(ready=(False, details)))
+    assert (await client.get("/healthz")).status == 200
+    resp = await client.get("/readyz")
+    assert resp.status == 503
+    assert await resp.json() == {"ready": False, "components": details}
+
+
+async def test_readyz_ready(aiohttp_client: Any) -> None:
+    client = await client_for(aiohttp_client, FakeView())
+    resp = await client.get("/readyz")
+    assert resp.status == 200
+    assert (await resp.json())["ready"] is True
+
+
+async def test_report_before_the_first_cycle_is_503_json(aiohttp_client: Any) -> None:
+    client = await client_for(aiohttp_client, FakeView(snap=None))
+    resp = await client.get("/report")
+    assert resp.status == 503
+    assert resp.content_type == "application/json"
+    assert "no decision cycle" in (await resp.json())["error"]
+
+
+async def test_report_serves_the_report_json(aiohttp_client: Any) -> None:
+    snap = node_snapshot()
+    client = await client_for(aiohttp_client, FakeView(snap=snap))
+    resp = await client.get("/report")
+    assert resp.status == 200
+    payload = await resp.json()
+    assert payload == json.loads(json.dumps(build_report(snap)))
+    report_from_json(payload)  # what `reclaimer report --from` accepts
+
+
+async def test_index_lists_the_endpoints(aiohttp_client: Any) -> None:
+    client = await client_for(aiohttp_client, FakeView())
+    resp = await client.get("/")
+    assert resp.status == 200 and resp.content_type == "text/html"
+    page = await resp.text()
+    for path in ("/metrics", "/healthz", "/readyz", "/report"):
+        assert f'href="{path}"' in page
+
+
+async def test_head_and_unknown_paths(aiohttp_client: Any) -> None:
+    client = await client_for(aiohttp_client, FakeView())
+    assert (await client.head("/healthz")).status == 200
+    assert (await client.get("/nope")).status == 404
+    assert (await client.post("/metrics")).status == 405
+
+
+async def test_a_failing_handler_answers_500_without_a_traceback(aiohttp_client: Any) -> None:
+    class Broken(FakeView):
+        def readiness(self, now: float) -> tuple[bool, dict[str, Any]]:
+            raise KeyError("secret-token-abc")
+
+    client = await client_for(aiohttp_client, Broken())
+    with capture_logs() as logs:
+        resp = await client.get("/readyz")
+    assert resp.status == 500
+    body = await resp.text()
+    assert json.loads(body) == {"error": "internal error: KeyError"}
+    assert "secret-token-abc" not in body and "Traceback" not in body
+    assert [e["path"] for e in logs if e["event"] == "HTTP handler failed"] == ["/readyz"]
+
+
+async def test_serve_listens_on_a_free_port_until_cleanup() -> None:
+    runner = await serve(make_app(FakeView(), Metrics(lambda: None)), "127.0.0.1", 0)
+    port = runner.addresses[0][1]
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                assert (resp.status, await resp.text()) == (200, "ok\n")
+    finally:
+        await runner.cleanup()
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await session.get(f"http://127.0.0.1:{port}/healthz")
+
+
+async def test_serve_on_a_taken_port_raises_and_cleans_up() -> None:
+    first = await serve(make_app(FakeView(), Metrics(lambda: None)), "127.0.0.1", 0)
+    try:
+        with pytest.raises(OSError):
+            await serve(make_app(FakeView(), Metrics(lambda: None)), "127.0.0.1", first.addresses[0][1])
+    finally:
+        await first.cleanup()
