@@ -6,6 +6,7 @@ a typo must never silently disable a policy or an exemption.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -24,8 +25,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from reclaimer.errors import ReclaimerError
 
 _DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+)ms)?$")
+_BARE_SECONDS_RE = re.compile(r"^\d+(?:\.\d+)?$")
 
 
 def parse_duration(value: Any) -> float:
@@ -33,12 +38,17 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError(f"not a duration: {value!r}")
     if isinstance(value, (int, float)):
+        # NaN passes every "<= 0" check and compares False forever; inf would size the sample buffer without bound.
+        if not math.isfinite(value):
+            raise ValueError(f"duration must be finite: {value!r}")
         if value < 0:
             raise ValueError(f"duration must not be negative: {value!r}")
         return float(value)
     if not isinstance(value, str):
         raise ValueError(f"not a duration: {value!r} (use e.g. 90s, 15m, 2h, 1h30m)")
     text = value.strip().lower()
+    if _BARE_SECONDS_RE.match(text):
+        return float(text)
     m = _DURATION_RE.match(text)
     if not text or not m or not any(m.groups()):
         raise ValueError(f"not a duration: {value!r} (use e.g. 90s, 15m, 2h, 1h30m)")
@@ -56,8 +66,74 @@ def format_duration(seconds: float) -> str:
     return "".join(f"{v}{u}" for v, u in ((h, "h"), (m, "m"), (s, "s")) if v)
 
 
+def _not_bool(value: Any) -> Any:
+    # pydantic's lax mode reads `true` as 1.0: `gpu_idle_below: true` would count every GPU as idle.
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true/false")
+    return value
+
+
+def _check_http_url(value: str) -> str:
+    """An http(s) URL with no credentials, query or fragment; the error never echoes userinfo or query."""
+    shown = re.sub(r"^([a-z][a-z0-9+.-]*://)[^/@\s]*@", r"\1<userinfo>@", value, flags=re.I)
+    shown = re.split(r"[?#]", shown)[0]
+    if re.match(r"^https?://[^/\s?#]*@", value, flags=re.I):
+        raise ValueError(f"must not carry credentials (use token_env or token_file), got {shown!r}")
+    if not re.match(r"^https?://[^/\s?#@]+(/[^\s?#]*)?$", value):
+        raise ValueError(f"must be an http(s) URL without query or fragment, got {shown!r}")
+    return value.rstrip("/")
+
+
+def _check_env_name(value: str | None) -> str | None:
+    # A pasted token here would be echoed by the message, so the message never includes the value.
+    if value is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", value):
+        raise ValueError("must be the NAME of an environment variable (letters, digits, _), not a token")
+    return value
+
+
+_Problem = tuple[tuple[str | int, ...], str]  # (key path, message)
+
+
+def _cross_check(title: str, problems: list[_Problem], related: tuple[str, ...] = ()) -> None:
+    """Raise one validation error per (key path, message), so each names its own key and line.
+
+    ``related``: sibling keys of the named one whose line to show when the file does not set the named key itself.
+    """
+    if problems:
+        details = [
+            InitErrorDetails(
+                type=PydanticCustomError("cross_check", "{message}", {"message": msg, "related": related}),
+                loc=loc,
+                input=None,
+            )
+            for loc, msg in problems
+        ]
+        raise ValidationError.from_exception_data(title, details)
+
+
+def _repeated(names: list[str], field: str) -> list[_Problem]:
+    """(path, message) for each name that repeats an earlier one in the same list."""
+    first: dict[str, int] = {}
+    problems: list[_Problem] = []
+    for i, name in enumerate(names):
+        if name in first:
+            message = f"duplicate name {name!r} (also {field}[{first[name]}]); names must be unique"
+            problems.append(((field, i, "name"), message))
+        else:
+            first[name] = i
+    return problems
+
+
+def _one_token_source(model: Any) -> Any:
+    if model.token_env and model.token_file:
+        _cross_check(type(model).__name__, [(("token_file",), "set token_env or token_file, not both")])
+    return model
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
-Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+Ratio = Annotated[float, BeforeValidator(_not_bool), Field(ge=0.0, le=1.0)]
+Count = Annotated[int, BeforeValidator(_not_bool), Field(ge=0)]
 
 
 class _Strict(BaseModel):
@@ -78,20 +154,11 @@ class GatewaySettings(_Strict):
     token_file: str | None = None
     ca_file: str | None = None
     verify_tls: bool = True
-    timeout: Duration = 5.0
+    timeout: PositiveDuration = 5.0
 
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, v: str) -> str:
-        if not re.match(r"^https?://[^/\s?#]+(/[^\s?#]*)?$", v):
-            raise ValueError(f"must be an http(s) URL without query or fragment, got {v!r}")
-        return v.rstrip("/")
-
-    @model_validator(mode="after")
-    def _one_token_source(self) -> GatewaySettings:
-        if self.token_env and self.token_file:
-            raise ValueError("set token_env or token_file, not both")
-        return self
+    _http_url = field_validator("url")(_check_http_url)
+    _env_name = field_validator("token_env")(_check_env_name)
+    _token_source = model_validator(mode="after")(_one_token_source)
 
 
 class HubSettings(_Strict):
@@ -100,9 +167,11 @@ class HubSettings(_Strict):
     token_file: str | None = None
     ca_file: str | None = None
     verify_tls: bool = True
-    timeout: Duration = 5.0
+    timeout: PositiveDuration = 5.0
 
-    _http_url = field_validator("url")(GatewaySettings._http_url.__func__)  # type: ignore[attr-defined]
+    _http_url = field_validator("url")(_check_http_url)
+    _env_name = field_validator("token_env")(_check_env_name)
+    _token_source = model_validator(mode="after")(_one_token_source)
 
 
 class KubernetesSettings(_Strict):
@@ -112,8 +181,8 @@ class KubernetesSettings(_Strict):
     user_label: str = "hub.jupyter.org/username"  # label or annotation naming the notebook's user
     server_name_annotation: str = "hub.jupyter.org/servername"
     kernel_id_label: str = "kernel_id"
-    resync_interval: Duration = 30.0
-    timeout: Duration = 5.0
+    resync_interval: PositiveDuration = 30.0
+    timeout: PositiveDuration = 5.0
 
     @field_validator("enabled", mode="before")
     @classmethod
@@ -135,7 +204,7 @@ class PolicyMatch(_Strict):
 
 
 class PolicySettings(_Strict):
-    name: str
+    name: str = Field(min_length=1)
     match: PolicyMatch = Field(default_factory=PolicyMatch)
     gpu_idle_below: Ratio = 0.05
     idle_after: Duration = 1800.0
@@ -145,24 +214,25 @@ class PolicySettings(_Strict):
     @model_validator(mode="after")
     def _warn_inside_window(self) -> PolicySettings:
         if self.idle_after <= 0:
-            raise ValueError("idle_after must be positive")
+            _cross_check("PolicySettings", [(("idle_after",), "idle_after must be positive")])
         if self.warn_before >= self.idle_after:
-            raise ValueError(
+            message = (
                 f"warn_before ({format_duration(self.warn_before)}) must be shorter than "
                 f"idle_after ({format_duration(self.idle_after)})"
             )
+            _cross_check("PolicySettings", [(("warn_before",), message)], related=("idle_after",))
         return self
 
 
 class ExemptionSettings(_Strict):
-    annotation: str = "reclaimer.io/exempt"
+    annotation: str = Field(default="reclaimer.io/exempt", min_length=1)
     namespaces: tuple[str, ...] = ("kube-system",)
     users: tuple[str, ...] = ()
     kernel_names: tuple[str, ...] = ()
 
 
 class LimitSettings(_Strict):
-    max_actions_per_cycle: int = Field(default=5, ge=0)
+    max_actions_per_cycle: Count = 5
     cooldown: Duration = 600.0
     max_fraction_per_cycle: Ratio = 0.5
 
@@ -173,7 +243,7 @@ def _default_node_name() -> str:
 
 class Settings(_Strict):
     mode: Literal["dry-run", "enforce"] = "dry-run"
-    node_name: str = Field(default_factory=_default_node_name)
+    node_name: str = Field(default_factory=_default_node_name, min_length=1)
     listen: str = "0.0.0.0:9400"
     sample_interval: Duration = 1.0
     decide_interval: Duration = 15.0
@@ -205,17 +275,16 @@ class Settings(_Strict):
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:
         if self.decide_interval < self.sample_interval:
-            raise ValueError("decide_interval must not be shorter than sample_interval")
-        names = [g.name for g in self.gateways]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"gateway names must be unique, repeated: {', '.join(dupes)}")
-        pnames = [p.name for p in self.policies]
-        pdupes = sorted({n for n in pnames if pnames.count(n) > 1})
-        if pdupes:
-            raise ValueError(f"policy names must be unique, repeated: {', '.join(pdupes)}")
+            message = (
+                f"decide_interval ({format_duration(self.decide_interval)}) must not be shorter than "
+                f"sample_interval ({format_duration(self.sample_interval)})"
+            )
+            _cross_check("Settings", [(("decide_interval",), message)], related=("sample_interval",))
+        problems = _repeated([g.name for g in self.gateways], "gateways")
+        problems += _repeated([p.name for p in self.policies], "policies")
         if not self.policies:
-            raise ValueError("at least one policy is needed (use action: none to only observe)")
+            problems.append((("policies",), "at least one policy is needed (use action: none to only observe)"))
+        _cross_check("Settings", problems)
         return self
 
     @property
@@ -239,11 +308,14 @@ class ConfigIssue:
     message: str
 
     def __str__(self) -> str:
-        where = f"{self.path or '<top level>'}" + (f" (line {self.line})" if self.line else "")
-        return f"{where}: {self.message}"
+        if self.path:
+            where = self.path + (f" (line {self.line})" if self.line else "")
+        else:
+            where = f"line {self.line}" if self.line else ""
+        return f"{where}: {self.message}" if where else self.message
 
 
-class ConfigError(Exception):
+class ConfigError(ReclaimerError):
     """Invalid configuration. ``issues`` names each culprit by key path and line."""
 
     def __init__(self, source: str, issues: list[ConfigIssue]):
@@ -267,6 +339,26 @@ def _line_index(node: yaml.Node, path: tuple[Any, ...] = ()) -> dict[tuple[Any, 
     return out
 
 
+def _duplicate_keys(node: yaml.Node, path: tuple[Any, ...] = ()) -> list[ConfigIssue]:
+    """Keys given twice in one mapping: YAML keeps the last silently, which could drop a whole policy list."""
+    issues: list[ConfigIssue] = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            line = key_node.start_mark.line + 1
+            if key is not None and key in first:
+                message = f"duplicate key (first given on line {first[key]})"
+                issues.append(ConfigIssue(_format_loc(path + (key,)), line, message))
+            elif key is not None:
+                first[key] = line
+            issues += _duplicate_keys(value_node, path + (key,))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            issues += _duplicate_keys(item, path + (i,))
+    return issues
+
+
 def _format_loc(loc: tuple[Any, ...]) -> str:
     text = ""
     for part in loc:
@@ -278,10 +370,39 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
 
 
 def _nearest_line(lines: Mapping[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int | None:
-    for end in range(len(loc), -1, -1):
+    # Stop above the top level: a key the file does not set has no line, and "line 1" would point at a stranger.
+    for end in range(len(loc), 0, -1):
         if loc[:end] in lines:
             return lines[loc[:end]]
-    return None
+    return lines.get(()) if not loc else None
+
+
+_YAML_TYPE_NAMES = {
+    bool: "true/false",
+    int: "a number",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    dict: "a mapping",
+    type(None): "nothing (null)",
+}
+
+
+def _friendly_message(err: Mapping[str, Any]) -> str:
+    """pydantic's message, reworded where it speaks Python ("valid tuple") rather than YAML."""
+    got = _YAML_TYPE_NAMES.get(type(err.get("input")), type(err.get("input")).__name__)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown key (check the spelling; unknown keys are errors)"
+    if kind == "missing":
+        return "required key is missing"
+    if kind in ("tuple_type", "list_type"):
+        return f"must be a list, got {got}"
+    if kind in ("dict_type", "model_type", "model_attributes_type", "mapping_type"):
+        return f"must be a mapping (key: value), got {got}"
+    if kind == "string_type":
+        return f"must be a string, got {got}"
+    return str(err["msg"]).removeprefix("Value error, ")
 
 
 def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -289,21 +410,25 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("bool",))))
 
 
-def _issues_from(exc: ValidationError, lines: Mapping[tuple[Any, ...], int]) -> list[ConfigIssue]:
+def _issues_from(
+    exc: ValidationError, lines: Mapping[tuple[Any, ...], int], overridden: frozenset[str] = frozenset()
+) -> list[ConfigIssue]:
     issues: list[ConfigIssue] = []
     seen: set[tuple[str, str]] = set()
     for err in exc.errors():
         loc = _clean_loc(tuple(err["loc"]))
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; unknown keys are errors)"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
+        msg = _friendly_message(err)
         key = (_format_loc(loc), msg)
         if key in seen:
             continue
         seen.add(key)
-        issues.append(ConfigIssue(_format_loc(loc), _nearest_line(lines, loc), msg))
+        if loc and loc[0] in overridden:
+            issues.append(ConfigIssue(_format_loc(loc), None, f"{msg} (value given on the command line)"))
+            continue
+        # A cross-check between two keys reports the line of whichever of them the file sets.
+        related = [loc[:-1] + (r,) for r in (err.get("ctx") or {}).get("related", ())]
+        line = next((lines[r] for r in (loc, *related) if r in lines), None) or _nearest_line(lines, loc)
+        issues.append(ConfigIssue(_format_loc(loc), line, msg))
     return issues
 
 
@@ -321,12 +446,15 @@ def parse_settings(text: str, source: str = "<config>", overrides: Mapping[str, 
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(source, [ConfigIssue("", 1, f"the top level must be a mapping, got {type(data).__name__}")])
+    duplicates = _duplicate_keys(node) if node is not None else []
+    if duplicates:
+        raise ConfigError(source, duplicates)
     lines = _line_index(node) if node is not None else {}
     data = {**data, **(overrides or {})}
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(source, _issues_from(exc, lines)) from None
+        raise ConfigError(source, _issues_from(exc, lines, frozenset(overrides or ()))) from None
 
 
 def load_settings(path: str | os.PathLike[str] | None, overrides: Mapping[str, Any] | None = None) -> Settings:
@@ -338,10 +466,13 @@ def load_settings(path: str | os.PathLike[str] | None, overrides: Mapping[str, A
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(str(p), [ConfigIssue("", None, f"cannot read: {exc.strerror or exc}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(p), [ConfigIssue("", None, f"not UTF-8 text (byte {exc.start})")]) from None
     return parse_settings(text, str(p), overrides)
 
 
 _SECRET_KEYS = re.compile(r"token|secret|password|passwd|authorization", re.I)
+_URL_USERINFO = re.compile(r"^([a-z][a-z0-9+.-]*://)[^/@\s]*@", re.I)
 
 
 def redacted(settings: Settings) -> dict[str, Any]:
@@ -353,6 +484,9 @@ def redacted(settings: Settings) -> dict[str, Any]:
                 k: ("<redacted>" if _SECRET_KEYS.search(k) and k not in ("token_env", "token_file") else scrub(v))
                 for k, v in obj.items()
             }
+        if isinstance(obj, str):
+            # Validation rejects credentials in URLs; this keeps a hand-built Settings from leaking them anyway.
+            return _URL_USERINFO.sub(r"\1<redacted>@", obj)
         if isinstance(obj, (list, tuple)):
             return [scrub(v) for v in obj]
         return obj
