@@ -8,7 +8,7 @@ the reason, and is never a candidate: unknown is never idle.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from reclaimer.model import (
     AttributedProcess,
@@ -50,7 +50,6 @@ def join(
     node: str,
     processes: Iterable[AttributedProcess],
     pods_by_uid: Mapping[str, PodInfo],
-    pod_kernel_ids: Mapping[str, str],
     allocations: Sequence[PodGpuAllocation] | None,
     activities: Mapping[str, KernelActivity],
     servers: Sequence[ServerRef] = (),
@@ -64,11 +63,8 @@ def join(
     unattributed: list[AttributedProcess] = []
     busy_pods: set[str] = set()
     for p in processes:
+        # The attributor already applied kernel-pod labels, and refused them where they conflict: never re-apply.
         kid = p.kernel_id
-        if kid is None and p.pod_uid is not None and p.pod_uid in pod_kernel_ids:
-            # Enterprise Gateway kernel pods carry the kernel id as a label; the whole pod is the kernel.
-            kid = pod_kernel_ids[p.pod_uid]
-            p = replace(p, kernel_id=kid, reason="")
         if p.pod_uid is not None:
             busy_pods.add(p.pod_uid)
         if kid is None:

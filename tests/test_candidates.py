@@ -31,7 +31,7 @@ PODS = {p.uid: p for p in (POD_A, POD_B, POD_C)}
 
 def test_kernel_processes_are_grouped_with_their_children_and_pod():
     r = join(node="n1", processes=[proc(10, "GPU-0", K1, POD_A.uid), proc(11, "GPU-1", K1, POD_A.uid)],
-             pods_by_uid=PODS, pod_kernel_ids={}, allocations=None, activities={K1: activity(K1)})
+             pods_by_uid=PODS, allocations=None, activities={K1: activity(K1)})
     (c,) = r.candidates
     assert c.key == kernel_key(K1)
     assert c.gpu_uuids == ("GPU-0", "GPU-1")
@@ -40,18 +40,24 @@ def test_kernel_processes_are_grouped_with_their_children_and_pod():
     assert r.unattributed == ()
 
 
-def test_pod_label_kernel_id_attributes_a_kernel_pod():
-    r = join(node="n1", processes=[proc(20, "GPU-2", None, POD_B.uid, reason="no connection file")],
-             pods_by_uid=PODS, pod_kernel_ids={POD_B.uid: K2}, allocations=None, activities={})
+def test_kernel_pod_process_attributed_by_label_joins_its_pod():
+    r = join(node="n1", processes=[proc(20, "GPU-2", K2, POD_B.uid)], pods_by_uid=PODS, allocations=None,
+             activities={})
     (c,) = r.candidates
     assert c.kernel_id == K2 and c.pod == POD_B
-    assert c.processes[0].kernel_id == K2 and c.processes[0].reason == ""
     assert c.activity is None  # no gateway answered: the policy will say unknown
+
+
+def test_join_never_overrides_the_attributors_refusal_with_a_pod_label():
+    # The attributor left this process unattributed (connection file and kernel_id label disagree): it stays so.
+    p = proc(21, "GPU-2", None, POD_B.uid, reason="kernel id label disagrees with the connection file")
+    r = join(node="n1", processes=[p], pods_by_uid=PODS, allocations=None, activities={})
+    assert r.candidates == () and r.unattributed == (p,)
 
 
 def test_process_of_no_kernel_is_unattributed_never_a_candidate():
     p = proc(30, "GPU-3", None, None, reason="no kernel connection file among 4 ancestors")
-    r = join(node="n1", processes=[p], pods_by_uid=PODS, pod_kernel_ids={}, allocations=None, activities={})
+    r = join(node="n1", processes=[p], pods_by_uid=PODS, allocations=None, activities={})
     assert r.candidates == ()
     assert r.unattributed == (p,)
 
@@ -59,7 +65,7 @@ def test_process_of_no_kernel_is_unattributed_never_a_candidate():
 def test_pod_holding_allocated_gpu_with_no_process_is_a_candidate():
     allocs = [PodGpuAllocation("team-c", "idle-alloc", "main", ("GPU-5",)),
               PodGpuAllocation("team-a", "jupyter-alice", "notebook", ("GPU-0",))]
-    r = join(node="n1", processes=[proc(10, "GPU-0", K1, POD_A.uid)], pods_by_uid=PODS, pod_kernel_ids={},
+    r = join(node="n1", processes=[proc(10, "GPU-0", K1, POD_A.uid)], pods_by_uid=PODS, 
              allocations=allocs, activities={K1: activity(K1)})
     keys = [c.key for c in r.candidates]
     assert keys == sorted([kernel_key(K1), pod_key(POD_C.uid)])
@@ -71,32 +77,32 @@ def test_pod_holding_allocated_gpu_with_no_process_is_a_candidate():
 
 @pytest.mark.parametrize("allocations", [pytest.param(None, id="kubelet-unknown"), pytest.param([], id="none")])
 def test_no_pod_candidates_without_allocation_facts(allocations):
-    r = join(node="n1", processes=[], pods_by_uid=PODS, pod_kernel_ids={}, allocations=allocations, activities={})
+    r = join(node="n1", processes=[], pods_by_uid=PODS, allocations=allocations, activities={})
     assert r.candidates == ()
 
 
 def test_kernel_spread_over_two_pods_binds_to_no_pod():
     r = join(node="n1", processes=[proc(10, "GPU-0", K1, POD_A.uid), proc(40, "GPU-1", K1, POD_C.uid)],
-             pods_by_uid=PODS, pod_kernel_ids={}, allocations=None, activities={})
+             pods_by_uid=PODS, allocations=None, activities={})
     assert r.candidates[0].pod is None
 
 
 def test_gateway_error_leaves_gateway_unset():
-    r = join(node="n1", processes=[proc(10, "GPU-0", K1)], pods_by_uid={}, pod_kernel_ids={}, allocations=None,
+    r = join(node="n1", processes=[proc(10, "GPU-0", K1)], pods_by_uid={}, allocations=None,
              activities={K1: activity(K1, error="HTTP 503")})
     assert r.candidates[0].gateway is None and r.candidates[0].activity.error == "HTTP 503"
 
 
 def test_hub_server_matched_on_user_and_server_name():
     servers = [ServerRef("alice", "gpu"), ServerRef("alice", ""), ServerRef("bob", "")]
-    r = join(node="n1", processes=[proc(10, "GPU-0", K1, POD_A.uid)], pods_by_uid=PODS, pod_kernel_ids={},
+    r = join(node="n1", processes=[proc(10, "GPU-0", K1, POD_A.uid)], pods_by_uid=PODS, 
              allocations=None, activities={}, servers=servers)
     assert r.candidates[0].server == ServerRef("alice", "")
 
 
 def test_join_is_deterministic_whatever_the_input_order():
     procs = [proc(10, "GPU-0", K1, POD_A.uid), proc(20, "GPU-2", K2, POD_B.uid), proc(30, "GPU-3")]
-    a = join(node="n1", processes=procs, pods_by_uid=PODS, pod_kernel_ids={}, allocations=None, activities={})
-    b = join(node="n1", processes=list(reversed(procs)), pods_by_uid=PODS, pod_kernel_ids={}, allocations=None,
+    a = join(node="n1", processes=procs, pods_by_uid=PODS, allocations=None, activities={})
+    b = join(node="n1", processes=list(reversed(procs)), pods_by_uid=PODS, allocations=None,
              activities={})
     assert a == b
