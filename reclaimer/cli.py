@@ -8,7 +8,6 @@ environment, and an empty variable counts as unset. Exit codes: 0 ok, 1 runtime 
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import re
 import sys
@@ -353,12 +352,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except ImportError as exc:
         return _not_available("demo", exc)
     live = bool(args.live) if args.live is not None else _stdout_is_tty()
-    if not args.keep_going:
-        return int(run_demo(duration=args.duration, port=args.port, live=live))
-    if "keep_going" not in inspect.signature(run_demo).parameters:
-        print("reclaimer demo: --keep-going not available yet", file=sys.stderr)
-        return EXIT_UNAVAILABLE
-    return int(run_demo(duration=args.duration, port=args.port, live=live, keep_going=True))
+    return int(run_demo(duration=args.duration, port=args.port, live=live, keep_going=bool(args.keep_going)))
 
 
 def _stdout_is_tty() -> bool:

@@ -95,8 +95,8 @@ def demo(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     module = types.ModuleType("reclaimer.demo")
     recorder = Recorder()
 
-    def run_demo(duration: float = 90.0, port: int = 9400, live: bool | None = None) -> int:
-        return int(recorder(duration=duration, port=port, live=live))
+    def run_demo(duration: float = 90.0, port: int = 9400, live: bool | None = None, keep_going: bool = False) -> int:
+        return int(recorder(duration=duration, port=port, live=live, keep_going=keep_going))
 
     module.run_demo = run_demo  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "reclaimer.demo", module)
@@ -336,11 +336,12 @@ def test_report_defaults(daemon: types.SimpleNamespace) -> None:
 @pytest.mark.parametrize(
     ("argv", "env", "expected"),
     [
-        pytest.param([], {}, {"duration": 90.0, "port": 9400, "live": False}, id="defaults-not-a-tty"),
+        pytest.param([], {}, {"duration": 90.0, "port": 9400, "live": False, "keep_going": False},
+                     id="defaults-not-a-tty"),
         pytest.param(["--duration", "2m", "--port", "9555", "--live"], {}, {"duration": 120.0, "port": 9555,
-                     "live": True}, id="flags"),
-        pytest.param([], {"RECLAIMER_LIVE": "1", "RECLAIMER_PORT": "0"}, {"duration": 90.0, "port": 0, "live": True},
-                     id="env"),
+                     "live": True, "keep_going": False}, id="flags"),
+        pytest.param([], {"RECLAIMER_LIVE": "1", "RECLAIMER_PORT": "0"}, {"duration": 90.0, "port": 0, "live": True,
+                     "keep_going": False}, id="env"),
     ],
 )
 def test_demo_dispatch(
@@ -352,23 +353,9 @@ def test_demo_dispatch(
     assert demo.calls == [((), expected)]
 
 
-def test_demo_keep_going_needs_support_from_the_demo(demo: Recorder, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--keep-going"]) == 3
-    assert "--keep-going not available yet" in capsys.readouterr().err
-    assert demo.calls == []
-
-
-def test_demo_keep_going_is_passed_when_supported(monkeypatch: pytest.MonkeyPatch) -> None:
-    module = types.ModuleType("reclaimer.demo")
-    recorder = Recorder()
-
-    def run_demo(duration: float, port: int, live: bool | None = None, keep_going: bool = False) -> int:
-        return int(recorder(duration=duration, port=port, live=live, keep_going=keep_going))
-
-    module.run_demo = run_demo  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "reclaimer.demo", module)
+def test_demo_keep_going_is_passed(demo: Recorder) -> None:
     assert main(["demo", "--keep-going", "--no-live"]) == 0
-    assert recorder.calls == [((), {"duration": 90.0, "port": 9400, "live": False, "keep_going": True})]
+    assert demo.calls == [((), {"duration": 90.0, "port": 9400, "live": False, "keep_going": True})]
 
 
 # --------------------------------------------------------------------------- exit codes of runtime outcomes
