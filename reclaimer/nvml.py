@@ -1,0 +1,435 @@
+"""The NVML backend: the only module that imports pynvml (package nvidia-ml-py).
+
+What one tick reads per GPU, and what each failure turns into (unknown is ``None``, never 0):
+
+- utilisation (``nvmlDeviceGetUtilizationRates``), memory (``nvmlDeviceGetMemoryInfo``; a used value of
+  NVML_VALUE_NOT_AVAILABLE is ``None``), compute processes (``..._v3``, falling back to ``_v2`` and the
+  unversioned v1 symbol when the library answers FUNCTION_NOT_FOUND, as old drivers do) and per-process SM
+  utilisation (``nvmlDeviceGetProcessUtilization``).
+- A fatal per-device error (GPU_IS_LOST, RESET_REQUIRED, ...) makes that GPU's sample ``up=False`` and stops
+  reading it for this tick; the other GPUs go on.
+- NOT_SUPPORTED gives ``None`` and that (GPU, function) is not called again for ``UNSUPPORTED_RETRY_SECONDS``
+  (MIG-enabled GPUs never report utilisation); the sample still names it in ``errors`` each tick.
+- Every NVML error is counted by (function, code name) for ``reclaimer_nvml_errors_total``.
+
+Per-process SM utilisation: NVML hands out samples newer than a timestamp; the newest timestamp seen is carried
+forward per GPU so each tick gets only new samples. A process with no new sample keeps its last value for at most
+``SM_HOLD_SECONDS`` (NVML only samples processes that ran recently), then it is ``None``: never a made-up 0.
+
+Devices, and MIG devices (for ``mig_parents()``), are enumerated once at ``open``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import pynvml
+import structlog
+
+from reclaimer.errors import StartupError
+from reclaimer.model import GpuDevice, GpuSample, ProcessSample
+
+log = structlog.get_logger(__name__)
+
+SONAME = "libnvidia-ml.so.1"
+UNSUPPORTED_RETRY_SECONDS = 600.0  # a driver update or MIG change may add support; asking every 10 min is cheap
+SM_HOLD_SECONDS = 10.0
+VALUE_NOT_AVAILABLE = 2**64 - 1  # NVML_VALUE_NOT_AVAILABLE as an unsigned long long
+# Errors after which nothing more can be read from the device this tick.
+FATAL_CODES = frozenset(
+    {"GPU_IS_LOST", "RESET_REQUIRED", "GPU_NOT_FOUND", "UNINITIALIZED", "DRIVER_NOT_LOADED", "LIB_RM_VERSION_MISMATCH"}
+)
+PROCESS_SYMBOLS = (
+    "nvmlDeviceGetComputeRunningProcesses_v3",
+    "nvmlDeviceGetComputeRunningProcesses_v2",
+    "nvmlDeviceGetComputeRunningProcesses",
+)
+
+_CODE_NAMES: dict[int, str] = {
+    value: name.removeprefix("NVML_ERROR_")
+    for name, value in vars(pynvml).items()
+    if name.startswith("NVML_ERROR_") and isinstance(value, int)
+}
+_CODE_NAMES[pynvml.NVML_SUCCESS] = "SUCCESS"
+
+T = TypeVar("T")
+
+
+class NvmlUnavailable(StartupError):
+    """NVML cannot be used on this node. The message is one line naming the cause, fit for a CLI error."""
+
+
+class _DeviceDown(Exception):
+    """A fatal error on one GPU: stop reading it this tick."""
+
+
+def code_name(value: int) -> str:
+    """NVML return code -> its bounded name ("NOT_SUPPORTED"); codes this pynvml does not know are "UNKNOWN"."""
+    return _CODE_NAMES.get(value, "UNKNOWN")
+
+
+class _ProcessInfoV1(ctypes.Structure):
+    """nvmlProcessInfo_v1_t, used by the unversioned symbol that current pynvml no longer wraps."""
+
+    _fields_ = [("pid", ctypes.c_uint), ("usedGpuMemory", ctypes.c_ulonglong)]
+
+
+@dataclass
+class _Device:
+    info: GpuDevice
+    handle: Any
+    last_seen_us: int = 0  # newest process-utilisation sample timestamp seen (microseconds)
+    sm: dict[int, tuple[float, float]] = field(default_factory=dict)  # pid -> (ratio, when seen)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _preload(library_path: str) -> ctypes.CDLL:
+    """Load the configured library so pynvml's dlopen of the soname finds it already loaded."""
+    if not os.path.exists(library_path):
+        raise NvmlUnavailable(
+            f"NVML library {library_path} not found (gpu.library_path): check the path and that it is mounted "
+            "into the container"
+        )
+    try:
+        return ctypes.CDLL(library_path, mode=os.RTLD_GLOBAL)
+    except OSError as exc:
+        raise NvmlUnavailable(f"cannot load NVML library {library_path} (gpu.library_path): {_one_line(exc)}") from None
+
+
+def _init_failure(exc: BaseException, library_path: str | None) -> NvmlUnavailable:
+    if not isinstance(exc, pynvml.NVMLError):
+        return NvmlUnavailable(f"NVML initialisation failed: {type(exc).__name__}: {_one_line(str(exc))}")
+    code = code_name(exc.value)
+    messages = {
+        "LIBRARY_NOT_FOUND": (
+            f"NVML library {library_path} (gpu.library_path) loaded but does not provide {SONAME}"
+            if library_path
+            else f"NVML library {SONAME} not found: is the NVIDIA driver installed and the library mounted "
+            "into the container?"
+        ),
+        "DRIVER_NOT_LOADED": "NVIDIA driver not loaded: NVML found no kernel driver (is the nvidia kernel module "
+        "loaded on this node?)",
+        "NO_PERMISSION": "no permission to use NVML: the daemon cannot open /dev/nvidia* (run it with the NVIDIA "
+        "container runtime or give it the device files)",
+        "LIB_RM_VERSION_MISMATCH": "NVML library and NVIDIA kernel driver versions differ: the driver was updated "
+        f"without a reboot, or the wrong {SONAME} is mounted",
+    }
+    return NvmlUnavailable(messages.get(code, f"NVML initialisation failed: {code}"))
+
+
+class NvmlBackend:
+    """GpuBackend over the real NVML library. Build with ``NvmlBackend.open()``."""
+
+    def __init__(self, devices: list[_Device], mig_parents: dict[str, str], driver_version: str | None) -> None:
+        self._devices = devices
+        self._device_infos = tuple(d.info for d in devices)
+        self._mig_parents = mig_parents
+        self.driver_version = driver_version
+        self._errors: dict[tuple[str, str], int] = {}
+        self._errors_lock = threading.Lock()
+        self._unsupported: dict[tuple[str, str], float] = {}  # (uuid, function) -> when to ask again
+        self._logged: set[tuple[str, str, str]] = set()
+        self._process_level = 0  # index into PROCESS_SYMBOLS of the newest symbol this library has
+        self._closed = False
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, library_path: str | None = None) -> NvmlBackend:
+        """Initialise NVML and enumerate the GPUs (and their MIG devices).
+
+        ``library_path`` is loaded first so that pynvml's ``dlopen("libnvidia-ml.so.1")`` resolves to it.
+        Raises ``NvmlUnavailable`` with a one-line cause when NVML cannot be used.
+        """
+        preloaded = _preload(library_path) if library_path else None
+        try:
+            pynvml.nvmlInit()
+        except Exception as exc:  # pynvml raises NVMLError, or its own errors on a mismatched library
+            raise _init_failure(exc, library_path) from None
+        backend: NvmlBackend | None = None
+        try:
+            if preloaded is not None and getattr(pynvml.nvmlLib, "_handle", None) != preloaded._handle:
+                raise NvmlUnavailable(
+                    f"NVML library {library_path} (gpu.library_path) was not used: another {SONAME} was already "
+                    f"loaded in this process, or the file's soname is not {SONAME}"
+                )
+            try:
+                count = pynvml.nvmlDeviceGetCount()
+            except pynvml.NVMLError as exc:
+                raise NvmlUnavailable(f"NVML cannot count the GPUs: {code_name(exc.value)}") from None
+            backend = cls([], {}, _driver_version())
+            backend._enumerate(count)
+        except BaseException:
+            _shutdown_quietly()
+            raise
+        log.info(
+            "nvml opened",
+            driver_version=backend.driver_version,
+            gpus=len(backend._devices),
+            mig_devices=len(backend._mig_parents),
+            library=library_path or SONAME,
+        )
+        if count and not backend._devices:
+            log.error("nvml: no GPU could be read", gpus_reported=count)
+        elif not count:
+            log.warning("nvml reports no GPUs on this node")
+        return backend
+
+    def _enumerate(self, count: int) -> None:
+        for index in range(count):
+            device = self._open_device(index)
+            if device is None:
+                continue
+            self._devices.append(device)
+            if device.info.mig_mode:
+                self._mig_parents.update(self._mig_devices(device))
+        self._device_infos = tuple(d.info for d in self._devices)
+
+    def _open_device(self, index: int) -> _Device | None:
+        """Read one GPU's identity; ``None`` (logged, counted) when it cannot even be named."""
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        except pynvml.NVMLError as exc:
+            return self._skip_device(index, "nvmlDeviceGetHandleByIndex_v2", exc)
+        try:
+            uuid = pynvml.nvmlDeviceGetUUID(handle)
+        except pynvml.NVMLError as exc:
+            return self._skip_device(index, "nvmlDeviceGetUUID", exc)
+        model = self._at_open(uuid, "nvmlDeviceGetName", lambda: pynvml.nvmlDeviceGetName(handle)) or "unknown"
+        mig = self._at_open(uuid, "nvmlDeviceGetMigMode", lambda: pynvml.nvmlDeviceGetMigMode(handle))
+        memory = self._at_open(uuid, "nvmlDeviceGetMemoryInfo", lambda: pynvml.nvmlDeviceGetMemoryInfo(handle))
+        info = GpuDevice(
+            index=index,
+            uuid=uuid,
+            model=model,
+            mig_mode=None if mig is None else bool(mig[0]),
+            memory_total_bytes=None if memory is None else int(memory.total),
+        )
+        return _Device(info=info, handle=handle)
+
+    def _skip_device(self, index: int, function: str, exc: pynvml.NVMLError) -> None:
+        code = code_name(exc.value)
+        self._count(function, code)
+        log.error("nvml: GPU skipped, it cannot be identified", gpu=index, function=function, code=code)
+        return None
+
+    def _at_open(self, uuid: str, function: str, call: Callable[[], T]) -> T | None:
+        try:
+            return call()
+        except pynvml.NVMLError as exc:
+            code = code_name(exc.value)
+            if code != "NOT_SUPPORTED":
+                self._count(function, code)
+                log.warning("nvml call failed at open", uuid=uuid, function=function, code=code)
+            return None
+
+    def _mig_devices(self, parent: _Device) -> dict[str, str]:
+        """MIG device uuid -> parent uuid for the populated slots of one MIG-enabled GPU."""
+        handle = parent.handle
+        slots = self._at_open(
+            parent.info.uuid, "nvmlDeviceGetMaxMigDeviceCount", lambda: pynvml.nvmlDeviceGetMaxMigDeviceCount(handle)
+        )
+        found: dict[str, str] = {}
+        for slot in range(slots or 0):
+            try:
+                mig_handle = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
+            except pynvml.NVMLError as exc:
+                if code_name(exc.value) not in ("NOT_FOUND", "INVALID_ARGUMENT"):  # those mean: empty slot
+                    self._count("nvmlDeviceGetMigDeviceHandleByIndex", code_name(exc.value))
+                continue
+            mig_uuid = self._at_open(
+                parent.info.uuid, "nvmlDeviceGetUUID", lambda: pynvml.nvmlDeviceGetUUID(mig_handle)  # noqa: B023
+            )
+            if mig_uuid:
+                found[mig_uuid] = parent.info.uuid
+        return found
+
+    # ------------------------------------------------------------------ GpuBackend
+
+    def devices(self) -> tuple[GpuDevice, ...]:
+        return self._device_infos
+
+    def mig_parents(self) -> dict[str, str]:
+        return dict(self._mig_parents)
+
+    def error_counts(self) -> dict[tuple[str, str], int]:
+        with self._errors_lock:
+            return dict(self._errors)
+
+    def close(self) -> None:
+        """Shut NVML down (once); later samples report every GPU down."""
+        if not self._closed:
+            self._closed = True
+            _shutdown_quietly()
+
+    def sample(self, now: float) -> list[GpuSample]:
+        """One GpuSample per device. Never raises: every failure becomes ``None`` values or ``up=False``."""
+        return [self._sample_device(d, now) for d in self._devices]
+
+    # ------------------------------------------------------------------ one device, one tick
+
+    def _sample_device(self, dev: _Device, now: float) -> GpuSample:
+        errors: list[str] = []
+        info = dev.info
+        try:
+            util = self._guarded(dev, "nvmlDeviceGetUtilizationRates", now, errors,
+                                 lambda: pynvml.nvmlDeviceGetUtilizationRates(dev.handle))
+            memory = self._guarded(dev, "nvmlDeviceGetMemoryInfo", now, errors,
+                                   lambda: pynvml.nvmlDeviceGetMemoryInfo(dev.handle))
+            processes = self._guarded(dev, PROCESS_SYMBOLS[self._process_level], now, errors,
+                                      lambda: self._list_processes(dev.handle))
+            if processes is not None:
+                self._update_process_utilization(dev, now, errors)
+        except _DeviceDown:
+            dev.sm.clear()
+            return GpuSample(now, info.index, info.uuid, up=False, utilization=None, memory_used_bytes=None,
+                             memory_total_bytes=info.memory_total_bytes, processes=None, errors=tuple(errors))
+        return GpuSample(
+            timestamp=now,
+            index=info.index,
+            uuid=info.uuid,
+            up=True,
+            utilization=None if util is None else min(1.0, max(0.0, util.gpu / 100.0)),
+            memory_used_bytes=_memory_value(None if memory is None else memory.used),
+            memory_total_bytes=info.memory_total_bytes if memory is None else int(memory.total),
+            processes=None if processes is None else self._with_sm(dev, processes, now),
+            errors=tuple(errors),
+        )
+
+    def _guarded(self, dev: _Device, function: str, now: float, errors: list[str], call: Callable[[], T]) -> T | None:
+        """Run one NVML call for one device: ``None`` on any error (counted, noted); ``_DeviceDown`` when fatal."""
+        key = (dev.info.uuid, function)
+        retry_at = self._unsupported.get(key)
+        if retry_at is not None and now < retry_at:
+            errors.append(f"{function}:NOT_SUPPORTED")
+            return None
+        try:
+            result = call()
+        except pynvml.NVMLError as exc:
+            function = getattr(exc, "nvml_function", function)
+            code = code_name(exc.value)
+        except Exception as exc:  # a pynvml or ctypes failure that is not an NVML code; still never escapes
+            code = "UNKNOWN"
+            if (dev.info.uuid, function, type(exc).__name__) not in self._logged:
+                self._logged.add((dev.info.uuid, function, type(exc).__name__))
+                log.error("nvml call raised", uuid=dev.info.uuid, function=function, error=repr(exc), exc_info=exc)
+        else:
+            self._unsupported.pop(key, None)
+            return result
+        key = (dev.info.uuid, function)
+        self._count(function, code)
+        errors.append(f"{function}:{code}")
+        if (dev.info.uuid, function, code) not in self._logged:
+            self._logged.add((dev.info.uuid, function, code))
+            log.warning("nvml call failed", gpu=dev.info.index, uuid=dev.info.uuid, function=function, code=code)
+        if code == "NOT_SUPPORTED":
+            self._unsupported[key] = now + UNSUPPORTED_RETRY_SECONDS
+        if code in FATAL_CODES:
+            raise _DeviceDown(code)
+        return None
+
+    def _count(self, function: str, code: str) -> None:
+        with self._errors_lock:
+            self._errors[(function, code)] = self._errors.get((function, code), 0) + 1
+
+    def _list_processes(self, handle: Any) -> list[tuple[int, int | None]]:
+        """(pid, used bytes or None) per compute process, stepping down to older symbols on FUNCTION_NOT_FOUND."""
+        while True:
+            symbol = PROCESS_SYMBOLS[self._process_level]
+            try:
+                return _read_processes(symbol, handle)
+            except pynvml.NVMLError as exc:
+                if exc.value != pynvml.NVML_ERROR_FUNCTION_NOT_FOUND or self._process_level + 1 >= len(PROCESS_SYMBOLS):
+                    exc.nvml_function = symbol  # type: ignore[attr-defined]
+                    raise
+                self._count(symbol, "FUNCTION_NOT_FOUND")
+                self._process_level += 1
+                log.info("nvml: older driver, falling back", missing=symbol, using=PROCESS_SYMBOLS[self._process_level])
+
+    def _update_process_utilization(self, dev: _Device, now: float, errors: list[str]) -> None:
+        samples = self._guarded(dev, "nvmlDeviceGetProcessUtilization", now, errors,
+                                lambda: _process_samples(dev.handle, dev.last_seen_us))
+        newest: dict[int, tuple[int, int]] = {}  # pid -> (timestamp, smUtil)
+        for s in samples or ():
+            ts = int(s.timeStamp)
+            if ts > newest.get(int(s.pid), (-1, 0))[0]:
+                newest[int(s.pid)] = (ts, int(s.smUtil))
+            dev.last_seen_us = max(dev.last_seen_us, ts)
+        for pid, (_, sm) in newest.items():
+            dev.sm[pid] = (min(1.0, max(0.0, sm / 100.0)), now)
+
+    def _with_sm(self, dev: _Device, processes: list[tuple[int, int | None]], now: float) -> tuple[ProcessSample, ...]:
+        live = {pid for pid, _ in processes}
+        for pid in [p for p, (_, seen) in dev.sm.items() if p not in live or now - seen > SM_HOLD_SECONDS]:
+            del dev.sm[pid]  # a PID gone from the list may come back as another process
+        return tuple(
+            ProcessSample(pid=pid, used_memory_bytes=used, sm_utilization=dev.sm[pid][0] if pid in dev.sm else None)
+            for pid, used in processes
+        )
+
+
+# ---------------------------------------------------------------------- pynvml calls
+
+
+def _memory_value(value: int | None) -> int | None:
+    return None if value is None or value == VALUE_NOT_AVAILABLE else int(value)
+
+
+def _read_processes(symbol: str, handle: Any) -> list[tuple[int, int | None]]:
+    if symbol == "nvmlDeviceGetComputeRunningProcesses":
+        infos = _read_processes_v1(handle)
+    else:
+        reader = getattr(pynvml, symbol, None)
+        if reader is None:  # an older pynvml without this wrapper: same meaning as a library without the symbol
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+        infos = reader(handle)
+    return [(int(p.pid), _memory_value(p.usedGpuMemory)) for p in infos]
+
+
+def _read_processes_v1(handle: Any) -> list[_ProcessInfoV1]:
+    """The unversioned symbol with NVML's size-query convention (count 0 first, then a big enough array)."""
+    fn = pynvml._nvmlGetFunctionPointer("nvmlDeviceGetComputeRunningProcesses")
+    count = ctypes.c_uint(0)
+    ret = fn(handle, ctypes.byref(count), None)
+    if ret == pynvml.NVML_SUCCESS:
+        return []
+    if ret != pynvml.NVML_ERROR_INSUFFICIENT_SIZE:
+        raise pynvml.NVMLError(ret)
+    count.value = count.value * 2 + 5  # room for processes started between the two calls
+    infos = (_ProcessInfoV1 * count.value)()
+    ret = fn(handle, ctypes.byref(count), infos)
+    if ret != pynvml.NVML_SUCCESS:
+        raise pynvml.NVMLError(ret)
+    return list(infos[: count.value])
+
+
+def _process_samples(handle: Any, last_seen_us: int) -> list[Any]:
+    """Samples newer than ``last_seen_us``; "none since then" (NOT_FOUND, or SUCCESS with 0) is an empty list."""
+    try:
+        return list(pynvml.nvmlDeviceGetProcessUtilization(handle, last_seen_us))
+    except pynvml.NVMLError as exc:
+        if exc.value in (pynvml.NVML_ERROR_NOT_FOUND, pynvml.NVML_SUCCESS):
+            return []
+        raise
+
+
+def _driver_version() -> str | None:
+    try:
+        return str(pynvml.nvmlSystemGetDriverVersion())
+    except pynvml.NVMLError:
+        return None
+
+
+def _shutdown_quietly() -> None:
+    try:
+        pynvml.nvmlShutdown()
+    except Exception as exc:  # shutting down must not turn into a crash on the way out
+        log.warning("nvml shutdown failed", error=repr(exc))
