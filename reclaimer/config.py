@@ -235,6 +235,9 @@ class LimitSettings(_Strict):
     max_actions_per_cycle: Count = 5
     cooldown: Duration = 600.0
     max_fraction_per_cycle: Ratio = 0.5
+    # The breaker never trips while at most this many would be reclaimed: one idle kernel on a quiet node is not
+    # a mass event, and without a floor a node with a single GPU kernel could never reclaim at all.
+    breaker_min_reclaims: int = Field(default=2, ge=0)
 
 
 def _default_node_name() -> str:

@@ -1,0 +1,659 @@
+"""The policy: candidates + samples + settings + ``now`` in, one ``Decision`` per candidate out.
+
+Pure (stdlib, ``reclaimer.model`` and ``reclaimer.config`` only): no clock reads, no I/O. The same inputs give
+the same decisions, sorted by candidate key, whatever the order of the candidates.
+
+A cycle has two stages:
+
+1. Each candidate on its own (``_evaluate``): exemptions first (they win and fail closed), then the first matching
+   policy, then everything that could be unknown (unknown is never idle), then the idle arithmetic:
+   ``idle_seconds = min(GPU continuous idle time, now - last_activity)`` against the policy's window.
+2. Blast radius over all of them (``decide``): shared pod/server guard, cooldown, one action per target,
+   circuit breaker, rate limit — each can only turn a ``reclaim`` into something milder.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+
+from reclaimer.config import PolicySettings, Settings, format_duration, parse_duration
+from reclaimer.model import (
+    ActionKind,
+    Candidate,
+    Decision,
+    GpuSample,
+    KernelActivity,
+    PodInfo,
+    PolicyState,
+    SamplerSnapshot,
+    Verdict,
+)
+
+STALE_FACTOR = 3.0  # a sample (or observation) older than this many intervals is stale; so is a gap this long
+IDLE_AFTER_ANNOTATION = "reclaimer.io/idle-after"  # per-pod override; it may lengthen the window, never shorten it
+_TEXT_LIMIT = 120  # longest piece of foreign text (gateway errors, annotation values) copied into a reason
+
+_SECRET_ASSIGNMENT = re.compile(
+    r"(?i)\b(token|access_token|api_key|apikey|password|passwd|secret|authorization|cookie)\b\s*[=:]\s*"
+    r"(?:(?:bearer|token)\s+)?[^\s&,;'\"]+"
+)
+_SECRET_AFTER_SCHEME = re.compile(r"(?i)\b(bearer|token)\s+[A-Za-z0-9._~+/=-]{16,}")
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def decide(
+    candidates: Sequence[Candidate],
+    sampler: SamplerSnapshot,
+    settings: Settings,
+    now: float,
+    state: PolicyState,
+) -> list[Decision]:
+    """One decision per candidate, sorted by key; at most ``max_actions_per_cycle`` of them are ``reclaim``.
+
+    A ``reclaim`` verdict means every safety rule of DESIGN.md holds for that candidate right now; the executor
+    must still ``recheck`` it just before acting.
+    """
+    ordered = sorted(candidates, key=lambda c: (c.key, repr(c)))
+    repeated = {k for k, n in Counter(c.key for c in ordered).items() if n > 1}
+    individual = [
+        _unknown(c, None, f"candidate key {c.key} appears more than once (attribution bug?)")
+        if c.key in repeated
+        else _evaluate(c, sampler, settings, now)
+        for c in ordered
+    ]
+    decisions = _guard_shared_targets(individual)
+    decisions = _apply_cooldown(decisions, state, settings, now)
+    decisions = _one_action_per_target(decisions, settings)
+    # The breaker runs before the rate limit so it sees every would-be reclaim: a cap applied first would hide
+    # a mass event (a gateway reporting everything idle) and let it drain max_actions_per_cycle every cycle.
+    decisions = _apply_circuit_breaker(decisions, len(ordered), settings)
+    return _apply_rate_limit(decisions, sampler, settings)
+
+
+def select_policy(
+    candidate: Candidate, settings: Settings, gpu_models: Mapping[str, str]
+) -> PolicySettings | None:
+    """The first policy in ``settings.policies`` whose every non-empty criterion matches, or None.
+
+    A criterion needing a fact the candidate lacks (namespaces but no pod, users but no user) does not match.
+    ``gpu_models`` maps GPU uuid -> model name.
+    """
+    for policy in settings.policies:
+        if _matches(policy, candidate, gpu_models):
+            return policy
+    return None
+
+
+def gpu_idle_seconds(
+    samples: Sequence[GpuSample], threshold: float, now: float, started_at: float, sample_interval: float
+) -> float | None:
+    """Seconds the GPU has been continuously below ``threshold`` at the end of the series; None when unknown.
+
+    Unknown: no sample since ``started_at``, the newest sample is stale (older than 3 intervals), down, or has
+    no utilisation. The run stops (counting starts after it) at a busy or unknown sample or a gap longer than
+    3 intervals, and never reaches before ``started_at``. 0.0 when the newest sample is busy.
+    """
+    return _idle_run(samples, threshold, now, started_at, sample_interval)[0]
+
+
+def recheck(
+    decision: Decision,
+    fresh: KernelActivity | None,
+    sampler: SamplerSnapshot,
+    settings: Settings,
+    now: float,
+) -> Decision:
+    """Re-evaluate a planned reclaim with the gateway's fresh answer and the newest samples, just before acting.
+
+    Returns ``decision`` itself only when it is still a reclaim with the same policy and action; otherwise a
+    non-reclaim decision whose reason starts with ``re-check:``. A non-reclaim decision is returned unchanged.
+    """
+    if decision.verdict is not Verdict.RECLAIM:
+        return decision
+    candidate = decision.candidate
+    if candidate.kernel_id is not None:
+        if fresh is None:
+            return _unknown(candidate, decision.policy, "re-check: no fresh answer from the gateway")
+        candidate = replace(candidate, activity=fresh)
+    again = _evaluate(candidate, sampler, settings, now)
+    if again.verdict is Verdict.RECLAIM:
+        if again.action is decision.action and again.policy == decision.policy:
+            return decision
+        return Decision(
+            candidate,
+            Verdict.KEEP,
+            again.action,
+            f"re-check: plan changed ({decision.action.value} by policy {decision.policy} -> "
+            f"{again.action.value} by policy {again.policy}); deciding again next cycle",
+            again.policy,
+            again.idle_seconds,
+            None,
+        )
+    return replace(again, reason=f"re-check: {again.reason}")
+
+
+# --------------------------------------------------------------------------- one candidate
+
+
+@dataclass(frozen=True, slots=True)
+class _GpuView:
+    """One held GPU as the policy sees it over the candidate's window."""
+
+    label: str  # "GPU 0"
+    unknown: str | None = None  # why the GPU cannot count as idle; set -> verdict unknown
+    idle_seconds: float = 0.0
+    peak: float = 0.0  # highest utilisation during the idle run, or the newest one when busy
+    busy: bool = False
+    process_seen_at: float | None = None  # newest in-window sample showing any process (matters for bare pods)
+
+
+def _evaluate(c: Candidate, sampler: SamplerSnapshot, settings: Settings, now: float) -> Decision:
+    """The verdict for one candidate, before any blast-radius limit."""
+    gpu_models = {d.uuid: d.model for d in sampler.devices}
+    policy = select_policy(c, settings, gpu_models)
+    policy_name = policy.name if policy else None
+    exemption = _exemption(c, settings)
+    if exemption is not None:
+        return Decision(c, Verdict.EXEMPT, ActionKind.NONE, f"exempt: {exemption}", policy_name)
+    if policy is None:
+        return Decision(c, Verdict.KEEP, ActionKind.NONE, "no policy matches")
+    policy, override_note = _with_override(policy, c.pod)
+    action = ActionKind(policy.action)
+
+    problem = (
+        _identity_problem(c)
+        or (_activity_problem(c, settings, now) if c.kernel_id is not None else None)
+        or _process_problem(c)
+    )
+    if problem is not None:
+        return _unknown(c, policy.name, problem)
+    views = {uuid: _gpu_view(uuid, sampler, policy, now) for uuid in _held_gpus(c)}
+    problem = next((v.unknown for v in views.values() if v.unknown is not None), None)
+    if problem is None and action is not ActionKind.NONE:
+        problem = _action_unknown(c, action)
+    if problem is not None:
+        return _unknown(c, policy.name, problem)
+
+    idle, detail = _idle_and_detail(c, views, policy, now)
+    detail += override_note
+    if action is ActionKind.NONE:
+        return Decision(c, Verdict.KEEP, action, f"policy {policy.name} observes only; {detail}", policy.name, idle)
+    if c.kernel_id is None and action is ActionKind.SHUTDOWN_KERNEL:
+        return Decision(
+            c,
+            Verdict.KEEP,
+            action,
+            f"shutdown-kernel cannot apply to {_pod_name(c.pod)}: it holds GPUs with no kernel "
+            f"(use evict-pod or stop-server); {detail}",
+            policy.name,
+            idle,
+        )
+    eta = max(0.0, policy.idle_after - idle)
+    # A countdown only means something while the candidate is idle; "kernel busy" stays just that.
+    reason = f"{detail}; {action.value} in {format_duration(eta)}" if idle > 0 else detail
+    if idle >= policy.idle_after:
+        verdict = Verdict.RECLAIM
+    elif idle >= policy.idle_after - policy.warn_before:
+        verdict = Verdict.WARN
+    else:
+        verdict = Verdict.KEEP
+    return Decision(c, verdict, action, reason, policy.name, idle, eta)
+
+
+def _unknown(c: Candidate, policy: str | None, reason: str) -> Decision:
+    return Decision(c, Verdict.UNKNOWN, ActionKind.NONE, reason, policy)
+
+
+def _idle_and_detail(
+    c: Candidate, views: Mapping[str, _GpuView], policy: PolicySettings, now: float
+) -> tuple[float, str]:
+    """Idle seconds (min of GPU and kernel idle time) and the human sentence explaining them."""
+    gpu_text = ", ".join(
+        f"{v.label} busy ({_pct(v.peak)})" if v.busy else f"{v.label} at {_pct(v.peak)} for {_dur(v.idle_seconds)}"
+        for v in views.values()
+    )
+    idle = min(v.idle_seconds for v in views.values())
+    for p in sorted(c.processes, key=lambda p: (p.gpu_uuid, p.pid)):
+        sm = p.sm_utilization
+        if sm is not None and _valid_ratio(sm) and sm >= policy.gpu_idle_below:
+            return 0.0, f"process {p.pid} at {_pct(sm)} SM on {views[p.gpu_uuid].label}"
+    if c.kernel_id is None:
+        seen = [(v.process_seen_at, v.label) for v in views.values() if v.process_seen_at is not None]
+        if seen:
+            last_seen, label = max(seen)
+            return min(idle, max(0.0, now - last_seen)), f"{gpu_text}; a process was on {label} at {_clock(last_seen)}"
+        return idle, f"{gpu_text} with no process in {_pod_name(c.pod)}"
+    activity = c.activity
+    if activity is None or activity.last_activity is None:  # ruled out by _activity_problem; fail closed anyway
+        return 0.0, "kernel activity unknown"
+    if activity.execution_state == "busy":
+        return 0.0, "kernel busy"
+    if activity.execution_state != "idle":
+        return 0.0, f"kernel {_quote(activity.execution_state or '')} (not idle)"
+    last = _utc(activity.last_activity)
+    kernel_idle = max(0.0, now - last.timestamp())
+    since = last.strftime("%H:%M UTC" if kernel_idle < 86400 else "%Y-%m-%d %H:%M UTC")
+    return min(idle, kernel_idle), f"{gpu_text} and kernel idle since {since}"
+
+
+# --------------------------------------------------------------------------- policy selection and exemptions
+
+
+def _matches(policy: PolicySettings, c: Candidate, gpu_models: Mapping[str, str]) -> bool:
+    m = policy.match
+    pod = c.pod
+    if m.namespaces and (pod is None or pod.namespace not in m.namespaces):
+        return False
+    if m.pod_labels and (pod is None or any(pod.labels.get(k) != v for k, v in m.pod_labels.items())):
+        return False
+    if m.users and not set(_users(c)) & set(m.users):
+        return False
+    if m.kernel_names and (c.kernel_name is None or c.kernel_name not in m.kernel_names):
+        return False
+    gateway = _gateway(c)
+    if m.gateways and (gateway is None or gateway not in m.gateways):
+        return False
+    if m.gpu_models:
+        models = [gpu_models[u].lower() for u in _held_gpus(c) if u in gpu_models]
+        if not any(pattern.lower() in model for pattern in m.gpu_models for model in models):
+            return False
+    return True
+
+
+def _exemption(c: Candidate, settings: Settings) -> str | None:
+    """Which exemption applies, in words, or None. Any doubt about an annotation exempts."""
+    ex = settings.exemptions
+    pod = c.pod
+    if pod is not None:
+        if ex.annotation in pod.annotations:
+            value = pod.annotations[ex.annotation]
+            if not (isinstance(value, str) and value.strip().lower() == "false"):
+                return f"annotation {ex.annotation}={_quote(value)}"
+        if IDLE_AFTER_ANNOTATION in pod.annotations and _override_seconds(pod) is None:
+            raw = pod.annotations[IDLE_AFTER_ANNOTATION]
+            return f"unparsable override {IDLE_AFTER_ANNOTATION}={_quote(raw)} (use e.g. 2h, 90m)"
+        if pod.namespace in ex.namespaces:
+            return f"namespace {pod.namespace}"
+    for user in _users(c):
+        if user in ex.users:
+            return f"user {user}"
+    if c.kernel_name is not None and c.kernel_name in ex.kernel_names:
+        return f"kernel name {c.kernel_name}"
+    return None
+
+
+def _override_seconds(pod: PodInfo) -> float | None:
+    """The pod's idle-after override in seconds; None when it is unparsable, not positive or not finite."""
+    try:
+        seconds = parse_duration(pod.annotations[IDLE_AFTER_ANNOTATION])
+    except (ValueError, TypeError):
+        return None
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
+
+
+def _with_override(policy: PolicySettings, pod: PodInfo | None) -> tuple[PolicySettings, str]:
+    """The policy with the pod's override applied (only ever lengthening the window), and a note for the reason."""
+    if pod is None or IDLE_AFTER_ANNOTATION not in pod.annotations:
+        return policy, ""
+    seconds = _override_seconds(pod)
+    if seconds is None or seconds <= policy.idle_after:
+        return policy, ""
+    note = f" (idle-after {_dur(seconds)} from pod annotation)"
+    return policy.model_copy(update={"idle_after": seconds}), note
+
+
+# --------------------------------------------------------------------------- what can be unknown
+
+
+def _identity_problem(c: Candidate) -> str | None:
+    """Why the candidate's parts do not provably belong together (invariant 3), or None."""
+    if c.kernel_id is None and c.pod is None:
+        return "candidate has neither a kernel id nor a pod"
+    if c.kernel_id is None and not c.allocated:
+        return f"{_pod_name(c.pod)} has no kernel and no GPU allocation"
+    if not _held_gpus(c):
+        return "candidate holds no known GPU"
+    # Kernel ids are UUIDs, so any configured gateway (or the hub) may vouch for one; the id itself must agree.
+    if c.kernel_id is not None and c.activity is not None and c.activity.kernel_id != c.kernel_id:
+        return f"gateway answered for kernel {c.activity.kernel_id}, not {c.kernel_id}"
+    if c.pod is not None and c.pod.node_name is not None and c.pod.node_name != c.node:
+        return f"{_pod_name(c.pod)} runs on node {c.pod.node_name}, not {c.node}"
+    for p in sorted(c.processes, key=lambda p: (p.pid, p.gpu_uuid)):
+        if p.starttime is None:
+            return f"process {p.pid} start time unknown (its identity cannot be bound)"
+        if c.kernel_id is not None and p.kernel_id is not None and p.kernel_id != c.kernel_id:
+            return f"process {p.pid} belongs to kernel {p.kernel_id}, not {c.kernel_id}"
+        if p.pod_uid is not None and c.pod is None:
+            return f"pod {p.pod_uid} of process {p.pid} unknown (exemptions cannot be checked)"
+        if p.pod_uid is not None and c.pod is not None and p.pod_uid != c.pod.uid:
+            return f"process {p.pid} runs in pod {p.pod_uid}, not {c.pod.uid}"
+    return None
+
+
+def _process_problem(c: Candidate) -> str | None:
+    """A candidate process whose GPU memory is unknown: release could not be verified after acting."""
+    for p in sorted(c.processes, key=lambda p: (p.pid, p.gpu_uuid)):
+        if p.used_memory_bytes is None:
+            return f"process {p.pid} GPU memory unknown (NOT_AVAILABLE)"
+    return None
+
+
+def _activity_problem(c: Candidate, settings: Settings, now: float) -> str | None:
+    """What is unknown about a kernel's activity (invariant 1), or None."""
+    a = c.activity
+    if a is None:
+        return "kernel activity unknown (no answer from the gateway)"
+    if a.error is not None:
+        return f"gateway {a.gateway} error: {_scrub(a.error)}"
+    age = now - a.observed_at
+    if not math.isfinite(age) or age > STALE_FACTOR * settings.decide_interval:
+        return f"kernel activity stale (observed {_dur(age)} ago)"
+    if a.execution_state is None:
+        return "kernel execution_state unknown"
+    if a.last_activity is None:
+        return "kernel last_activity unknown"
+    if not isinstance(a.last_activity, datetime):
+        return f"kernel last_activity unparsable ({_quote(a.last_activity)})"
+    return None
+
+
+def _action_unknown(c: Candidate, action: ActionKind) -> str | None:
+    """A fact the action needs and the candidate lacks, or None."""
+    if action is ActionKind.STOP_SERVER and c.server is None and not _users(c):
+        return "stop-server needs the user's server, but neither the server nor the user is known"
+    if action is ActionKind.EVICT_POD and c.pod is None:
+        return "evict-pod needs the kernel's pod, which is unknown"
+    return None
+
+
+def _gpu_view(uuid: str, sampler: SamplerSnapshot, policy: PolicySettings, now: float) -> _GpuView:
+    """Everything the policy needs about one held GPU over ``[max(now - idle_after, started_at), now]``."""
+    label = _gpu_label(uuid, sampler)
+    series = sampler.samples.get(uuid) or ()
+    if not series:
+        known = any(d.uuid == uuid for d in sampler.devices)
+        return _GpuView(label, f"{label} has no samples" if known else f"{label} not in the sampler snapshot")
+    limit = STALE_FACTOR * sampler.sample_interval
+    if sampler.last_sample_at is not None and not now - sampler.last_sample_at <= limit:
+        return _GpuView(label, f"sampler stale: last sample {_dur(now - sampler.last_sample_at)} ago")
+    ordered = sorted(series, key=lambda s: s.timestamp)
+    newest = ordered[-1]
+    if not now - newest.timestamp <= limit:
+        return _GpuView(label, f"{label} samples stale: last one {_dur(now - newest.timestamp)} ago")
+    window_start = max(now - policy.idle_after, sampler.started_at)
+    in_window = [s for s in ordered if s.timestamp >= window_start]
+    later: GpuSample | None = None
+    process_seen_at: float | None = None
+    for s in reversed(in_window):  # newest first: the reason names the most recent problem
+        problem = _sample_problem(s, uuid)
+        if problem is not None:
+            when = "" if s is newest else f" at {_clock(s.timestamp)}"
+            return _GpuView(label, f"{label} {problem}{when}")
+        if later is not None and later.timestamp - s.timestamp > limit:
+            gap = later.timestamp - s.timestamp
+            return _GpuView(label, f"{label} has no samples for {_dur(gap)} before {_clock(later.timestamp)}")
+        if s.processes and process_seen_at is None:
+            process_seen_at = s.timestamp
+        later = s
+    idle, peak = _idle_run(ordered, policy.gpu_idle_below, now, sampler.started_at, sampler.sample_interval)
+    if idle is None:  # every sample predates started_at: nothing to count from
+        return _GpuView(label, f"{label} idle time unknown")
+    busy = newest.utilization is not None and newest.utilization >= policy.gpu_idle_below
+    return _GpuView(label, None, idle, peak, busy, process_seen_at)
+
+
+def _sample_problem(s: GpuSample, uuid: str) -> str | None:
+    """Why one sample cannot count as idle evidence, or None."""
+    if s.uuid != uuid:
+        return f"sample filed under the wrong GPU ({s.uuid})"
+    if not s.up:
+        return f"down ({_error_code(s.errors, '')})"
+    if not _valid_ratio(s.utilization):
+        if s.utilization is None:
+            return f"utilisation unknown ({_error_code(s.errors, 'utilization')})"
+        return f"utilisation invalid ({s.utilization!r})"
+    if s.memory_used_bytes is None:
+        return f"memory unknown ({_error_code(s.errors, 'memory')})"
+    if s.processes is None:
+        return f"process list unknown ({_error_code(s.errors, 'process')})"
+    return None
+
+
+def _idle_run(
+    samples: Sequence[GpuSample], threshold: float, now: float, started_at: float, sample_interval: float
+) -> tuple[float | None, float]:
+    """(continuous idle seconds at the end of the series or None, peak utilisation during that run)."""
+    limit = STALE_FACTOR * sample_interval
+    ordered = sorted((s for s in samples if s.timestamp >= started_at), key=lambda s: s.timestamp)
+    if not ordered or not now - ordered[-1].timestamp <= limit:
+        return None, 0.0
+    newest = ordered[-1]
+    if not newest.up or not _valid_ratio(newest.utilization):
+        return None, 0.0
+    assert newest.utilization is not None
+    if newest.utilization >= threshold:
+        return 0.0, newest.utilization
+    run_start, peak = newest.timestamp, newest.utilization
+    for earlier, later in zip(reversed(ordered[:-1]), reversed(ordered[1:])):
+        if later.timestamp - earlier.timestamp > limit or not earlier.up or not _valid_ratio(earlier.utilization):
+            break
+        assert earlier.utilization is not None
+        if earlier.utilization >= threshold:
+            break
+        run_start, peak = earlier.timestamp, max(peak, earlier.utilization)
+    return max(0.0, now - run_start), peak
+
+
+# --------------------------------------------------------------------------- blast radius
+
+
+def _guard_shared_targets(decisions: list[Decision]) -> list[Decision]:
+    """An evict-pod / stop-server ends every kernel in that pod or server: all of them must be reclaimable."""
+    out = []
+    for d in decisions:
+        if d.verdict is Verdict.RECLAIM and d.action in (ActionKind.EVICT_POD, ActionKind.STOP_SERVER):
+            blocker = next(
+                (o for o in decisions if o is not d and o.verdict is not Verdict.RECLAIM and _shares_target(d, o)),
+                None,
+            )
+            if blocker is not None:
+                d = replace(
+                    d,
+                    verdict=Verdict.KEEP,
+                    eta_seconds=None,
+                    reason=f"{d.action.value} would also end {blocker.candidate.key} "
+                    f"({blocker.verdict.value}: {blocker.reason})",
+                )
+        out.append(d)
+    return out
+
+
+def _shares_target(d: Decision, other: Decision) -> bool:
+    """Whether carrying out ``d`` would also end ``other``'s candidate."""
+    mine, theirs = d.candidate, other.candidate
+    if mine.pod is not None and theirs.pod is not None and mine.pod.uid == theirs.pod.uid:
+        return True
+    return d.action is ActionKind.STOP_SERVER and _server_key(mine) is not None and _server_key(mine) == _server_key(
+        theirs
+    )
+
+
+def _apply_cooldown(decisions: list[Decision], state: PolicyState, settings: Settings, now: float) -> list[Decision]:
+    """A reclaim on a key (or its pod) acted upon less than ``limits.cooldown`` ago becomes a warn."""
+    cooldown = settings.limits.cooldown
+    out = []
+    for d in decisions:
+        if d.verdict is Verdict.RECLAIM:
+            keys = [d.candidate.key] + ([f"pod:{d.candidate.pod.uid}"] if d.candidate.pod is not None else [])
+            acted = [state.last_action_at[k] for k in keys if k in state.last_action_at]
+            if acted and now - max(acted) < cooldown:
+                ago = now - max(acted)
+                d = replace(
+                    d,
+                    verdict=Verdict.WARN,
+                    eta_seconds=max(0.0, cooldown - ago),
+                    reason=f"cooldown: acted {_dur(ago)} ago; {d.reason}",
+                )
+        out.append(d)
+    return out
+
+
+def _one_action_per_target(decisions: list[Decision], settings: Settings) -> list[Decision]:
+    """Two kernels of one pod planning the same evict-pod / stop-server need a single action (the first key's)."""
+    first_by_target: dict[tuple[ActionKind, str], Decision] = {}
+    out = []
+    for d in decisions:
+        target = _target(d)
+        if d.verdict is Verdict.RECLAIM and target is not None:
+            first = first_by_target.setdefault((d.action, target), d)
+            if first is not d:
+                d = replace(
+                    d,
+                    verdict=Verdict.WARN,
+                    eta_seconds=settings.decide_interval,
+                    reason=f"covered by the {d.action.value} planned for {first.candidate.key}; {d.reason}",
+                )
+        out.append(d)
+    return out
+
+
+def _apply_circuit_breaker(decisions: list[Decision], total: int, settings: Settings) -> list[Decision]:
+    """When more than ``max_fraction_per_cycle`` of all candidates (and more than ``breaker_min_reclaims``) would be
+    reclaimed, reclaim none of them."""
+    reclaims = sum(d.verdict is Verdict.RECLAIM for d in decisions)
+    if reclaims <= settings.limits.breaker_min_reclaims:
+        return decisions
+    # Rounding keeps 0.3 x 10 at 3, not 3.0000000000000004 or 2.9999999999999996.
+    if reclaims <= round(settings.limits.max_fraction_per_cycle * total, 9):
+        return decisions
+    note = (
+        f"circuit breaker: {reclaims} of {total} would be reclaimed "
+        f"(max_fraction_per_cycle={settings.limits.max_fraction_per_cycle:g})"
+    )
+    return [_demote(d, note, settings) if d.verdict is Verdict.RECLAIM else d for d in decisions]
+
+
+def _apply_rate_limit(decisions: list[Decision], sampler: SamplerSnapshot, settings: Settings) -> list[Decision]:
+    """Keep the ``max_actions_per_cycle`` most wasteful reclaims (GPU memory x idle seconds, ties by key)."""
+    limit = settings.limits.max_actions_per_cycle
+    reclaims = [d for d in decisions if d.verdict is Verdict.RECLAIM]
+    if len(reclaims) <= limit:
+        return decisions
+    ranked = sorted(reclaims, key=lambda d: (-_waste(d, sampler), d.candidate.key))
+    kept = {id(d) for d in ranked[:limit]}
+    note = f"rate limit: max_actions_per_cycle={limit}"
+    return [_demote(d, note, settings) if d.verdict is Verdict.RECLAIM and id(d) not in kept else d for d in decisions]
+
+
+def _demote(d: Decision, note: str, settings: Settings) -> Decision:
+    return replace(d, verdict=Verdict.WARN, eta_seconds=settings.decide_interval, reason=f"{note}; {d.reason}")
+
+
+def _waste(d: Decision, sampler: SamplerSnapshot) -> float:
+    """Held GPU bytes x idle seconds: kernels hold their processes' memory, bare pods their whole GPUs."""
+    c = d.candidate
+    if c.kernel_id is not None:
+        held = sum(p.used_memory_bytes or 0 for p in c.processes)
+    else:
+        totals = {dev.uuid: dev.memory_total_bytes for dev in sampler.devices}
+        held = 0
+        for uuid in _held_gpus(c):
+            newest = sampler.latest(uuid)
+            held += totals.get(uuid) or (newest.memory_total_bytes if newest else None) or 0
+    return float(held) * (d.idle_seconds or 0.0)
+
+
+def _target(d: Decision) -> str | None:
+    """What the action ends: the kernel, the pod or the user's server."""
+    c = d.candidate
+    if d.action is ActionKind.SHUTDOWN_KERNEL:
+        return c.key
+    if d.action is ActionKind.EVICT_POD and c.pod is not None:
+        return f"pod:{c.pod.uid}"
+    if d.action is ActionKind.STOP_SERVER:
+        return _server_key(c)
+    return None
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _held_gpus(c: Candidate) -> tuple[str, ...]:
+    """Every GPU the candidate holds: its own list plus the GPU of each of its processes."""
+    return tuple(sorted(set(c.gpu_uuids) | {p.gpu_uuid for p in c.processes}))
+
+
+def _users(c: Candidate) -> tuple[str, ...]:
+    found = {c.user, c.pod.user if c.pod else None, c.server.user if c.server else None}
+    return tuple(sorted(u for u in found if u))
+
+
+def _gateway(c: Candidate) -> str | None:
+    return c.gateway or (c.activity.gateway if c.activity else None)
+
+
+def _server_key(c: Candidate) -> str | None:
+    if c.server is not None:
+        return f"server:{c.server.user}/{c.server.server_name}"
+    users = _users(c)
+    return f"server:{users[0]}/" if users else None
+
+
+def _gpu_label(uuid: str, sampler: SamplerSnapshot) -> str:
+    for device in sampler.devices:
+        if device.uuid == uuid:
+            return f"GPU {device.index}"
+    newest = sampler.latest(uuid)
+    return f"GPU {newest.index}" if newest is not None else uuid
+
+
+def _pod_name(pod: PodInfo | None) -> str:
+    return f"pod {pod.namespace}/{pod.name}" if pod is not None else "an unknown pod"
+
+
+def _valid_ratio(value: float | None) -> bool:
+    return value is not None and not isinstance(value, bool) and math.isfinite(value) and 0.0 <= value <= 1.0
+
+
+def _error_code(errors: Sequence[str], about: str) -> str:
+    """The NVML return code ("NOT_SUPPORTED") of the error about ``about``, else of the first error."""
+    chosen = next((e for e in errors if about and about in e.lower()), errors[0] if errors else None)
+    if chosen is None:
+        return "no value"
+    return _scrub(chosen.rpartition(":")[2] or chosen)
+
+
+def _utc(moment: datetime) -> datetime:
+    """Naive datetimes are UTC (DESIGN: last_activity parsing)."""
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
+def _clock(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%H:%M:%S UTC")
+
+
+def _dur(seconds: float) -> str:
+    return format_duration(seconds) if math.isfinite(seconds) else "an unknown time"
+
+
+def _pct(ratio: float) -> str:
+    return f"{round(ratio * 100)}%"
+
+
+def _quote(value: object) -> str:
+    return repr(_scrub(str(value)))
+
+
+def _scrub(text: str) -> str:
+    """Foreign text made fit for a reason: one line, bounded, anything token-like redacted."""
+    text = _SECRET_ASSIGNMENT.sub(lambda m: f"{m.group(1)}=<redacted>", text)
+    text = _SECRET_AFTER_SCHEME.sub(lambda m: f"{m.group(1)} <redacted>", text)
+    text = " ".join(text.split())
+    return text if len(text) <= _TEXT_LIMIT else text[: _TEXT_LIMIT - 1] + "…"

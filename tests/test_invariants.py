@@ -1,0 +1,669 @@
+"""DESIGN.md "Decision rules": one named test per policy invariant (1-4, 6, 9), then Hypothesis properties.
+
+Invariants 5, 7 and 8 are the executor's (tested with it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
+
+from reclaimer.config import Settings
+from reclaimer.model import ActionKind, Candidate, Decision, PolicyState, SamplerSnapshot, Verdict
+from reclaimer.policy import IDLE_AFTER_ANNOTATION, decide, recheck
+from tests.support.policy_fixtures import (
+    GIB,
+    INTERVAL,
+    KID,
+    KID2,
+    NOW,
+    POD_UID,
+    STARTED,
+    UUID0,
+    UUID1,
+    activity,
+    device,
+    kernel,
+    kernel_uuid,
+    make_settings,
+    pod,
+    pod_candidate,
+    pod_uid,
+    policy,
+    process,
+    series,
+    snapshot,
+)
+
+NO_LIMITS = {"max_actions_per_cycle": 100, "cooldown": "10m", "max_fraction_per_cycle": 1.0, "breaker_min_reclaims": 0}
+ERR_UTIL = ("nvmlDeviceGetUtilizationRates:NOT_SUPPORTED",)
+
+
+def decide_one(c: Candidate, snap: SamplerSnapshot | None = None, settings: Settings | None = None) -> Decision:
+    [d] = decide([c], snap or snapshot(), settings or make_settings(limits=NO_LIMITS), NOW, PolicyState())
+    return d
+
+
+def assert_no_action(d: Decision) -> None:
+    assert d.verdict is not Verdict.RECLAIM
+    assert d.eta_seconds != 0.0
+
+
+def test_control_the_default_world_is_reclaimable() -> None:
+    """Every invariant test below changes one thing in this world; this proves the change is what stops reclaim."""
+    d = decide_one(kernel())
+    assert (d.verdict, d.action, d.eta_seconds) == (Verdict.RECLAIM, ActionKind.SHUTDOWN_KERNEL, 0.0)
+
+
+# --------------------------------------------------------------------------- 1. unknown is never idle
+
+
+def _without(samples: Any, lo: float, hi: float) -> Any:
+    return tuple(s for s in samples if not lo < s.timestamp < hi)
+
+
+@pytest.mark.parametrize(
+    "candidate, snap, reason",
+    [
+        pytest.param(
+            kernel(act=activity(error="HTTP 500 Internal Server Error")),
+            None,
+            "gateway eg error: HTTP 500 Internal Server Error",
+            id="gateway-error",
+        ),
+        pytest.param(
+            kernel(act=activity(error="timeout after 5s")), None, "gateway eg error: timeout after 5s", id="timeout"
+        ),
+        pytest.param(
+            kernel(act=activity(error="HTTP 403 Forbidden")),
+            None,
+            "gateway eg error: HTTP 403 Forbidden",
+            id="http-403",
+        ),
+        pytest.param(
+            kernel(act=activity(error="bad JSON: Expecting value: line 1 column 1 (char 0)")),
+            None,
+            "gateway eg error: bad JSON: Expecting value: line 1 column 1 (char 0)",
+            id="bad-json",
+        ),
+        pytest.param(kernel(act=None), None, "kernel activity unknown (no answer from the gateway)", id="no-answer"),
+        pytest.param(
+            kernel(act=activity(observed_at=NOW - 3600)),
+            None,
+            "kernel activity stale (observed 1h ago)",
+            id="stale-view",
+        ),
+        pytest.param(
+            kernel(),
+            snapshot(series(patch={NOW: {"utilization": None, "errors": ERR_UTIL}})),
+            "GPU 0 utilisation unknown (NOT_SUPPORTED)",
+            id="nvml-not-supported",
+        ),
+        pytest.param(
+            kernel(),
+            snapshot(series(util=None, patch={NOW: {"errors": ERR_UTIL}})),
+            "GPU 0 utilisation unknown (NOT_SUPPORTED)",
+            id="mig-utilisation-never-known",
+        ),
+        pytest.param(
+            kernel(),
+            snapshot(series(patch={NOW - 600: {"utilization": None}})),
+            "GPU 0 utilisation unknown (no value) at 22:03:20 UTC",
+            id="unknown-blip-inside-window",
+        ),
+        pytest.param(
+            kernel(),
+            snapshot(
+                series(patch={NOW: {"memory_used_bytes": None, "errors": ("nvmlDeviceGetMemoryInfo:NOT_AVAILABLE",)}})
+            ),
+            "GPU 0 memory unknown (NOT_AVAILABLE)",
+            id="not-available-gpu-memory",
+        ),
+        pytest.param(
+            kernel(processes=(process(memory=None),)),
+            None,
+            "process 4242 GPU memory unknown (NOT_AVAILABLE)",
+            id="not-available-process-memory",
+        ),
+        pytest.param(
+            kernel(),
+            snapshot(series(patch={NOW: {"processes": None}})),
+            "GPU 0 process list unknown (no value)",
+            id="process-list-unknown",
+        ),
+        pytest.param(
+            kernel(),
+            snapshot(series(patch={NOW - 300: {"up": False, "errors": ("nvmlDeviceGetHandleByIndex:GPU_IS_LOST",)}})),
+            "GPU 0 down (GPU_IS_LOST) at 22:08:20 UTC",
+            id="gpu-lost-inside-window",
+        ),
+        pytest.param(
+            kernel(),
+            snapshot(series(end=NOW - 60), series(UUID1, 1)),
+            "GPU 0 samples stale: last one 1m ago",
+            id="stale-sample",
+        ),
+        pytest.param(
+            kernel(), snapshot(last_sample_at=NOW - 30), "sampler stale: last sample 30s ago", id="stale-sampler"
+        ),
+        pytest.param(
+            kernel(),
+            snapshot(_without(series(), NOW - 900, NOW - 800)),
+            "GPU 0 has no samples for 1m40s before 22:00:00 UTC",
+            id="gap-in-series",
+        ),
+        pytest.param(kernel(), snapshot(series(UUID1, 1)), f"{UUID0} not in the sampler snapshot", id="gpu-unseen"),
+        pytest.param(
+            kernel(),
+            snapshot(series(UUID1, 1), devices=[device(), device(UUID1, 1)]),
+            "GPU 0 has no samples",
+            id="device-without-samples",
+        ),
+        pytest.param(kernel(act=activity(state=None)), None, "kernel execution_state unknown", id="no-execution-state"),
+        pytest.param(kernel(act=activity(idle_for=None)), None, "kernel last_activity unknown", id="no-last-activity"),
+        pytest.param(
+            kernel(act=dataclasses.replace(activity(), last_activity="2023-11-14T20:00:00Z")),  # type: ignore[arg-type]
+            None,
+            "kernel last_activity unparsable ('2023-11-14T20:00:00Z')",
+            id="last-activity-not-parsed",
+        ),
+    ],
+)
+def test_invariant_1_unknown_is_never_idle(candidate: Candidate, snap: SamplerSnapshot | None, reason: str) -> None:
+    d = decide_one(candidate, snap)
+    assert (d.verdict, d.action, d.idle_seconds, d.eta_seconds) == (Verdict.UNKNOWN, ActionKind.NONE, None, None)
+    assert d.reason == reason
+
+
+# --------------------------------------------------------------------------- 2. both idle for the whole window
+
+
+@pytest.mark.parametrize(
+    "candidate, snap",
+    [
+        pytest.param(
+            kernel(), snapshot(series(patch={NOW - 1795: {"utilization": 0.5}})), id="gpu-busy-at-window-start"
+        ),
+        pytest.param(kernel(), snapshot(series(patch={NOW: {"utilization": 0.5}})), id="gpu-busy-newest-sample"),
+        pytest.param(kernel(), snapshot(series(patch={NOW - 900: {"utilization": 0.05}})), id="gpu-at-threshold-once"),
+        pytest.param(
+            kernel(gpus=(UUID0, UUID1)),
+            snapshot(series(), series(UUID1, 1, patch={NOW - 900: {"utilization": 0.2}})),
+            id="second-gpu-busy-once",
+        ),
+        pytest.param(kernel(processes=(process(sm=0.2),)), None, id="process-sm-busy"),
+        pytest.param(kernel(act=activity(idle_for=1799)), None, id="kernel-active-inside-window"),
+        pytest.param(kernel(act=activity(state="busy")), None, id="kernel-busy"),
+        pytest.param(kernel(act=activity(state="starting")), None, id="kernel-starting"),
+        pytest.param(kernel(act=activity(state="idle ")), None, id="idle-must-be-exact"),
+        pytest.param(
+            kernel(), snapshot(series(start=NOW - 1799), started_at=NOW - 1799), id="daemon-restarted-inside-window"
+        ),
+        pytest.param(kernel(), snapshot(series(start=NOW - 1700)), id="samples-do-not-cover-window"),
+        pytest.param(kernel(), snapshot(series(start=STARTED - 7200), started_at=NOW - 600), id="old-samples-ignored"),
+    ],
+)
+def test_invariant_2_reclaim_needs_gpu_and_kernel_idle_for_whole_window(
+    candidate: Candidate, snap: SamplerSnapshot | None
+) -> None:
+    assert_no_action(decide_one(candidate, snap))
+
+
+def test_invariant_2_reclaim_needs_gpu_and_kernel_idle_for_whole_window_exact_boundary() -> None:
+    """Idle for exactly idle_after since a restart: the window is covered, the kernel is reclaimable."""
+    d = decide_one(kernel(act=activity(idle_for=1800)), snapshot(series(start=NOW - 1800), started_at=NOW - 1800))
+    assert (d.verdict, d.idle_seconds) == (Verdict.RECLAIM, 1800.0)
+
+
+@pytest.mark.parametrize(
+    "fresh, snap",
+    [
+        pytest.param(activity(state="busy"), snapshot(), id="kernel-busy-at-recheck"),
+        pytest.param(activity(idle_for=3), snapshot(), id="kernel-used-at-recheck"),
+        pytest.param(activity(), snapshot(series(patch={NOW: {"utilization": 0.7}})), id="gpu-busy-at-recheck"),
+        pytest.param(activity(error="timeout after 5s"), snapshot(), id="gateway-timeout-at-recheck"),
+        pytest.param(None, snapshot(), id="no-fresh-view"),
+    ],
+)
+def test_invariant_2_reclaim_needs_gpu_and_kernel_idle_for_whole_window_recheck(fresh: Any, snap: Any) -> None:
+    planned = decide_one(kernel())
+    assert planned.verdict is Verdict.RECLAIM
+    assert_no_action(recheck(planned, fresh, snap, make_settings(limits=NO_LIMITS), NOW))
+
+
+# --------------------------------------------------------------------------- 3. identity binds
+
+
+def test_invariant_3_identity_binds() -> None:
+    """Decisions carry the very candidate they were made for: pod uid, kernel id, (pid, starttime) untouched."""
+    cands = [kernel(KID), kernel(KID2, gpus=(UUID1,), pod_info=pod("nb-2", uid=pod_uid(2))), pod_candidate()]
+    cands[2] = dataclasses.replace(cands[2], key=f"pod:{pod_uid(3)}", pod=pod("nb-3", uid=pod_uid(3)))
+    settings = make_settings(limits={"max_actions_per_cycle": 1, "max_fraction_per_cycle": 1.0})
+    decisions = decide(cands, snapshot(series(), series(UUID1, 1)), settings, NOW, PolicyState())
+    by_key = {d.candidate.key: d for d in decisions}
+    assert sorted(by_key) == sorted(c.key for c in cands)
+    for c in cands:
+        assert by_key[c.key].candidate is c
+    [planned] = [d for d in decisions if d.verdict is Verdict.RECLAIM]  # max_actions_per_cycle=1
+    again = recheck(planned, activity(planned.candidate.kernel_id, state="busy"), snapshot(), settings, NOW)
+    before, after = planned.candidate, again.candidate
+    assert (after.key, after.kernel_id, after.pod, after.node) == (
+        before.key, before.kernel_id, before.pod, before.node
+    )
+    assert [(p.pid, p.starttime) for p in after.processes] == [(p.pid, p.starttime) for p in before.processes]
+
+
+@pytest.mark.parametrize(
+    "candidate, reason",
+    [
+        pytest.param(kernel(act=activity(KID2)), f"gateway answered for kernel {KID2}, not {KID}", id="other-kernel"),
+        pytest.param(
+            kernel(processes=(process(kernel_id=KID2),)),
+            f"process 4242 belongs to kernel {KID2}",
+            id="other-kernel-pid",
+        ),
+        pytest.param(
+            kernel(processes=(process(pod_uid=pod_uid(9)),)),
+            f"process 4242 runs in pod {pod_uid(9)}, not {POD_UID}",
+            id="other-pod",
+        ),
+        pytest.param(
+            kernel(pod_info=pod(node_name="gpu-node-2")),
+            "pod team-a/jupyter-alice runs on node gpu-node-2, not gpu-node-1",
+            id="other-node",
+        ),
+        pytest.param(
+            kernel(processes=(process(starttime=None),)), "process 4242 start time unknown", id="no-starttime"
+        ),
+    ],
+)
+def test_invariant_3_identity_binds_mismatch_is_unknown(candidate: Candidate, reason: str) -> None:
+    d = decide_one(candidate)
+    assert (d.verdict, d.action) == (Verdict.UNKNOWN, ActionKind.NONE)
+    assert d.reason.startswith(reason)
+
+
+def test_invariant_3_identity_binds_recheck_with_another_kernels_view() -> None:
+    planned = decide_one(kernel())
+    again = recheck(planned, activity(KID2), snapshot(), make_settings(limits=NO_LIMITS), NOW)
+    assert (again.verdict, again.candidate.kernel_id) == (Verdict.UNKNOWN, KID)
+
+
+# --------------------------------------------------------------------------- 4. exemptions win and fail closed
+
+
+def _annotated(value: str) -> Candidate:
+    return kernel(pod_info=pod(annotations={"reclaimer.io/exempt": value}))
+
+
+@pytest.mark.parametrize(
+    "candidate, settings, reason",
+    [
+        pytest.param(_annotated("true"), None, "exempt: annotation reclaimer.io/exempt='true'", id="annotation-true"),
+        pytest.param(_annotated(""), None, "exempt: annotation reclaimer.io/exempt=''", id="annotation-empty"),
+        pytest.param(_annotated("yes"), None, "exempt: annotation reclaimer.io/exempt='yes'", id="annotation-yes"),
+        pytest.param(
+            _annotated("maybe"), None, "exempt: annotation reclaimer.io/exempt='maybe'", id="annotation-maybe"
+        ),
+        pytest.param(_annotated("no"), None, "exempt: annotation reclaimer.io/exempt='no'", id="annotation-no"),
+        pytest.param(_annotated("0"), None, "exempt: annotation reclaimer.io/exempt='0'", id="annotation-zero"),
+        pytest.param(
+            kernel(pod_info=pod(annotations={"example.com/keep": "x"})),
+            make_settings(exemptions={"annotation": "example.com/keep"}, limits=NO_LIMITS),
+            "exempt: annotation example.com/keep='x'",
+            id="configured-annotation",
+        ),
+        pytest.param(
+            kernel(pod_info=pod(namespace="kube-system")), None, "exempt: namespace kube-system", id="default-namespace"
+        ),
+        pytest.param(
+            kernel(),
+            make_settings(exemptions={"users": ["alice"]}, limits=NO_LIMITS),
+            "exempt: user alice",
+            id="user",
+        ),
+        pytest.param(
+            kernel(),
+            make_settings(exemptions={"kernel_names": ["python3"]}, limits=NO_LIMITS),
+            "exempt: kernel name python3",
+            id="kernel-name",
+        ),
+        pytest.param(
+            kernel(pod_info=pod(annotations={IDLE_AFTER_ANNOTATION: "soon"})),
+            None,
+            f"exempt: unparsable override {IDLE_AFTER_ANNOTATION}='soon' (use e.g. 2h, 90m)",
+            id="unparsable-override",
+        ),
+        pytest.param(
+            kernel(pod_info=pod(annotations={IDLE_AFTER_ANNOTATION: "0s"})),
+            None,
+            f"exempt: unparsable override {IDLE_AFTER_ANNOTATION}='0s' (use e.g. 2h, 90m)",
+            id="zero-override",
+        ),
+        pytest.param(
+            kernel(pod_info=pod(annotations={IDLE_AFTER_ANNOTATION: "-5m"})),
+            None,
+            f"exempt: unparsable override {IDLE_AFTER_ANNOTATION}='-5m' (use e.g. 2h, 90m)",
+            id="negative-override",
+        ),
+        pytest.param(
+            kernel(pod_info=pod(annotations={"reclaimer.io/exempt": "true"}), act=activity(error="HTTP 403")),
+            None,
+            "exempt: annotation reclaimer.io/exempt='true'",
+            id="wins-over-unknown",
+        ),
+        pytest.param(
+            kernel(pod_info=pod(namespace="kube-system")),
+            make_settings(policies=[policy("gold", match={"namespaces": ["team-a"]})]),
+            "exempt: namespace kube-system",
+            id="wins-before-policy-selection",
+        ),
+        pytest.param(
+            pod_candidate(pod(annotations={"reclaimer.io/exempt": "TRUE"})),
+            make_settings(policies=[policy("p", action="evict-pod")], limits=NO_LIMITS),
+            "exempt: annotation reclaimer.io/exempt='TRUE'",
+            id="pod-candidate",
+        ),
+    ],
+)
+def test_invariant_4_exemptions_win_and_fail_closed(
+    candidate: Candidate, settings: Settings | None, reason: str
+) -> None:
+    d = decide_one(candidate, settings=settings)
+    assert (d.verdict, d.action, d.reason, d.eta_seconds) == (Verdict.EXEMPT, ActionKind.NONE, reason, None)
+
+
+@pytest.mark.parametrize("value", ["false", "False", " FALSE\n"])
+def test_invariant_4_exemptions_win_and_fail_closed_only_false_opts_out(value: str) -> None:
+    assert decide_one(_annotated(value)).verdict is Verdict.RECLAIM
+
+
+def test_invariant_4_exemptions_win_and_fail_closed_pod_metadata_unknown() -> None:
+    """A process known to run in a pod whose metadata (annotations, namespace) is missing cannot be acted on."""
+    d = decide_one(kernel(pod_info=None, processes=(process(pod_uid=POD_UID),)))
+    assert (d.verdict, d.action) == (Verdict.UNKNOWN, ActionKind.NONE)
+    assert d.reason == f"pod {POD_UID} of process 4242 unknown (exemptions cannot be checked)"
+
+
+# --------------------------------------------------------------------------- 6. blast radius
+
+
+def _idle_kernels(n: int, memory: list[int] | None = None) -> list[Candidate]:
+    """n reclaimable kernels in their own pods; kernel i holds memory[i] bytes on GPU 0."""
+    out = []
+    for i in range(n):
+        kid, uid = kernel_uuid(i), pod_uid(i)
+        mem = memory[i] if memory else GIB
+        procs = (process(100 + i, UUID0, kernel_id=kid, pod_uid=uid, memory=mem),)
+        out.append(kernel(kid, act=activity(kid), pod_info=pod(f"nb-{i}", uid=uid), processes=procs))
+    return out
+
+
+def _limits(**limits: Any) -> Settings:
+    return make_settings(limits={**NO_LIMITS, **limits})
+
+
+def test_invariant_6_blast_radius_limit() -> None:
+    memory = [1 * GIB, 8 * GIB, 2 * GIB, 8 * GIB, 4 * GIB, 1 * GIB]
+    settings = _limits(max_actions_per_cycle=3)
+    decisions = decide(_idle_kernels(6, memory), snapshot(), settings, NOW, PolicyState())
+    reclaimed = {d.candidate.key for d in decisions if d.verdict is Verdict.RECLAIM}
+    assert reclaimed == {f"kernel:{kernel_uuid(i)}" for i in (1, 3, 4)}  # the most memory x idle time
+    for d in decisions:
+        if d.candidate.key not in reclaimed:
+            assert d.verdict is Verdict.WARN and d.eta_seconds == settings.decide_interval
+            assert d.reason.startswith("rate limit: max_actions_per_cycle=3; GPU 0 at 0% for 3h")
+
+
+def test_invariant_6_blast_radius_limit_ties_by_key_and_zero_means_none() -> None:
+    decisions = decide(_idle_kernels(4), snapshot(), _limits(max_actions_per_cycle=2), NOW, PolicyState())
+    assert [d.verdict for d in decisions] == [Verdict.RECLAIM] * 2 + [Verdict.WARN] * 2
+    decisions = decide(_idle_kernels(4), snapshot(), _limits(max_actions_per_cycle=0), NOW, PolicyState())
+    assert {d.verdict for d in decisions} == {Verdict.WARN}
+
+
+@pytest.mark.parametrize(
+    "last_action_at, verdict, reason_start, eta",
+    [
+        pytest.param({f"kernel:{KID}": NOW - 180}, Verdict.WARN, "cooldown: acted 3m ago; GPU 0", 420.0, id="3m-ago"),
+        pytest.param({f"pod:{POD_UID}": NOW - 540}, Verdict.WARN, "cooldown: acted 9m ago; GPU 0", 60.0, id="pod-9m"),
+        pytest.param({f"kernel:{KID}": NOW + 30}, Verdict.WARN, "cooldown: acted 0s ago", 630.0, id="clock-skew"),
+        pytest.param({f"kernel:{KID}": NOW - 600}, Verdict.RECLAIM, "GPU 0", 0.0, id="cooldown-over"),
+        pytest.param({f"kernel:{KID2}": NOW - 10}, Verdict.RECLAIM, "GPU 0", 0.0, id="other-key"),
+    ],
+)
+def test_invariant_6_blast_radius_cooldown(
+    last_action_at: dict[str, float], verdict: Verdict, reason_start: str, eta: float
+) -> None:
+    [d] = decide([kernel()], snapshot(), _limits(cooldown="10m"), NOW, PolicyState(last_action_at))
+    assert (d.verdict, d.eta_seconds) == (verdict, eta)
+    assert d.reason.startswith(reason_start)
+
+
+@pytest.mark.parametrize(
+    "idle, busy, reclaims",
+    [
+        pytest.param(1, 0, 1, id="1-of-1-below-floor-acts"),
+        pytest.param(2, 0, 2, id="2-of-2-at-floor-acts"),
+        pytest.param(3, 0, 0, id="3-of-3-above-floor-trips"),
+        pytest.param(3, 5, 3, id="3-of-8-under-fraction-acts"),
+        pytest.param(5, 3, 0, id="5-of-8-trips"),
+    ],
+)
+def test_invariant_6_blast_radius_breaker_floor_default(idle: int, busy: int, reclaims: int) -> None:
+    cands = _idle_kernels(idle + busy)
+    for i in range(idle, idle + busy):
+        cands[i] = dataclasses.replace(cands[i], activity=activity(kernel_uuid(i), state="busy"))
+    settings = make_settings(limits={"max_actions_per_cycle": 100, "cooldown": "10m"})  # defaults: 0.5, floor 2
+    decisions = decide(cands, snapshot(), settings, NOW, PolicyState())
+    assert sum(d.verdict is Verdict.RECLAIM for d in decisions) == reclaims
+
+
+@pytest.mark.parametrize(
+    "idle, busy, fraction, max_actions, reclaims, note",
+    [
+        pytest.param(3, 1, 0.5, 10, 0, "circuit breaker: 3 of 4 would be reclaimed", id="3-of-4-trips"),
+        pytest.param(2, 2, 0.5, 10, 2, None, id="2-of-4-acts"),
+        pytest.param(6, 4, 0.5, 2, 0, "circuit breaker: 6 of 10 would be reclaimed", id="breaker-before-rate-limit"),
+        pytest.param(3, 7, 0.3, 10, 3, None, id="fraction-float-rounding"),
+        pytest.param(1, 0, 0.5, 10, 0, "circuit breaker: 1 of 1 would be reclaimed", id="single-candidate-no-floor"),
+        pytest.param(1, 0, 1.0, 10, 1, None, id="single-candidate-fraction-1"),
+        pytest.param(1, 3, 0.0, 10, 0, "circuit breaker: 1 of 4 would be reclaimed", id="fraction-0-acts-on-nothing"),
+    ],
+)
+def test_invariant_6_blast_radius_breaker(
+    idle: int, busy: int, fraction: float, max_actions: int, reclaims: int, note: str | None
+) -> None:
+    cands = _idle_kernels(idle + busy)
+    for i in range(idle, idle + busy):
+        cands[i] = dataclasses.replace(cands[i], activity=activity(kernel_uuid(i), state="busy"))
+    settings = _limits(max_fraction_per_cycle=fraction, max_actions_per_cycle=max_actions)
+    decisions = decide(cands, snapshot(), settings, NOW, PolicyState())
+    assert sum(d.verdict is Verdict.RECLAIM for d in decisions) == reclaims
+    if note:
+        warned = [d for d in decisions if d.verdict is Verdict.WARN]
+        assert len(warned) == idle and all(d.reason.startswith(note) for d in warned)
+
+
+# --------------------------------------------------------------------------- 9. no secrets in reasons
+
+
+@pytest.mark.parametrize(
+    "error, secret",
+    [
+        pytest.param("401 on http://eg:8888/api/kernels?token=s3cr3tT0ken", "s3cr3tT0ken", id="query-token"),
+        pytest.param("rejected Authorization: token 0123456789abcdef0123456789abcdef", "0123456789abcdef", id="header"),
+        pytest.param("Bearer eyJhbGciOiJIUzI1NiJ9.e30.ZRrHA1JJJW8opsbCGfG_HACGpVUMN_a9IV7pAx_Zmeo", "eyJhbG", id="jwt"),
+        pytest.param("password: hunter2-hunter2", "hunter2", id="password"),
+    ],
+)
+def test_invariant_9_no_secrets_in_reasons(error: str, secret: str) -> None:
+    d = decide_one(kernel(act=activity(error=error)))
+    assert d.verdict is Verdict.UNKNOWN and secret not in d.reason and "<redacted>" in d.reason
+
+
+def test_invariant_9_no_secrets_in_reasons_foreign_text_is_bounded() -> None:
+    d = decide_one(kernel(act=activity(error="x" * 5000 + "\n" + "y" * 10)))
+    assert len(d.reason) < 200 and "\n" not in d.reason
+
+
+# --------------------------------------------------------------------------- Hypothesis properties
+
+H_INTERVAL = 10.0
+H_START = NOW - 400.0  # samples 40 intervals back; the window is 2m
+H_UUIDS = ("GPU-aaaaaaaa-0000-0000-0000-000000000000", "GPU-bbbbbbbb-0000-0000-0000-000000000000")
+H_POLICY = {"idle_after": "2m", "warn_before": "30s"}
+PROPERTY = hyp_settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _h_snapshot(patches: dict[str, dict[float, dict[str, Any]]] | None = None, drop: tuple[float, ...] = ()) -> Any:
+    all_series = []
+    for i, uuid in enumerate(H_UUIDS):
+        s = series(uuid, i, start=H_START, interval=H_INTERVAL, patch=(patches or {}).get(uuid))
+        all_series.append(tuple(x for x in s if x.timestamp not in drop))
+    return snapshot(*all_series, started_at=H_START, interval=H_INTERVAL, last_sample_at=NOW)
+
+
+@functools.lru_cache(maxsize=None)  # parsing YAML per example would dominate the run time
+def _h_settings(action: str = "shutdown-kernel", max_actions: int = 100, fraction: float = 1.0) -> Settings:
+    limits = {**NO_LIMITS, "max_actions_per_cycle": max_actions, "max_fraction_per_cycle": fraction, "cooldown": "1m"}
+    return make_settings(policies=[policy("p", action=action, **H_POLICY)], limits=limits)
+
+
+@functools.lru_cache(maxsize=None)
+def _h_busy_snapshot(busy_at: tuple[tuple[str, float], ...]) -> SamplerSnapshot:
+    return _h_snapshot({u: {t: {"utilization": 0.9}} for u, t in busy_at})
+
+
+def _h_kernel(i: int, *, gpus: tuple[str, ...], pod_index: int, act: Any = None, annotations: Any = None,
+              namespace: str = "team-a", memory: int = GIB) -> Candidate:
+    kid, uid = kernel_uuid(i), pod_uid(pod_index)
+    procs = tuple(process(1000 + 10 * i + k, u, kernel_id=kid, pod_uid=uid, memory=memory) for k, u in enumerate(gpus))
+    p = pod(f"nb-{pod_index}", namespace, uid=uid, annotations=annotations, user=f"user{pod_index}")
+    return kernel(kid, gpus=gpus, act=act or activity(kid, idle_for=300), pod_info=p, processes=procs, user=p.user)
+
+
+IN_WINDOW = st.integers(0, 12).map(lambda k: NOW - k * H_INTERVAL)  # sample times inside [now - 2m, now]
+SPOILERS = st.one_of(
+    st.tuples(st.just("sample"), IN_WINDOW, st.sampled_from([
+        {"utilization": None}, {"up": False}, {"memory_used_bytes": None}, {"processes": None},
+        {"utilization": float("nan")}, {"utilization": 1.5},
+    ])),
+    st.tuples(st.just("sample"), IN_WINDOW, st.floats(0.05, 1.0).map(lambda u: {"utilization": u})),
+    st.tuples(st.just("gap"), IN_WINDOW, st.just({})),
+    st.tuples(st.just("error"), st.text(max_size=30), st.just({})),
+    st.tuples(st.just("state"), st.text(max_size=12).filter(lambda s: s != "idle"), st.just({})),
+    st.tuples(st.just("recent"), st.floats(-60.0, 119.0), st.just({})),
+    st.tuples(st.just("exempt"), st.text(max_size=12).filter(lambda s: s.strip().lower() != "false"), st.just({})),
+    st.tuples(st.just("namespace"), st.just("kube-system"), st.just({})),
+)
+
+
+@PROPERTY
+@given(spoiler=SPOILERS, gpus=st.sampled_from([H_UUIDS[:1], H_UUIDS[1:], H_UUIDS]), action=st.sampled_from(
+    ["shutdown-kernel", "evict-pod", "stop-server"]))
+def test_property_unknown_error_busy_or_exempt_never_reclaims(spoiler: Any, gpus: Any, action: str) -> None:
+    kind, value, patch = spoiler
+    settings = _h_settings(action)
+    clean = _h_kernel(0, gpus=gpus, pod_index=0)
+    assert decide([clean], _h_busy_snapshot(()), settings, NOW, PolicyState())[0].verdict is Verdict.RECLAIM  # control
+    snap, cand = _h_busy_snapshot(()), clean
+    if kind == "sample":
+        snap = _h_snapshot({gpus[-1]: {value: patch}})
+    elif kind == "gap":
+        snap = _h_snapshot(drop=(value, value - H_INTERVAL, value - 2 * H_INTERVAL, value - 3 * H_INTERVAL))
+    elif kind == "error":
+        cand = dataclasses.replace(clean, activity=dataclasses.replace(clean.activity, error=value))
+    elif kind == "state":
+        cand = dataclasses.replace(clean, activity=dataclasses.replace(clean.activity, execution_state=value))
+    elif kind == "recent":
+        cand = _h_kernel(0, gpus=gpus, pod_index=0, act=activity(kernel_uuid(0), idle_for=value))
+    elif kind == "exempt":
+        cand = _h_kernel(0, gpus=gpus, pod_index=0, annotations={"reclaimer.io/exempt": value})
+    else:
+        cand = _h_kernel(0, gpus=gpus, pod_index=0, namespace=value)
+    others = [_h_kernel(i, gpus=gpus, pod_index=i) for i in range(1, 3)]
+    decisions = decide([cand, *others], snap, settings, NOW, PolicyState())
+    [mine] = [d for d in decisions if d.candidate.key == cand.key]
+    assert mine.verdict is not Verdict.RECLAIM
+
+
+World = tuple[list[Candidate], SamplerSnapshot, Settings, PolicyState]
+
+# One candidate's random facts, drawn as a single tuple (strategies built once: per-draw construction is slow).
+CANDIDATE_FACTS = st.tuples(
+    st.sampled_from([H_UUIDS[:1], H_UUIDS[1:], H_UUIDS]),  # GPUs held
+    st.integers(0, 4),  # pod index: kernels often share a pod
+    st.sampled_from([{}, {"reclaimer.io/exempt": "false"}, {"reclaimer.io/exempt": "yes"}]),
+    st.sampled_from(["team-a", "team-b", "kube-system"]),
+    st.sampled_from(["kernel", "kernel", "kernel", "pod"]),
+    st.sampled_from(["idle", "idle", "idle", "busy", "starting", None]),  # execution_state
+    st.sampled_from([30.0, 100.0, 150.0, 1000.0, None]),  # seconds since last_activity
+    st.sampled_from([None, None, None, "HTTP 403"]),  # gateway error
+    st.sampled_from([GIB, 2 * GIB, 8 * GIB]),
+    st.sampled_from([None, None, 10.0, 100.0]),  # acted upon this many seconds ago
+)
+
+
+def _build_world(
+    busy_at: tuple[float | None, ...], facts: list[Any], action: str, max_actions: int, fraction: float
+) -> World:
+    cands: list[Candidate] = []
+    acted: dict[str, float] = {}
+    for i, (gpus, pod_index, annotations, namespace, kind, state, idle_for, error, memory, ago) in enumerate(facts):
+        if kind == "pod":
+            p = pod(f"nb-{pod_index}", namespace, uid=pod_uid(100 + i), annotations=annotations)
+            cands.append(pod_candidate(p, gpus=gpus))
+        else:
+            act = activity(kernel_uuid(i), state=state, idle_for=idle_for, error=error)
+            cands.append(_h_kernel(i, gpus=gpus, pod_index=pod_index, act=act, annotations=annotations,
+                                   namespace=namespace, memory=memory))
+        if ago is not None:
+            acted[cands[-1].key] = NOW - ago
+    snap = _h_busy_snapshot(tuple((u, t) for u, t in zip(H_UUIDS, busy_at) if t is not None))
+    return cands, snap, _h_settings(action, max_actions, fraction), PolicyState(acted)
+
+
+# Random nodes: kernels and bare pods sharing GPUs and pods, in every state, under random limits.
+WORLDS = st.builds(
+    _build_world,
+    st.tuples(*[st.sampled_from([None, NOW, NOW - 50.0, NOW - 300.0])] * len(H_UUIDS)),
+    st.lists(CANDIDATE_FACTS, max_size=8),
+    st.sampled_from(["shutdown-kernel", "evict-pod", "stop-server", "none"]),
+    st.integers(0, 4),
+    st.sampled_from([0.0, 0.25, 0.3, 0.5, 0.7, 1.0]),
+)
+
+
+@PROPERTY
+@given(world=WORLDS, data=st.data())
+def test_property_deterministic_and_independent_of_candidate_order(world: Any, data: st.DataObject) -> None:
+    cands, snap, settings, state = world
+    first = decide(cands, snap, settings, NOW, state)
+    shuffled = data.draw(st.permutations(cands))
+    assert decide(shuffled, snap, settings, NOW, state) == first
+    assert decide(list(cands), snap, settings, NOW, state) == first
+    assert [d.candidate.key for d in first] == sorted(c.key for c in cands)
+
+
+@PROPERTY
+@given(world=WORLDS)
+def test_property_reclaims_within_rate_limit_and_breaker(world: Any) -> None:
+    cands, snap, settings, state = world
+    decisions = decide(cands, snap, settings, NOW, state)
+    reclaims = [d for d in decisions if d.verdict is Verdict.RECLAIM]
+    assert len(reclaims) <= settings.limits.max_actions_per_cycle
+    assert len(reclaims) <= round(settings.limits.max_fraction_per_cycle * len(cands), 9)
+    for d in reclaims:
+        c = d.candidate
+        assert d.eta_seconds == 0.0 and d.action is not ActionKind.NONE
+        if c.pod is not None:
+            assert c.pod.namespace != "kube-system"
+            assert c.pod.annotations.get("reclaimer.io/exempt", "false") == "false"
+        assert c.activity is None or (c.activity.error is None and c.activity.execution_state == "idle")
+        assert state.last_action_at.get(c.key, -math.inf) <= NOW - settings.limits.cooldown
