@@ -1,0 +1,264 @@
+"""Carry out a plan of decisions: record it (dry-run) or act on it (enforce).
+
+The policy always produces the same plan; which executor runs it is the only difference between the modes.
+DryRunExecutor makes zero mutating calls and zero Events. LiveExecutor re-checks right before acting, acts at most
+once per decision, never escalates within a cycle, never forces, and verifies that GPU memory was released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import structlog
+
+from reclaimer.config import format_duration
+from reclaimer.model import ActionKind, ActionResult, Decision, SamplerSnapshot, Verdict
+
+log = structlog.get_logger(__name__)
+
+EVENT_ACTIONS = {
+    ActionKind.SHUTDOWN_KERNEL: "ShutdownKernel",
+    ActionKind.STOP_SERVER: "StopServer",
+    ActionKind.EVICT_POD: "EvictPod",
+}
+RESULTS = ("success", "already-gone", "failed", "blocked", "skipped", "dry-run", "verified", "unverified")
+
+
+class KernelStopper(Protocol):
+    async def shutdown(self, kernel_id: str) -> tuple[str, str]: ...
+
+
+class ServerStopper(Protocol):
+    async def stop_server(self, user: str, server_name: str = "") -> tuple[str, str]: ...
+
+
+class PodEvicter(Protocol):
+    def evict(self, namespace: str, name: str, uid: str) -> Any: ...  # -> kube.EvictionResult
+
+    def create_event(self, pod: Any, *, reason: str, action: str, note: str, type: str = "Normal") -> bool: ...
+
+
+Recheck = Callable[[Decision], Awaitable[Decision]]
+
+
+def _context(d: Decision) -> dict[str, Any]:
+    c = d.candidate
+    return {
+        "key": c.key,
+        "kernel_id": c.kernel_id,
+        "gateway": c.gateway,
+        "namespace": c.pod.namespace if c.pod else None,
+        "pod": c.pod.name if c.pod else None,
+        "action": d.action.value,
+        "policy": d.policy,
+    }
+
+
+def held_memory(d: Decision) -> int:
+    return sum(p.used_memory_bytes or 0 for p in d.candidate.processes)
+
+
+class DryRunExecutor:
+    """Records what enforce would do. Makes no call to anything outside this process."""
+
+    mode = "dry-run"
+
+    def __init__(self) -> None:
+        self.records: list[ActionResult] = []
+
+    async def execute(self, plan: Sequence[Decision], recheck: Recheck | None = None) -> list[ActionResult]:
+        out: list[ActionResult] = []
+        for d in plan:
+            if d.verdict is Verdict.RECLAIM and d.action is not ActionKind.NONE:
+                log.info("reclaim", would=True, mode=self.mode, reason=d.reason, **_context(d))
+                out.append(ActionResult(d, "dry-run", "would act", mode=self.mode))
+            elif d.verdict is Verdict.WARN:
+                log.info("warn", would=True, mode=self.mode, reason=d.reason, eta_seconds=d.eta_seconds, **_context(d))
+        self.records.extend(out)
+        return out
+
+    def verify(self, sampler: SamplerSnapshot, now: float) -> list[ActionResult]:
+        return []
+
+
+@dataclass
+class _Pending:
+    """An action that succeeded; its GPU memory must disappear from the samples before ``deadline``."""
+
+    result: ActionResult
+    pids: frozenset[tuple[str, int]]  # (gpu uuid, pid) the candidate had
+    acted_at: float
+    deadline: float
+
+
+@dataclass
+class LiveExecutor:
+    """Acts for real. Every outcome is a bounded ``result`` label; failures are retried next cycle, never escalated."""
+
+    kernels: KernelStopper | None = None
+    servers: ServerStopper | None = None
+    kube: PodEvicter | None = None
+    clock: Callable[[], float] = field(default=lambda: __import__("time").time())
+    verify_within: float = 120.0
+    default_backoff: float = 300.0
+    mode: str = "enforce"
+    _warned: set[str] = field(default_factory=set)
+    _not_before: dict[str, float] = field(default_factory=dict)
+    _pending: list[_Pending] = field(default_factory=list)
+
+    async def execute(self, plan: Sequence[Decision], recheck: Recheck | None = None) -> list[ActionResult]:
+        now = self.clock()
+        out: list[ActionResult] = []
+        warning_keys = {d.candidate.key for d in plan if d.verdict in (Verdict.WARN, Verdict.RECLAIM)}
+        # A candidate that went back to work starts a new idle episode: it will be warned again.
+        self._warned &= warning_keys
+        for d in plan:
+            if d.verdict is Verdict.WARN:
+                await self._warn(d)
+            elif d.verdict is Verdict.RECLAIM and d.action is not ActionKind.NONE:
+                if self._not_before.get(d.candidate.key, 0.0) > now:
+                    left = self._not_before[d.candidate.key] - now
+                    out.append(self._record(d, "skipped", f"backing off for {format_duration(left)}"))
+                    continue
+                if d.candidate.key not in self._warned:
+                    # Warn before acting, even when the warning window was never observed (e.g. after a restart).
+                    await self._warn(d)
+                if recheck is not None:
+                    try:
+                        fresh = await recheck(d)
+                    except Exception as exc:  # unknown is never idle
+                        out.append(self._record(d, "skipped", f"re-check failed: {exc}"))
+                        continue
+                    if fresh.verdict is not Verdict.RECLAIM:
+                        out.append(self._record(d, "skipped", f"re-check: {fresh.reason}"))
+                        continue
+                out.append(await self._act(d))
+        return out
+
+    def _record(self, d: Decision, result: str, detail: str, reclaimed: int = 0) -> ActionResult:
+        r = ActionResult(d, result, detail, reclaimed, mode=self.mode)
+        level = "warning" if result in ("failed", "blocked", "unverified") else "info"
+        getattr(log, level)("action", result=result, detail=detail, would=False, mode=self.mode, **_context(d))
+        return r
+
+    async def _event(self, d: Decision, *, reason: str, action: str, note: str, type: str = "Normal") -> None:
+        pod = d.candidate.pod
+        if self.kube is None or pod is None:
+            return
+        try:
+            await asyncio.to_thread(self.kube.create_event, pod, reason=reason, action=action, note=note, type=type)
+        except Exception as exc:  # an Event failure never changes the action's outcome
+            log.warning("event failed", error=str(exc), **_context(d))
+
+    async def _warn(self, d: Decision) -> None:
+        if d.candidate.key in self._warned:
+            return
+        self._warned.add(d.candidate.key)
+        eta = format_duration(d.eta_seconds or 0)
+        log.info("warn", would=False, mode=self.mode, eta_seconds=d.eta_seconds, reason=d.reason, **_context(d))
+        await self._event(
+            d, reason="GPUIdleWarning", action="Warn", type="Warning",
+            note=f"GPU idle: {d.action.value} in {eta} unless the kernel becomes active. {d.reason}",
+        )
+
+    async def _act(self, d: Decision) -> ActionResult:
+        c = d.candidate
+        try:
+            if d.action is ActionKind.SHUTDOWN_KERNEL:
+                if self.kernels is None or c.kernel_id is None:
+                    return self._record(d, "skipped", "no gateway to shut the kernel down through")
+                result, detail = await self.kernels.shutdown(c.kernel_id)
+            elif d.action is ActionKind.STOP_SERVER:
+                user = (c.server.user if c.server else None) or c.user
+                if self.servers is None or not user:
+                    return self._record(d, "skipped", "no JupyterHub server known for this candidate")
+                result, detail = await self.servers.stop_server(user, c.server.server_name if c.server else "")
+            elif d.action is ActionKind.EVICT_POD:
+                if self.kube is None or c.pod is None:
+                    return self._record(d, "skipped", "no pod known for this candidate")
+                ev = await asyncio.to_thread(self.kube.evict, c.pod.namespace, c.pod.name, c.pod.uid)
+                result, detail = self._eviction_outcome(d, ev)
+            else:
+                return self._record(d, "skipped", f"unknown action {d.action.value}")
+        except Exception as exc:  # a crash in an adapter is a failed action, retried next cycle
+            result, detail = "failed", f"{type(exc).__name__}: {exc}"
+        if result == "failed":
+            await self._event(d, reason="GatewayError", action=EVENT_ACTIONS[d.action], type="Warning",
+                              note=f"{d.action.value} failed, retrying next cycle: {detail}"[:1024])
+            return self._record(d, "failed", detail)
+        if result in ("success", "already-gone"):
+            self._not_before.pop(c.key, None)
+            r = self._record(d, result, detail)
+            await self._event(d, reason="GPUIdle", action=EVENT_ACTIONS[d.action], note=d.reason)
+            pids = frozenset((p.gpu_uuid, p.pid) for p in c.processes)
+            if pids:
+                acted = self.clock()
+                self._pending.append(_Pending(r, pids, acted, acted + self.verify_within))
+            return r
+        return self._record(d, result, detail)
+
+    def _eviction_outcome(self, d: Decision, ev: Any) -> tuple[str, str]:
+        now = self.clock()
+        if ev.result in ("success", "already-gone"):
+            return ev.result, ev.detail
+        if ev.result == "blocked-pdb":
+            self._not_before[d.candidate.key] = now + (ev.retry_after or self.default_backoff)
+            asyncio.get_running_loop().create_task(
+                self._event(d, reason="EvictionBlockedByPDB", action="EvictPod", type="Warning",
+                            note=f"eviction blocked by a PodDisruptionBudget: {ev.detail}"[:1024])
+            )
+            return "blocked", ev.detail
+        if ev.result == "retry-after":
+            self._not_before[d.candidate.key] = now + (ev.retry_after or self.default_backoff)
+            return "blocked", ev.detail
+        # 500 (several PDBs), 403, 409 (pod replaced) and anything else: no action, and never a DELETE instead.
+        return "failed", f"{ev.result}: {ev.detail}"
+
+    def verify(self, sampler: SamplerSnapshot, now: float) -> list[ActionResult]:
+        """Check pending actions against the newest samples: memory released -> verified, deadline passed -> unverified."""
+        done: list[ActionResult] = []
+        still: list[_Pending] = []
+        latest = {uuid: sampler.latest(uuid) for uuid in {u for p in self._pending for u, _ in p.pids}}
+        for p in self._pending:
+            remaining = 0
+            known = True
+            for uuid, pid in p.pids:
+                s = latest.get(uuid)
+                if s is None or not s.up or s.processes is None or s.timestamp <= p.acted_at:
+                    known = False
+                    continue
+                remaining += sum(1 for ps in s.processes if ps.pid == pid)
+            if known and remaining == 0:
+                freed = held_memory(p.result.decision)
+                done.append(replace(p.result, result="verified", detail="GPU memory released", reclaimed_bytes=freed))
+                log.info("verified", reclaimed_bytes=freed, **_context(p.result.decision))
+            elif now > p.deadline:
+                done.append(replace(p.result, result="unverified",
+                                    detail=f"GPU memory still held {format_duration(self.verify_within)} after acting"))
+                log.warning("unverified", **_context(p.result.decision))
+            else:
+                still.append(p)
+        self._pending = still
+        return done
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+
+def executor_for(mode: str, **adapters: Any) -> DryRunExecutor | LiveExecutor:
+    """Dry-run gets no adapters at all: it cannot call anything even by mistake."""
+    if mode == "enforce":
+        return LiveExecutor(**adapters)
+    return DryRunExecutor()
+
+
+def results_by_label(results: Sequence[ActionResult]) -> Mapping[tuple[str, str, str], int]:
+    counts: dict[tuple[str, str, str], int] = {}
+    for r in results:
+        k = (r.decision.action.value, r.result, r.mode)
+        counts[k] = counts.get(k, 0) + 1
+    return counts

@@ -1,0 +1,514 @@
+"""Wire the pipeline together: sample -> attribute -> observe -> decide -> act -> export.
+
+The sampler runs in its own thread; everything else runs on one asyncio loop. Blocking calls (procfs, the
+kubernetes client, the kubelet socket) go through ``asyncio.to_thread`` with timeouts shorter than the decide
+interval, so one slow dependency never stalls the loop, the scrape or the other dependencies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import structlog
+
+from reclaimer import candidates as join_mod
+from reclaimer import policy
+from reclaimer.actions import DryRunExecutor, LiveExecutor, executor_for
+from reclaimer.attribution import Attributor
+from reclaimer.config import Settings, format_duration
+from reclaimer.errors import StartupError
+from reclaimer.model import (
+    ActionResult,
+    Candidate,
+    CycleSnapshot,
+    Decision,
+    KernelActivity,
+    PodGpuAllocation,
+    PodInfo,
+    PolicyState,
+    SamplerSnapshot,
+    ServerRef,
+    Verdict,
+)
+from reclaimer.sampler import GpuBackend, Sampler, open_backend
+
+log = structlog.get_logger(__name__)
+
+
+def create_guarded_task(coro: Coroutine[Any, Any, Any], name: str, tasks: set[asyncio.Task[Any]]) -> asyncio.Task[Any]:
+    """Start a background task whose failure is logged at once, not when (if ever) it is awaited."""
+    task = asyncio.get_running_loop().create_task(coro, name=name)
+    tasks.add(task)
+
+    def done(t: asyncio.Task[Any]) -> None:
+        tasks.discard(t)
+        if not t.cancelled() and t.exception() is not None:
+            log.error("background task failed", task=name, error=repr(t.exception()), exc_info=t.exception())
+
+    task.add_done_callback(done)
+    return task
+
+
+@dataclass
+class Adapters:
+    """The edges the daemon talks to; any of them may be missing (no Kubernetes, no hub, no gateways)."""
+
+    backend: GpuBackend
+    gateways: Any | None = None  # gateway.GatewayPool
+    hub: Any | None = None  # hub.HubClient
+    kube: Any | None = None  # kube.KubeClient
+    pods: Any | None = None  # kube.PodCache
+    pod_resources: Callable[[], Sequence[PodGpuAllocation]] | None = None
+
+
+@dataclass
+class Daemon:
+    settings: Settings
+    adapters: Adapters
+    clock: Callable[[], float] = time.time
+    executor: DryRunExecutor | LiveExecutor | None = None
+    sampler: Sampler | None = None
+    _snapshot: CycleSnapshot | None = None
+    _state: PolicyState = field(default_factory=PolicyState)
+    _attributor: Attributor | None = None
+    _last_cycle_at: float | None = None
+    _last_cycle_started: float | None = None
+    _cycles: int = 0
+    _stop: asyncio.Event | None = None
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    _kube_ok: bool | None = None
+    _podres_ok: bool | None = None
+    _hub_ok: bool | None = None
+    metrics: Any | None = None
+    on_cycle: Callable[[CycleSnapshot, Sequence[ActionResult]], None] | None = None
+
+    def __post_init__(self) -> None:
+        from reclaimer.metrics import Metrics
+
+        s = self.settings
+        self._attributor = Attributor(procfs_root=s.procfs_root)
+        if self.metrics is None:
+            self.metrics = Metrics(self.snapshot, nvml_error_counts=self.adapters.backend.error_counts)
+        if self.sampler is None:
+            self.sampler = Sampler(
+                self.adapters.backend,
+                interval=s.sample_interval,
+                window_seconds=s.longest_window,
+                clock=self.clock,
+                on_tick=self.metrics.sample_duration_seconds.observe,
+            )
+        if self.executor is None:
+            self.executor = executor_for(
+                s.mode,
+                kernels=self.adapters.gateways,
+                servers=self.adapters.hub,
+                kube=self.adapters.kube,
+                clock=self.clock,
+                verify_within=max(120.0, 4 * s.decide_interval),
+            )
+
+    # ------------------------------------------------------------------ DaemonView (server.py)
+
+    def snapshot(self) -> CycleSnapshot | None:
+        return self._snapshot
+
+    def health(self, now: float) -> tuple[bool, str]:
+        """Liveness: our own loops tick. Never depends on a gateway, the API server or the GPU."""
+        assert self.sampler is not None
+        if self.sampler.ticks > 0 and not self.sampler.alive and not self.sampler.stopping:
+            return False, "sampler thread stopped"
+        started = self._last_cycle_started
+        if started is not None and now - started > 10 * self.settings.decide_interval + 60:
+            return False, f"decide loop has not started a cycle for {format_duration(now - started)}"
+        return True, "ok"
+
+    def readiness(self, now: float) -> tuple[bool, dict[str, Any]]:
+        assert self.sampler is not None
+        snap = self._snapshot
+        gw = dict(snap.gateway_up) if snap else {}
+        details: dict[str, Any] = {
+            "sampler": "ok" if self.sampler.ticks > 0 and not self.sampler.wedged(now) else "waiting for samples",
+            "observation": "ok" if snap is not None and snap.observed_at is not None else "waiting for first cycle",
+            "gateways": {k: ("up" if v else "down" if v is False else "unknown") for k, v in gw.items()},
+            "kubernetes": "disabled" if self.adapters.pods is None else ("ok" if self._kube_ok else "unavailable"),
+            "pod_resources": "disabled" if self.adapters.pod_resources is None else (
+                "ok" if self._podres_ok else "unavailable"),
+            "cycles": self._cycles,
+        }
+        ready = details["sampler"] == "ok" and details["observation"] == "ok"
+        return ready, details
+
+    # ------------------------------------------------------------------ one cycle
+
+    async def _to_thread(self, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
+        return await asyncio.wait_for(asyncio.to_thread(fn, *args), timeout)
+
+    def _call_timeout(self) -> float:
+        return max(0.5, min(10.0, self.settings.decide_interval * 0.6))
+
+    async def _pods(self) -> tuple[dict[str, PodInfo], dict[str, str]]:
+        pods = self.adapters.pods
+        if pods is None:
+            return {}, {}
+        try:
+            await self._to_thread(pods.refresh_if_due, timeout=self._call_timeout())
+            self._kube_ok = bool(getattr(pods, "up", True))
+        except Exception as exc:
+            self._kube_ok = False
+            log.warning("pod list failed; using last known pods", error=str(exc))
+        return {p.uid: p for p in pods.pods()}, dict(pods.kernel_ids())
+
+    async def _allocations(self) -> list[PodGpuAllocation] | None:
+        if self.adapters.pod_resources is None:
+            return None
+        try:
+            out = await self._to_thread(self.adapters.pod_resources, timeout=self._call_timeout())
+            self._podres_ok = True
+            return list(out)
+        except Exception as exc:
+            self._podres_ok = False
+            log.warning("pod-resources unavailable", error=str(exc))
+            return None
+
+    async def _servers(self, wanted: bool) -> list[ServerRef]:
+        if self.adapters.hub is None or not wanted:
+            return []
+        try:
+            servers = await asyncio.wait_for(self.adapters.hub.list_servers(), self._call_timeout())
+            self._hub_ok = servers is not None
+            return list(servers or [])
+        except Exception as exc:
+            self._hub_ok = False
+            log.warning("hub unavailable", error=str(exc))
+            return []
+
+    async def _observe(self, kernel_ids: set[str]) -> dict[str, KernelActivity]:
+        if not kernel_ids:
+            return {}
+        now = self.clock()
+        if self.adapters.gateways is None:
+            return {k: KernelActivity(k, "", now, error="no gateway configured") for k in kernel_ids}
+        try:
+            return dict(await asyncio.wait_for(self.adapters.gateways.observe(sorted(kernel_ids)), self._call_timeout() + 1))
+        except Exception as exc:
+            log.warning("gateway observation failed", error=str(exc))
+            return {k: KernelActivity(k, "", now, error=f"observation failed: {exc}") for k in kernel_ids}
+
+    async def _hub_kernels(self, result: join_mod.JoinResult, activities: dict[str, KernelActivity]) -> bool:
+        """Kernels of JupyterHub single-user servers are observed through the hub when no gateway knows them."""
+        hub = self.adapters.hub
+        if hub is None:
+            return False
+        missing = [c for c in result.candidates
+                   if c.kernel_id and c.server and (activities.get(c.kernel_id) is None or activities[c.kernel_id].error)]
+        servers = {(c.server.user, c.server.server_name): c.server for c in missing if c.server}
+        changed = False
+        for server in servers.values():
+            try:
+                listed = await asyncio.wait_for(hub.server_kernels(server), self._call_timeout())
+            except Exception as exc:
+                log.warning("hub kernel listing failed", user=server.user, error=str(exc))
+                continue
+            for ka in listed or ():
+                if ka.kernel_id in activities and activities[ka.kernel_id].error:
+                    activities[ka.kernel_id] = ka
+                    changed = True
+        return changed
+
+    async def cycle(self) -> tuple[CycleSnapshot, list[ActionResult]]:
+        """One decide cycle over the samples held now. Never raises for a dependency's failure."""
+        assert self.sampler is not None and self._attributor is not None and self.executor is not None
+        s = self.settings
+        t0 = time.perf_counter()
+        now = self.clock()
+        self._last_cycle_started = now
+        samp = self.sampler.snapshot()
+        procs = [
+            (uuid, p)
+            for uuid, series in samp.samples.items()
+            if series and series[-1].up and series[-1].processes
+            for p in series[-1].processes
+        ]
+        (pods_by_uid, pod_kernel_ids), allocations = await asyncio.gather(self._pods(), self._allocations())
+        attributed = await self._to_thread(
+            lambda: self._attributor.attribute(procs, pod_kernel_ids=pod_kernel_ids), timeout=self._call_timeout()
+        )
+        kernel_ids = {p.kernel_id for p in attributed if p.kernel_id}
+        want_servers = any(pod.user for pod in pods_by_uid.values())
+        activities, servers = await asyncio.gather(self._observe(kernel_ids), self._servers(want_servers))
+        joined = join_mod.join(
+            node=s.node_name, processes=attributed, pods_by_uid=pods_by_uid,
+            allocations=allocations, activities=activities, servers=servers,
+            server_name_annotation=s.kubernetes.server_name_annotation,
+        )
+        if await self._hub_kernels(joined, activities):
+            joined = join_mod.join(
+                node=s.node_name, processes=attributed, pods_by_uid=pods_by_uid,
+                allocations=allocations, activities=activities, servers=servers,
+                server_name_annotation=s.kubernetes.server_name_annotation,
+            )
+        observed_at = self.clock()
+        decisions = policy.decide(joined.candidates, samp, s, now, self._state)
+        results = await self.executor.execute(decisions, recheck=self._recheck)
+        results += self.executor.verify(self.sampler.snapshot(), self.clock())
+        self._remember(results, now)
+        gpu_idle = self._gpu_idle(samp, decisions, now)
+        gw_up = self.adapters.gateways.gateway_up() if self.adapters.gateways is not None else {}
+        snap = CycleSnapshot(
+            node=s.node_name, mode=s.mode, generated_at=now, sampler=samp, decisions=tuple(decisions),
+            unattributed=joined.unattributed, gpu_idle_seconds=gpu_idle, gateway_up=gw_up, observed_at=observed_at,
+        )
+        self._account(snap, results)
+        self._snapshot = snap
+        self._cycles += 1
+        self._last_cycle_at = now
+        duration = time.perf_counter() - t0
+        self.metrics.decide_duration_seconds.observe(duration)
+        counts: dict[str, int] = {}
+        for d in decisions:
+            counts[d.verdict.value] = counts.get(d.verdict.value, 0) + 1
+        log.info(
+            "cycle", mode=s.mode, gpus=len(samp.devices), gpu_processes=len(procs), candidates=len(decisions),
+            unattributed=len(joined.unattributed), actions=len(results), duration_ms=round(duration * 1000, 1), **counts,
+        )
+        if self.on_cycle is not None:
+            self.on_cycle(snap, results)
+        return snap, results
+
+    async def _recheck(self, d: Decision) -> Decision:
+        """Right before acting: fresh gateway view and the newest samples must still say reclaim."""
+        assert self.sampler is not None
+        fresh: KernelActivity | None = None
+        if d.candidate.kernel_id is not None:
+            got = await self._observe({d.candidate.kernel_id})
+            fresh = got.get(d.candidate.kernel_id)
+            if (fresh is None or fresh.error) and d.candidate.server is not None and self.adapters.hub is not None:
+                listed = await asyncio.wait_for(self.adapters.hub.server_kernels(d.candidate.server), self._call_timeout())
+                fresh = next((k for k in listed or () if k.kernel_id == d.candidate.kernel_id), fresh)
+        return policy.recheck(d, fresh, self.sampler.snapshot(), self.settings, self.clock())
+
+    def _remember(self, results: Sequence[ActionResult], now: float) -> None:
+        acted = {r.decision.candidate.key for r in results if r.result in ("success", "already-gone", "blocked")}
+        if acted:
+            last = dict(self._state.last_action_at)
+            last.update({k: now for k in acted})
+            # Forget cooldowns that ended long ago so the state stays bounded.
+            horizon = now - 2 * self.settings.limits.cooldown
+            self._state = replace(self._state, last_action_at={k: v for k, v in last.items() if v >= horizon})
+
+    def _threshold(self, d: Decision) -> float:
+        for p in self.settings.policies:
+            if p.name == d.policy:
+                return p.gpu_idle_below
+        return self.settings.policies[-1].gpu_idle_below
+
+    def _gpu_idle(self, samp: SamplerSnapshot, decisions: Sequence[Decision], now: float) -> dict[str, float | None]:
+        holder_threshold: dict[str, float] = {}
+        for d in decisions:
+            for u in d.candidate.gpu_uuids:
+                holder_threshold[u] = min(holder_threshold.get(u, 1.0), self._threshold(d))
+        default = min(p.gpu_idle_below for p in self.settings.policies)
+        return {
+            dev.uuid: policy.gpu_idle_seconds(
+                samp.samples.get(dev.uuid, ()), holder_threshold.get(dev.uuid, default), now, samp.started_at,
+                samp.sample_interval,
+            )
+            for dev in samp.devices
+        }
+
+    def _account(self, snap: CycleSnapshot, results: Sequence[ActionResult]) -> None:
+        from reclaimer.report import held_idle_increments
+
+        prev = self._snapshot.generated_at if self._snapshot is not None else None
+        self.metrics.add_held_idle(held_idle_increments(prev, snap, self._threshold))
+        for r in results:
+            self.metrics.record_action(r)
+
+    # ------------------------------------------------------------------ loops
+
+    async def decide_loop(self) -> None:
+        """Cycles on a fixed grid (no drift); a cycle that overruns skips the missed slots."""
+        assert self._stop is not None
+        interval = self.settings.decide_interval
+        start = time.monotonic()
+        k = 0
+        while not self._stop.is_set():
+            try:
+                await self.cycle()
+            except Exception as exc:  # a bug in one cycle must not end the daemon
+                log.error("cycle failed", error=repr(exc), exc_info=exc)
+            k = max(k + 1, int((time.monotonic() - start) / interval) + 1)
+            delay = start + k * interval - time.monotonic()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), max(0.0, delay))
+
+    async def wait_first_samples(self, timeout: float) -> None:
+        assert self.sampler is not None
+        deadline = time.monotonic() + timeout
+        while self.sampler.ticks == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(min(0.05, self.settings.sample_interval))
+
+    async def run(self, *, once: bool = False, serve: bool = True) -> int:
+        from reclaimer.server import make_app, serve as serve_app
+
+        assert self.sampler is not None
+        self._stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self._stop.set)
+        self.sampler.start()
+        runner = None
+        try:
+            if serve:
+                host, port = self.settings.listen_host_port
+                runner = await serve_app(make_app(self, self.metrics), host, port)
+                log.info("serving", listen=self.settings.listen, endpoints="/metrics /healthz /readyz /report")
+            await self.wait_first_samples(timeout=max(5.0, 5 * self.settings.sample_interval))
+            if once:
+                await self.cycle()
+                return 0
+            create_guarded_task(self.decide_loop(), "decide-loop", self._tasks)
+            await self._stop.wait()
+            log.info("stopping", reason="signal")
+            return 0
+        finally:
+            await self.close(runner)
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    async def close(self, runner: Any = None) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=3)
+        if runner is not None:
+            await runner.cleanup()
+        assert self.sampler is not None
+        await asyncio.to_thread(self.sampler.stop, 2.0)
+        for closer in (self.adapters.gateways, self.adapters.hub):
+            if closer is not None and hasattr(closer, "close"):
+                with contextlib.suppress(Exception):
+                    await closer.close()
+        with contextlib.suppress(Exception):
+            self.adapters.backend.close()
+
+
+# ---------------------------------------------------------------------- building the adapters from Settings
+
+
+def build_adapters(settings: Settings, backend: GpuBackend | None = None) -> Adapters:
+    """Open every configured edge. A missing optional dependency (Kubernetes with enabled: auto) is logged, not fatal."""
+    from reclaimer.gateway import GatewayClient, GatewayPool
+
+    if backend is None:
+        backend = open_backend(settings.gpu)
+    adapters = Adapters(backend=backend)
+    if settings.gateways:
+        adapters.gateways = GatewayPool([GatewayClient(g) for g in settings.gateways])
+    if settings.hub is not None:
+        from reclaimer.hub import HubClient
+
+        adapters.hub = HubClient(settings.hub)
+    k = settings.kubernetes
+    if k.enabled is not False:
+        from reclaimer.kube import KubeClient, KubeUnavailable, PodCache
+
+        try:
+            adapters.kube = KubeClient.from_settings(k, node_name=settings.node_name)
+        except KubeUnavailable as exc:
+            if k.enabled is True:
+                raise StartupError(f"kubernetes.enabled is true but no cluster config was found: {exc}") from None
+            log.info("kubernetes not configured; running without pod metadata", cause=str(exc))
+        if adapters.kube is not None:
+            from reclaimer.podresources import list_gpu_allocations
+
+            adapters.pods = PodCache(adapters.kube, settings.node_name, k)
+            adapters.pod_resources = lambda: list_gpu_allocations(
+                k.pod_resources_socket, timeout=min(2.0, k.timeout), mig_parents=backend.mig_parents()
+            )
+    return adapters
+
+
+def _wire_metrics(daemon: Daemon) -> None:
+    gw = daemon.adapters.gateways
+    if gw is not None:
+        hist = daemon.metrics.gateway_request_duration_seconds
+        for client in getattr(gw, "clients", []):
+            client.on_request = lambda name, secs, _h=hist: _h.labels(gateway=name).observe(secs)
+
+
+def run_daemon(settings: Settings, once: bool = False) -> int:
+    """`reclaimer run`: the daemon until SIGTERM (or one full cycle with ``once``)."""
+    from reclaimer.logs import configure_logging, log_effective_config
+
+    configure_logging(settings.log_level)
+    log_effective_config(settings)
+    adapters = build_adapters(settings)
+    daemon = Daemon(settings, adapters)
+    _wire_metrics(daemon)
+
+    async def main() -> int:
+        return await daemon.run(once=once)
+
+    return asyncio.run(main())
+
+
+def run_report(settings: Settings, window: float, output: str, source_url: str | None) -> int:
+    """`reclaimer report`: from a running daemon's /report, or one-shot (sample for ``window``, observe, decide)."""
+    from reclaimer.logs import configure_logging
+    from reclaimer.report import build_report, render_json, render_table, report_from_json
+
+    configure_logging("warning", stream=sys.stderr)
+    if source_url:
+        report = report_from_json(asyncio.run(_fetch_report(source_url, timeout=10.0)))
+    else:
+        one_shot = settings.model_copy(update={"mode": settings.mode})
+        adapters = build_adapters(one_shot)
+        # The report never acts: it shows what the configured mode would do now.
+        daemon = Daemon(one_shot, adapters, executor=DryRunExecutor())
+        daemon.sampler = Sampler(adapters.backend, interval=settings.sample_interval,
+                                 window_seconds=max(window, settings.sample_interval) + settings.sample_interval)
+
+        async def main() -> CycleSnapshot:
+            assert daemon.sampler is not None
+            daemon.sampler.start()
+            try:
+                deadline = time.monotonic() + window
+                await daemon.wait_first_samples(timeout=max(5.0, 5 * settings.sample_interval))
+                while time.monotonic() < deadline:
+                    await asyncio.sleep(min(0.1, deadline - time.monotonic()) if deadline > time.monotonic() else 0)
+                snap, _ = await daemon.cycle()
+                return snap
+            finally:
+                await daemon.close()
+
+        report = build_report(asyncio.run(main()))
+    sys.stdout.write(render_json(report) if output == "json" else render_table(report))
+    sys.stdout.write("\n")
+    return 0
+
+
+async def _fetch_report(url: str, timeout: float) -> dict[str, Any]:
+    import aiohttp
+
+    from reclaimer.errors import ReclaimerError
+
+    target = url.rstrip("/") + "/report"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+            async with session.get(target, allow_redirects=False) as resp:
+                if resp.status != 200:
+                    raise ReclaimerError(f"{target} answered HTTP {resp.status}")
+                return await resp.json(content_type=None)
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        raise ReclaimerError(f"cannot read {target}: {exc or type(exc).__name__}") from None
