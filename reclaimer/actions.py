@@ -181,13 +181,17 @@ class LiveExecutor:
                     return self._record(d, "skipped", "no pod known for this candidate")
                 ev = await asyncio.to_thread(self.kube.evict, c.pod.namespace, c.pod.name, c.pod.uid)
                 result, detail = self._eviction_outcome(d, ev)
+                if ev.result == "blocked-pdb":
+                    await self._event(d, reason="EvictionBlockedByPDB", action="EvictPod", type="Warning",
+                                      note=f"eviction blocked by a PodDisruptionBudget: {ev.detail}"[:1024])
             else:
                 return self._record(d, "skipped", f"unknown action {d.action.value}")
         except Exception as exc:  # a crash in an adapter is a failed action, retried next cycle
             result, detail = "failed", f"{type(exc).__name__}: {exc}"
         if result == "failed":
-            await self._event(d, reason="GatewayError", action=EVENT_ACTIONS[d.action], type="Warning",
-                              note=f"{d.action.value} failed, retrying next cycle: {detail}"[:1024])
+            if d.action is not ActionKind.EVICT_POD:  # the gateway or hub failed; eviction failures are the API's
+                await self._event(d, reason="GatewayError", action=EVENT_ACTIONS[d.action], type="Warning",
+                                  note=f"{d.action.value} failed, retrying next cycle: {detail}"[:1024])
             return self._record(d, "failed", detail)
         if result in ("success", "already-gone"):
             self._not_before.pop(c.key, None)
@@ -206,10 +210,6 @@ class LiveExecutor:
             return ev.result, ev.detail
         if ev.result == "blocked-pdb":
             self._not_before[d.candidate.key] = now + (ev.retry_after or self.default_backoff)
-            asyncio.get_running_loop().create_task(
-                self._event(d, reason="EvictionBlockedByPDB", action="EvictPod", type="Warning",
-                            note=f"eviction blocked by a PodDisruptionBudget: {ev.detail}"[:1024])
-            )
             return "blocked", ev.detail
         if ev.result == "retry-after":
             self._not_before[d.candidate.key] = now + (ev.retry_after or self.default_backoff)

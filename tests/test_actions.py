@@ -1,0 +1,280 @@
+"""Executors: dry-run records only; live acts once, warns first, backs off, never forces, verifies the release.
+
+Evictions go through the real `kubernetes` client to the fake API server; kernel shutdowns through the real
+GatewayPool to an aiohttp gateway on loopback that answers as scripted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pytest
+from aiohttp import web
+
+from reclaimer.actions import DryRunExecutor, LiveExecutor, executor_for
+from reclaimer.config import GatewaySettings
+from reclaimer.gateway import GatewayClient, GatewayPool
+from reclaimer.model import (
+    ActionKind,
+    AttributedProcess,
+    Candidate,
+    Decision,
+    GpuSample,
+    PodInfo,
+    ProcessSample,
+    SamplerSnapshot,
+    Verdict,
+)
+from tests.support.fake_kube import FakeKube, Reply, forbidden, multiple_pdbs, not_found, pdb_blocked, retry_after, \
+    server_error
+
+KID = "0a1b2c3d-0000-4000-8000-000000000001"
+GIB = 1024**3
+
+
+class Clock:
+    def __init__(self, t: float = 1_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def kube() -> Iterator[FakeKube]:
+    with FakeKube() as api:
+        yield api
+
+
+def pod_decision(api: FakeKube, verdict: Verdict = Verdict.RECLAIM, uid: str | None = None) -> Decision:
+    pod_json = api.add_pod("nb-alice", namespace="team-a", node="node-1")
+    pod = PodInfo(uid=uid or pod_json["metadata"]["uid"], namespace="team-a", name="nb-alice", node_name="node-1")
+    cand = Candidate(key=f"pod:{pod.uid}", node="node-1", pod=pod, gpu_uuids=("GPU-0",), allocated=True)
+    return Decision(cand, verdict, ActionKind.EVICT_POD, "GPU 0 at 0% for 30m", policy="p", idle_seconds=1800,
+                    eta_seconds=0 if verdict is Verdict.RECLAIM else 120)
+
+
+def kernel_decision(pid: int = 4242, verdict: Verdict = Verdict.RECLAIM) -> Decision:
+    proc = AttributedProcess(pid=pid, starttime=7, gpu_uuid="GPU-0", used_memory_bytes=3 * GIB, sm_utilization=None,
+                             kernel_id=KID, kernel_pid=pid)
+    cand = Candidate(key=f"kernel:{KID}", node="node-1", kernel_id=KID, gateway="gw", gpu_uuids=("GPU-0",),
+                     processes=(proc,))
+    return Decision(cand, verdict, ActionKind.SHUTDOWN_KERNEL, "idle", policy="p", idle_seconds=1800, eta_seconds=0)
+
+
+async def still_reclaim(d: Decision) -> Decision:
+    return d
+
+
+# --------------------------------------------------------------------------- dry-run
+
+
+async def test_invariant_5_dry_run_makes_no_mutating_call_and_no_event(kube: FakeKube) -> None:
+    ex = executor_for("dry-run", kube=kube.kube_client())  # adapters are ignored in dry-run by construction
+    assert isinstance(ex, DryRunExecutor)
+    results = await ex.execute([pod_decision(kube), pod_decision(kube, Verdict.WARN)], recheck=still_reclaim)
+    assert [(r.result, r.mode) for r in results] == [("dry-run", "dry-run")]
+    assert [r for r in kube.requests if r.method != "GET"] == [] and kube.events == []
+
+
+# --------------------------------------------------------------------------- eviction paths
+
+
+@pytest.mark.parametrize(
+    "reply, result, events",
+    [
+        pytest.param(None, "success", [("GPUIdleWarning", "Warning"), ("GPUIdle", "Normal")], id="201"),
+        pytest.param(not_found("nb-alice"), "already-gone", [("GPUIdleWarning", "Warning"), ("GPUIdle", "Normal")],
+                     id="404"),
+        pytest.param(pdb_blocked(), "blocked", [("GPUIdleWarning", "Warning"), ("EvictionBlockedByPDB", "Warning")],
+                     id="429-pdb"),
+        pytest.param(retry_after(30), "blocked", [("GPUIdleWarning", "Warning")], id="429-retry-after"),
+        pytest.param(multiple_pdbs(), "failed", [("GPUIdleWarning", "Warning")], id="500-multiple-pdbs"),
+        pytest.param(forbidden("nb-alice"), "failed", [("GPUIdleWarning", "Warning")], id="403"),
+    ],
+)
+async def test_eviction_paths(kube: FakeKube, reply: Reply | None, result: str, events: list) -> None:
+    d = pod_decision(kube)
+    kube.eviction_response = reply
+    ex = LiveExecutor(kube=kube.kube_client(), clock=Clock())
+    (r,) = await ex.execute([d], recheck=still_reclaim)
+    assert (r.result, r.mode) == (result, "enforce")
+    (ev,) = kube.evictions
+    assert ev.body["deleteOptions"]["preconditions"]["uid"] == d.candidate.pod.uid
+    assert "gracePeriodSeconds" not in ev.body["deleteOptions"]  # invariant 7: no force
+    assert kube.deletes == []  # invariant 7: never a DELETE instead of an eviction
+    assert [(e["reason"], e["type"]) for e in kube.events] == events
+
+
+async def test_invariant_3_identity_binds_eviction_to_the_pod_uid(kube: FakeKube) -> None:
+    """A pod replaced under the same name (new uid) is not evicted: 409 from the uid precondition, no action."""
+    d = pod_decision(kube, uid="11111111-2222-4333-8444-555555555555")
+    ex = LiveExecutor(kube=kube.kube_client(), clock=Clock())
+    (r,) = await ex.execute([d], recheck=still_reclaim)
+    assert r.result == "failed" and "conflict" in r.detail
+    assert ("team-a", "nb-alice") in kube.pods and kube.deletes == []
+
+
+@pytest.mark.parametrize("reply", [pytest.param(pdb_blocked(), id="pdb"), pytest.param(retry_after(30), id="retry-after")])
+async def test_429_backs_off_and_retries_after(kube: FakeKube, reply: Reply) -> None:
+    d = pod_decision(kube)
+    kube.eviction_response = reply
+    clock = Clock()
+    ex = LiveExecutor(kube=kube.kube_client(), clock=clock, default_backoff=300)
+    await ex.execute([d], recheck=still_reclaim)
+    clock.t += 10
+    (again,) = await ex.execute([d], recheck=still_reclaim)
+    assert again.result == "skipped" and "backing off" in again.detail
+    assert len(kube.evictions) == 1
+    kube.eviction_response = None
+    clock.t += 301
+    (later,) = await ex.execute([d], recheck=still_reclaim)
+    assert later.result == "success" and len(kube.evictions) == 2
+
+
+async def test_failed_eviction_is_retried_next_cycle_never_escalated(kube: FakeKube) -> None:
+    d = pod_decision(kube)
+    kube.eviction_response = multiple_pdbs()
+    ex = LiveExecutor(kube=kube.kube_client(), clock=Clock())
+    (first,) = await ex.execute([d], recheck=still_reclaim)
+    assert first.result == "failed" and len(kube.evictions) == 1 and kube.deletes == []
+    kube.eviction_response = None
+    (second,) = await ex.execute([d], recheck=still_reclaim)
+    assert second.result == "success" and len(kube.evictions) == 2 and kube.deletes == []
+
+
+async def test_event_failure_never_changes_the_outcome(kube: FakeKube) -> None:
+    d = pod_decision(kube)
+    kube.event_response = Reply(500, {"kind": "Status", "code": 500, "message": "boom"})
+    (r,) = await LiveExecutor(kube=kube.kube_client(), clock=Clock()).execute([d], recheck=still_reclaim)
+    assert r.result == "success" and kube.events == []
+
+
+async def test_warning_event_once_per_idle_episode(kube: FakeKube) -> None:
+    d = pod_decision(kube, Verdict.WARN)
+    ex = LiveExecutor(kube=kube.kube_client(), clock=Clock())
+    for _ in range(3):
+        assert await ex.execute([d], recheck=still_reclaim) == []
+    assert [e["reason"] for e in kube.events] == ["GPUIdleWarning"]
+    await ex.execute([replace(d, verdict=Verdict.KEEP)], recheck=still_reclaim)  # back to work: episode over
+    await ex.execute([d], recheck=still_reclaim)
+    assert [e["reason"] for e in kube.events] == ["GPUIdleWarning", "GPUIdleWarning"]
+    assert kube.evictions == []
+
+
+async def test_recheck_that_no_longer_says_reclaim_skips_the_action(kube: FakeKube) -> None:
+    d = pod_decision(kube)
+
+    async def now_busy(dec: Decision) -> Decision:
+        return replace(dec, verdict=Verdict.KEEP, reason="kernel busy")
+
+    async def broken(dec: Decision) -> Decision:
+        raise TimeoutError("gateway timed out")
+
+    ex = LiveExecutor(kube=kube.kube_client(), clock=Clock())
+    (r,) = await ex.execute([d], recheck=now_busy)
+    assert r.result == "skipped" and "kernel busy" in r.detail
+    (r2,) = await ex.execute([d], recheck=broken)
+    assert r2.result == "skipped" and "re-check failed" in r2.detail
+    assert kube.evictions == []
+
+
+# --------------------------------------------------------------------------- kernel shutdown through a gateway
+
+
+class ScriptedGateway:
+    def __init__(self) -> None:
+        self.status = 204
+        self.deletes = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+
+        async def get_kernel(request: web.Request) -> web.Response:
+            return web.json_response({"id": request.match_info["id"], "name": "python3",
+                                      "last_activity": "2026-01-01T00:00:00Z", "execution_state": "idle",
+                                      "connections": 0})
+
+        async def delete_kernel(request: web.Request) -> web.Response:
+            self.deletes += 1
+            return web.Response(status=self.status)
+
+        app.router.add_get("/api/kernels/{id}", get_kernel)
+        app.router.add_delete("/api/kernels/{id}", delete_kernel)
+        return app
+
+
+@pytest.mark.parametrize(
+    "status, result",
+    [pytest.param(204, "success", id="204"), pytest.param(404, "already-gone", id="404-idempotent"),
+     pytest.param(503, "failed", id="503"), pytest.param(500, "failed", id="500")],
+)
+async def test_shutdown_kernel_paths(aiohttp_server, status: int, result: str) -> None:
+    gw = ScriptedGateway()
+    gw.status = status
+    server = await aiohttp_server(gw.app())
+    pool = GatewayPool([GatewayClient(GatewaySettings(name="gw", url=str(server.make_url("")), timeout=2))])
+    try:
+        ex = LiveExecutor(kernels=pool, clock=Clock())
+        (r,) = await ex.execute([kernel_decision()], recheck=still_reclaim)
+        assert r.result == result and gw.deletes == 1
+        if result == "failed":  # retried next cycle, not escalated to anything else in this one
+            (r2,) = await ex.execute([kernel_decision()], recheck=still_reclaim)
+            assert r2.result == "failed" and gw.deletes == 2
+    finally:
+        await pool.close()
+
+
+def _snapshot(t: float, processes: tuple[ProcessSample, ...] | None, up: bool = True) -> SamplerSnapshot:
+    s = GpuSample(timestamp=t, index=0, uuid="GPU-0", up=up, utilization=0.0, memory_used_bytes=0,
+                  memory_total_bytes=80 * GIB, processes=processes)
+    return SamplerSnapshot(devices=(), samples={"GPU-0": (s,)}, started_at=0.0, sample_interval=1.0)
+
+
+async def test_invariant_8_verified_only_when_the_memory_is_gone(aiohttp_server) -> None:
+    server = await aiohttp_server(ScriptedGateway().app())
+    pool = GatewayPool([GatewayClient(GatewaySettings(name="gw", url=str(server.make_url("")), timeout=2))])
+    clock = Clock()
+    try:
+        ex = LiveExecutor(kernels=pool, clock=clock, verify_within=60)
+        (r,) = await ex.execute([kernel_decision(pid=4242)], recheck=still_reclaim)
+        assert r.result == "success" and ex.pending == 1
+        assert ex.verify(_snapshot(clock.t - 1, ()), clock.t) == []  # a sample from before the action proves nothing
+        assert ex.verify(_snapshot(clock.t + 1, None), clock.t + 1) == []  # process list unknown: not verified
+        assert ex.verify(_snapshot(clock.t + 2, (ProcessSample(4242, 3 * GIB),)), clock.t + 2) == []  # still there
+        (v,) = ex.verify(_snapshot(clock.t + 3, (ProcessSample(99, GIB),)), clock.t + 3)
+        assert (v.result, v.reclaimed_bytes) == ("verified", 3 * GIB) and ex.pending == 0
+    finally:
+        await pool.close()
+
+
+async def test_unverified_after_the_deadline(aiohttp_server) -> None:
+    server = await aiohttp_server(ScriptedGateway().app())
+    pool = GatewayPool([GatewayClient(GatewaySettings(name="gw", url=str(server.make_url("")), timeout=2))])
+    clock = Clock()
+    try:
+        ex = LiveExecutor(kernels=pool, clock=clock, verify_within=60)
+        await ex.execute([kernel_decision(pid=4242)], recheck=still_reclaim)
+        stuck = _snapshot(clock.t + 61, (ProcessSample(4242, 3 * GIB),))
+        (v,) = ex.verify(stuck, clock.t + 61)
+        assert v.result == "unverified" and v.reclaimed_bytes == 0
+    finally:
+        await pool.close()
+
+
+async def test_server_error_events_do_not_block_kernel_actions(aiohttp_server, kube: FakeKube) -> None:
+    """A kernel in a pod: the action Event fails (500) and the shutdown still counts as done."""
+    kube.event_response = server_error()
+    server = await aiohttp_server(ScriptedGateway().app())
+    pool = GatewayPool([GatewayClient(GatewaySettings(name="gw", url=str(server.make_url("")), timeout=2))])
+    try:
+        d = kernel_decision()
+        pod = PodInfo(uid="aaaaaaaa-0000-4000-8000-000000000001", namespace="team-a", name="nb")
+        d = replace(d, candidate=replace(d.candidate, pod=pod))
+        (r,) = await LiveExecutor(kernels=pool, kube=kube.kube_client(), clock=Clock()).execute(
+            [d], recheck=still_reclaim)
+        assert r.result == "success"
+    finally:
+        await pool.close()

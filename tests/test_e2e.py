@@ -1,0 +1,274 @@
+"""End to end: the daemon against a real Kernel Gateway with real kernels, real pynvml over the fake NVML library,
+the real kubernetes client against the fake API server, and a real gRPC kubelet pod-resources server.
+
+Kernels (real ipykernel processes):  idle      idle kernel on an idle GPU          -> shut down after idle_after
+                                     training  long silent cell, GPU idle          -> never touched (kernel busy)
+                                     reserved  exempt kernelspec                   -> reported exempt
+                                     gpubusy   idle kernel whose GPU is busy       -> never touched (GPU busy)
+Pod (fake API + kubelet):            a pod holding GPU 4 with no process at all  -> evicted (policy evict-pod)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from reclaimer.config import Settings, parse_settings
+from reclaimer.daemon import Daemon, build_adapters
+from reclaimer.demo import RESERVED_KERNEL, KernelGatewayProcess, _write_reserved_kernelspec, free_port
+from reclaimer.kernelclient import GatewayRest
+from reclaimer.model import ActionResult, CycleSnapshot, Verdict
+from tests.support.fake_kube import FakeKube
+from tests.support.fake_kubelet import FakeKubelet, pod
+from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, fake_nvml, fake_nvml_libs, gpu_uuid  # noqa: F401
+from tests.support.recording_proxy import RecordingProxy
+
+GIB = 1024**3
+IDLE_AFTER = 6.0
+NODE = "e2e-node"
+TOKEN_ENV = "E2E_GATEWAY_TOKEN"
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelGatewayProcess]:
+    workdir = tmp_path_factory.mktemp("kg")
+    (workdir / "runtime").mkdir()
+    _write_reserved_kernelspec(workdir / "share")
+    kg = KernelGatewayProcess(workdir, secrets.token_hex(8))
+    kg.start()
+    asyncio.run(kg.wait_ready())
+    yield kg
+    kg.stop()
+
+
+@dataclass
+class Node:
+    kg: KernelGatewayProcess
+    rest: GatewayRest
+    proxy: RecordingProxy
+    proxy_url: str
+    kernels: dict[str, str]  # role -> kernel id
+    pids: dict[str, int]
+    last_activity: dict[str, datetime]
+    fake_nvml: FakeNvml
+    kube: FakeKube
+    kubelet: FakeKubelet
+    pod_uid: str
+    cycles: list[tuple[CycleSnapshot, list[ActionResult]]] = field(default_factory=list)
+
+    def gpu_state(self, without: frozenset[str] = frozenset()) -> dict:
+        roles = [r for r in ("idle", "training", "reserved", "gpubusy") if r not in without]
+        gpu_of = {"idle": 0, "training": 1, "reserved": 2, "gpubusy": 3}
+        gpus = [FakeGpu(uuid=gpu_uuid(i), util=90 if i == 3 else 0) for i in range(5)]
+        procs = [FakeProcess(pid=self.pids[r], gpu=gpu_of[r], memory=(gpu_of[r] + 1) * GIB) for r in roles]
+        return {"gpus": gpus, "processes": procs}
+
+    def results_for(self, role: str) -> list[ActionResult]:
+        kid = self.kernels.get(role)
+        return [r for _, rs in self.cycles for r in rs
+                if (r.decision.candidate.kernel_id == kid if kid else r.decision.candidate.pod is not None)]
+
+
+@pytest.fixture
+async def node(gateway: KernelGatewayProcess, fake_nvml: FakeNvml, tmp_path: Path,
+               monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Node]:
+    monkeypatch.setenv(TOKEN_ENV, gateway.token)
+    rest = GatewayRest(gateway.url, gateway.token)
+    roles = {"idle": "python3", "training": "python3", "reserved": RESERVED_KERNEL, "gpubusy": "python3"}
+    ids = dict(zip(roles, await asyncio.gather(*(rest.start_kernel(n) for n in roles.values())), strict=True))
+    pids = dict(zip(ids, await asyncio.gather(*(rest.pid(k) for k in ids.values())), strict=True))
+    await rest.execute(ids["training"], "import time\ntime.sleep(600)", wait=False)
+    await rest.wait_state(ids["training"], "busy")
+    from reclaimer.gateway import parse_last_activity
+
+    last = {r: parse_last_activity((await rest.kernel(k))["last_activity"]) for r, k in ids.items()}
+    proxy = RecordingProxy(gateway.url)
+    runner = web.AppRunner(proxy.app())
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    kube = FakeKube().start()
+    pod_json = kube.add_pod("idle-alloc", namespace="team-a", node=NODE)
+    kubelet = FakeKubelet(tmp_path / "kubelet.sock").start()
+    kubelet.pods = [pod("idle-alloc", "team-a", {"main": [("nvidia.com/gpu", [gpu_uuid(4)])]})]
+    n = Node(gateway, rest, proxy, f"http://127.0.0.1:{port}", ids, pids, last, fake_nvml, kube, kubelet,
+             pod_json["metadata"]["uid"])
+    fake_nvml.write(**n.gpu_state())
+    try:
+        yield n
+    finally:
+        for kid in ids.values():
+            await rest.shutdown(kid)
+        await runner.cleanup()
+        kubelet.stop()
+        kube.stop()
+
+
+def settings_for(n: Node, mode: str, tmp_path: Path) -> Settings:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(n.kube.kubeconfig())
+    return parse_settings(f"""
+mode: {mode}
+node_name: {NODE}
+listen: 127.0.0.1:{free_port()}
+sample_interval: 200ms
+decide_interval: 500ms
+gpu: {{backend: nvml, library_path: "{n.fake_nvml.lib_path}"}}
+gateways:
+  - {{name: kg, url: "{n.proxy_url}", kind: kernel-gateway, token_env: {TOKEN_ENV}, timeout: 2s}}
+kubernetes: {{enabled: true, kubeconfig: "{kubeconfig}", pod_resources_socket: "{n.kubelet.socket_path}",
+              resync_interval: 1s, timeout: 2s}}
+policies:
+  - {{name: pods, match: {{namespaces: [team-a]}}, idle_after: {IDLE_AFTER}s, warn_before: 3s, action: evict-pod}}
+  - {{name: kernels, idle_after: {IDLE_AFTER}s, warn_before: 3s, action: shutdown-kernel}}
+exemptions: {{kernel_names: [{RESERVED_KERNEL}]}}
+limits: {{max_actions_per_cycle: 5, cooldown: 1m, max_fraction_per_cycle: 0.5}}
+""", "<e2e>")
+
+
+async def run_until(daemon: Daemon, done, timeout: float) -> None:
+    task = asyncio.create_task(daemon.run())
+    try:
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert not task.done(), "daemon stopped early"
+            assert time.monotonic() < deadline, "timed out waiting for the daemon"
+            await asyncio.sleep(0.1)
+    finally:
+        daemon.stop()
+        assert await asyncio.wait_for(task, 10) == 0
+
+
+def verdicts(n: Node, role: str) -> list[Verdict]:
+    kid = n.kernels[role]
+    return [d.verdict for snap, _ in n.cycles for d in snap.decisions if d.candidate.kernel_id == kid]
+
+
+async def test_enforce_reclaims_only_the_idle_kernel_and_the_idle_pod(node: Node, tmp_path: Path) -> None:
+    n = node
+    settings = settings_for(n, "enforce", tmp_path)
+    daemon = Daemon(settings, build_adapters(settings))
+
+    def on_cycle(snap: CycleSnapshot, results) -> None:
+        n.cycles.append((snap, list(results)))
+        if any(r.result == "success" and r.decision.candidate.kernel_id == n.kernels["idle"] for r in results):
+            n.fake_nvml.write(**n.gpu_state(without=frozenset({"idle"})))  # the driver frees the dead kernel's memory
+
+    daemon.on_cycle = on_cycle
+
+    def done() -> bool:
+        got = {(r.decision.candidate.key, r.result) for _, rs in n.cycles for r in rs}
+        return (f"kernel:{n.kernels['idle']}", "verified") in got and (f"pod:{n.pod_uid}", "success") in got
+
+    metrics_url = f"http://{settings.listen}/metrics"
+    await run_until(daemon, done, timeout=60)
+
+    # The idle kernel: warned first, shut down once, never before idle_after had passed on both signals.
+    acted = [(snap, r) for snap, rs in n.cycles for r in rs
+             if r.decision.candidate.kernel_id == n.kernels["idle"] and r.result == "success"]
+    assert len(acted) == 1
+    snap, result = acted[0]
+    assert result.decision.action.value == "shutdown-kernel"
+    assert snap.generated_at - n.last_activity["idle"].timestamp() >= IDLE_AFTER
+    assert snap.generated_at - snap.sampler.started_at >= IDLE_AFTER
+    first_act = n.cycles.index(next(c for c in n.cycles if c[0] is snap))
+    assert Verdict.WARN in [d.verdict for s, _ in n.cycles[:first_act] for d in s.decisions
+                            if d.candidate.kernel_id == n.kernels["idle"]]
+    with pytest.raises(Exception, match="HTTP 404"):
+        await n.rest.kernel(n.kernels["idle"])
+    verified = [r for r in n.results_for("idle") if r.result == "verified"]
+    assert verified and verified[0].reclaimed_bytes == 1 * GIB
+
+    # Busy kernel, busy GPU, exempt kernel: alive, never acted upon, with the verdicts on-call would expect.
+    for role in ("training", "reserved", "gpubusy"):
+        assert n.results_for(role) == []
+        assert (await n.rest.kernel(n.kernels[role]))["id"] == n.kernels[role]
+    assert set(verdicts(n, "training")) == {Verdict.KEEP}
+    assert set(verdicts(n, "gpubusy")) == {Verdict.KEEP}
+    assert set(verdicts(n, "reserved")) == {Verdict.EXEMPT}
+    last_snap = n.cycles[-1][0]
+    reasons = {d.candidate.kernel_id: d.reason for d in last_snap.decisions}
+    assert reasons[n.kernels["training"]].startswith("kernel busy")
+    assert "GPU 3 busy" in reasons[n.kernels["gpubusy"]]
+
+    # The only mutating gateway call was the one shutdown.
+    assert n.proxy.mutating() == [("DELETE", f"/api/kernels/{n.kernels['idle']}")]
+    # The pod: warned by Event, then evicted with its uid precondition, never deleted, then an action Event.
+    (ev,) = n.kube.evictions
+    assert ev.body["deleteOptions"]["preconditions"]["uid"] == n.pod_uid
+    assert "gracePeriodSeconds" not in ev.body["deleteOptions"]
+    assert n.kube.deletes == []
+    reasons_actions = [(e["reason"], e["action"]) for e in n.kube.events]
+    assert reasons_actions[0] == ("GPUIdleWarning", "Warn")
+    assert ("GPUIdle", "EvictPod") in reasons_actions
+    assert all(e["reportingController"] == "reclaimer.io/gpu-reclaimer" for e in n.kube.events)
+
+
+async def test_dry_run_changes_nothing_and_creates_no_event(node: Node, tmp_path: Path) -> None:
+    n = node
+    settings = settings_for(n, "dry-run", tmp_path)
+    daemon = Daemon(settings, build_adapters(settings))
+    daemon.on_cycle = lambda snap, results: n.cycles.append((snap, list(results)))
+
+    def done() -> bool:
+        if not n.cycles:
+            return False
+        snap = n.cycles[-1][0]
+        reclaim = {d.candidate.key for d in snap.decisions if d.verdict is Verdict.RECLAIM}
+        return {f"kernel:{n.kernels['idle']}", f"pod:{n.pod_uid}"} <= reclaim
+
+    await run_until(daemon, done, timeout=60)
+    # The verdict says what enforce would do now; nothing was done.
+    dry = [r for _, rs in n.cycles for r in rs]
+    assert dry and {r.result for r in dry} == {"dry-run"} and {r.mode for r in dry} == {"dry-run"}
+    assert n.proxy.mutating() == []
+    assert [r for r in n.kube.requests if r.method != "GET"] == []
+    assert n.kube.events == []
+    for kid in n.kernels.values():
+        assert (await n.rest.kernel(kid))["id"] == kid
+    # The running daemon's /report says the same, in the contract's schema.
+    report = daemon.snapshot()
+    assert report is not None and report.mode == "dry-run"
+
+
+async def test_report_from_a_running_daemon_and_metrics(node: Node, tmp_path: Path) -> None:
+    """`reclaimer report --from URL` reads the daemon's /report; /metrics carries per-kernel series and the countdown."""
+    n = node
+    settings = settings_for(n, "dry-run", tmp_path)
+    daemon = Daemon(settings, build_adapters(settings))
+    daemon.on_cycle = lambda snap, results: n.cycles.append((snap, list(results)))
+    task = asyncio.create_task(daemon.run())
+    try:
+        deadline = time.monotonic() + 30
+        while len(n.cycles) < 2:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://{settings.listen}/report") as r:
+                assert r.status == 200
+                body = await r.json()
+            async with s.get(f"http://{settings.listen}/metrics") as r:
+                metrics = await r.text()
+            async with s.get(f"http://{settings.listen}/readyz") as r:
+                assert r.status == 200
+        kernels = {k["kernel_id"]: k for k in body["kernels"]}
+        assert kernels[n.kernels["training"]]["execution_state"] == "busy"
+        assert kernels[n.kernels["reserved"]]["verdict"] == "exempt"
+        assert f'reclaimer_kernel_info{{' in metrics and n.kernels["idle"] in metrics
+        from reclaimer.report import render_table, report_from_json
+
+        table = render_table(report_from_json(body))
+        assert n.kernels["idle"][:8] in table
+    finally:
+        daemon.stop()
+        await asyncio.wait_for(task, 10)
