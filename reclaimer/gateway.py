@@ -1,0 +1,682 @@
+"""Observe kernels through Jupyter Server REST: Jupyter Server, Kernel Gateway, Enterprise Gateway.
+
+Every failure is an answer with ``error`` set (unknown, never idle), never an exception. Safety rules, all enforced
+here: the token travels only in the ``Authorization`` header and is never logged or repr'd; only the configured base
+URL is contacted (redirects are refused); kernel ids are canonical UUIDs before any URL is built from them; bodies
+are read with a size cap; every request has a connect and total timeout; concurrency per gateway is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import ssl
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import structlog
+import yarl
+
+from reclaimer.config import GatewaySettings
+from reclaimer.errors import StartupError
+from reclaimer.model import KernelActivity
+
+log = structlog.get_logger(__name__)
+
+LIST_BODY_LIMIT = 4 * 1024 * 1024  # a listing of thousands of kernels stays far below this
+KERNEL_BODY_LIMIT = 256 * 1024
+ERROR_BODY_LIMIT = 16 * 1024  # error pages are read only for a short message
+MAX_CONCURRENCY = 8
+SHUTDOWN_TIMEOUT_FACTOR = 3  # a graceful kernel shutdown waits for the kernel to exit; give it longer than a GET
+MAX_STATE_LENGTH = 32
+KNOWN_KERNELS_LIMIT = 10_000  # kernel -> gateway cache entries kept (LRU)
+
+NOT_KNOWN_ANYWHERE = "no configured gateway knows this kernel"
+
+_KERNEL_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_TIMESTAMP_RE = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:[.,](\d{1,9}))?"
+    r"\s*(?:([Zz])|([+-])(\d{2}):?(\d{2}))?$"
+)
+
+OnRequest = Callable[[str, float], None]
+SessionFactory = Callable[[], aiohttp.ClientSession]
+
+
+class TokenError(StartupError):
+    """A configured token source is unusable. The message names the source, never the value."""
+
+
+# --------------------------------------------------------------------------- pure parsing
+
+
+def is_kernel_id(value: object) -> bool:
+    """True for a canonical lowercase UUID (``8-4-4-4-12`` hex), the only form a URL is ever built from."""
+    return isinstance(value, str) and _KERNEL_ID_RE.fullmatch(value) is not None
+
+
+def parse_last_activity(value: object) -> datetime | None:
+    """An ISO-8601 timestamp as an aware UTC datetime; None for anything unparsable.
+
+    Accepts a fraction of up to 9 digits (truncated to microseconds), ``Z`` or ``+HH:MM``/``-HHMM`` offsets, and
+    treats a naive timestamp as UTC.
+    """
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    m = _TIMESTAMP_RE.fullmatch(value.strip())
+    if m is None:
+        return None
+    year, month, day, hour, minute, second, fraction, zulu, sign, off_h, off_m = m.groups()
+    micros = int((fraction or "0")[:6].ljust(6, "0"))
+    try:
+        offset = timedelta(0)
+        if sign:
+            if int(off_h) > 23 or int(off_m) > 59:
+                return None
+            offset = timedelta(hours=int(off_h), minutes=int(off_m)) * (1 if sign == "+" else -1)
+        local = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micros,
+                         tzinfo=timezone(offset))
+        return local.astimezone(timezone.utc)
+    except (ValueError, OverflowError):
+        return None
+
+
+class BadAnswer(Exception):
+    """A gateway's answer that cannot be trusted as a whole (not a kernel model, not a listing)."""
+
+
+def _type_name(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def parse_kernel_model(model: object, gateway: str, observed_at: float) -> KernelActivity:
+    """One kernel model (``{"id", "name", "execution_state", "last_activity", "connections"}``) as an activity.
+
+    Raises BadAnswer when it is not an object with a canonical ``id`` (there is no kernel to attach an error to).
+    Any other missing or ill-typed field gives the activity an ``error``; the fields that did parse are kept.
+    """
+    if not isinstance(model, dict):
+        raise BadAnswer(f"expected a kernel object, got {_type_name(model)}")
+    kernel_id = model.get("id")
+    if not is_kernel_id(kernel_id):
+        raise BadAnswer("kernel object without a canonical 'id'")
+    problems: list[str] = []
+    name = model.get("name")
+    if name is not None and not isinstance(name, str):
+        problems.append(f"'name' must be a string, got {_type_name(name)}")
+        name = None
+    state = model.get("execution_state")
+    if not isinstance(state, str) or not state or len(state) > MAX_STATE_LENGTH:
+        problems.append("'execution_state' missing" if state is None else "'execution_state' is not a short string")
+        state = None
+    raw_activity = model.get("last_activity")
+    last_activity = parse_last_activity(raw_activity)
+    if last_activity is None:
+        problems.append("'last_activity' missing" if raw_activity is None else "'last_activity' is not a timestamp")
+    connections = model.get("connections")
+    if connections is not None and (type(connections) is not int or connections < 0):
+        problems.append(f"'connections' must be a non-negative integer, got {_type_name(connections)}")
+        connections = None
+    return KernelActivity(
+        kernel_id=str(kernel_id),
+        gateway=gateway,
+        observed_at=observed_at,
+        kernel_name=name,
+        execution_state=state,
+        last_activity=last_activity,
+        connections=connections,
+        error="; ".join(problems) or None,
+    )
+
+
+def parse_kernel_listing(body: object, gateway: str, observed_at: float) -> list[KernelActivity]:
+    """A ``GET /api/kernels`` body as activities. Raises BadAnswer unless it is a list of kernel objects with
+    distinct canonical ids: a garbled listing is unknown as a whole, never "no kernels"."""
+    if not isinstance(body, list):
+        raise BadAnswer(f"expected a list of kernels, got {_type_name(body)}")
+    out = [parse_kernel_model(item, gateway, observed_at) for item in body]
+    if len({a.kernel_id for a in out}) != len(out):
+        raise BadAnswer("listing names the same kernel twice")
+    return out
+
+
+# --------------------------------------------------------------------------- tokens and TLS
+
+
+def read_token(token_env: str | None, token_file: str | None, owner: str) -> str | None:
+    """The token from an environment variable or a file, read once. None when no source is configured.
+
+    Raises TokenError naming the source (never the value) when it is missing, empty or not header-safe.
+    """
+    if token_env:
+        token = os.environ.get(token_env)
+        where = f"{owner}: environment variable {token_env}"
+        if token is None:
+            raise TokenError(f"{where} is not set")
+    elif token_file:
+        where = f"{owner}: token file {token_file}"
+        try:
+            with open(token_file, encoding="utf-8") as fh:
+                token = fh.read(64 * 1024)
+        except OSError as exc:
+            raise TokenError(f"{where} cannot be read: {exc.strerror or type(exc).__name__}") from None
+        except UnicodeDecodeError:
+            raise TokenError(f"{where} is not UTF-8 text") from None
+    else:
+        return None
+    token = token.strip()
+    if not token:
+        raise TokenError(f"{where} is empty")
+    if not token.isprintable() or not token.isascii():
+        # A newline would let the value inject a second header.
+        raise TokenError(f"{where} holds characters that cannot go in an HTTP header")
+    return token
+
+
+def tls_context(url: str, ca_file: str | None, verify_tls: bool, owner: str) -> ssl.SSLContext | None:
+    """The TLS context for an https URL (None for http): verified against ``ca_file`` or the system store."""
+    if not url.lower().startswith("https://"):
+        return None
+    try:
+        ctx = ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"{owner}: ca_file {ca_file} cannot be used: {exc}") from None
+    if not verify_tls:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        log.warning("TLS verification disabled by configuration", target=owner)
+    return ctx
+
+
+# --------------------------------------------------------------------------- one safe HTTP endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class HttpAnswer:
+    """What one request got: ``status`` None when no HTTP answer came back; ``error`` None when ``body`` is usable."""
+
+    status: int | None
+    body: Any = None
+    error: str | None = None
+
+    @property
+    def message(self) -> str:
+        """The server's own short error message (``{"message": ...}``), for details; "" when there is none."""
+        if isinstance(self.body, dict) and isinstance(self.body.get("message"), str):
+            return "".join(ch for ch in self.body["message"][:200] if ch.isprintable())
+        return ""
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    if resp.content_length is not None and resp.content_length > limit:
+        raise _TooLarge
+    buf = bytearray()
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        buf += chunk
+        if len(buf) > limit:
+            raise _TooLarge
+    return bytes(buf)
+
+
+def _describe_connect_error(exc: aiohttp.ClientConnectorError) -> str:
+    if isinstance(exc.os_error, ConnectionRefusedError):
+        return "connection refused"
+    return f"cannot connect: {exc.os_error.strerror or type(exc.os_error).__name__}"
+
+
+class RestEndpoint:
+    """Requests to one configured base URL, with the header token, caps, timeouts and a concurrency bound."""
+
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        token: str | None,
+        *,
+        timeout: float,
+        tls: ssl.SSLContext | None = None,
+        concurrency: int = MAX_CONCURRENCY,
+        session_factory: SessionFactory | None = None,
+        on_request: Callable[[float], None] | None = None,
+    ):
+        self.name = name
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self._token = token
+        self._tls = tls
+        self._concurrency = concurrency
+        self._session_factory = session_factory
+        self._on_request = on_request
+        self._session: aiohttp.ClientSession | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+
+    def __repr__(self) -> str:
+        return f"RestEndpoint(name={self.name!r}, base_url={self.base_url!r})"
+
+    def _client_session(self) -> aiohttp.ClientSession:
+        # Created on first use: the daemon builds its adapters before the event loop runs.
+        if self._session is None or self._session.closed:
+            if self._session_factory is not None:
+                self._session = self._session_factory()
+            else:
+                self._session = aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(ssl=self._tls if self._tls is not None else True,
+                                                   limit=self._concurrency),
+                    cookie_jar=aiohttp.DummyCookieJar(),
+                )
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self._concurrency)
+        return self._session
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        limit: int,
+        timeout: float | None = None,
+        params: Mapping[str, str] | None = None,
+        accept: str = "application/json",
+    ) -> HttpAnswer:
+        """``method`` on base URL + ``path`` (already quoted). Never raises for a network or protocol failure."""
+        session = self._client_session()
+        assert self._semaphore is not None
+        seconds = timeout or self.timeout
+        url = yarl.URL(self.base_url + path, encoded=True)
+        if params:
+            url = url.with_query(params)
+        headers = {"Accept": accept}
+        if self._token is not None:
+            headers["Authorization"] = f"token {self._token}"
+        async with self._semaphore:
+            started = time.perf_counter()
+            try:
+                async with asyncio.timeout(seconds):
+                    async with session.request(
+                        method, url, headers=headers, allow_redirects=False,
+                        timeout=aiohttp.ClientTimeout(total=seconds, connect=seconds),
+                    ) as resp:
+                        return await self._answer(resp, limit)
+            except TimeoutError:
+                return HttpAnswer(None, error=f"timed out after {seconds:g}s")
+            except aiohttp.ClientSSLError as exc:
+                return HttpAnswer(None, error=f"TLS error: {type(exc).__name__}")
+            except aiohttp.ClientConnectorError as exc:
+                return HttpAnswer(None, error=_describe_connect_error(exc))
+            except aiohttp.ClientPayloadError:
+                return HttpAnswer(None, error="truncated response body")
+            except (aiohttp.ClientError, OSError) as exc:
+                return HttpAnswer(None, error=f"request failed: {type(exc).__name__}")
+            finally:
+                self._report(time.perf_counter() - started)
+
+    def _report(self, seconds: float) -> None:
+        if self._on_request is None:
+            return
+        try:
+            self._on_request(seconds)
+        except Exception as exc:  # a metrics hook must never turn an answer into a failure
+            log.warning("request hook failed", target=self.name, error=repr(exc))
+
+    async def _answer(self, resp: aiohttp.ClientResponse, limit: int) -> HttpAnswer:
+        status = resp.status
+        if 300 <= status < 400:
+            return HttpAnswer(status, error=f"redirect refused (HTTP {status})")
+        if status == 204:
+            return HttpAnswer(status)
+        ok = 200 <= status < 300
+        try:
+            raw = await _read_capped(resp, limit if ok else ERROR_BODY_LIMIT)
+        except _TooLarge:
+            if ok:
+                return HttpAnswer(status, error=f"response body over {limit} bytes")
+            return HttpAnswer(status, error=f"HTTP {status}")
+        try:
+            body = json.loads(raw) if raw else None
+            parsed = True
+        except (ValueError, RecursionError):
+            body, parsed = None, False
+        if not ok:
+            return HttpAnswer(status, body, f"HTTP {status}")
+        if not parsed:
+            if "html" in (resp.content_type or ""):
+                return HttpAnswer(status, error=f"answered an HTML page, not JSON (HTTP {status})")
+            return HttpAnswer(status, error=f"answer is not valid JSON (HTTP {status})")
+        return HttpAnswer(status, body)
+
+    async def close(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+        self._session = None
+
+
+# --------------------------------------------------------------------------- one gateway
+
+
+@dataclass(frozen=True, slots=True)
+class KernelLookup:
+    """One gateway's answer about one kernel. ``found``: the gateway serves this kernel (its data may still carry an
+    error); ``not_found``: the gateway said 404, so another gateway may serve it; neither: the answer is unknown."""
+
+    activity: KernelActivity
+    found: bool = False
+    not_found: bool = False
+    unreachable: bool = False  # no HTTP answer at all (refused, timed out, TLS)
+
+
+@dataclass(frozen=True, slots=True)
+class KernelListing:
+    """``kernels`` None: unknown. ``forbidden``: the gateway refuses listings (KG/EG default), so ask per kernel."""
+
+    kernels: list[KernelActivity] | None
+    error: str | None = None
+    forbidden: bool = False
+
+
+class GatewayClient:
+    """One configured gateway. Methods never raise for the gateway's failures; ``up`` says whether the last request
+    got a usable answer (None before the first)."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        session_factory: SessionFactory | None = None,
+        on_request: OnRequest | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.settings = settings
+        self.name = settings.name
+        self.on_request = on_request
+        self.up: bool | None = None
+        self.last_request_at: float | None = None
+        self._clock = clock
+        owner = f"gateway {settings.name!r}"
+        self._http = RestEndpoint(
+            settings.name,
+            settings.url,
+            read_token(settings.token_env, settings.token_file, owner),
+            timeout=settings.timeout,
+            tls=tls_context(settings.url, settings.ca_file, settings.verify_tls, owner),
+            session_factory=session_factory,
+            on_request=self._hook,
+        )
+        self._log = log.bind(gateway=settings.name)
+
+    def __repr__(self) -> str:
+        return f"GatewayClient(name={self.name!r}, url={self.settings.url!r})"
+
+    @property
+    def timeout(self) -> float:
+        return self.settings.timeout
+
+    def _hook(self, seconds: float) -> None:
+        self.last_request_at = self._clock()
+        if self.on_request is not None:
+            self.on_request(self.name, seconds)
+
+    async def probe(self) -> bool:
+        """``GET /api`` (the server's version: cheap, no kernel data), so ``up`` stays meaningful on a node whose
+        GPUs hold no kernel of this gateway. True when the gateway answered usably."""
+        answer = await self._http.request("GET", "/api", limit=ERROR_BODY_LIMIT)
+        ok = answer.error is None and isinstance(answer.body, dict)
+        self._mark(ok, answer.error or (None if ok else "unexpected answer to GET /api"))
+        return ok
+
+    def _mark(self, usable: bool, error: str | None) -> None:
+        if usable != self.up:
+            if usable:
+                self._log.info("gateway answering", was=self.up)
+            else:
+                self._log.warning("gateway not answering usably", error=error)
+        self.up = usable
+
+    def unknown_activity(self, kernel_id: str, error: str) -> KernelActivity:
+        return KernelActivity(kernel_id, self.name, self._clock(), error=error)
+
+    async def lookup_kernel(self, kernel_id: str) -> KernelLookup:
+        """``GET /api/kernels/{id}``; a 404 is ``not_found`` (another gateway may serve the kernel)."""
+        if not is_kernel_id(kernel_id):
+            refused = "not a canonical kernel id; no request made"
+            return KernelLookup(self.unknown_activity(str(kernel_id)[:100], refused))
+        answer = await self._http.request("GET", "/api/kernels/" + quote(kernel_id, safe=""), limit=KERNEL_BODY_LIMIT)
+        now = self._clock()
+        if answer.status == 404:
+            self._mark(True, None)
+            return KernelLookup(self.unknown_activity(kernel_id, "not found"), not_found=True)
+        if answer.error is not None:
+            self._mark(False, answer.error)
+            return KernelLookup(self.unknown_activity(kernel_id, answer.error), unreachable=answer.status is None)
+        try:
+            activity = parse_kernel_model(answer.body, self.name, now)
+        except BadAnswer as exc:
+            self._mark(False, str(exc))
+            return KernelLookup(self.unknown_activity(kernel_id, str(exc)))
+        if activity.kernel_id != kernel_id:
+            self._mark(False, "answer for another kernel")
+            return KernelLookup(self.unknown_activity(kernel_id, "the gateway answered for another kernel id"))
+        self._mark(activity.error is None, activity.error)
+        return KernelLookup(activity, found=True)
+
+    async def get_kernel(self, kernel_id: str) -> KernelActivity:
+        """The kernel's activity; ``error`` is set on any failure ("not found" for a 404)."""
+        return (await self.lookup_kernel(kernel_id)).activity
+
+    async def listing(self) -> KernelListing:
+        """``GET /api/kernels`` with the reason when it is unknown (``forbidden``: listing is switched off)."""
+        answer = await self._http.request("GET", "/api/kernels", limit=LIST_BODY_LIMIT)
+        if answer.status in (403, 404, 405):
+            self._mark(True, None)
+            return KernelListing(None, f"listing refused (HTTP {answer.status})", forbidden=True)
+        if answer.error is not None:
+            self._mark(False, answer.error)
+            return KernelListing(None, answer.error)
+        try:
+            kernels = parse_kernel_listing(answer.body, self.name, self._clock())
+        except BadAnswer as exc:
+            self._mark(False, str(exc))
+            return KernelListing(None, str(exc))
+        self._mark(True, None)
+        return KernelListing(kernels)
+
+    async def list_kernels(self) -> list[KernelActivity] | None:
+        """Every kernel the gateway lists; None when unknown (403 — listing off —, error, or a garbled body)."""
+        return (await self.listing()).kernels
+
+    async def shutdown_kernel(self, kernel_id: str) -> tuple[str, str]:
+        """``DELETE /api/kernels/{id}``: ("success" | "already-gone" | "failed", detail)."""
+        if not is_kernel_id(kernel_id):
+            return "failed", "not a canonical kernel id; no request made"
+        answer = await self._http.request(
+            "DELETE", "/api/kernels/" + quote(kernel_id, safe=""), limit=ERROR_BODY_LIMIT,
+            timeout=self.timeout * SHUTDOWN_TIMEOUT_FACTOR,
+        )
+        if answer.status == 404:
+            self._mark(True, None)
+            return "already-gone", f"gateway {self.name} no longer has the kernel"
+        if answer.error is not None or answer.status not in (200, 202, 204):
+            error = answer.error or f"unexpected HTTP {answer.status}"
+            self._mark(False, error)
+            detail = f"{error}: {answer.message}" if answer.message else error
+            return "failed", f"gateway {self.name}: {detail}"
+        self._mark(True, None)
+        return "success", f"kernel shut down through gateway {self.name}"
+
+    async def close(self) -> None:
+        await self._http.close()
+
+
+# --------------------------------------------------------------------------- all gateways
+
+
+class GatewayPool:
+    """Observe the kernels that hold GPUs here across every configured gateway.
+
+    A kernel whose gateway is known is asked for directly (``GET /api/kernels/{id}``); listings are requested only
+    for kernels no gateway is known to serve, at most once per gateway per ``observe``. Gateways are asked
+    concurrently, each within its own timeout, so one slow gateway never delays the others.
+    """
+
+    def __init__(self, clients: Sequence[GatewayClient], clock: Callable[[], float] = time.time):
+        names = [c.name for c in clients]
+        if len(set(names)) != len(names):
+            raise ValueError(f"gateway names must be unique: {names}")
+        self.clients: list[GatewayClient] = list(clients)
+        self._clock = clock
+        self._known: OrderedDict[str, GatewayClient] = OrderedDict()
+
+    def client_for(self, kernel_id: str) -> GatewayClient | None:
+        """The gateway last seen serving ``kernel_id`` (None when unknown)."""
+        return self._known.get(kernel_id)
+
+    def gateway_up(self) -> dict[str, bool | None]:
+        return {c.name: c.up for c in self.clients}
+
+    def _remember(self, kernel_id: str, client: GatewayClient) -> None:
+        self._known[kernel_id] = client
+        self._known.move_to_end(kernel_id)
+        while len(self._known) > KNOWN_KERNELS_LIMIT:
+            self._known.popitem(last=False)
+
+    async def observe(self, kernel_ids: Iterable[str]) -> dict[str, KernelActivity]:
+        """One activity per requested kernel id; ``error`` set where the answer is unknown."""
+        wanted = list(dict.fromkeys(kernel_ids))
+        now = self._clock()
+        out: dict[str, KernelActivity] = {}
+        valid: list[str] = []
+        for kid in wanted:
+            if is_kernel_id(kid):
+                valid.append(kid)
+            else:
+                out[kid] = KernelActivity(str(kid), "", now, error="not a canonical kernel id; no request made")
+        # Taken before awaiting: a concurrent observe (a re-check) may change the cache meanwhile.
+        homes = {k: self._known.get(k) for k in valid}
+        unknown = [k for k in valid if homes[k] is None]
+        cached = {c: [k for k in valid if homes[k] is c] for c in self.clients}
+        answers = await asyncio.gather(*(self._ask(c, cached[c], unknown) for c in self.clients))
+        by_client = dict(zip(self.clients, answers))
+        for kid in valid:
+            home = homes[kid]
+            if home is not None:
+                out[kid] = self._settle_cached(kid, home, by_client[home][kid])
+            else:
+                out[kid] = self._settle_unknown(kid, [(c, by_client[c][kid]) for c in self.clients], now)
+        return out
+
+    def _settle_cached(self, kid: str, home: GatewayClient, found: KernelLookup) -> KernelActivity:
+        if found.not_found:
+            # The gateway lost the kernel: rediscover next time; unknown (not idle) until then.
+            self._known.pop(kid, None)
+            return _identity_only(found.activity, f"gateway {home.name} no longer knows this kernel")
+        if found.found:
+            self._remember(kid, home)
+        return found.activity
+
+    def _settle_unknown(
+        self, kid: str, answers: list[tuple[GatewayClient, KernelLookup]], now: float
+    ) -> KernelActivity:
+        served = [(c, a) for c, a in answers if a.found]
+        if served:
+            client, lookup = next(((c, a) for c, a in served if a.activity.error is None), served[0])
+            if len(served) > 1:
+                log.warning("kernel served by several gateways", kernel_id=kid, gateways=[c.name for c, _ in served])
+            self._remember(kid, client)
+            return lookup.activity
+        failed = [(c, a) for c, a in answers if not a.not_found]
+        if failed:
+            detail = "; ".join(f"{c.name}: {a.activity.error}" for c, a in failed)
+            return KernelActivity(kid, failed[0][0].name if len(failed) == 1 else "", now, error=detail)
+        return KernelActivity(kid, "", now, error=NOT_KNOWN_ANYWHERE)
+
+    async def _ask(self, client: GatewayClient, cached: list[str], unknown: list[str]) -> dict[str, KernelLookup]:
+        """This gateway's answers for its known kernels (per-kernel GETs) and for the unknown ones (one listing, or
+        per-kernel GETs when listing is refused), all within the gateway's own timeout. Once a request gets no
+        answer at all, the kernels not yet asked are left unknown rather than queued behind more timeouts."""
+        got: dict[str, KernelLookup] = {}
+        broken: list[str] = []
+
+        async def get_each(kids: list[str]) -> None:
+            pending = iter(kids)  # shared by the workers: each kernel is taken once
+
+            async def worker() -> None:
+                for kid in pending:
+                    if broken:
+                        got[kid] = KernelLookup(client.unknown_activity(kid, f"not asked: gateway {broken[0]}"))
+                        continue
+                    got[kid] = lookup = await client.lookup_kernel(kid)
+                    if lookup.unreachable:
+                        broken.append(str(lookup.activity.error))
+
+            await asyncio.gather(*(worker() for _ in range(min(MAX_CONCURRENCY, len(kids)))))
+
+        async def discover() -> None:
+            if not unknown:
+                return
+            listing = await client.listing()
+            if listing.kernels is not None:
+                listed = {a.kernel_id: a for a in listing.kernels}
+                for kid in unknown:
+                    if kid in listed:
+                        got[kid] = KernelLookup(listed[kid], found=True)
+                    else:
+                        got[kid] = KernelLookup(client.unknown_activity(kid, "not found"), not_found=True)
+            elif listing.forbidden:
+                await get_each(unknown)
+            else:
+                for kid in unknown:
+                    got[kid] = KernelLookup(client.unknown_activity(kid, f"listing failed: {listing.error}"))
+
+        try:
+            # A little over the request timeout, so a request's own timeout (the clearer error) fires first.
+            async with asyncio.timeout(client.timeout + 0.25):
+                await asyncio.gather(get_each(cached), discover())
+        except TimeoutError:
+            pass
+        for kid in [*cached, *unknown]:
+            if kid not in got:
+                late = f"gateway did not answer within {client.timeout:g}s"
+                got[kid] = KernelLookup(client.unknown_activity(kid, late))
+        return got
+
+    async def probe_quiet(self, older_than: float) -> None:
+        """Probe each gateway not contacted for ``older_than`` seconds, concurrently (see ``GatewayClient.probe``)."""
+        now = self._clock()
+        quiet = [c for c in self.clients if c.last_request_at is None or now - c.last_request_at >= older_than]
+        await asyncio.gather(*(c.probe() for c in quiet))
+
+    async def shutdown(self, kernel_id: str) -> tuple[str, str]:
+        """Shut the kernel down through the gateway that serves it: (result, detail) as ``shutdown_kernel``."""
+        if not is_kernel_id(kernel_id):
+            return "failed", "not a canonical kernel id; no request made"
+        client = self.client_for(kernel_id)
+        if client is None:
+            seen = (await self.observe([kernel_id]))[kernel_id]
+            client = self.client_for(kernel_id)
+            if client is None:
+                # Not "already-gone": a kernel no gateway ever served here (e.g. one seen only through the hub)
+                # is still running, and saying otherwise would report a reclaim that did not happen.
+                return "failed", f"cannot tell which gateway serves the kernel: {seen.error}"
+        result, detail = await client.shutdown_kernel(kernel_id)
+        if result in ("success", "already-gone"):
+            self._known.pop(kernel_id, None)
+        log.info("kernel shutdown", kernel_id=kernel_id, gateway=client.name, result=result, detail=detail)
+        return result, detail
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True)
+
+
+def _identity_only(activity: KernelActivity, error: str) -> KernelActivity:
+    """The same kernel with only its identity kept and ``error`` set (unknown)."""
+    return KernelActivity(activity.kernel_id, activity.gateway, activity.observed_at, error=error)

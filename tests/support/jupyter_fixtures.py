@@ -1,0 +1,427 @@
+"""Real Jupyter servers for tests: Kernel Gateway, Jupyter Server and JupyterHub on 127.0.0.1, plus kernel helpers.
+
+Each server runs as a subprocess in its own session (process group) with its own runtime dir; readiness is polled
+until a deadline. Tokens travel in the environment, never on a command line. Helpers talk to kernels the way a
+notebook does (REST + the websocket channels), so a kernel's state and last_activity change for real:
+
+    gw = start_kernel_gateway(tmp, token, list_kernels=True)     # .url .token .stop()
+    kid = await start_kernel(gw.url, gw.token)
+    await wake_kernel(gw.url, gw.token, kid)                     # "starting" -> "idle"
+    out = await run_code(gw.url, gw.token, kid, "print(1)")      # stdout
+    await run_code(gw.url, gw.token, kid, "import time; time.sleep(30)", wait=False)   # busy now
+    pid = await kernel_pid(gw.url, gw.token, kid)
+
+Session fixtures (import them into a test module, or list this module in ``pytest_plugins``): ``kernel_gateway``,
+``kernel_gateway_unlisted`` (listing off: 403), ``jupyter_server``, ``jupyterhub``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+READY_TIMEOUT = 90.0  # generous: 2 loaded CI cores start a Jupyter server in a few seconds, rarely more
+
+
+class JupyterTestError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class JupyterProcess:
+    """A server subprocess: ``url`` is its base URL, ``token`` the API token it accepts."""
+
+    name: str
+    url: str
+    token: str
+    proc: subprocess.Popen[bytes]
+    workdir: Path
+    log_path: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "<no log>"
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM (the server shuts its kernels / servers down), then SIGKILL the whole process group."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+
+
+def _env(workdir: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    for key in ("JUPYTER_TOKEN", "KG_AUTH_TOKEN", "JUPYTERHUB_API_TOKEN"):
+        env.pop(key, None)
+    env.update(
+        JUPYTER_RUNTIME_DIR=str(workdir / "runtime"),
+        JUPYTER_CONFIG_DIR=str(workdir / "config"),
+        IPYTHONDIR=str(workdir / "ipython"),
+        HOME=str(workdir / "home"),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    for sub in ("runtime", "config", "ipython", "home"):
+        (workdir / sub).mkdir(parents=True, exist_ok=True)
+    return env
+
+
+def _die_with_parent() -> None:
+    # A test run killed mid-way (timeout, ^C) must not leave servers behind: SIGTERM them when pytest dies.
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _spawn(name: str, cmd: list[str], workdir: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], Path]:
+    log_path = workdir / f"{name}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    return proc, log_path
+
+
+def wait_http(handle: JupyterProcess, path: str, timeout: float = READY_TIMEOUT, headers: dict[str, str] | None = None,
+              ok: tuple[int, ...] = (200,)) -> None:
+    """Poll ``handle.url + path`` until it answers one of ``ok`` (deadline); fail early if the process exits."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if handle.proc.poll() is not None:
+            raise JupyterTestError(f"{handle.name} exited ({handle.proc.returncode}):\n{handle.log_tail()}")
+        request = urllib.request.Request(handle.url + path, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=2) as resp:
+                if resp.status in ok:
+                    return
+                last = f"HTTP {resp.status}"
+        except urllib.error.HTTPError as exc:
+            if exc.code in ok:
+                return
+            last = f"HTTP {exc.code}"
+        except OSError as exc:
+            last = repr(exc)
+        time.sleep(0.1)  # polling interval, not synchronisation: the deadline decides
+    handle.stop()
+    raise JupyterTestError(f"{handle.name} not ready within {timeout:.0f}s ({last}):\n{handle.log_tail()}")
+
+
+def start_kernel_gateway(workdir: Path, token: str, list_kernels: bool = True,
+                         timeout: float = READY_TIMEOUT) -> JupyterProcess:
+    """A real ``jupyter kernelgateway`` (websocket personality) on a free loopback port, token required."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    cmd = [sys.executable, "-m", "kernel_gateway", "--KernelGatewayApp.ip=127.0.0.1", f"--KernelGatewayApp.port={port}",
+           "--KernelGatewayApp.port_retries=0", f"--JupyterWebsocketPersonality.list_kernels={list_kernels}"]
+    proc, log_path = _spawn("kernelgateway", cmd, workdir, _env(workdir, KG_AUTH_TOKEN=token))
+    handle = JupyterProcess("kernel gateway", f"http://127.0.0.1:{port}", token, proc, workdir, log_path)
+    wait_http(handle, "/api", timeout, headers=auth(token))
+    return handle
+
+
+def start_jupyter_server(workdir: Path, token: str, timeout: float = READY_TIMEOUT) -> JupyterProcess:
+    """A real ``jupyter server`` on a free loopback port, token required, root dir inside ``workdir``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "notebooks").mkdir(exist_ok=True)
+    port = free_port()
+    cmd = [sys.executable, "-m", "jupyter_server", "--allow-root", "--no-browser", "--ServerApp.ip=127.0.0.1",
+           f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--ServerApp.root_dir={workdir / 'notebooks'}"]
+    proc, log_path = _spawn("jupyter-server", cmd, workdir, _env(workdir, JUPYTER_TOKEN=token))
+    handle = JupyterProcess("jupyter server", f"http://127.0.0.1:{port}", token, proc, workdir, log_path)
+    wait_http(handle, "/api/kernels", timeout, headers=auth(token))
+    return handle
+
+
+_HUB_CONFIG = """\
+import os
+c = get_config()
+c.JupyterHub.ip = "127.0.0.1"
+c.JupyterHub.port = {proxy_port}
+c.JupyterHub.hub_ip = "127.0.0.1"
+c.JupyterHub.hub_port = {hub_port}
+c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{proxy_api_port}"
+c.ConfigurableHTTPProxy.should_start = True
+c.JupyterHub.authenticator_class = "dummy"
+c.JupyterHub.spawner_class = "simple"
+c.SimpleLocalProcessSpawner.home_dir_template = {home!r} + "/{{username}}"
+c.Spawner.args = ["--allow-root"]
+c.Spawner.cmd = [{singleuser!r}]
+c.Spawner.http_timeout = 60
+c.Spawner.start_timeout = 60
+c.JupyterHub.db_url = "sqlite:///:memory:"
+c.JupyterHub.allow_named_servers = True
+c.JupyterHub.api_page_default_limit = {page_limit}
+c.JupyterHub.cookie_secret_file = {cookie_secret!r}
+c.JupyterHub.pid_file = {pid_file!r}
+c.Authenticator.allowed_users = set({users!r})
+c.JupyterHub.load_roles = [
+    # What the reclaimer needs: list user servers, stop them, and read kernels through the proxy.
+    {{"name": "reclaimer", "scopes": ["list:users", "read:users:name", "read:servers", "delete:servers",
+                                      "access:servers"], "services": ["reclaimer"]}},
+    {{"name": "test-admin", "scopes": ["admin:users", "admin:servers", "access:servers"], "services": ["test-admin"]}},
+]
+c.JupyterHub.services = [
+    {{"name": "reclaimer", "api_token": os.environ["RECLAIMER_TEST_HUB_TOKEN"]}},
+    {{"name": "test-admin", "api_token": os.environ["RECLAIMER_TEST_HUB_ADMIN_TOKEN"]}},
+]
+"""
+
+
+def hub_available() -> bool:
+    """True when ``jupyterhub`` and ``configurable-http-proxy`` (npm) are installed."""
+    return shutil.which("configurable-http-proxy") is not None and _has_module("jupyterhub")
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def start_jupyterhub(workdir: Path, token: str, users: tuple[str, ...] = ("alice", "bob"), page_limit: int = 1,
+                     timeout: float = READY_TIMEOUT) -> JupyterProcess:
+    """A real JupyterHub (DummyAuthenticator, SimpleLocalProcessSpawner, configurable-http-proxy) on loopback.
+
+    ``url`` is the proxy's public URL (serves /hub/api and /user/...); ``token`` a least-privilege service token
+    for the reclaimer; ``extra["admin_token"]`` may start servers. ``page_limit`` is small to force pagination.
+    """
+    if not hub_available():
+        raise JupyterTestError("JupyterHub tests need `pip install jupyterhub` and "
+                               "`npm install -g configurable-http-proxy`")
+    workdir.mkdir(parents=True, exist_ok=True)
+    proxy_port, hub_port, api_port = free_port(), free_port(), free_port()
+    secret = workdir / "cookie_secret"
+    secret.write_text(secrets.token_hex(32))
+    secret.chmod(0o600)
+    admin_token = secrets.token_hex(24)
+    singleuser = shutil.which("jupyterhub-singleuser") or "jupyterhub-singleuser"
+    (workdir / "jupyterhub_config.py").write_text(_HUB_CONFIG.format(
+        proxy_port=proxy_port, hub_port=hub_port, proxy_api_port=api_port, home=str(workdir / "users"),
+        singleuser=singleuser, page_limit=page_limit, cookie_secret=str(secret), users=tuple(users),
+        pid_file=str(workdir / "jupyterhub.pid"),
+    ))
+    env = _env(workdir, RECLAIMER_TEST_HUB_TOKEN=token, RECLAIMER_TEST_HUB_ADMIN_TOKEN=admin_token)
+    cmd = [sys.executable, "-m", "jupyterhub", "-f", str(workdir / "jupyterhub_config.py")]
+    proc, log_path = _spawn("jupyterhub", cmd, workdir, env)
+    handle = JupyterProcess("jupyterhub", f"http://127.0.0.1:{proxy_port}", token, proc, workdir, log_path,
+                            extra={"admin_token": admin_token, "hub_url": f"http://127.0.0.1:{hub_port}"})
+    wait_http(handle, "/hub/api/", timeout, headers=auth(admin_token))
+    return handle
+
+
+def hub_request(hub: JupyterProcess, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """A blocking admin call to the hub (for fixtures): (status, parsed JSON or None)."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(hub.url + path, data=data, method=method,
+                                     headers=auth(hub.extra["admin_token"]))
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        return exc.code, json.loads(raw) if raw.startswith(b"{") else None
+
+
+def spawn_servers(hub: JupyterProcess, *servers: tuple[str, str],
+                  timeout: float = READY_TIMEOUT) -> dict[tuple[str, str], dict[str, Any]]:
+    """Start user servers ((user, server name), "" = default) through the hub API, all at once, and poll until the
+    hub says each is ready; returns their models."""
+    for user, server_name in servers:
+        path = f"/hub/api/users/{user}/" + (f"servers/{server_name}" if server_name else "server")
+        status, body = hub_request(hub, "POST", path, {})
+        if status not in (201, 202):
+            raise JupyterTestError(f"spawning {user}/{server_name}: HTTP {status} {body}")
+    deadline = time.monotonic() + timeout
+    ready: dict[tuple[str, str], dict[str, Any]] = {}
+    while time.monotonic() < deadline:
+        for user, server_name in servers:
+            _, model = hub_request(hub, "GET", f"/hub/api/users/{user}")
+            server = (model or {}).get("servers", {}).get(server_name)
+            if server and server.get("ready"):
+                ready[(user, server_name)] = server
+        if len(ready) == len(servers):
+            return ready
+        time.sleep(0.1)  # polling interval; the deadline decides
+    raise JupyterTestError(f"servers {sorted(set(servers) - set(ready))} not ready within {timeout:.0f}s:\n"
+                           f"{hub.log_tail()}")
+
+
+# --------------------------------------------------------------------------- kernels, as a notebook drives them
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"token {token}"}
+
+
+async def _rest(url: str, token: str, method: str, path: str, body: Any = None, timeout: float = 60.0) -> Any:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout), headers=auth(token)) as session:
+        async with session.request(method, url.rstrip("/") + path, json=body) as resp:
+            if resp.status >= 400:
+                raise JupyterTestError(f"{method} {path}: HTTP {resp.status}: {(await resp.text())[:300]}")
+            return None if resp.status == 204 else await resp.json(content_type=None)
+
+
+async def start_kernel(url: str, token: str, name: str = "python3") -> str:
+    """POST /api/kernels; returns the new kernel's id (the kernel says "starting" until a client talks to it)."""
+    return str((await _rest(url, token, "POST", "/api/kernels", {"name": name}))["id"])
+
+
+async def kernel_model(url: str, token: str, kernel_id: str) -> dict[str, Any]:
+    return await _rest(url, token, "GET", f"/api/kernels/{kernel_id}")
+
+
+async def interrupt_kernel(url: str, token: str, kernel_id: str) -> None:
+    await _rest(url, token, "POST", f"/api/kernels/{kernel_id}/interrupt")
+
+
+async def shutdown_kernel(url: str, token: str, kernel_id: str) -> None:
+    """DELETE /api/kernels/{id}; a kernel already gone is fine."""
+    with contextlib.suppress(JupyterTestError):
+        await _rest(url, token, "DELETE", f"/api/kernels/{kernel_id}")
+
+
+def _message(msg_type: str, content: dict[str, Any], session: str) -> dict[str, Any]:
+    return {
+        "header": {"msg_id": uuid.uuid4().hex, "username": "test", "session": session, "msg_type": msg_type,
+                   "version": "5.3", "date": datetime.now(timezone.utc).isoformat()},
+        "parent_header": {}, "metadata": {}, "content": content, "channel": "shell", "buffers": [],
+    }
+
+
+async def run_code(url: str, token: str, kernel_id: str, code: str, wait: bool = True, silent: bool = False,
+                   timeout: float = 60.0) -> str:
+    """Execute ``code`` over the kernel's websocket. ``wait``: return its stdout once it finished (an error in the
+    code raises); otherwise return "" as soon as the kernel reports busy with it (it keeps running)."""
+    ws_url = url.replace("http", "ws", 1).rstrip("/") + f"/api/kernels/{kernel_id}/channels"
+    request = _message("execute_request", {"code": code, "silent": silent, "store_history": False,
+                                           "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
+                       uuid.uuid4().hex)
+    msg_id = request["header"]["msg_id"]
+    out: list[str] = []
+    async with aiohttp.ClientSession(headers=auth(token)) as session:
+        async with session.ws_connect(ws_url, timeout=aiohttp.ClientWSTimeout(ws_close=5)) as ws:
+            await ws.send_str(json.dumps(request))
+            async with asyncio.timeout(timeout):
+                async for frame in ws:
+                    if frame.type != aiohttp.WSMsgType.TEXT:
+                        continue
+                    msg = json.loads(frame.data)
+                    if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                        continue
+                    kind = msg.get("msg_type") or msg.get("header", {}).get("msg_type")
+                    content = msg.get("content", {})
+                    if kind == "status" and content.get("execution_state") == "busy" and not wait:
+                        return ""
+                    if kind == "stream" and content.get("name") == "stdout":
+                        out.append(content.get("text", ""))
+                    if kind == "error":
+                        raise JupyterTestError(f"kernel error: {content.get('ename')}: {content.get('evalue')}")
+                    if kind == "status" and content.get("execution_state") == "idle":
+                        return "".join(out)
+    raise JupyterTestError("the kernel's websocket closed before the code finished")
+
+
+async def wait_for_state(url: str, token: str, kernel_id: str, state: str, timeout: float = 60.0) -> dict[str, Any]:
+    """Poll the kernel model until ``execution_state == state`` (deadline); returns the model."""
+    deadline = time.monotonic() + timeout
+    model: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        model = await kernel_model(url, token, kernel_id)
+        if model.get("execution_state") == state:
+            return model
+        await asyncio.sleep(0.05)  # polling interval; the deadline decides
+    raise JupyterTestError(f"kernel {kernel_id} never reached {state!r}; last {model.get('execution_state')!r}")
+
+
+async def wake_kernel(url: str, token: str, kernel_id: str) -> dict[str, Any]:
+    """Talk to a fresh kernel so it leaves "starting"; returns its model once it reports "idle"."""
+    await run_code(url, token, kernel_id, "pass")
+    return await wait_for_state(url, token, kernel_id, "idle")
+
+
+async def kernel_pid(url: str, token: str, kernel_id: str) -> int:
+    """The kernel process's PID, as the kernel itself reports it."""
+    return int((await run_code(url, token, kernel_id, "import os; print(os.getpid())")).strip())
+
+
+# --------------------------------------------------------------------------- session fixtures
+
+
+@pytest.fixture(scope="session")
+def kernel_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterProcess]:
+    """A Kernel Gateway that lists kernels (``--JupyterWebsocketPersonality.list_kernels=True``)."""
+    handle = start_kernel_gateway(tmp_path_factory.mktemp("kg"), secrets.token_hex(16), list_kernels=True)
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="session")
+def kernel_gateway_unlisted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterProcess]:
+    """A Kernel Gateway with its default: listing kernels is forbidden (403)."""
+    handle = start_kernel_gateway(tmp_path_factory.mktemp("kg-unlisted"), secrets.token_hex(16), list_kernels=False)
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="session")
+def jupyter_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterProcess]:
+    handle = start_jupyter_server(tmp_path_factory.mktemp("jupyter-server"), secrets.token_hex(16))
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="session")
+def jupyterhub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterProcess]:
+    """A JupyterHub with users alice and bob and pagination at one user per page; no servers started."""
+    handle = start_jupyterhub(tmp_path_factory.mktemp("jupyterhub"), secrets.token_hex(16))
+    yield handle
+    handle.stop()
+
+
+__all__ = [
+    "JupyterProcess", "JupyterTestError", "auth", "free_port", "hub_available", "hub_request", "interrupt_kernel",
+    "jupyter_server", "jupyterhub", "kernel_gateway", "kernel_gateway_unlisted", "kernel_model", "kernel_pid",
+    "run_code", "shutdown_kernel", "spawn_servers", "start_jupyter_server", "start_jupyterhub", "start_kernel",
+    "start_kernel_gateway", "wait_for_state", "wait_http", "wake_kernel",
+]

@@ -1,0 +1,428 @@
+"""reclaimer.hub against a real JupyterHub (with configurable-http-proxy and real single-user servers) and, for
+faults a real hub cannot show, a fake hub that follows the real REST semantics."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import pytest
+import structlog
+
+from reclaimer.config import HubSettings
+from reclaimer.gateway import LIST_BODY_LIMIT, TokenError
+from reclaimer.hub import HUB_GATEWAY, PAGINATION_ACCEPT, HubClient, safe_server_path
+from reclaimer.model import ServerRef
+from tests.support.fake_gateway import hang, html, json_body, raw, redirect, status
+from tests.support.fake_hub import FakeHub
+from tests.support.jupyter_fixtures import (  # noqa: F401  (session fixture used by name)
+    JupyterProcess,
+    jupyterhub,
+    spawn_servers,
+    start_kernel,
+    wake_kernel,
+)
+
+UTC = timezone.utc
+
+
+def hub_settings(url: str, token_env: str, timeout: float = 10.0, **kw: Any) -> HubSettings:
+    return HubSettings(url=url, token_env=token_env, timeout=timeout, **kw)
+
+
+Make = Callable[..., Awaitable[tuple[FakeHub, HubClient, str]]]
+
+
+@pytest.fixture
+async def make_hub(aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Make]:
+    """Start fake hubs on loopback, each with a client reading its token from the environment."""
+    made: list[FakeHub] = []
+    clients: list[HubClient] = []
+
+    async def make(timeout: float = 2.0, page_limit: int | None = None,
+                   **fake_kw: Any) -> tuple[FakeHub, HubClient, str]:
+        hub = FakeHub(token=f"hub-{secrets.token_hex(8)}", **fake_kw)
+        made.append(hub)
+        server = await aiohttp_server(hub.app())
+        origin = str(server.make_url("")).rstrip("/")
+        env = f"RECLAIMER_TEST_HUB_TOKEN_{len(made)}"
+        monkeypatch.setenv(env, hub.token)
+        client = HubClient(hub_settings(origin + hub.prefix, env, timeout), page_limit=page_limit)
+        clients.append(client)
+        return hub, client, origin
+
+    yield make
+    for hub in made:
+        hub.stop_hanging()
+    for client in clients:
+        await client.close()
+
+
+def _keys(servers: list[ServerRef] | None) -> set[tuple[str, str]]:
+    assert servers is not None
+    return {(s.user, s.server_name) for s in servers}
+
+
+# --------------------------------------------------------------------------- pure
+
+
+@pytest.mark.parametrize(
+    "url, base, expected",
+    [
+        pytest.param("/user/alice/", "", "/user/alice/", id="default-server"),
+        pytest.param("/user/alice/gpu/", "", "/user/alice/gpu/", id="named-server"),
+        pytest.param("/user/alice", "", "/user/alice/", id="adds-slash"),
+        pytest.param("/user/al%40ice/", "", "/user/al%40ice/", id="quoted-name"),
+        pytest.param("/jhub/user/alice/", "/jhub", "/jhub/user/alice/", id="under-base-path"),
+        pytest.param("/user/alice/", "/jhub", None, id="outside-base-path"),
+        pytest.param("/jhubx/user/alice/", "/jhub", None, id="base-path-prefix-trick"),
+        pytest.param("//evil.example/user/a/", "", None, id="scheme-relative"),
+        pytest.param("http://evil.example/user/a/", "", None, id="absolute"),
+        pytest.param("/user/../hub/api/", "", None, id="dot-dot"),
+        pytest.param("/user/a/%2e%2e/hub/", "", None, id="encoded-dot-dot"),
+        pytest.param("/user/a/./", "", None, id="dot"),
+        pytest.param("/user/a?next=x", "", None, id="query"),
+        pytest.param("/user/a#x", "", None, id="fragment"),
+        pytest.param("/user/a\\b/", "", None, id="backslash"),
+        pytest.param("/user/a%5cb/", "", None, id="encoded-backslash"),
+        pytest.param("/user/a%0d%0a/", "", None, id="encoded-newline"),
+        pytest.param("/user/a b/", "", None, id="space"),
+        pytest.param("", "", None, id="empty"),
+        pytest.param(None, "", None, id="none"),
+    ],
+)
+def test_safe_server_path(url: Any, base: str, expected: str | None) -> None:
+    assert safe_server_path(url, base) == expected
+
+
+def test_missing_token_env_is_a_startup_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RECLAIMER_TEST_NO_HUB_TOKEN", raising=False)
+    with pytest.raises(TokenError, match="hub: environment variable RECLAIMER_TEST_NO_HUB_TOKEN is not set"):
+        HubClient(hub_settings("http://127.0.0.1:1", "RECLAIMER_TEST_NO_HUB_TOKEN"))
+
+
+# --------------------------------------------------------------------------- listing servers (fake hub)
+
+
+async def test_pagination_is_followed_with_header_token(make_hub: Make) -> None:
+    hub, client, _ = await make_hub(page_limit=1)
+    hub.add_server("alice")
+    hub.add_server("alice", "gpu", ready=False, last_activity=None)
+    hub.add_server("bob")
+    hub.users["carol"] = {}  # no server running: not listed
+    hub.add_server("dave")
+    with structlog.testing.capture_logs() as logs:
+        servers = await client.list_servers()
+    assert _keys(servers) == {("alice", ""), ("alice", "gpu"), ("bob", ""), ("dave", "")}
+    by_key = {(s.user, s.server_name): s for s in servers or []}
+    assert by_key[("alice", "")].url == "/user/alice/" and by_key[("alice", "")].ready is True
+    assert by_key[("alice", "")].last_activity == datetime(2026, 11, 23, 19, 13, 42, 773735, UTC)
+    assert by_key[("alice", "gpu")].ready is False and by_key[("alice", "gpu")].last_activity is None
+    assert [r.query for r in hub.requests] == [f"state=active&offset={o}&limit=1" for o in (0, 1, 2)]
+    assert all(r.headers["Accept"] == PAGINATION_ACCEPT for r in hub.requests)
+    assert all(r.headers["Authorization"] == f"token {hub.token}" for r in hub.requests)
+    assert client.up is True and hub.token not in repr(logs) and hub.token not in repr(client)
+
+
+async def test_old_plain_list_answer(make_hub: Make) -> None:
+    hub, client, _ = await make_hub(paginate=False)
+    hub.add_server("alice")
+    hub.add_server("bob", "gpu")
+    assert _keys(await client.list_servers()) == {("alice", ""), ("bob", "gpu")}
+    assert len(hub.requests) == 1
+
+
+async def test_no_servers_is_an_empty_list_not_unknown(make_hub: Make) -> None:
+    hub, client, _ = await make_hub()
+    hub.users["carol"] = {}
+    assert await client.list_servers() == []
+
+
+async def test_next_url_is_never_followed(make_hub: Make) -> None:
+    other, _, other_origin = await make_hub()
+    hub, client, _ = await make_hub(page_limit=1, next_url_host=other_origin)
+    hub.add_server("alice")
+    hub.add_server("bob")
+    assert _keys(await client.list_servers()) == {("alice", ""), ("bob", "")}
+    assert other.requests == [] and len(hub.requests) == 2
+
+
+async def test_pagination_that_does_not_advance_is_unknown(make_hub: Make) -> None:
+    hub, client, _ = await make_hub(page_limit=1, stuck_pagination=True)
+    hub.add_server("alice")
+    hub.add_server("bob")
+    assert await client.list_servers() is None
+    assert len(hub.requests) == 1 and client.up is False
+
+
+def _user(name: str = "alice", **fields: Any) -> dict[str, Any]:
+    base = {"name": name, "servers": {"": {"url": f"/user/{name}/", "ready": True, "last_activity": None}}}
+    base.update(fields)
+    return base
+
+
+@pytest.mark.parametrize(
+    "fault, expected",
+    [
+        pytest.param(status(500), "HTTP 500", id="http-500"),
+        pytest.param(status(503), "HTTP 503", id="http-503"),
+        pytest.param(status(403), "HTTP 403", id="http-403-scopes"),
+        pytest.param(html(), "HTML", id="html-login-page"),
+        pytest.param(raw(b'{"items": [{"name": "al'), "not valid JSON", id="truncated"),
+        pytest.param(json_body({"users": []}), "expected a user list", id="object-without-items"),
+        pytest.param(json_body({"items": {"alice": {}}}), "expected a user list", id="items-not-a-list"),
+        pytest.param(json_body(["alice"]), "expected a user object", id="list-of-strings"),
+        pytest.param(json_body([_user(servers=None)]), "read:servers", id="user-without-servers"),
+        pytest.param(json_body([_user(name="")]), "'name'", id="user-without-name"),
+        pytest.param(json_body([_user(servers={"": "running"})]), "not an object", id="server-not-object"),
+        pytest.param(json_body([_user(servers={"": {"url": 7}})]), "'url'", id="server-url-number"),
+        pytest.param(raw(b" " * (LIST_BODY_LIMIT + 1) + b"[]"), "over", id="oversize"),
+        pytest.param(redirect("/hub/login"), "redirect refused", id="redirect"),
+    ],
+)
+async def test_bad_user_listings_are_unknown(make_hub: Make, fault: Any, expected: str) -> None:
+    hub, client, _ = await make_hub()
+    hub.add_server("alice")
+    hub.fault = fault
+    with structlog.testing.capture_logs() as logs:
+        assert await client.list_servers() is None
+    assert client.up is False
+    assert any(expected in str(e.get("error")) for e in logs), logs
+
+
+async def test_hub_timeout_is_unknown(make_hub: Make) -> None:
+    hub, client, _ = await make_hub(timeout=0.3)
+    hub.add_server("alice")
+    hub.fault = hang(hub.release)
+    assert await client.list_servers() is None
+    assert await client.server_kernels(ServerRef("alice", url="/user/alice/")) is None
+
+
+# --------------------------------------------------------------------------- stopping servers (fake hub)
+
+
+@pytest.mark.parametrize(
+    "user, name, path",
+    [
+        pytest.param("alice", "", "/hub/api/users/alice/server", id="default"),
+        pytest.param("alice", "gpu", "/hub/api/users/alice/servers/gpu", id="named"),
+        pytest.param("a b@c.org", "x/y", "/hub/api/users/a%20b%40c.org/servers/x%2Fy", id="quoted"),
+        pytest.param("alice", "../../admin", "/hub/api/users/alice/servers/..%2F..%2Fadmin", id="traversal-quoted"),
+    ],
+)
+async def test_stop_server_paths(make_hub: Make, user: str, name: str, path: str) -> None:
+    hub, client, _ = await make_hub()
+    hub.delete_answer = (204, None)
+    assert (await client.stop_server(user, name))[0] == "success"
+    assert [(r.method, r.path) for r in hub.requests] == [("DELETE", path)]
+    assert hub.requests[0].headers["Authorization"] == f"token {hub.token}"
+
+
+@pytest.mark.parametrize(
+    "answer, result, detail",
+    [
+        pytest.param((204, None), "success", "server stopped", id="204"),
+        pytest.param((202, None), "success", "pending", id="202-pending"),
+        pytest.param((404, {"status": 404, "message": None}), "already-gone", "no such server", id="404"),
+        pytest.param((400, {"status": 400, "message": "alice's server is not running"}), "already-gone",
+                     "not running", id="400-not-running"),
+        pytest.param((400, {"status": 400, "message": "alice/ is pending spawn"}), "failed", "pending spawn",
+                     id="400-other"),
+        pytest.param((403, {"status": 403, "message": "Action is not authorized"}), "failed", "HTTP 403",
+                     id="403"),
+        pytest.param((500, None), "failed", "HTTP 500", id="500"),
+        pytest.param((302, None), "failed", "redirect refused", id="redirect"),
+    ],
+)
+async def test_stop_server_answers(make_hub: Make, answer: tuple[int, Any], result: str, detail: str) -> None:
+    hub, client, _ = await make_hub()
+    hub.add_server("alice")
+    hub.delete_answer = answer
+    got = await client.stop_server("alice")
+    assert got[0] == result and detail in got[1]
+
+
+@pytest.mark.parametrize(
+    "user, name",
+    [
+        pytest.param("", "", id="empty-user"),
+        pytest.param("alice\nX-Evil: 1", "", id="newline-in-user"),
+        pytest.param("alice", "gpu\x00", id="nul-in-name"),
+        pytest.param("a" * 300, "", id="too-long"),
+        pytest.param(None, "", id="not-a-string"),
+    ],
+)
+async def test_stop_server_bad_names_make_no_request(make_hub: Make, user: Any, name: str) -> None:
+    hub, client, _ = await make_hub()
+    result, detail = await client.stop_server(user, name)
+    assert result == "failed" and "no request made" in detail and hub.requests == []
+
+
+async def test_stop_server_fake_semantics(make_hub: Make) -> None:
+    hub, client, _ = await make_hub()
+    hub.add_server("alice")
+    hub.add_server("alice", "gpu")
+    assert (await client.stop_server("alice", "gpu"))[0] == "success"
+    assert (await client.stop_server("alice", "gpu"))[0] == "already-gone"
+    assert (await client.stop_server("nobody"))[0] == "already-gone"
+    assert _keys(await client.list_servers()) == {("alice", "")}
+
+
+# --------------------------------------------------------------------------- kernels through the proxy (fake hub)
+
+
+async def test_server_kernels_through_the_proxy(make_hub: Make) -> None:
+    hub, client, _ = await make_hub()
+    hub.add_server("alice", "gpu")
+    kid = hub.add_kernel("alice", "gpu", state="busy")
+    got = await client.server_kernels(ServerRef("alice", "gpu", url="/user/alice/gpu/"))
+    assert got is not None and [(k.kernel_id, k.execution_state, k.gateway) for k in got] == [
+        (kid, "busy", HUB_GATEWAY)]
+    assert [r.path for r in hub.requests] == ["/user/alice/gpu/api/kernels"]
+    assert hub.requests[0].headers["Authorization"] == f"token {hub.token}" and hub.requests[0].query == ""
+
+
+async def test_shutdown_server_kernel_through_the_proxy(make_hub: Make) -> None:
+    hub, client, _ = await make_hub()
+    hub.add_server("alice", "gpu")
+    kid = hub.add_kernel("alice", "gpu")
+    server = ServerRef("alice", "gpu", url="/user/alice/gpu/")
+    assert (await client.shutdown_server_kernel(server, kid))[0] == "success"
+    assert (await client.shutdown_server_kernel(server, kid))[0] == "already-gone"
+    assert [(r.method, r.path) for r in hub.requests] == [("DELETE", f"/user/alice/gpu/api/kernels/{kid}")] * 2
+    hub.fault = status(502)
+    result, detail = await client.shutdown_server_kernel(server, kid)
+    assert result == "failed" and "HTTP 502" in detail
+
+
+@pytest.mark.parametrize(
+    "url, kernel_id",
+    [
+        pytest.param("//evil.example/user/alice/", "0b6e2c61-8f7c-4b1a-9d3e-5a4f2e1c7b90", id="unsafe-url"),
+        pytest.param("/user/alice/", "../../hub/api/users", id="bad-kernel-id"),
+    ],
+)
+async def test_shutdown_server_kernel_refuses_bad_input(make_hub: Make, url: str, kernel_id: str) -> None:
+    hub, client, _ = await make_hub()
+    result, detail = await client.shutdown_server_kernel(ServerRef("alice", url=url), kernel_id)
+    assert result == "failed" and "no request made" in detail and hub.requests == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param(None, id="no-url"),
+        pytest.param("//evil.example/user/alice/", id="scheme-relative"),
+        pytest.param("http://evil.example/user/alice/", id="absolute"),
+        pytest.param("/user/../hub/api/users/", id="traversal"),
+    ],
+)
+async def test_server_kernels_refuses_unsafe_urls(make_hub: Make, url: str | None) -> None:
+    hub, client, _ = await make_hub()
+    assert await client.server_kernels(ServerRef("alice", url=url)) is None
+    assert hub.requests == []
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        pytest.param(status(403), id="403"),
+        pytest.param(html(code=503), id="server-down-page"),
+        pytest.param(json_body({"kernels": []}), id="object"),
+        pytest.param(json_body([{"id": "x"}]), id="bad-id"),
+        pytest.param(redirect("/hub/login"), id="redirect"),
+    ],
+)
+async def test_server_kernels_faults_are_unknown(make_hub: Make, fault: Any) -> None:
+    hub, client, _ = await make_hub()
+    hub.add_server("alice")
+    hub.fault = fault
+    assert await client.server_kernels(ServerRef("alice", url="/user/alice/")) is None
+
+
+async def test_hub_under_a_base_path(make_hub: Make) -> None:
+    hub, client, _ = await make_hub(prefix="/jhub")
+    hub.add_server("alice")
+    kid = hub.add_kernel("alice")
+    servers = await client.list_servers()
+    assert servers is not None and servers[0].url == "/jhub/user/alice/"
+    kernels = await client.server_kernels(servers[0])
+    assert kernels is not None and kernels[0].kernel_id == kid
+    assert await client.server_kernels(ServerRef("alice", url="/user/alice/")) is None  # outside the base path
+    assert (await client.stop_server("alice"))[0] == "success"
+    assert [r.path for r in hub.requests] == ["/jhub/hub/api/users", "/jhub/user/alice/api/kernels",
+                                              "/jhub/hub/api/users/alice/server"]
+
+
+# --------------------------------------------------------------------------- a real JupyterHub
+
+
+@pytest.fixture(scope="module")
+def hub_with_servers(jupyterhub: JupyterProcess) -> JupyterProcess:
+    """The session hub with default servers running for alice and bob (one user per API page), and alice's named
+    server "scratch" for the stop test (spawned together: the hub starts them in parallel)."""
+    spawn_servers(jupyterhub, ("alice", ""), ("bob", ""), ("alice", "scratch"))
+    return jupyterhub
+
+
+@pytest.fixture
+async def real_hub(hub_with_servers: JupyterProcess, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[HubClient]:
+    monkeypatch.setenv("RECLAIMER_TEST_REAL_HUB_TOKEN", hub_with_servers.token)
+    client = HubClient(hub_settings(hub_with_servers.url, "RECLAIMER_TEST_REAL_HUB_TOKEN"))
+    yield client
+    await client.close()
+
+
+async def test_real_hub_lists_servers_across_pages(real_hub: HubClient) -> None:
+    servers = await real_hub.list_servers()
+    assert {("alice", ""), ("bob", "")} <= _keys(servers)  # the hub pages one user at a time here
+    alice = next(s for s in servers or [] if (s.user, s.server_name) == ("alice", ""))
+    assert alice.url == "/user/alice/" and alice.ready is True
+    assert alice.last_activity is not None and alice.last_activity.tzinfo is not None
+    assert real_hub.up is True
+
+
+async def test_real_hub_server_kernels_through_the_proxy(real_hub: HubClient,
+                                                         hub_with_servers: JupyterProcess) -> None:
+    server_url = hub_with_servers.url + "/user/alice"
+    admin = hub_with_servers.extra["admin_token"]
+    kid = await start_kernel(server_url, admin)
+    await wake_kernel(server_url, admin, kid)
+    alice = next(s for s in await real_hub.list_servers() or [] if (s.user, s.server_name) == ("alice", ""))
+    kernels = await real_hub.server_kernels(alice)
+    assert kernels is not None
+    mine = next(k for k in kernels if k.kernel_id == kid)
+    assert mine.error is None and mine.execution_state == "idle" and mine.gateway == HUB_GATEWAY
+    assert mine.last_activity is not None
+    assert (await real_hub.shutdown_server_kernel(alice, kid))[0] == "success"
+    assert (await real_hub.shutdown_server_kernel(alice, kid))[0] == "already-gone"
+    assert kid not in {k.kernel_id for k in await real_hub.server_kernels(alice) or []}
+
+
+async def test_real_hub_stop_server_lifecycle(real_hub: HubClient, hub_with_servers: JupyterProcess) -> None:
+    before = await real_hub.list_servers()
+    scratch = next(s for s in before or [] if (s.user, s.server_name) == ("alice", "scratch"))
+    assert scratch.url == "/user/alice/scratch/"
+    assert await real_hub.server_kernels(scratch) == []
+
+    result, detail = await real_hub.stop_server("alice", "scratch")
+    assert result == "success", detail
+    after = await real_hub.list_servers()
+    assert ("alice", "scratch") not in _keys(after) and ("alice", "") in _keys(after)
+    assert await real_hub.server_kernels(scratch) is None  # gone from the proxy: unknown, never "no kernels"
+    assert (await real_hub.stop_server("alice", "no-such-server"))[0] == "already-gone"
+    assert (await real_hub.stop_server("nobody-" + secrets.token_hex(4)))[0] == "already-gone"
+
+
+async def test_real_hub_wrong_token(hub_with_servers: JupyterProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECLAIMER_TEST_WRONG_HUB_TOKEN", "wrong-" + secrets.token_hex(8))
+    client = HubClient(hub_settings(hub_with_servers.url, "RECLAIMER_TEST_WRONG_HUB_TOKEN"))
+    try:
+        assert await client.list_servers() is None
+        assert await client.server_kernels(ServerRef("alice", url="/user/alice/")) is None
+        assert (await client.stop_server("alice"))[0] == "failed"
+    finally:
+        await client.close()
+    assert client.up is False
