@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import structlog
 
 from reclaimer.config import format_duration
+from reclaimer.hub import HUB_GATEWAY
 from reclaimer.model import ActionKind, ActionResult, Decision, SamplerSnapshot, Verdict
 
 log = structlog.get_logger(__name__)
@@ -33,6 +34,8 @@ class KernelStopper(Protocol):
 
 class ServerStopper(Protocol):
     async def stop_server(self, user: str, server_name: str = "") -> tuple[str, str]: ...
+
+    async def shutdown_server_kernel(self, server: Any, kernel_id: str) -> tuple[str, str]: ...
 
 
 class PodEvicter(Protocol):
@@ -168,9 +171,15 @@ class LiveExecutor:
         c = d.candidate
         try:
             if d.action is ActionKind.SHUTDOWN_KERNEL:
-                if self.kernels is None or c.kernel_id is None:
+                if c.kernel_id is None:
+                    return self._record(d, "skipped", "no kernel to shut down")
+                if c.gateway == HUB_GATEWAY and c.server is not None and self.servers is not None:
+                    # Seen only through the user's server (JupyterHub): shut it down there, not via a gateway.
+                    result, detail = await self.servers.shutdown_server_kernel(c.server, c.kernel_id)
+                elif self.kernels is not None:
+                    result, detail = await self.kernels.shutdown(c.kernel_id)
+                else:
                     return self._record(d, "skipped", "no gateway to shut the kernel down through")
-                result, detail = await self.kernels.shutdown(c.kernel_id)
             elif d.action is ActionKind.STOP_SERVER:
                 user = (c.server.user if c.server else None) or c.user
                 if self.servers is None or not user:

@@ -190,6 +190,13 @@ class Daemon:
             return []
 
     async def _observe(self, kernel_ids: set[str]) -> dict[str, KernelActivity]:
+        gateways = self.adapters.gateways
+        if gateways is not None:
+            try:  # keeps reclaimer_gateway_up meaningful when no kernel here asks a gateway anything
+                await asyncio.wait_for(gateways.probe_quiet(older_than=max(60.0, self.settings.decide_interval)),
+                                       self._call_timeout())
+            except Exception as exc:
+                log.debug("gateway probe did not finish", error=str(exc))
         if not kernel_ids:
             return {}
         now = self.clock()

@@ -1,0 +1,201 @@
+"""The daemon as a whole: the real `reclaimer run` / `reclaimer report` processes, liveness vs readiness, SIGTERM,
+and conservative restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from reclaimer.config import parse_settings
+from reclaimer.daemon import Adapters, Daemon
+from reclaimer.demo import free_port
+from reclaimer.gateway import GatewayClient, GatewayPool
+from reclaimer.gpusim import SimulatedBackend
+from reclaimer.model import Verdict
+from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, fake_nvml, fake_nvml_libs, gpu_uuid  # noqa: F401
+
+KID = "5e5e5e5e-0000-4000-8000-000000000001"
+GIB = 1024**3
+
+
+def http_status(url: str, timeout: float = 2.0) -> tuple[int, str]:
+    async def get() -> tuple[int, str]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s:
+            async with s.get(url) as r:
+                return r.status, await r.text()
+
+    return asyncio.run(get())
+
+
+def poll(fn, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            last = fn()
+            if last:
+                return last
+        except (OSError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            last = exc
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+
+@pytest.fixture
+def kernel_process(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A real process whose command line names a kernel connection file, like ipykernel's."""
+    conn = tmp_path / f"kernel-{KID}.json"
+    conn.write_text("{}")
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "-f", str(conn)])
+    yield p
+    p.kill()
+    p.wait()
+
+
+def write_config(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(body)
+    return path
+
+
+def test_run_serves_health_and_stops_on_sigterm_within_5s(tmp_path: Path, fake_nvml: FakeNvml) -> None:
+    fake_nvml.write(gpus=[FakeGpu(uuid=gpu_uuid(0), util=0)], processes=[FakeProcess(pid=os.getpid(), gpu=0)])
+    port = free_port()
+    dead_gateway = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    cfg = write_config(tmp_path, f"""
+listen: 127.0.0.1:{port}
+sample_interval: 200ms
+decide_interval: 500ms
+kubernetes: {{enabled: false}}
+gateways: [{{name: down, url: "{dead_gateway}", timeout: 300ms}}]
+""")
+    proc = subprocess.Popen([sys.executable, "-m", "reclaimer", "run", "--config", str(cfg)],
+                            env=fake_nvml.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        poll(lambda: http_status(base + "/readyz")[0] == 200, what="/readyz 200")
+        # Liveness never depends on a dependency: the gateway is down, /healthz is still 200.
+        assert http_status(base + "/healthz")[0] == 200
+        _, metrics = http_status(base + "/metrics")
+        assert 'reclaimer_gateway_up{gateway="down"} 0.0' in metrics
+        assert "reclaimer_gpu_utilization_ratio" in metrics
+        status, report = http_status(base + "/report")
+        assert status == 200 and json.loads(report)["gpus"][0]["uuid"] == gpu_uuid(0)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
+        assert time.monotonic() - start < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out = proc.communicate()[0].decode()
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert any(rec.get("event") == "effective config" for rec in lines)
+    assert any(rec.get("event") == "cycle" for rec in lines)
+    assert any(rec.get("event") == "stopping" for rec in lines)
+
+
+def test_run_once_runs_one_cycle_and_exits(tmp_path: Path, fake_nvml: FakeNvml) -> None:
+    fake_nvml.write(gpus=[FakeGpu(uuid=gpu_uuid(0), util=0)])
+    cfg = write_config(tmp_path, f"listen: 127.0.0.1:{free_port()}\nsample_interval: 200ms\ndecide_interval: 1s\n"
+                                 "kubernetes: {enabled: false}\n")
+    out = subprocess.run([sys.executable, "-m", "reclaimer", "run", "--once", "--config", str(cfg)],
+                         env=fake_nvml.env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    cycles = [json.loads(line) for line in out.stdout.splitlines() if '"event": "cycle"' in line]
+    assert len(cycles) == 1 and cycles[0]["gpus"] == 1
+
+
+def test_report_window_prints_sampled_gpus_and_processes(tmp_path: Path, fake_nvml: FakeNvml) -> None:
+    fake_nvml.write(gpus=[FakeGpu(uuid=gpu_uuid(0), util=0), FakeGpu(uuid=gpu_uuid(1), util=40)],
+                    processes=[FakeProcess(pid=os.getpid(), gpu=1, memory=3 * GIB)])
+    cfg = write_config(tmp_path, "kubernetes: {enabled: false}\nsample_interval: 250ms\ndecide_interval: 1s\n")
+    out = subprocess.run([sys.executable, "-m", "reclaimer", "report", "--config", str(cfg), "--window", "1s",
+                          "-o", "json"], env=fake_nvml.env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    gpus = {g["uuid"]: g for g in report["gpus"]}
+    assert gpus[gpu_uuid(1)]["utilization"] == pytest.approx(0.4)
+    (p,) = gpus[gpu_uuid(1)]["processes"]
+    assert p["pid"] == os.getpid() and p["memory_bytes"] == 3 * GIB and p["kernel_id"] is None and p["reason"]
+    assert report["kernels"] == []
+
+
+def test_missing_nvml_is_a_one_line_error(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    cfg = write_config(tmp_path, "kubernetes: {enabled: false}\n")
+    for cmd in (["run", "--once"], ["report", "--window", "1s"]):
+        out = subprocess.run([sys.executable, "-m", "reclaimer", *cmd, "--config", str(cfg)], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1
+        err = [line for line in out.stderr.splitlines() if line.strip()]
+        assert err == [err[0]] and err[0].startswith("reclaimer: NVML") and "Traceback" not in out.stderr
+
+
+class OldIdleGateway:
+    """Says the kernel has been idle since January: only the GPU window can hold the reclaim back."""
+
+    def app(self) -> web.Application:
+        app = web.Application()
+
+        model = {"id": KID, "name": "python3", "connections": 0, "last_activity": "2026-01-01T00:00:00.000000Z",
+                 "execution_state": "idle"}
+
+        async def get_kernel(request: web.Request) -> web.Response:
+            if request.match_info["id"] != KID:
+                raise web.HTTPNotFound()
+            return web.json_response(model)
+
+        async def list_kernels(request: web.Request) -> web.Response:
+            return web.json_response([model])
+
+        app.router.add_get("/api/kernels/{id}", get_kernel)
+        app.router.add_get("/api/kernels", list_kernels)
+        return app
+
+
+async def test_restart_starts_idle_windows_from_zero(aiohttp_server, kernel_process) -> None:
+    server = await aiohttp_server(OldIdleGateway().app())
+    idle_after = 2.0
+    settings = parse_settings(f"""
+mode: dry-run
+listen: 127.0.0.1:{free_port()}
+sample_interval: 100ms
+decide_interval: 300ms
+gpu: {{backend: simulated}}
+kubernetes: {{enabled: false}}
+gateways: [{{name: gw, url: "{server.make_url('')}"}}]
+policies: [{{name: p, idle_after: {idle_after}s, warn_before: 1s}}]
+""")
+    backend = SimulatedBackend({"gpus": [{"uuid": "GPU-1", "model": "NVIDIA H100", "memory_total": 80 * GIB}],
+                                "processes": [{"pid": kernel_process.pid, "gpu": 0, "memory_bytes": GIB}]})
+    pool = GatewayPool([GatewayClient(settings.gateways[0])])
+    seen: list[tuple[float, Verdict]] = []
+    daemon = Daemon(settings, Adapters(backend=backend, gateways=pool))
+    daemon.on_cycle = lambda snap, _: seen.extend(
+        (snap.generated_at - snap.sampler.started_at, d.verdict) for d in snap.decisions if d.candidate.kernel_id == KID)
+    task = asyncio.create_task(daemon.run(serve=False))
+    try:
+        deadline = time.monotonic() + 20
+        while not any(v is Verdict.RECLAIM for _, v in seen):
+            assert time.monotonic() < deadline and not task.done(), seen
+            await asyncio.sleep(0.05)
+    finally:
+        daemon.stop()
+        await asyncio.wait_for(task, 10)
+    # Kernel idle since January, GPU idle all along: still nothing until the daemon itself saw idle_after of samples.
+    assert all(v is not Verdict.RECLAIM for age, v in seen if age < idle_after)
+    assert any(v is Verdict.WARN for age, v in seen if age < idle_after)
+    first_reclaim_age = next(age for age, v in seen if v is Verdict.RECLAIM)
+    assert first_reclaim_age >= idle_after
