@@ -187,7 +187,8 @@ def _render(state: DemoState, now: float, metrics_url: str):
         else:
             verdict = Text(d.verdict.value, colours.get(d.verdict.value, ""))
             state_txt = (d.candidate.activity.execution_state if d.candidate.activity else None) or "?"
-            idle = format_duration(d.idle_seconds) if d.idle_seconds is not None else "?"
+            idle = format_duration(d.idle_seconds) if d.idle_seconds is not None else \
+                ("-" if d.verdict is Verdict.EXEMPT else "?")
             eta = format_duration(d.eta_seconds) if d.eta_seconds is not None and d.verdict in (
                 Verdict.WARN, Verdict.RECLAIM) else "-"
             reason = d.reason
