@@ -53,11 +53,13 @@ def join(
     allocations: Sequence[PodGpuAllocation] | None,
     activities: Mapping[str, KernelActivity],
     servers: Sequence[ServerRef] = (),
+    kernel_servers: Mapping[str, ServerRef] | None = None,
     server_name_annotation: str = "hub.jupyter.org/servername",
 ) -> JoinResult:
     """Group GPU processes by kernel; add pods that hold allocated GPUs with no process on them.
 
     ``allocations`` None means the kubelet could not be asked: then no pod candidate is made (unknown is never idle).
+    ``kernel_servers``: the JupyterHub server found holding a kernel (plain hosts, where no pod names it).
     """
     by_kernel: dict[str, list[AttributedProcess]] = {}
     unattributed: list[AttributedProcess] = []
@@ -85,7 +87,7 @@ def join(
         # A kernel whose processes sit in several pods is inconsistent: keep no pod so no pod action can bind to it.
         pod = pods_by_uid.get(next(iter(pod_uids))) if len(pod_uids) == 1 else None
         activity = activities.get(kid)
-        server = server_for_pod(pod, servers, server_name_annotation)
+        server = server_for_pod(pod, servers, server_name_annotation) or (kernel_servers or {}).get(kid)
         gpus = tuple(sorted({p.gpu_uuid for p in procs}))
         candidates.append(
             Candidate(

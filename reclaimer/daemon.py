@@ -40,6 +40,7 @@ from reclaimer.model import (
 from reclaimer.sampler import GpuBackend, Sampler, open_backend
 
 log = structlog.get_logger(__name__)
+MAX_HUB_SERVERS_SCANNED = 64  # servers asked for their kernels in one cycle when a kernel's server is unknown
 
 
 def create_guarded_task(coro: Coroutine[Any, Any, Any], name: str, tasks: set[asyncio.Task[Any]]) -> asyncio.Task[Any]:
@@ -86,6 +87,7 @@ class Daemon:
     _kube_ok: bool | None = None
     _podres_ok: bool | None = None
     _hub_ok: bool | None = None
+    _kernel_server: dict[str, tuple[str, str]] = field(default_factory=dict)  # kernel id -> (user, server name)
     metrics: Any | None = None
     on_cycle: Callable[[CycleSnapshot, Sequence[ActionResult]], None] | None = None
 
@@ -208,26 +210,48 @@ class Daemon:
             log.warning("gateway observation failed", error=str(exc))
             return {k: KernelActivity(k, "", now, error=f"observation failed: {exc}") for k in kernel_ids}
 
-    async def _hub_kernels(self, result: join_mod.JoinResult, activities: dict[str, KernelActivity]) -> bool:
-        """Kernels of JupyterHub single-user servers are observed through the hub when no gateway knows them."""
+    async def _hub_kernels(self, result: join_mod.JoinResult, activities: dict[str, KernelActivity],
+                           servers: list[ServerRef]) -> dict[str, ServerRef]:
+        """Kernels of JupyterHub user servers are observed through the hub when no configured gateway knows them.
+
+        A candidate whose pod names its server is looked up there; the rest (a plain host running JupyterHub, no
+        pods) in the server last seen holding the kernel, else in every ready server (bounded). Returns the server
+        of each kernel found, and puts its activity into ``activities``.
+        """
         hub = self.adapters.hub
-        if hub is None:
-            return False
         missing = [c for c in result.candidates
-                   if c.kernel_id and c.server and (activities.get(c.kernel_id) is None or activities[c.kernel_id].error)]
-        servers = {(c.server.user, c.server.server_name): c.server for c in missing if c.server}
-        changed = False
-        for server in servers.values():
+                   if c.kernel_id and (activities.get(c.kernel_id) is None or activities[c.kernel_id].error)]
+        if hub is None or not missing:
+            return {}
+        by_key = {(s.user, s.server_name): s for s in servers}
+        wanted: dict[tuple[str, str], ServerRef] = {}
+        for c in missing:
+            if c.server is not None:
+                wanted[(c.server.user, c.server.server_name)] = c.server
+            elif c.kernel_id in self._kernel_server and self._kernel_server[c.kernel_id] in by_key:
+                key = self._kernel_server[c.kernel_id]
+                wanted[key] = by_key[key]
+            else:
+                wanted.update({k: s for k, s in list(by_key.items())[:MAX_HUB_SERVERS_SCANNED] if s.ready is not False})
+
+        async def listed(server: ServerRef) -> tuple[ServerRef, list[KernelActivity]]:
             try:
-                listed = await asyncio.wait_for(hub.server_kernels(server), self._call_timeout())
+                return server, list(await asyncio.wait_for(hub.server_kernels(server), self._call_timeout()) or ())
             except Exception as exc:
                 log.warning("hub kernel listing failed", user=server.user, error=str(exc))
-                continue
-            for ka in listed or ():
-                if ka.kernel_id in activities and activities[ka.kernel_id].error:
+                return server, []
+
+        found: dict[str, ServerRef] = {}
+        missing_ids = {c.kernel_id for c in missing}
+        for server, kernels in await asyncio.gather(*(listed(s) for s in wanted.values())):
+            for ka in kernels:
+                if ka.kernel_id in missing_ids:
                     activities[ka.kernel_id] = ka
-                    changed = True
-        return changed
+                    found[ka.kernel_id] = server
+                    self._kernel_server[ka.kernel_id] = (server.user, server.server_name)
+        live = {c.kernel_id for c in result.candidates}
+        self._kernel_server = {k: v for k, v in self._kernel_server.items() if k in live}
+        return found
 
     async def cycle(self) -> tuple[CycleSnapshot, list[ActionResult]]:
         """One decide cycle over the samples held now. Never raises for a dependency's failure."""
@@ -250,17 +274,23 @@ class Daemon:
         kernel_ids = {p.kernel_id for p in attributed if p.kernel_id}
         want_servers = any(pod.user for pod in pods_by_uid.values())
         activities, servers = await asyncio.gather(self._observe(kernel_ids), self._servers(want_servers))
-        joined = join_mod.join(
-            node=s.node_name, processes=attributed, pods_by_uid=pods_by_uid,
-            allocations=allocations, activities=activities, servers=servers,
-            server_name_annotation=s.kubernetes.server_name_annotation,
-        )
-        if await self._hub_kernels(joined, activities):
-            joined = join_mod.join(
-                node=s.node_name, processes=attributed, pods_by_uid=pods_by_uid,
-                allocations=allocations, activities=activities, servers=servers,
+
+        def joined_with(kernel_servers: Mapping[str, ServerRef]) -> join_mod.JoinResult:
+            return join_mod.join(
+                node=s.node_name, processes=attributed, pods_by_uid=pods_by_uid, allocations=allocations,
+                activities=activities, servers=servers, kernel_servers=kernel_servers,
                 server_name_annotation=s.kubernetes.server_name_annotation,
             )
+
+        joined = joined_with({})
+        unobserved = any(c.kernel_id and (activities.get(c.kernel_id) is None or activities[c.kernel_id].error)
+                         for c in joined.candidates)
+        if self.adapters.hub is not None and unobserved:
+            if not servers:
+                servers = await self._servers(True)
+            found = await self._hub_kernels(joined, activities, servers)
+            if found:
+                joined = joined_with(found)
         observed_at = self.clock()
         decisions = policy.decide(joined.candidates, samp, s, now, self._state)
         results = await self.executor.execute(decisions, recheck=self._recheck)

@@ -106,3 +106,12 @@ def test_join_is_deterministic_whatever_the_input_order():
     b = join(node="n1", processes=list(reversed(procs)), pods_by_uid=PODS, allocations=None,
              activities={})
     assert a == b
+
+
+def test_kernel_server_found_through_the_hub_when_no_pod_names_it():
+    """Plain host running JupyterHub: no pod, the daemon found the kernel in bob's server via the hub."""
+    bob = ServerRef("bob", "gpu", url="/user/bob/gpu/")
+    r = join(node="n1", processes=[proc(10, "GPU-0", K1)], pods_by_uid={}, allocations=None,
+             activities={}, kernel_servers={K1: bob})
+    (c,) = r.candidates
+    assert c.server == bob and c.user == "bob" and c.pod is None
