@@ -26,7 +26,6 @@ from reclaimer.config import Settings, format_duration
 from reclaimer.errors import StartupError
 from reclaimer.model import (
     ActionResult,
-    Candidate,
     CycleSnapshot,
     Decision,
     KernelActivity,
@@ -35,7 +34,6 @@ from reclaimer.model import (
     PolicyState,
     SamplerSnapshot,
     ServerRef,
-    Verdict,
 )
 from reclaimer.sampler import GpuBackend, Sampler, open_backend
 

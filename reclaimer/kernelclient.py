@@ -71,12 +71,13 @@ class GatewayRest:
     async def interrupt(self, kernel_id: str) -> None:
         await self._request("POST", f"/api/kernels/{kernel_id}/interrupt")
 
-    async def execute(self, kernel_id: str, code: str, *, wait: bool = True, timeout: float = 60.0) -> str:
+    async def execute(self, kernel_id: str, code: str, *, wait: bool = True, silent: bool = False,
+                      timeout: float = 60.0) -> str:
         """Run ``code``; return its stdout when ``wait`` (else return once the kernel has accepted it: busy)."""
         ws_url = self.base.replace("http", "ws", 1) + f"/api/kernels/{kernel_id}/channels"
         session_id = uuid.uuid4().hex
         req = _msg("execute_request", {
-            "code": code, "silent": False, "store_history": False, "user_expressions": {},
+            "code": code, "silent": silent, "store_history": False, "user_expressions": {},
             "allow_stdin": False, "stop_on_error": True,
         }, session_id)
         msg_id = req["header"]["msg_id"]

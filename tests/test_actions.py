@@ -6,7 +6,6 @@ GatewayPool to an aiohttp gateway on loopback that answers as scripted.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from dataclasses import replace
 

@@ -11,7 +11,6 @@ Pod (fake API + kubelet):            a pod holding GPU 4 with no process at all 
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -170,7 +169,6 @@ async def test_enforce_reclaims_only_the_idle_kernel_and_the_idle_pod(node: Node
         got = {(r.decision.candidate.key, r.result) for _, rs in n.cycles for r in rs}
         return (f"kernel:{n.kernels['idle']}", "verified") in got and (f"pod:{n.pod_uid}", "success") in got
 
-    metrics_url = f"http://{settings.listen}/metrics"
     await run_until(daemon, done, timeout=60)
 
     # The idle kernel: warned first, shut down once, never before idle_after had passed on both signals.
@@ -188,6 +186,9 @@ async def test_enforce_reclaims_only_the_idle_kernel_and_the_idle_pod(node: Node
         await n.rest.kernel(n.kernels["idle"])
     verified = [r for r in n.results_for("idle") if r.result == "verified"]
     assert verified and verified[0].reclaimed_bytes == 1 * GIB
+    exposition = daemon.metrics.render()[0].decode()
+    assert "reclaimer_reclaimed_gpu_memory_bytes_total 1.073741824e+09" in exposition
+    assert 'reclaimer_actions_total{action="shutdown-kernel",mode="enforce",result="success"} 1.0' in exposition
 
     # Busy kernel, busy GPU, exempt kernel: alive, never acted upon, with the verdicts on-call would expect.
     for role in ("training", "reserved", "gpubusy"):
@@ -264,7 +265,7 @@ async def test_report_from_a_running_daemon_and_metrics(node: Node, tmp_path: Pa
         kernels = {k["kernel_id"]: k for k in body["kernels"]}
         assert kernels[n.kernels["training"]]["execution_state"] == "busy"
         assert kernels[n.kernels["reserved"]]["verdict"] == "exempt"
-        assert f'reclaimer_kernel_info{{' in metrics and n.kernels["idle"] in metrics
+        assert 'reclaimer_kernel_info{' in metrics and n.kernels["idle"] in metrics
         from reclaimer.report import render_table, report_from_json
 
         table = render_table(report_from_json(body))

@@ -18,7 +18,6 @@ from reclaimer.model import ActionKind, Candidate, Decision, PolicyState, Sample
 from reclaimer.policy import IDLE_AFTER_ANNOTATION, decide, recheck
 from tests.support.policy_fixtures import (
     GIB,
-    INTERVAL,
     KID,
     KID2,
     NOW,

@@ -17,7 +17,6 @@ Session fixtures (import them into a test module, or list this module in ``pytes
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -30,15 +29,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
+
+from reclaimer.kernelclient import GatewayRest, KernelClientError
 
 READY_TIMEOUT = 90.0  # generous: 2 loaded CI cores start a Jupyter server in a few seconds, rarely more
 
@@ -294,84 +292,46 @@ def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"token {token}"}
 
 
-async def _rest(url: str, token: str, method: str, path: str, body: Any = None, timeout: float = 60.0) -> Any:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout), headers=auth(token)) as session:
-        async with session.request(method, url.rstrip("/") + path, json=body) as resp:
-            if resp.status >= 400:
-                raise JupyterTestError(f"{method} {path}: HTTP {resp.status}: {(await resp.text())[:300]}")
-            return None if resp.status == 204 else await resp.json(content_type=None)
+def _gateway(url: str, token: str, timeout: float = 60.0) -> GatewayRest:
+    return GatewayRest(url, token, timeout=timeout)
+
+
+async def _call(coro: Awaitable[Any]) -> Any:
+    try:
+        return await coro
+    except KernelClientError as exc:
+        raise JupyterTestError(str(exc)) from None
 
 
 async def start_kernel(url: str, token: str, name: str = "python3") -> str:
     """POST /api/kernels; returns the new kernel's id (the kernel says "starting" until a client talks to it)."""
-    return str((await _rest(url, token, "POST", "/api/kernels", {"name": name}))["id"])
+    return await _call(_gateway(url, token).start_kernel(name))
 
 
 async def kernel_model(url: str, token: str, kernel_id: str) -> dict[str, Any]:
-    return await _rest(url, token, "GET", f"/api/kernels/{kernel_id}")
+    return await _call(_gateway(url, token).kernel(kernel_id))
 
 
 async def interrupt_kernel(url: str, token: str, kernel_id: str) -> None:
-    await _rest(url, token, "POST", f"/api/kernels/{kernel_id}/interrupt")
+    await _call(_gateway(url, token).interrupt(kernel_id))
 
 
 async def shutdown_kernel(url: str, token: str, kernel_id: str) -> None:
     """DELETE /api/kernels/{id}; a kernel already gone is fine."""
     with contextlib.suppress(JupyterTestError):
-        await _rest(url, token, "DELETE", f"/api/kernels/{kernel_id}")
-
-
-def _message(msg_type: str, content: dict[str, Any], session: str) -> dict[str, Any]:
-    return {
-        "header": {"msg_id": uuid.uuid4().hex, "username": "test", "session": session, "msg_type": msg_type,
-                   "version": "5.3", "date": datetime.now(timezone.utc).isoformat()},
-        "parent_header": {}, "metadata": {}, "content": content, "channel": "shell", "buffers": [],
-    }
+        await _call(_gateway(url, token).shutdown(kernel_id))
 
 
 async def run_code(url: str, token: str, kernel_id: str, code: str, wait: bool = True, silent: bool = False,
                    timeout: float = 60.0) -> str:
     """Execute ``code`` over the kernel's websocket. ``wait``: return its stdout once it finished (an error in the
     code raises); otherwise return "" as soon as the kernel reports busy with it (it keeps running)."""
-    ws_url = url.replace("http", "ws", 1).rstrip("/") + f"/api/kernels/{kernel_id}/channels"
-    request = _message("execute_request", {"code": code, "silent": silent, "store_history": False,
-                                           "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
-                       uuid.uuid4().hex)
-    msg_id = request["header"]["msg_id"]
-    out: list[str] = []
-    async with aiohttp.ClientSession(headers=auth(token)) as session:
-        async with session.ws_connect(ws_url, timeout=aiohttp.ClientWSTimeout(ws_close=5)) as ws:
-            await ws.send_str(json.dumps(request))
-            async with asyncio.timeout(timeout):
-                async for frame in ws:
-                    if frame.type != aiohttp.WSMsgType.TEXT:
-                        continue
-                    msg = json.loads(frame.data)
-                    if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                        continue
-                    kind = msg.get("msg_type") or msg.get("header", {}).get("msg_type")
-                    content = msg.get("content", {})
-                    if kind == "status" and content.get("execution_state") == "busy" and not wait:
-                        return ""
-                    if kind == "stream" and content.get("name") == "stdout":
-                        out.append(content.get("text", ""))
-                    if kind == "error":
-                        raise JupyterTestError(f"kernel error: {content.get('ename')}: {content.get('evalue')}")
-                    if kind == "status" and content.get("execution_state") == "idle":
-                        return "".join(out)
-    raise JupyterTestError("the kernel's websocket closed before the code finished")
+    return await _call(_gateway(url, token).execute(kernel_id, code, wait=wait, silent=silent, timeout=timeout))
 
 
 async def wait_for_state(url: str, token: str, kernel_id: str, state: str, timeout: float = 60.0) -> dict[str, Any]:
     """Poll the kernel model until ``execution_state == state`` (deadline); returns the model."""
-    deadline = time.monotonic() + timeout
-    model: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        model = await kernel_model(url, token, kernel_id)
-        if model.get("execution_state") == state:
-            return model
-        await asyncio.sleep(0.05)  # polling interval; the deadline decides
-    raise JupyterTestError(f"kernel {kernel_id} never reached {state!r}; last {model.get('execution_state')!r}")
+    return await _call(_gateway(url, token).wait_state(kernel_id, state, timeout))
 
 
 async def wake_kernel(url: str, token: str, kernel_id: str) -> dict[str, Any]:
@@ -382,7 +342,7 @@ async def wake_kernel(url: str, token: str, kernel_id: str) -> dict[str, Any]:
 
 async def kernel_pid(url: str, token: str, kernel_id: str) -> int:
     """The kernel process's PID, as the kernel itself reports it."""
-    return int((await run_code(url, token, kernel_id, "import os; print(os.getpid())")).strip())
+    return await _call(_gateway(url, token).pid(kernel_id))
 
 
 # --------------------------------------------------------------------------- session fixtures
