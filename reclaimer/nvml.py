@@ -358,11 +358,13 @@ class NvmlBackend:
         samples = self._guarded(dev, "nvmlDeviceGetProcessUtilization", now, errors,
                                 lambda: _process_samples(dev.handle, dev.last_seen_us))
         newest: dict[int, tuple[int, int]] = {}  # pid -> (timestamp, smUtil)
-        for s in samples or ():
-            ts = int(s.timeStamp)
-            if ts > newest.get(int(s.pid), (-1, 0))[0]:
-                newest[int(s.pid)] = (ts, int(s.smUtil))
-            dev.last_seen_us = max(dev.last_seen_us, ts)
+        last_seen = dev.last_seen_us
+        for pid, ts, sm in samples or ():
+            if ts > newest.get(pid, (-1, 0))[0]:
+                newest[pid] = (ts, sm)
+            if ts > last_seen:
+                last_seen = ts
+        dev.last_seen_us = last_seen
         for pid, (_, sm) in newest.items():
             dev.sm[pid] = (min(1.0, max(0.0, sm / 100.0)), now)
 
@@ -411,14 +413,31 @@ def _read_processes_v1(handle: Any) -> list[_ProcessInfoV1]:
     return list(infos[: count.value])
 
 
-def _process_samples(handle: Any, last_seen_us: int) -> list[Any]:
-    """Samples newer than ``last_seen_us``; "none since then" (NOT_FOUND, or SUCCESS with 0) is an empty list."""
-    try:
-        return list(pynvml.nvmlDeviceGetProcessUtilization(handle, last_seen_us))
-    except pynvml.NVMLError as exc:
-        if exc.value in (pynvml.NVML_ERROR_NOT_FOUND, pynvml.NVML_SUCCESS):
-            return []
-        raise
+class _ProcessUtilizationSample(ctypes.Structure):
+    """nvmlProcessUtilizationSample_t as a plain ctypes struct: pynvml's runs Python code on every field read."""
+
+    _fields_ = [("pid", ctypes.c_uint), ("timeStamp", ctypes.c_ulonglong), ("smUtil", ctypes.c_uint),
+                ("memUtil", ctypes.c_uint), ("encUtil", ctypes.c_uint), ("decUtil", ctypes.c_uint)]
+
+
+def _process_samples(handle: Any, last_seen_us: int) -> list[tuple[int, int, int]]:
+    """(pid, timestamp µs, SM %) of the samples newer than ``last_seen_us``, with NVML's size-query convention;
+    "none since then" (NOT_FOUND, or SUCCESS with 0) is an empty list."""
+    fn = pynvml._nvmlGetFunctionPointer("nvmlDeviceGetProcessUtilization")
+    count = ctypes.c_uint(0)
+    since = ctypes.c_ulonglong(last_seen_us)
+    ret = fn(handle, None, ctypes.byref(count), since)
+    if ret in (pynvml.NVML_ERROR_NOT_FOUND, pynvml.NVML_SUCCESS):
+        return []
+    if ret != pynvml.NVML_ERROR_INSUFFICIENT_SIZE:
+        raise pynvml.NVMLError(ret)
+    samples = (_ProcessUtilizationSample * count.value)()
+    ret = fn(handle, samples, ctypes.byref(count), since)
+    if ret == pynvml.NVML_ERROR_NOT_FOUND:  # the samples aged out between the two calls
+        return []
+    if ret != pynvml.NVML_SUCCESS:
+        raise pynvml.NVMLError(ret)
+    return [(s.pid, s.timeStamp, s.smUtil) for s in samples[: count.value]]
 
 
 def _driver_version() -> str | None:
