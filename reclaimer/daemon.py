@@ -302,6 +302,7 @@ class Daemon:
         )
         self._account(snap, results)
         self._snapshot = snap
+        self.metrics.prepare(snap)  # the per-kernel series are rendered here, once, not in every scrape
         self._cycles += 1
         self._last_cycle_at = now
         duration = time.perf_counter() - t0

@@ -1,5 +1,5 @@
-"""Prometheus metrics: a collector rebuilt from the latest ``CycleSnapshot`` at each scrape, plus the daemon's
-own counters and histograms, all in a private ``CollectorRegistry``.
+"""Prometheus metrics: fresh families built from the latest ``CycleSnapshot`` (rendered once per snapshot), plus the
+daemon's own counters and histograms, all in private ``CollectorRegistry`` objects.
 
 Per-kernel series come from the snapshot, so they vanish when the kernel does. A scrape never does I/O: the
 snapshot is already built. Pod candidates (GPUs allocated to a pod, no kernel) are keyed
@@ -167,15 +167,14 @@ def _fresh_families() -> _Families:
 
 
 class SnapshotCollector(Collector):
-    """Yields fresh families from the latest snapshot at each scrape; never blocks, never fails the scrape."""
+    """Yields fresh families from one snapshot (never the families of an earlier one); never fails the render."""
 
-    def __init__(self, snapshot_provider: SnapshotProvider, nvml_error_counts: NvmlErrorCounts | None) -> None:
+    def __init__(self, snapshot_provider: SnapshotProvider) -> None:
         self._snapshot = snapshot_provider
-        self._nvml_errors = nvml_error_counts
         self.failures = 0
 
     def describe(self) -> list[Metric]:
-        return [*_fresh_families().items.values(), self._nvml_family({}), self._failures_family()]
+        return list(_fresh_families().items.values())
 
     def collect(self) -> Iterator[Metric]:
         f = _fresh_families()
@@ -188,13 +187,6 @@ class SnapshotCollector(Collector):
             log.exception("building metrics from the snapshot failed")
             f = _fresh_families()
         yield from f.items.values()
-        yield self._nvml_family(self._nvml_counts())
-        yield self._failures_family()
-
-    def _failures_family(self) -> CounterMetricFamily:
-        return CounterMetricFamily(
-            "reclaimer_metrics_collect_errors", "Scrapes whose snapshot could not be rendered.", value=self.failures
-        )
 
     @staticmethod
     def _fill(snap: CycleSnapshot, f: _Families) -> None:
@@ -205,6 +197,27 @@ class SnapshotCollector(Collector):
             f.add("reclaimer_gateway_up", (gateway,), None if up is None else int(up))
         f.add("reclaimer_last_sample_timestamp_seconds", (), snap.sampler.last_sample_at)
         f.add("reclaimer_snapshot_timestamp_seconds", (), snap.generated_at)
+
+
+class LiveCollector(Collector):
+    """What changes between snapshots and is read at each scrape: NVML error counts, render failures."""
+
+    def __init__(self, snapshots: SnapshotCollector, nvml_error_counts: NvmlErrorCounts | None) -> None:
+        self._snapshots = snapshots
+        self._nvml_errors = nvml_error_counts
+
+    def describe(self) -> list[Metric]:
+        return [self._nvml_family({}), self._failures_family()]
+
+    def collect(self) -> Iterator[Metric]:
+        yield self._nvml_family(self._nvml_counts())
+        yield self._failures_family()
+
+    def _failures_family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(
+            "reclaimer_metrics_collect_errors", "Snapshots whose series could not be rendered.",
+            value=self._snapshots.failures,
+        )  # fmt: skip
 
     def _nvml_counts(self) -> Mapping[tuple[str, str], int]:
         if self._nvml_errors is None:
@@ -229,6 +242,9 @@ class SnapshotCollector(Collector):
         return family
 
 
+_LATEST = object()  # prepare(): "whatever the provider says now"
+
+
 class Metrics:
     """Everything ``/metrics`` serves, in its own registry (never the global one).
 
@@ -240,9 +256,16 @@ class Metrics:
         snapshot_provider: SnapshotProvider,
         nvml_error_counts: NvmlErrorCounts | None = None,
     ) -> None:
+        self._provider = snapshot_provider
+        # Per-snapshot series are rendered once per snapshot (``prepare``), not per scrape: a scrape of a node
+        # with hundreds of kernels then only concatenates bytes with the few live counters below.
+        self._rendering: CycleSnapshot | None = None
+        self._rendered: tuple[CycleSnapshot | None, bytes] | None = None
+        self.collector = SnapshotCollector(lambda: self._rendering)
+        self._snapshot_registry = CollectorRegistry()
+        self._snapshot_registry.register(self.collector)
         self.registry = CollectorRegistry()
-        self.collector = SnapshotCollector(snapshot_provider, nvml_error_counts)
-        self.registry.register(self.collector)
+        self.registry.register(LiveCollector(self.collector, nvml_error_counts))
         r = self.registry
         self.actions_total = Counter(
             "reclaimer_actions", "Reclaim actions taken (or recorded in dry-run), by result.",
@@ -293,6 +316,26 @@ class Metrics:
             if seconds > 0:
                 self.gpu_held_idle_seconds_total.labels(namespace or NO_NAMESPACE).inc(seconds)
 
+    def prepare(self, snap: CycleSnapshot | None | object = _LATEST) -> None:
+        """Render ``snap``'s series (default: the provider's latest) now; the daemon calls this once per cycle."""
+        snap = self._provider() if snap is _LATEST else snap
+        assert snap is None or isinstance(snap, CycleSnapshot)
+        self._rendering = snap
+        self._rendered = (snap, generate_latest(self._snapshot_registry))
+
     def render(self) -> tuple[bytes, str]:
-        """One scrape: the Prometheus text exposition and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE
+        """One scrape: the Prometheus text exposition and its content type.
+
+        The latest snapshot's series (rendered by ``prepare``, or here if that snapshot was not prepared yet), then
+        the live counters and histograms. Never does I/O.
+        """
+        try:
+            snap = self._provider()
+        except Exception:  # a broken provider must cost the snapshot's series, not the whole scrape
+            self.collector.failures += 1
+            log.exception("building metrics from the snapshot failed")
+            snap = None
+        if self._rendered is None or self._rendered[0] is not snap:
+            self.prepare(snap)
+        assert self._rendered is not None
+        return self._rendered[1] + generate_latest(self.registry), CONTENT_TYPE

@@ -348,3 +348,25 @@ def test_non_finite_values_have_no_series() -> None:
     for name in ("reclaimer_gpu_utilization_ratio", "reclaimer_gpu_idle_seconds", "reclaimer_kernel_idle_seconds",
                  "reclaimer_kernel_gpu_utilization_ratio"):  # fmt: skip
         assert values(series, name) == {}, name
+
+
+def test_snapshot_series_are_rendered_once_per_snapshot() -> None:
+    """A scrape reuses the text rendered for the current snapshot; a new snapshot is rendered afresh."""
+    b = SnapshotBuilder()
+    b.gpu(0)
+    first, second = b.build(), b.build()
+    current = [first]
+    metrics = Metrics(lambda: current[0])
+    metrics.prepare()
+    calls = []
+    original = metrics.collector.collect
+    metrics.collector.collect = lambda: (calls.append(1), (yield from original()))[1]  # type: ignore[method-assign]
+    metrics.render()
+    metrics.render()
+    assert calls == []  # prepared: scrapes only concatenate
+    current[0] = second
+    text = metrics.render()[0].decode()
+    assert calls == [1] and "reclaimer_gpu_info" in text
+    metrics.actions_total.labels("evict-pod", "success", "enforce").inc()
+    assert 'reclaimer_actions_total{action="evict-pod",mode="enforce",result="success"} 1.0' in \
+        metrics.render()[0].decode()  # live counters are never cached
