@@ -94,7 +94,7 @@ async def test_invariant_5_dry_run_makes_no_mutating_call_and_no_event(kube: Fak
         pytest.param(forbidden("nb-alice"), "failed", [("GPUIdleWarning", "Warning")], id="403"),
     ],
 )
-async def test_eviction_paths(kube: FakeKube, reply: Reply | None, result: str, events: list) -> None:
+async def test_invariant_7_no_force_eviction_paths(kube: FakeKube, reply: Reply | None, result: str, events: list) -> None:
     d = pod_decision(kube)
     kube.eviction_response = reply
     ex = LiveExecutor(kube=kube.kube_client(), clock=Clock())
@@ -133,7 +133,7 @@ async def test_429_backs_off_and_retries_after(kube: FakeKube, reply: Reply) -> 
     assert later.result == "success" and len(kube.evictions) == 2
 
 
-async def test_failed_eviction_is_retried_next_cycle_never_escalated(kube: FakeKube) -> None:
+async def test_invariant_7_no_force_failed_eviction_is_retried_never_escalated(kube: FakeKube) -> None:
     d = pod_decision(kube)
     kube.eviction_response = multiple_pdbs()
     ex = LiveExecutor(kube=kube.kube_client(), clock=Clock())
@@ -210,7 +210,7 @@ class ScriptedGateway:
     [pytest.param(204, "success", id="204"), pytest.param(404, "already-gone", id="404-idempotent"),
      pytest.param(503, "failed", id="503"), pytest.param(500, "failed", id="500")],
 )
-async def test_shutdown_kernel_paths(aiohttp_server, status: int, result: str) -> None:
+async def test_invariant_8_idempotent_shutdown_paths(aiohttp_server, status: int, result: str) -> None:
     gw = ScriptedGateway()
     gw.status = status
     server = await aiohttp_server(gw.app())

@@ -69,19 +69,23 @@ def write_config(tmp_path: Path, body: str) -> Path:
     return path
 
 
-def test_run_serves_health_and_stops_on_sigterm_within_5s(tmp_path: Path, fake_nvml: FakeNvml) -> None:
+def test_run_serves_health_and_stops_on_sigterm_within_5s_invariant_9_no_secrets(tmp_path: Path, fake_nvml: FakeNvml) -> None:
     fake_nvml.write(gpus=[FakeGpu(uuid=gpu_uuid(0), util=0)], processes=[FakeProcess(pid=os.getpid(), gpu=0)])
     port = free_port()
     dead_gateway = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    secret = "s3cr3t-" + os.urandom(8).hex()
+    (tmp_path / "hub-token").write_text(secret + "\n")
     cfg = write_config(tmp_path, f"""
 listen: 127.0.0.1:{port}
 sample_interval: 200ms
 decide_interval: 500ms
 kubernetes: {{enabled: false}}
-gateways: [{{name: down, url: "{dead_gateway}", timeout: 300ms}}]
+gateways: [{{name: down, url: "{dead_gateway}", timeout: 300ms, token_env: DEAD_GW_TOKEN}}]
+hub: {{url: "{dead_gateway}", token_file: "{tmp_path / 'hub-token'}", timeout: 300ms}}
 """)
-    proc = subprocess.Popen([sys.executable, "-m", "reclaimer", "run", "--config", str(cfg)],
-                            env=fake_nvml.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "reclaimer", "run", "--config", str(cfg), "--log-level", "debug"],
+                            env={**fake_nvml.env(), "DEAD_GW_TOKEN": secret},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
         poll(lambda: http_status(base + "/readyz")[0] == 200, what="/readyz 200")
@@ -92,6 +96,9 @@ gateways: [{{name: down, url: "{dead_gateway}", timeout: 300ms}}]
         assert "reclaimer_gpu_utilization_ratio" in metrics
         status, report = http_status(base + "/report")
         assert status == 200 and json.loads(report)["gpus"][0]["uuid"] == gpu_uuid(0)
+        readyz = http_status(base + "/readyz")[1]
+        # Invariant 9: tokens never reach metrics, the report or readiness details.
+        assert secret not in metrics and secret not in report and secret not in readyz
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=5) == 0
@@ -100,6 +107,7 @@ gateways: [{{name: down, url: "{dead_gateway}", timeout: 300ms}}]
         if proc.poll() is None:
             proc.kill()
         out = proc.communicate()[0].decode()
+    assert secret not in out  # invariant 9: nor the logs, at debug level, effective config included
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert any(rec.get("event") == "effective config" for rec in lines)
     assert any(rec.get("event") == "cycle" for rec in lines)

@@ -11,6 +11,7 @@ Pod (fake API + kubelet):            a pod holding GPU 4 with no process at all 
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -213,6 +214,11 @@ async def test_enforce_reclaims_only_the_idle_kernel_and_the_idle_pod(node: Node
     assert reasons_actions[0] == ("GPUIdleWarning", "Warn")
     assert ("GPUIdle", "EvictPod") in reasons_actions
     assert all(e["reportingController"] == "reclaimer.io/gpu-reclaimer" for e in n.kube.events)
+    # Invariant 9: the gateway token reaches no Event, report or metric.
+    from reclaimer.report import build_report, render_json
+
+    assert n.kg.token not in json.dumps(n.kube.events)
+    assert n.kg.token not in render_json(build_report(daemon.snapshot())) and n.kg.token not in exposition
 
 
 async def test_dry_run_changes_nothing_and_creates_no_event(node: Node, tmp_path: Path) -> None:
