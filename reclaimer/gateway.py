@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import re
 import ssl
@@ -302,14 +303,16 @@ class RestEndpoint:
             headers["Authorization"] = f"token {self._token}"
         async with self._semaphore:
             started = time.perf_counter()
+            async def exchange() -> HttpAnswer:
+                async with session.request(
+                    method, url, headers=headers, allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=seconds, connect=seconds),
+                ) as resp:
+                    return await self._answer(resp, limit)
+
             try:
-                async with asyncio.timeout(seconds):
-                    async with session.request(
-                        method, url, headers=headers, allow_redirects=False,
-                        timeout=aiohttp.ClientTimeout(total=seconds, connect=seconds),
-                    ) as resp:
-                        return await self._answer(resp, limit)
-            except TimeoutError:
+                return await asyncio.wait_for(exchange(), seconds)
+            except (TimeoutError, asyncio.TimeoutError):  # distinct types before Python 3.11
                 return HttpAnswer(None, error=f"timed out after {seconds:g}s")
             except aiohttp.ClientSSLError as exc:
                 return HttpAnswer(None, error=f"TLS error: {type(exc).__name__}")
@@ -520,21 +523,44 @@ class GatewayClient:
 # --------------------------------------------------------------------------- all gateways
 
 
+@dataclass(slots=True)
+class _Absent:
+    """A kernel every configured gateway said it does not know: not asked again before ``retry_at``."""
+
+    retry_at: float
+    delay: float
+    seen_at: float  # last time an ``observe`` asked about it; stale entries are dropped
+
+
 class GatewayPool:
     """Observe the kernels that hold GPUs here across every configured gateway.
 
     A kernel whose gateway is known is asked for directly (``GET /api/kernels/{id}``); listings are requested only
     for kernels no gateway is known to serve, at most once per gateway per ``observe``. Gateways are asked
-    concurrently, each within its own timeout, so one slow gateway never delays the others.
+    concurrently, each within its own timeout, so one slow gateway never delays the others. A kernel that every
+    gateway said it does not know (e.g. one of a JupyterHub user server) is not asked for again until a retry time
+    (``absent_retry`` seconds, doubling up to ``absent_retry_max``), so such kernels cost no gateway traffic; until
+    then it is unknown, never idle. Errors and timeouts are not "absent": those kernels are asked again next time.
     """
 
-    def __init__(self, clients: Sequence[GatewayClient], clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        clients: Sequence[GatewayClient],
+        clock: Callable[[], float] = time.time,
+        absent_retry: float = 60.0,
+        absent_retry_max: float = 900.0,
+    ):
         names = [c.name for c in clients]
         if len(set(names)) != len(names):
             raise ValueError(f"gateway names must be unique: {names}")
+        if not 0 < absent_retry <= absent_retry_max:
+            raise ValueError(f"need 0 < absent_retry <= absent_retry_max, got {absent_retry} and {absent_retry_max}")
         self.clients: list[GatewayClient] = list(clients)
         self._clock = clock
         self._known: OrderedDict[str, GatewayClient] = OrderedDict()
+        self.absent_retry = absent_retry
+        self.absent_retry_max = absent_retry_max
+        self._absent: OrderedDict[str, _Absent] = OrderedDict()  # oldest ``seen_at`` first
 
     def client_for(self, kernel_id: str) -> GatewayClient | None:
         """The gateway last seen serving ``kernel_id`` (None when unknown)."""
@@ -562,17 +588,52 @@ class GatewayPool:
                 out[kid] = KernelActivity(str(kid), "", now, error="not a canonical kernel id; no request made")
         # Taken before awaiting: a concurrent observe (a re-check) may change the cache meanwhile.
         homes = {k: self._known.get(k) for k in valid}
-        unknown = [k for k in valid if homes[k] is None]
-        cached = {c: [k for k in valid if homes[k] is c] for c in self.clients}
+        backed_off = self._backed_off([k for k in valid if homes[k] is None], now)
+        out.update(backed_off)
+        asked = [k for k in valid if k not in backed_off]
+        unknown = [k for k in asked if homes[k] is None]
+        cached = {c: [k for k in asked if homes[k] is c] for c in self.clients}
         answers = await asyncio.gather(*(self._ask(c, cached[c], unknown) for c in self.clients))
         by_client = dict(zip(self.clients, answers))
-        for kid in valid:
+        for kid in asked:
             home = homes[kid]
             if home is not None:
                 out[kid] = self._settle_cached(kid, home, by_client[home][kid])
             else:
-                out[kid] = self._settle_unknown(kid, [(c, by_client[c][kid]) for c in self.clients], now)
+                replies = [(c, by_client[c][kid]) for c in self.clients]
+                out[kid] = self._settle_unknown(kid, replies, now)
+                self._note_absence(kid, replies, now)
+        return {k: out[k] for k in wanted}
+
+    def _backed_off(self, unknown: list[str], now: float) -> dict[str, KernelActivity]:
+        """Answers (unknown, no request) for the kernels still within their absence backoff; drops stale entries."""
+        out: dict[str, KernelActivity] = {}
+        for kid in unknown:
+            entry = self._absent.get(kid)
+            if entry is None:
+                continue
+            entry.seen_at = now
+            self._absent.move_to_end(kid)
+            if now < entry.retry_at:
+                error = f"{NOT_KNOWN_ANYWHERE} (next check in {math.ceil(entry.retry_at - now)}s)"
+                out[kid] = KernelActivity(kid, "", now, error=error)
+        # Ordered by seen_at: a kernel no longer on this node's GPUs ages out from the front.
+        while self._absent:
+            kid, entry = next(iter(self._absent.items()))
+            if now - entry.seen_at <= self.absent_retry_max and len(self._absent) <= KNOWN_KERNELS_LIMIT:
+                break
+            del self._absent[kid]
         return out
+
+    def _note_absence(self, kid: str, answers: list[tuple[GatewayClient, KernelLookup]], now: float) -> None:
+        """Back off a kernel every gateway said it does not know; forget it once served. Errors change nothing."""
+        if any(a.found for _, a in answers):
+            self._absent.pop(kid, None)
+        elif all(a.not_found for _, a in answers):
+            previous = self._absent.pop(kid, None)
+            delay = min(previous.delay * 2, self.absent_retry_max) if previous else self.absent_retry
+            self._absent[kid] = _Absent(retry_at=now + delay, delay=delay, seen_at=now)
+            log.debug("no gateway knows kernel; backing off", kernel_id=kid, retry_in=delay)
 
     def _settle_cached(self, kid: str, home: GatewayClient, found: KernelLookup) -> KernelActivity:
         if found.not_found:
@@ -639,9 +700,8 @@ class GatewayPool:
 
         try:
             # A little over the request timeout, so a request's own timeout (the clearer error) fires first.
-            async with asyncio.timeout(client.timeout + 0.25):
-                await asyncio.gather(get_each(cached), discover())
-        except TimeoutError:
+            await asyncio.wait_for(asyncio.gather(get_each(cached), discover()), client.timeout + 0.25)
+        except (TimeoutError, asyncio.TimeoutError):  # distinct types before Python 3.11
             pass
         for kid in [*cached, *unknown]:
             if kid not in got:

@@ -82,27 +82,33 @@ class GatewayRest:
         }, session_id)
         msg_id = req["header"]["msg_id"]
         out: list[str] = []
+
+        async def converse(ws: aiohttp.ClientWebSocketResponse) -> str:
+            async for m in ws:
+                if m.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                msg = json.loads(m.data)
+                if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                    continue
+                t = msg.get("msg_type") or msg.get("header", {}).get("msg_type")
+                if t == "status" and msg["content"].get("execution_state") == "busy" and not wait:
+                    return ""
+                if t == "stream" and msg["content"].get("name") == "stdout":
+                    out.append(msg["content"].get("text", ""))
+                if t == "error":
+                    raise KernelClientError(f"kernel error: {msg['content'].get('ename')}: "
+                                            f"{msg['content'].get('evalue')}")
+                if t == "status" and msg["content"].get("execution_state") == "idle":
+                    return "".join(out)
+            raise KernelClientError("websocket closed before the kernel answered")
+
         async with aiohttp.ClientSession(headers=self.headers) as s:
             async with s.ws_connect(ws_url, timeout=aiohttp.ClientWSTimeout(ws_close=5)) as ws:
                 await ws.send_str(json.dumps(req))
-                async with asyncio.timeout(timeout):
-                    async for m in ws:
-                        if m.type != aiohttp.WSMsgType.TEXT:
-                            continue
-                        msg = json.loads(m.data)
-                        if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                            continue
-                        t = msg.get("msg_type") or msg.get("header", {}).get("msg_type")
-                        if t == "status" and msg["content"].get("execution_state") == "busy" and not wait:
-                            return ""
-                        if t == "stream" and msg["content"].get("name") == "stdout":
-                            out.append(msg["content"].get("text", ""))
-                        if t == "error":
-                            raise KernelClientError(f"kernel error: {msg['content'].get('ename')}: "
-                                                    f"{msg['content'].get('evalue')}")
-                        if t == "status" and msg["content"].get("execution_state") == "idle":
-                            return "".join(out)
-        raise KernelClientError("websocket closed before the kernel answered")
+                try:
+                    return await asyncio.wait_for(converse(ws), timeout)
+                except (TimeoutError, asyncio.TimeoutError):
+                    raise KernelClientError(f"kernel did not answer within {timeout:g}s") from None
 
     async def wait_state(self, kernel_id: str, state: str, timeout: float = 30.0) -> dict[str, Any]:
         """Poll the kernel model until ``execution_state == state`` (deadline, not sleep-as-sync)."""

@@ -639,6 +639,210 @@ async def test_pool_rejects_duplicate_names(make_gateway: Make) -> None:
         GatewayPool([c1, c1])
 
 
+# --------------------------------------------------------------------------- kernels no gateway knows: backoff
+
+
+class FakeClock:
+    """The pool's injected clock, moved only by the test."""
+
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def backed_off(seconds: int) -> str:
+    return f"{NOT_KNOWN_ANYWHERE} (next check in {seconds}s)"
+
+
+def paths_since(gw: FakeGateway, start: int) -> list[str]:
+    return [r.path for r in gw.requests[start:]]
+
+
+async def test_pool_backs_off_a_kernel_no_gateway_knows(make_gateway: Make) -> None:
+    a, ca = await make_gateway(name="a")
+    b, cb = await make_gateway(name="b")
+    known = a.add_kernel()
+    clock = FakeClock()
+    pool = GatewayPool([ca, cb], clock=clock, absent_retry=60, absent_retry_max=200)
+    first = await pool.observe([known, KID])
+    assert first[known].error is None and first[KID].error == NOT_KNOWN_ANYWHERE
+    assert (paths_since(a, 0), paths_since(b, 0)) == (["/api/kernels"], ["/api/kernels"])
+
+    for delay in (60, 120, 200, 200):  # doubles, capped at absent_retry_max
+        for step in (0, delay - 1):
+            clock.advance(step)
+            start_a, start_b = len(a.requests), len(b.requests)
+            got = await pool.observe([known, KID])
+            assert got[KID].error == backed_off(delay - step) and got[KID].gateway == ""
+            assert got[KID].execution_state is None and got[KID].last_activity is None  # unknown, never idle
+            assert got[known].error is None
+            assert paths_since(a, start_a) == [f"/api/kernels/{known}"] and paths_since(b, start_b) == []
+        clock.advance(1)  # the retry time: listed again, once per gateway
+        start_a, start_b = len(a.requests), len(b.requests)
+        got = await pool.observe([known, KID])
+        assert got[KID].error == NOT_KNOWN_ANYWHERE
+        assert sorted(paths_since(a, start_a)) == ["/api/kernels", f"/api/kernels/{known}"]  # asked concurrently
+        assert paths_since(b, start_b) == ["/api/kernels"]
+
+    start_a, start_b = len(a.requests), len(b.requests)
+    result, detail = await pool.shutdown(KID)  # nobody serves it: failed, as without the backoff
+    assert result == "failed" and backed_off(200) in detail
+    assert (paths_since(a, start_a), paths_since(b, start_b)) == ([], [])
+
+
+async def test_pool_backs_off_per_kernel_gets_when_listing_is_refused(make_gateway: Make) -> None:
+    a, ca = await make_gateway(name="a", list_kernels=False)
+    b, cb = await make_gateway(name="b", list_kernels=False)
+    known = a.add_kernel()
+    clock = FakeClock()
+    pool = GatewayPool([ca, cb], clock=clock)
+    assert (await pool.observe([known, KID]))[KID].error == NOT_KNOWN_ANYWHERE
+    assert a.count("GET", f"/api/kernels/{KID}") == b.count("GET", f"/api/kernels/{KID}") == 1
+
+    clock.advance(59)
+    start_a, start_b = len(a.requests), len(b.requests)
+    got = await pool.observe([known, KID])
+    assert got[KID].error == backed_off(1) and got[known].error is None
+    assert paths_since(a, start_a) == [f"/api/kernels/{known}"] and paths_since(b, start_b) == []
+
+    clock.advance(1)
+    start_a, start_b = len(a.requests), len(b.requests)
+    assert (await pool.observe([known, KID]))[KID].error == NOT_KNOWN_ANYWHERE
+    assert sorted(paths_since(a, start_a)) == sorted([f"/api/kernels/{known}", "/api/kernels", f"/api/kernels/{KID}"])
+    assert paths_since(b, start_b) == ["/api/kernels", f"/api/kernels/{KID}"]
+    assert (await pool.observe([KID]))[KID].error == backed_off(120)
+
+
+def _fail_gets(fault: Any) -> Any:
+    """Let the (refused) listing through; answer per-kernel GETs with ``fault``."""
+
+    async def only_gets(request: Any) -> Any:
+        return None if request.path == "/api/kernels" else await fault(request)
+
+    return only_gets
+
+
+async def _b_listing_503(make: Make) -> GatewayClient:
+    gw, client = await make(name="b")
+    gw.fault = status(503)
+    return client
+
+
+async def _b_get_500(make: Make) -> GatewayClient:
+    gw, client = await make(name="b", list_kernels=False)
+    gw.fault = _fail_gets(status(500))
+    return client
+
+
+async def _b_hangs(make: Make) -> GatewayClient:
+    gw, client = await make(name="b", timeout=0.3)
+    gw.fault = hang(gw.release)
+    return client
+
+
+async def _b_refused(make: Make) -> GatewayClient:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    return GatewayClient(settings_for(f"http://127.0.0.1:{closed}", name="b", timeout=2.0))
+
+
+@pytest.mark.parametrize(
+    "make_b, reason",
+    [
+        pytest.param(_b_listing_503, "listing failed: HTTP 503", id="listing-5xx"),
+        pytest.param(_b_get_500, "HTTP 500", id="per-kernel-get-5xx"),
+        pytest.param(_b_hangs, "timed out", id="timeout"),
+        pytest.param(_b_refused, "connection refused", id="refused"),
+    ],
+)
+async def test_pool_does_not_back_off_a_kernel_a_gateway_failed_on(
+    make_gateway: Make, make_b: Callable[[Make], Awaitable[GatewayClient]], reason: str
+) -> None:
+    a, ca = await make_gateway(name="a")  # answers "not found"; b cannot say
+    cb = await make_b(make_gateway)
+    asked_b: list[float] = []
+    cb.on_request = lambda name, seconds: asked_b.append(seconds)
+    clock = FakeClock()
+    pool = GatewayPool([ca, cb], clock=clock)
+    try:
+        for cycle in range(1, 4):
+            got = (await pool.observe([KID]))[KID]
+            assert got.error is not None and NOT_KNOWN_ANYWHERE not in got.error and reason in got.error
+            assert a.count("GET", "/api/kernels") == cycle and len(asked_b) >= cycle  # asked again every cycle
+            clock.advance(1)
+    finally:
+        await cb.close()
+
+
+async def test_pool_asks_again_next_cycle_when_a_retry_fails(make_gateway: Make) -> None:
+    a, ca = await make_gateway(name="a")
+    clock = FakeClock()
+    pool = GatewayPool([ca], clock=clock)
+    assert (await pool.observe([KID]))[KID].error == NOT_KNOWN_ANYWHERE
+    clock.advance(60)
+    a.fault = status(503)
+    assert "HTTP 503" in str((await pool.observe([KID]))[KID].error)
+    a.fault = None
+    clock.advance(1)
+    assert (await pool.observe([KID]))[KID].error == NOT_KNOWN_ANYWHERE  # asked at once, not backed off
+    assert a.count("GET", "/api/kernels") == 3
+    assert (await pool.observe([KID]))[KID].error == backed_off(120)  # the failure did not reset the backoff
+
+
+async def test_pool_finds_a_backed_off_kernel_that_appears_later(make_gateway: Make) -> None:
+    a, ca = await make_gateway(name="a")
+    b, cb = await make_gateway(name="b")
+    clock = FakeClock()
+    pool = GatewayPool([ca, cb], clock=clock)
+    assert (await pool.observe([KID]))[KID].error == NOT_KNOWN_ANYWHERE
+    b.add_kernel(KID, state="busy")
+    clock.advance(30)
+    assert (await pool.observe([KID]))[KID].error == backed_off(30)  # not asked before its retry
+    assert b.count("GET", "/api/kernels") == 1
+
+    clock.advance(30)
+    found = (await pool.observe([KID]))[KID]
+    assert found.error is None and found.gateway == "b" and found.execution_state == "busy"
+    assert pool.client_for(KID) is cb
+    start_a, start_b = len(a.requests), len(b.requests)
+    assert (await pool.observe([KID]))[KID].error is None
+    assert (paths_since(a, start_a), paths_since(b, start_b)) == ([], [f"/api/kernels/{KID}"])
+
+    del b.kernels[KID]  # gone again: the backoff starts over, it does not continue from before
+    assert "no longer knows" in str((await pool.observe([KID]))[KID].error)
+    assert (await pool.observe([KID]))[KID].error == NOT_KNOWN_ANYWHERE
+    assert (await pool.observe([KID]))[KID].error == backed_off(60)
+
+
+async def test_pool_forgets_backoffs_of_kernels_no_longer_asked_about(make_gateway: Make) -> None:
+    gw, client = await make_gateway()
+    other = gw.add_kernel()
+    clock = FakeClock()
+    pool = GatewayPool([client], clock=clock, absent_retry=60, absent_retry_max=100)
+    await pool.observe([KID])
+    clock.advance(60)
+    await pool.observe([KID])  # absent again: next delay would be 100
+    clock.advance(101)
+    await pool.observe([other])  # KID not asked about for over absent_retry_max: its entry is dropped
+    assert (await pool.observe([KID]))[KID].error == NOT_KNOWN_ANYWHERE
+    assert (await pool.observe([KID]))[KID].error == backed_off(60)  # started over, not continued at 100
+
+
+@pytest.mark.parametrize(
+    "retry, retry_max",
+    [pytest.param(0, 900, id="zero"), pytest.param(-1, 900, id="negative"), pytest.param(60, 30, id="max-below")],
+)
+def test_pool_rejects_bad_backoff(retry: float, retry_max: float) -> None:
+    with pytest.raises(ValueError, match="absent_retry"):
+        GatewayPool([], absent_retry=retry, absent_retry_max=retry_max)
+
+
 # --------------------------------------------------------------------------- TLS
 
 
