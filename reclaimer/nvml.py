@@ -44,6 +44,9 @@ VALUE_NOT_AVAILABLE = 2**64 - 1  # NVML_VALUE_NOT_AVAILABLE as an unsigned long 
 FATAL_CODES = frozenset(
     {"GPU_IS_LOST", "RESET_REQUIRED", "GPU_NOT_FOUND", "UNINITIALIZED", "DRIVER_NOT_LOADED", "LIB_RM_VERSION_MISMATCH"}
 )
+UTILIZATION = "nvmlDeviceGetUtilizationRates"
+MEMORY = "nvmlDeviceGetMemoryInfo"
+PROCESS_UTILIZATION = "nvmlDeviceGetProcessUtilization"
 PROCESS_SYMBOLS = (
     "nvmlDeviceGetComputeRunningProcesses_v3",
     "nvmlDeviceGetComputeRunningProcesses_v2",
@@ -73,18 +76,15 @@ def code_name(value: int) -> str:
     return _CODE_NAMES.get(value, "UNKNOWN")
 
 
-class _ProcessInfoV1(ctypes.Structure):
-    """nvmlProcessInfo_v1_t, used by the unversioned symbol that current pynvml no longer wraps."""
-
-    _fields_ = [("pid", ctypes.c_uint), ("usedGpuMemory", ctypes.c_ulonglong)]
-
-
-@dataclass
+@dataclass(slots=True)
 class _Device:
+    """One GPU and what the sampler carries from tick to tick."""
+
     info: GpuDevice
     handle: Any
     last_seen_us: int = 0  # newest process-utilisation sample timestamp seen (microseconds)
     sm: dict[int, tuple[float, float]] = field(default_factory=dict)  # pid -> (ratio, when seen)
+    unsupported: dict[str, float] = field(default_factory=dict)  # function -> when to ask again (NOT_SUPPORTED)
 
 
 def _one_line(text: str) -> str:
@@ -135,7 +135,6 @@ class NvmlBackend:
         self.driver_version = driver_version
         self._errors: dict[tuple[str, str], int] = {}
         self._errors_lock = threading.Lock()
-        self._unsupported: dict[tuple[str, str], float] = {}  # (uuid, function) -> when to ask again
         self._logged: set[tuple[str, str, str]] = set()
         self._process_level = 0  # index into PROCESS_SYMBOLS of the newest symbol this library has
         self._closed = False
@@ -279,15 +278,15 @@ class NvmlBackend:
     def _sample_device(self, dev: _Device, now: float) -> GpuSample:
         errors: list[str] = []
         info = dev.info
+        handle = dev.handle
+        processes: tuple[ProcessSample, ...] | None = None
         try:
-            util = self._guarded(dev, "nvmlDeviceGetUtilizationRates", now, errors,
-                                 lambda: pynvml.nvmlDeviceGetUtilizationRates(dev.handle))
-            memory = self._guarded(dev, "nvmlDeviceGetMemoryInfo", now, errors,
-                                   lambda: pynvml.nvmlDeviceGetMemoryInfo(dev.handle))
-            processes = self._guarded(dev, PROCESS_SYMBOLS[self._process_level], now, errors,
-                                      lambda: self._list_processes(dev.handle))
-            if processes is not None:
-                self._update_process_utilization(dev, now, errors)
+            util = self._read(dev, UTILIZATION, now, errors, _read_utilization, handle)
+            memory = self._read(dev, MEMORY, now, errors, _read_memory, handle)
+            listed = self._read(dev, PROCESS_SYMBOLS[self._process_level], now, errors, self._list_processes, handle)
+            if listed is not None:
+                samples = self._read(dev, PROCESS_UTILIZATION, now, errors, _process_samples, handle, dev.last_seen_us)
+                processes = self._with_sm(dev, listed, samples, now) if listed else self._no_processes(dev, samples)
         except _DeviceDown:
             dev.sm.clear()
             return GpuSample(now, info.index, info.uuid, up=False, utilization=None, memory_used_bytes=None,
@@ -297,44 +296,46 @@ class NvmlBackend:
             index=info.index,
             uuid=info.uuid,
             up=True,
-            utilization=None if util is None else min(1.0, max(0.0, util.gpu / 100.0)),
-            memory_used_bytes=_memory_value(None if memory is None else memory.used),
-            memory_total_bytes=info.memory_total_bytes if memory is None else int(memory.total),
-            processes=None if processes is None else self._with_sm(dev, processes, now),
-            errors=tuple(errors),
+            utilization=None if util is None else (util / 100.0 if util < 100 else 1.0),  # unsigned: never below 0
+            memory_used_bytes=None if memory is None else _memory_value(memory.used),
+            memory_total_bytes=info.memory_total_bytes if memory is None else memory.total,
+            processes=processes,
+            errors=tuple(errors) if errors else (),
         )
 
-    def _guarded(self, dev: _Device, function: str, now: float, errors: list[str], call: Callable[[], T]) -> T | None:
-        """Run one NVML call for one device: ``None`` on any error (counted, noted); ``_DeviceDown`` when fatal."""
-        key = (dev.info.uuid, function)
-        retry_at = self._unsupported.get(key)
-        if retry_at is not None and now < retry_at:
-            errors.append(f"{function}:NOT_SUPPORTED")
-            return None
+    def _read(self, dev: _Device, function: str, now: float, errors: list[str], reader: Callable[..., T],
+              *args: Any) -> T | None:
+        """Run one NVML read for one device: ``None`` on any error (counted, noted); ``_DeviceDown`` when fatal."""
+        unsupported = dev.unsupported
+        if unsupported:  # rare: some read on this GPU answered NOT_SUPPORTED
+            retry_at = unsupported.get(function)
+            if retry_at is not None and now < retry_at:
+                errors.append(f"{function}:NOT_SUPPORTED")
+                return None
         try:
-            result = call()
+            result = reader(*args)
         except pynvml.NVMLError as exc:
-            function = getattr(exc, "nvml_function", function)
-            code = code_name(exc.value)
+            return self._failed(dev, getattr(exc, "nvml_function", function), code_name(exc.value), now, errors)
         except Exception as exc:  # a pynvml or ctypes failure that is not an NVML code; still never escapes
-            code = "UNKNOWN"
             if (dev.info.uuid, function, type(exc).__name__) not in self._logged:
                 self._logged.add((dev.info.uuid, function, type(exc).__name__))
                 log.error("nvml call raised", uuid=dev.info.uuid, function=function, error=repr(exc), exc_info=exc)
-        else:
-            self._unsupported.pop(key, None)
-            return result
-        key = (dev.info.uuid, function)
+            return self._failed(dev, function, "UNKNOWN", now, errors)
+        if unsupported:
+            unsupported.pop(function, None)
+        return result
+
+    def _failed(self, dev: _Device, function: str, code: str, now: float, errors: list[str]) -> None:
+        """Count and note one failed read; remember NOT_SUPPORTED; raise ``_DeviceDown`` when the GPU is gone."""
         self._count(function, code)
         errors.append(f"{function}:{code}")
         if (dev.info.uuid, function, code) not in self._logged:
             self._logged.add((dev.info.uuid, function, code))
             log.warning("nvml call failed", gpu=dev.info.index, uuid=dev.info.uuid, function=function, code=code)
         if code == "NOT_SUPPORTED":
-            self._unsupported[key] = now + UNSUPPORTED_RETRY_SECONDS
+            dev.unsupported[function] = now + UNSUPPORTED_RETRY_SECONDS
         if code in FATAL_CODES:
             raise _DeviceDown(code)
-        return None
 
     def _count(self, function: str, code: str) -> None:
         with self._errors_lock:
@@ -354,76 +355,136 @@ class NvmlBackend:
                 self._process_level += 1
                 log.info("nvml: older driver, falling back", missing=symbol, using=PROCESS_SYMBOLS[self._process_level])
 
-    def _update_process_utilization(self, dev: _Device, now: float, errors: list[str]) -> None:
-        samples = self._guarded(dev, "nvmlDeviceGetProcessUtilization", now, errors,
-                                lambda: _process_samples(dev.handle, dev.last_seen_us))
-        newest: dict[int, tuple[int, int]] = {}  # pid -> (timestamp, smUtil)
-        last_seen = dev.last_seen_us
-        for pid, ts, sm in samples or ():
-            if ts > newest.get(pid, (-1, 0))[0]:
-                newest[pid] = (ts, sm)
-            if ts > last_seen:
-                last_seen = ts
-        dev.last_seen_us = last_seen
-        for pid, (_, sm) in newest.items():
-            dev.sm[pid] = (min(1.0, max(0.0, sm / 100.0)), now)
+    @staticmethod
+    def _no_processes(dev: _Device, samples: list[tuple[int, int, int]] | None) -> tuple[()]:
+        """The common idle-GPU case: only carry the newest sample timestamp forward; no PID keeps an SM value."""
+        if samples:
+            dev.last_seen_us = max(dev.last_seen_us, max(ts for _, ts, _ in samples))
+        if dev.sm:
+            dev.sm.clear()  # a PID gone from the list may come back as another process
+        return ()
 
-    def _with_sm(self, dev: _Device, processes: list[tuple[int, int | None]], now: float) -> tuple[ProcessSample, ...]:
-        live = {pid for pid, _ in processes}
-        for pid in [p for p, (_, seen) in dev.sm.items() if p not in live or now - seen > SM_HOLD_SECONDS]:
-            del dev.sm[pid]  # a PID gone from the list may come back as another process
-        return tuple(
-            ProcessSample(pid=pid, used_memory_bytes=used, sm_utilization=dev.sm[pid][0] if pid in dev.sm else None)
-            for pid, used in processes
-        )
+    @staticmethod
+    def _with_sm(dev: _Device, processes: list[tuple[int, int | None]], samples: list[tuple[int, int, int]] | None,
+                 now: float) -> tuple[ProcessSample, ...]:
+        """ProcessSamples with each PID's SM ratio: from this tick's newest sample, else held, else ``None``."""
+        sm = dev.sm
+        if samples:
+            newest: dict[int, int] = {}  # pid -> timestamp of the sample kept this tick (the first of equal ones)
+            last_seen = dev.last_seen_us
+            for pid, ts, util in samples:
+                if ts > newest.get(pid, -1):
+                    newest[pid] = ts
+                    sm[pid] = (util / 100.0 if util < 100 else 1.0, now)  # unsigned: never below 0
+                if ts > last_seen:
+                    last_seen = ts
+            dev.last_seen_us = last_seen
+        if not sm:
+            return tuple([ProcessSample(pid, used, None) for pid, used in processes])
+        # Keep only PIDs still listed and seen recently: a PID gone from the list may come back as another process.
+        kept: dict[int, tuple[float, float]] = {}
+        out: list[ProcessSample] = []
+        for pid, used in processes:
+            held = sm.get(pid)
+            if held is not None and now - held[1] <= SM_HOLD_SECONDS:
+                kept[pid] = held
+                out.append(ProcessSample(pid, used, held[0]))
+            else:
+                out.append(ProcessSample(pid, used, None))
+        dev.sm = kept
+        return tuple(out)
 
 
-# ---------------------------------------------------------------------- pynvml calls
+# ---------------------------------------------------------------------- NVML calls (plain ctypes)
+#
+# The tick calls the library through pynvml's function pointers with the plain structs below: pynvml's own
+# structs run Python code on every field read and its process-list wrapper builds an object per process.
+# Each struct mirrors NVML's C layout (tests compare them with pynvml's and the fake library's).
+
+
+class _Utilization(ctypes.Structure):
+    """nvmlUtilization_t (percent)."""
+
+    _fields_ = [("gpu", ctypes.c_uint), ("memory", ctypes.c_uint)]
+
+
+class _Memory(ctypes.Structure):
+    """nvmlMemory_t (bytes), what the unversioned nvmlDeviceGetMemoryInfo fills."""
+
+    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+
+class _ProcessInfoV1(ctypes.Structure):
+    """nvmlProcessInfo_v1_t: the unversioned nvmlDeviceGetComputeRunningProcesses."""
+
+    _fields_ = [("pid", ctypes.c_uint), ("usedGpuMemory", ctypes.c_ulonglong)]
+
+
+class _ProcessInfo(ctypes.Structure):
+    """nvmlProcessInfo_v2_t, which ``_v2`` and ``_v3`` both fill (pynvml: c_nvmlProcessInfo_v2_t = _v3_t)."""
+
+    _fields_ = [("pid", ctypes.c_uint), ("usedGpuMemory", ctypes.c_ulonglong), ("gpuInstanceId", ctypes.c_uint),
+                ("computeInstanceId", ctypes.c_uint)]
+
+
+class _ProcessUtilizationSample(ctypes.Structure):
+    """nvmlProcessUtilizationSample_t."""
+
+    _fields_ = [("pid", ctypes.c_uint), ("timeStamp", ctypes.c_ulonglong), ("smUtil", ctypes.c_uint),
+                ("memUtil", ctypes.c_uint), ("encUtil", ctypes.c_uint), ("decUtil", ctypes.c_uint)]
+
+
+PROCESS_LAYOUTS: dict[str, type[ctypes.Structure]] = {
+    "nvmlDeviceGetComputeRunningProcesses_v3": _ProcessInfo,
+    "nvmlDeviceGetComputeRunningProcesses_v2": _ProcessInfo,
+    "nvmlDeviceGetComputeRunningProcesses": _ProcessInfoV1,
+}
 
 
 def _memory_value(value: int | None) -> int | None:
     return None if value is None or value == VALUE_NOT_AVAILABLE else int(value)
 
 
+def _read_utilization(handle: Any) -> int:
+    """GPU utilisation in percent (nvmlDeviceGetUtilizationRates)."""
+    util = _Utilization()
+    ret = pynvml._nvmlGetFunctionPointer(UTILIZATION)(handle, ctypes.byref(util))
+    if ret != pynvml.NVML_SUCCESS:
+        raise pynvml.NVMLError(ret)
+    return util.gpu
+
+
+def _read_memory(handle: Any) -> _Memory:
+    """Total, free and used bytes (nvmlDeviceGetMemoryInfo); ``used`` may be NVML_VALUE_NOT_AVAILABLE."""
+    memory = _Memory()
+    ret = pynvml._nvmlGetFunctionPointer(MEMORY)(handle, ctypes.byref(memory))
+    if ret != pynvml.NVML_SUCCESS:
+        raise pynvml.NVMLError(ret)
+    return memory
+
+
 def _read_processes(symbol: str, handle: Any) -> list[tuple[int, int | None]]:
-    if symbol == "nvmlDeviceGetComputeRunningProcesses":
-        infos = _read_processes_v1(handle)
-    else:
-        reader = getattr(pynvml, symbol, None)
-        if reader is None:  # an older pynvml without this wrapper: same meaning as a library without the symbol
-            raise pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
-        infos = reader(handle)
-    return [(int(p.pid), _memory_value(p.usedGpuMemory)) for p in infos]
-
-
-def _read_processes_v1(handle: Any) -> list[_ProcessInfoV1]:
-    """The unversioned symbol with NVML's size-query convention (count 0 first, then a big enough array)."""
-    fn = pynvml._nvmlGetFunctionPointer("nvmlDeviceGetComputeRunningProcesses")
+    """(pid, used bytes or None) from one process-list symbol with NVML's size-query convention: count 0 first
+    (SUCCESS: no processes), then an array with room for processes started between the two calls."""
+    fn = pynvml._nvmlGetFunctionPointer(symbol)  # cached by pynvml; raises FUNCTION_NOT_FOUND when the library lacks it
     count = ctypes.c_uint(0)
     ret = fn(handle, ctypes.byref(count), None)
     if ret == pynvml.NVML_SUCCESS:
         return []
     if ret != pynvml.NVML_ERROR_INSUFFICIENT_SIZE:
         raise pynvml.NVMLError(ret)
-    count.value = count.value * 2 + 5  # room for processes started between the two calls
-    infos = (_ProcessInfoV1 * count.value)()
+    count.value = count.value * 2 + 5
+    infos = (PROCESS_LAYOUTS[symbol] * count.value)()
     ret = fn(handle, ctypes.byref(count), infos)
     if ret != pynvml.NVML_SUCCESS:
         raise pynvml.NVMLError(ret)
-    return list(infos[: count.value])
-
-
-class _ProcessUtilizationSample(ctypes.Structure):
-    """nvmlProcessUtilizationSample_t as a plain ctypes struct: pynvml's runs Python code on every field read."""
-
-    _fields_ = [("pid", ctypes.c_uint), ("timeStamp", ctypes.c_ulonglong), ("smUtil", ctypes.c_uint),
-                ("memUtil", ctypes.c_uint), ("encUtil", ctypes.c_uint), ("decUtil", ctypes.c_uint)]
+    return [(p.pid, None if (used := p.usedGpuMemory) == VALUE_NOT_AVAILABLE else used) for p in infos[: count.value]]
 
 
 def _process_samples(handle: Any, last_seen_us: int) -> list[tuple[int, int, int]]:
     """(pid, timestamp µs, SM %) of the samples newer than ``last_seen_us``, with NVML's size-query convention;
     "none since then" (NOT_FOUND, or SUCCESS with 0) is an empty list."""
-    fn = pynvml._nvmlGetFunctionPointer("nvmlDeviceGetProcessUtilization")
+    fn = pynvml._nvmlGetFunctionPointer(PROCESS_UTILIZATION)
     count = ctypes.c_uint(0)
     since = ctypes.c_ulonglong(last_seen_us)
     ret = fn(handle, None, ctypes.byref(count), since)

@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import pynvml
 import pytest
 
-from reclaimer.nvml import SM_HOLD_SECONDS, UNSUPPORTED_RETRY_SECONDS, NvmlBackend, NvmlUnavailable, code_name
+from reclaimer.nvml import (
+    SM_HOLD_SECONDS,
+    UNSUPPORTED_RETRY_SECONDS,
+    NvmlBackend,
+    NvmlUnavailable,
+    _Memory,
+    _ProcessInfo,
+    _ProcessInfoV1,
+    _ProcessUtilizationSample,
+    _Utilization,
+    code_name,
+)
 from tests.support.nvml_fixtures import (  # noqa: F401  (fixtures)
     GIB,
+    SOURCE,
     FakeDelay,
     FakeError,
     FakeGpu,
@@ -199,6 +215,77 @@ def test_old_drivers_fall_back_to_older_process_symbols_once(fake_nvml: FakeNvml
     assert calls and set(calls) == {expected[variant]}
 
 
+@pytest.mark.parametrize("variant", [pytest.param("full", id="v3"), pytest.param("no_v3", id="v2"),
+                                     pytest.param("v1_only", id="v1")])
+def test_every_process_struct_layout_reads_a_long_list(fake_nvml: FakeNvml, variant: str) -> None:
+    """A wrong struct size would shift every entry after the first: 150 processes make that visible."""
+    procs = [FakeProcess(pid=3000 + i, gpu=i % 2, memory=None if i % 5 == 0 else (i + 1) * GIB) for i in range(150)]
+    fake_nvml.write(gpus=[FakeGpu(uuid=gpu_uuid(0)), FakeGpu(uuid=gpu_uuid(1))], processes=procs)
+    result = run_probe(fake_nvml.env(variant))
+    assert result["ok"], result
+    for gpu, sample in enumerate(result["samples"][0]):
+        assert sample["processes"] == [[p.pid, p.memory, None] for p in procs if p.gpu == gpu]
+        assert sample["errors"] == []
+
+
+# What one tick reads: (pynvml struct, None where pynvml has none; ours; the fake library's typedef). NVML fixes them.
+STRUCTS = [
+    pytest.param("c_nvmlUtilization_t", _Utilization, "nvmlUtilization_t", id="utilization"),
+    pytest.param("c_nvmlMemory_t", _Memory, "nvmlMemory_t", id="memory"),
+    pytest.param(None, _ProcessInfoV1, "nvmlProcessInfo_v1_t", id="process-info-v1"),
+    pytest.param("c_nvmlProcessInfo_v2_t", _ProcessInfo, "nvmlProcessInfo_v2_t", id="process-info-v2"),
+    pytest.param("c_nvmlProcessInfo_v3_t", _ProcessInfo, "nvmlProcessInfo_v2_t", id="process-info-v3"),
+    pytest.param("c_nvmlProcessUtilizationSample_t", _ProcessUtilizationSample, "nvmlProcessUtilizationSample_t",
+                 id="process-utilization-sample"),
+]
+
+
+def layout(struct: type[ctypes.Structure]) -> dict[str, Any]:
+    """sizeof and (name, offset, size) of every field: what must agree with the C side."""
+    fields = [getattr(struct, name) for name, *_ in struct._fields_]
+    return {"sizeof": ctypes.sizeof(struct),
+            "fields": [[name, f.offset, f.size] for (name, *_), f in zip(struct._fields_, fields, strict=True)]}
+
+
+@pytest.fixture(scope="module")
+def c_layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """sizeof and per-field offset/size of the fake library's own typedefs, as gcc lays them out here."""
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    assert gcc, "gcc is needed to build the fake NVML"
+    lines = []
+    for param in STRUCTS:
+        _, ours, c_name = param.values
+        names = [name for name, *_ in ours._fields_]
+        values = "".join(f", offsetof({c_name}, {f}), sizeof((({c_name} *)0)->{f})" for f in names)
+        lines.append(f'    printf("{c_name} %zu{" %zu %zu" * len(names)}\\n", sizeof({c_name}){values});')
+    workdir = tmp_path_factory.mktemp("layout")
+    (workdir / "layout.c").write_text(f'#include <stddef.h>\n#include "{SOURCE}"\nint main(void) {{\n'
+                                      + "\n".join(lines) + "\n    return 0;\n}\n")
+    built = subprocess.run([gcc, "-o", str(workdir / "layout"), str(workdir / "layout.c"), "-lpthread"],
+                           capture_output=True, text=True, check=False)
+    assert built.returncode == 0, built.stderr
+    out = subprocess.run([str(workdir / "layout")], check=True, capture_output=True, text=True).stdout
+    layouts: dict[str, dict[str, Any]] = {}
+    for param, line in zip(STRUCTS, out.splitlines(), strict=True):
+        _, ours, c_name = param.values
+        c_type, size, *numbers = line.split()
+        assert c_type == c_name
+        names = [name for name, *_ in ours._fields_]
+        layouts[c_name] = {"sizeof": int(size), "fields": [[f, int(numbers[2 * i]), int(numbers[2 * i + 1])]
+                                                           for i, f in enumerate(names)]}
+    return layouts
+
+
+@pytest.mark.parametrize(("pynvml_name", "ours", "c_name"), STRUCTS)
+def test_ctypes_structs_match_pynvml_and_the_c_layout(
+    c_layouts: dict[str, Any], pynvml_name: str | None, ours: type[ctypes.Structure], c_name: str
+) -> None:
+    if pynvml_name is not None:
+        assert layout(ours) == layout(getattr(pynvml, pynvml_name))
+        assert [t for _, t in ours._fields_] == [t for _, t in getattr(pynvml, pynvml_name)._fields_]
+    assert layout(ours) == c_layouts[c_name]
+
+
 # ---------------------------------------------------------------------- per-process SM utilisation
 
 
@@ -236,6 +323,20 @@ def test_a_pid_that_left_the_process_list_does_not_inherit_its_old_sm_value(
     fake_nvml.write(gpus=gpus, processes=[FakeProcess(pid=10, gpu=0)])  # PID reused by a new process
     (gpu0,) = backend.sample(3.0)
     assert [(p.pid, p.sm_utilization) for p in gpu0.processes or ()] == [(10, None)]
+
+
+def test_a_gpu_without_processes_still_carries_the_sample_timestamp_forward(
+    fake_nvml: FakeNvml, open_nvml: OpenNvml
+) -> None:
+    gpus = [FakeGpu(uuid=gpu_uuid(0))]
+    backend = open_nvml(gpus=gpus, processes=[], samples=[FakeSample(0, 10, 5_000, sm=80)])
+    (gpu0,) = backend.sample(1.0)
+    assert (gpu0.processes, gpu0.errors) == ((), ())
+    # a sample older than one seen while the GPU had no process is not handed out again
+    fake_nvml.write(gpus=gpus, processes=[FakeProcess(pid=10, gpu=0)], samples=[FakeSample(0, 10, 4_000, sm=60)])
+    assert [(p.pid, p.sm_utilization) for p in backend.sample(2.0)[0].processes or ()] == [(10, None)]
+    fake_nvml.write(gpus=gpus, processes=[FakeProcess(pid=10, gpu=0)], samples=[FakeSample(0, 10, 6_000, sm=60)])
+    assert [(p.pid, p.sm_utilization) for p in backend.sample(3.0)[0].processes or ()] == [(10, pytest.approx(0.6))]
 
 
 @pytest.mark.parametrize("empty", [pytest.param("not_found", id="not-found"), pytest.param("success", id="success-0")])
