@@ -96,6 +96,9 @@ class Daemon:
         self._attributor = Attributor(procfs_root=s.procfs_root)
         if self.metrics is None:
             self.metrics = Metrics(self.snapshot, nvml_error_counts=self.adapters.backend.error_counts)
+        hist = self.metrics.gateway_request_duration_seconds
+        for client in getattr(self.adapters.gateways, "clients", ()):
+            client.on_request = lambda name, secs, _h=hist: _h.labels(gateway=name).observe(secs)
         if self.sampler is None:
             self.sampler = Sampler(
                 self.adapters.backend,
@@ -140,6 +143,8 @@ class Daemon:
             "kubernetes": "disabled" if self.adapters.pods is None else ("ok" if self._kube_ok else "unavailable"),
             "pod_resources": "disabled" if self.adapters.pod_resources is None else (
                 "ok" if self._podres_ok else "unavailable"),
+            "hub": "disabled" if self.adapters.hub is None else (
+                "ok" if self._hub_ok else "unknown" if self._hub_ok is None else "unavailable"),
             "cycles": self._cycles,
         }
         ready = details["sampler"] == "ok" and details["observation"] == "ok"
@@ -475,14 +480,6 @@ def build_adapters(settings: Settings, backend: GpuBackend | None = None) -> Ada
     return adapters
 
 
-def _wire_metrics(daemon: Daemon) -> None:
-    gw = daemon.adapters.gateways
-    if gw is not None:
-        hist = daemon.metrics.gateway_request_duration_seconds
-        for client in getattr(gw, "clients", []):
-            client.on_request = lambda name, secs, _h=hist: _h.labels(gateway=name).observe(secs)
-
-
 def run_daemon(settings: Settings, once: bool = False) -> int:
     """`reclaimer run`: the daemon until SIGTERM (or one full cycle with ``once``)."""
     from reclaimer.logs import configure_logging, log_effective_config
@@ -491,7 +488,6 @@ def run_daemon(settings: Settings, once: bool = False) -> int:
     log_effective_config(settings)
     adapters = build_adapters(settings)
     daemon = Daemon(settings, adapters)
-    _wire_metrics(daemon)
 
     async def main() -> int:
         return await daemon.run(once=once)
@@ -508,21 +504,17 @@ def run_report(settings: Settings, window: float, output: str, source_url: str |
     if source_url:
         report = report_from_json(asyncio.run(_fetch_report(source_url, timeout=10.0)))
     else:
-        one_shot = settings.model_copy(update={"mode": settings.mode})
-        adapters = build_adapters(one_shot)
-        # The report never acts: it shows what the configured mode would do now.
-        daemon = Daemon(one_shot, adapters, executor=DryRunExecutor())
-        daemon.sampler = Sampler(adapters.backend, interval=settings.sample_interval,
-                                 window_seconds=max(window, settings.sample_interval) + settings.sample_interval)
+        adapters = build_adapters(settings)
+        # The report never acts: it shows what the configured mode would do now, over `window` of samples.
+        sampler = Sampler(adapters.backend, interval=settings.sample_interval,
+                          window_seconds=max(window, settings.sample_interval) + settings.sample_interval)
+        daemon = Daemon(settings, adapters, executor=DryRunExecutor(), sampler=sampler)
 
         async def main() -> CycleSnapshot:
-            assert daemon.sampler is not None
-            daemon.sampler.start()
+            sampler.start()
             try:
-                deadline = time.monotonic() + window
                 await daemon.wait_first_samples(timeout=max(5.0, 5 * settings.sample_interval))
-                while time.monotonic() < deadline:
-                    await asyncio.sleep(min(0.1, deadline - time.monotonic()) if deadline > time.monotonic() else 0)
+                await asyncio.sleep(window)  # the sampling window itself, not a synchronisation
                 snap, _ = await daemon.cycle()
                 return snap
             finally:

@@ -222,7 +222,7 @@ def run_demo(duration: float = 90.0, port: int = 9400, live: bool | None = None,
     from rich.console import Console
     from rich.live import Live
 
-    from reclaimer.daemon import Adapters, Daemon, _wire_metrics
+    from reclaimer.daemon import Adapters, Daemon
     from reclaimer.gateway import GatewayClient, GatewayPool
     from reclaimer.gpusim import SimulatedBackend
     from reclaimer.logs import configure_logging
@@ -276,7 +276,6 @@ def run_demo(duration: float = 90.0, port: int = 9400, live: bool | None = None,
     async def main() -> int:
         pool = GatewayPool([GatewayClient(settings.gateways[0])])
         daemon = Daemon(settings, Adapters(backend=backend, gateways=pool), on_cycle=on_cycle)
-        _wire_metrics(daemon)
         kg.start()
         await kg.wait_ready()
         state.kernels = await _setup(workdir, token, kg, backend)

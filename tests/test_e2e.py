@@ -190,6 +190,8 @@ async def test_enforce_reclaims_only_the_idle_kernel_and_the_idle_pod(node: Node
     exposition = daemon.metrics.render()[0].decode()
     assert "reclaimer_reclaimed_gpu_memory_bytes_total 1.073741824e+09" in exposition
     assert 'reclaimer_actions_total{action="shutdown-kernel",mode="enforce",result="success"} 1.0' in exposition
+    assert 'reclaimer_gateway_request_duration_seconds_count{gateway="kg"}' in exposition
+    assert 'reclaimer_gateway_request_duration_seconds_count{gateway="kg"} 0.0' not in exposition
 
     # Busy kernel, busy GPU, exempt kernel: alive, never acted upon, with the verdicts on-call would expect.
     for role in ("training", "reserved", "gpubusy"):
