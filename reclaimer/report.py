@@ -364,7 +364,7 @@ def human_duration(seconds: float | None) -> str:
     """2820 -> ``47m``, 7500 -> ``2h5m``, 190000 -> ``2d4h``; unknown -> ``?``."""
     if seconds is None:
         return "?"
-    s = max(0, int(seconds))
+    s = max(0, int(round(seconds)))  # rounded like config.format_duration, which writes the reasons
     if s < 60:
         return f"{s}s"
     if s < 3600:
@@ -409,6 +409,10 @@ def _kernel_row(k: Mapping[str, Any], index_of: Mapping[str, int]) -> list[str]:
     gpus = ",".join(str(index_of.get(g["uuid"], g["uuid"][:12])) for g in k["gpus"]) or "-"
     util = _sum_known(g["utilization"] for g in k["gpus"])
     eta = k["eta_seconds"]
+    # A countdown only means something while the holder is idle: a busy kernel's "earliest" ETA is not one.
+    counting = k["verdict"] in (Verdict.WARN.value, Verdict.RECLAIM.value) or (k["idle_seconds"] or 0) > 0
+    idle = "-" if k["verdict"] == Verdict.EXEMPT.value and k["idle_seconds"] is None else \
+        human_duration(k["idle_seconds"])
     return [
         k["namespace"] or "-",
         who,
@@ -417,10 +421,10 @@ def _kernel_row(k: Mapping[str, Any], index_of: Mapping[str, int]) -> list[str]:
         human_bytes(_sum_known(g["memory_bytes"] for g in k["gpus"])),
         human_ratio(min(util, 1.0) if util is not None else None),
         (k["execution_state"] or "?") if k["kernel_id"] else "-",
-        human_duration(k["idle_seconds"]),
+        idle,
         k["verdict"],
         k["action"],
-        "-" if eta is None else ("now" if eta <= 0 else human_duration(eta)),
+        "-" if eta is None or not counting else ("now" if eta <= 0 else human_duration(eta)),
         k["reason"],
     ]
 

@@ -436,3 +436,20 @@ def test_report_module_is_pure() -> None:
 
 def test_action_kinds_render_as_contract_values(report: dict[str, Any]) -> None:
     assert {k["action"] for k in report["kernels"]} <= {a.value for a in ActionKind}
+
+
+def test_table_eta_and_idle_columns_only_count_down_for_idle_holders() -> None:
+    b = SnapshotBuilder()
+    g0, g1, g2 = b.gpu(0), b.gpu(1), b.gpu(2)
+    b.kernel("aaaaaaaa-0000-4000-8000-000000000001", {g0: [(1, GIB, None)]}, Verdict.KEEP,
+             execution_state="busy", reason="kernel busy", idle_seconds=0, eta_seconds=1800)
+    b.kernel("bbbbbbbb-0000-4000-8000-000000000002", {g1: [(2, GIB, None)]}, Verdict.EXEMPT,
+             action=ActionKind.NONE, reason="exempt: kernel name gpu-reserved")
+    b.kernel("cccccccc-0000-4000-8000-000000000003", {g2: [(3, GIB, None)]}, Verdict.WARN,
+             reason="GPU 2 at 0% for 16s; shutdown-kernel in 4s", idle_seconds=16.4, eta_seconds=3.6)
+    lines = _kernel_lines(render_table(build_report(b.build())))
+    idle_col, eta_col = lines[0].split().index("IDLE") + 1, lines[0].split().index("ETA") + 1  # MEM is "1.0 GiB"
+    rows = {r.split()[1]: r.split() for r in lines[1:]}
+    assert (rows["aaaaaaaa"][idle_col], rows["aaaaaaaa"][eta_col]) == ("0s", "-")  # busy: no countdown
+    assert (rows["bbbbbbbb"][idle_col], rows["bbbbbbbb"][eta_col]) == ("-", "-")  # exempt: no idle time
+    assert (rows["cccccccc"][idle_col], rows["cccccccc"][eta_col]) == ("16s", "4s")  # rounded like "in 4s"
