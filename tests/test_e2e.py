@@ -197,9 +197,11 @@ async def test_enforce_reclaims_only_the_idle_kernel_and_the_idle_pod(node: Node
     for role in ("training", "reserved", "gpubusy"):
         assert n.results_for(role) == []
         assert (await n.rest.kernel(n.kernels[role]))["id"] == n.kernels[role]
-    assert set(verdicts(n, "training")) == {Verdict.KEEP}
-    assert set(verdicts(n, "gpubusy")) == {Verdict.KEEP}
-    assert set(verdicts(n, "reserved")) == {Verdict.EXEMPT}
+    # Never warned or reclaimed; "unknown" is allowed (a gateway answer slower than the cycle's timeout on a loaded
+    # machine), and is itself never acted on.
+    for role, expected in (("training", Verdict.KEEP), ("gpubusy", Verdict.KEEP), ("reserved", Verdict.EXEMPT)):
+        seen = verdicts(n, role)
+        assert expected in seen and set(seen) <= {expected, Verdict.UNKNOWN}, (role, seen)
     last_snap = n.cycles[-1][0]
     reasons = {d.candidate.kernel_id: d.reason for d in last_snap.decisions}
     assert reasons[n.kernels["training"]].startswith("kernel busy")
