@@ -202,8 +202,8 @@ async def test_enforce_reclaims_only_the_idle_kernel_and_the_idle_pod(node: Node
     for role, expected in (("training", Verdict.KEEP), ("gpubusy", Verdict.KEEP), ("reserved", Verdict.EXEMPT)):
         seen = verdicts(n, role)
         assert expected in seen and set(seen) <= {expected, Verdict.UNKNOWN}, (role, seen)
-    last_snap = n.cycles[-1][0]
-    reasons = {d.candidate.kernel_id: d.reason for d in last_snap.decisions}
+    reasons = {d.candidate.kernel_id: d.reason for snap, _ in n.cycles for d in snap.decisions
+               if d.verdict is not Verdict.UNKNOWN}  # the latest known verdict's reason per kernel
     assert reasons[n.kernels["training"]].startswith("kernel busy")
     assert "GPU 3 busy" in reasons[n.kernels["gpubusy"]]
 
@@ -259,9 +259,15 @@ async def test_report_from_a_running_daemon_and_metrics(node: Node, tmp_path: Pa
     daemon = Daemon(settings, build_adapters(settings))
     daemon.on_cycle = lambda snap, results: n.cycles.append((snap, list(results)))
     task = asyncio.create_task(daemon.run())
+
+    def settled() -> bool:  # a cycle in which every kernel was observed (none unknown)
+        decisions = n.cycles[-1][0].decisions if n.cycles else ()
+        observed = {d.candidate.kernel_id for d in decisions if d.verdict is not Verdict.UNKNOWN}
+        return set(n.kernels.values()) <= observed
+
     try:
         deadline = time.monotonic() + 30
-        while len(n.cycles) < 2:
+        while not settled():
             assert time.monotonic() < deadline
             await asyncio.sleep(0.1)
         async with aiohttp.ClientSession() as s:
