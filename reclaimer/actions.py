@@ -8,7 +8,7 @@ once per decision, never escalates within a cycle, never forces, and verifies th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -25,7 +25,6 @@ EVENT_ACTIONS = {
     ActionKind.STOP_SERVER: "StopServer",
     ActionKind.EVICT_POD: "EvictPod",
 }
-RESULTS = ("success", "already-gone", "failed", "blocked", "skipped", "dry-run", "verified", "unverified")
 
 
 class KernelStopper(Protocol):
@@ -263,11 +262,3 @@ def executor_for(mode: str, **adapters: Any) -> DryRunExecutor | LiveExecutor:
     if mode == "enforce":
         return LiveExecutor(**adapters)
     return DryRunExecutor()
-
-
-def results_by_label(results: Sequence[ActionResult]) -> Mapping[tuple[str, str, str], int]:
-    counts: dict[tuple[str, str, str], int] = {}
-    for r in results:
-        k = (r.decision.action.value, r.result, r.mode)
-        counts[k] = counts.get(k, 0) + 1
-    return counts

@@ -19,7 +19,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from reclaimer import __version__
-from reclaimer.model import NO_NAMESPACE, ActionKind, ActionResult, CycleSnapshot, Decision, Verdict
+from reclaimer.model import ACTION_RESULTS, NO_NAMESPACE, ActionKind, ActionResult, CycleSnapshot, Decision, Verdict
 from reclaimer.report import candidate_namespace, candidate_user, is_idle, kernel_gpu_usage, metric_kernel_id
 
 log = structlog.get_logger(__name__)
@@ -32,10 +32,7 @@ NvmlErrorCounts = Callable[[], Mapping[tuple[str, str], int]]
 
 MODES: tuple[str, ...] = ("dry-run", "enforce")
 ACTIONS: tuple[str, ...] = tuple(a.value for a in ActionKind if a != ActionKind.NONE)
-# As actions.RESULTS; "verified" / "unverified": whether the GPU memory was seen released afterwards.
-RESULTS: tuple[str, ...] = (
-    "success", "already-gone", "failed", "blocked", "skipped", "dry-run", "verified", "unverified",
-)  # fmt: skip
+RESULTS: tuple[str, ...] = ACTION_RESULTS
 VERDICTS: tuple[str, ...] = tuple(v.value for v in Verdict)
 OTHER = "other"  # label value for anything outside a bounded set: never an unbounded label
 

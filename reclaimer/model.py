@@ -205,12 +205,19 @@ class Decision:
     eta_seconds: float | None = None  # seconds until the action would be taken; 0 = now
 
 
+# Every value ActionResult.result takes: a bounded label set. "verified" / "unverified": whether the GPU memory was
+# seen released after a successful action.
+ACTION_RESULTS: tuple[str, ...] = (
+    "success", "already-gone", "failed", "blocked", "skipped", "dry-run", "verified", "unverified",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class ActionResult:
     """What an executor did with one planned decision. ``result`` is a bounded label value."""
 
     decision: Decision
-    result: str  # success | already-gone | failed | blocked | skipped | dry-run
+    result: str  # one of ACTION_RESULTS
     detail: str = ""
     reclaimed_bytes: int = 0
     mode: str = "dry-run"
