@@ -1,4 +1,4 @@
-"""deploy/kubernetes: schema-valid for recent Kubernetes (kubernetes-validate, strict) and safe by construction."""
+"""deploy/: schema-valid for recent Kubernetes (kubernetes-validate, strict) and safe by construction."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import yaml
 
 from reclaimer.config import parse_settings
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes"
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 K8S_VERSIONS = ("1.30.0", "1.37.0")  # oldest still supported by the recent distributions, newest in the schema set
 NAMESPACE = "gpu-reclaimer"
 

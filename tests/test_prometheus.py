@@ -28,8 +28,8 @@ from tests.support.prometheus_fixtures import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-DASHBOARD = ROOT / "deploy/grafana/gpu-reclaimer-dashboard.json"
-ALERTS = ROOT / "deploy/prometheus/alerts.yaml"
+DASHBOARD = ROOT / "dashboards/gpu-reclaimer.json"
+ALERTS = ROOT / "deploy/monitoring/alerts.yaml"
 
 # Grafana's variables as a 1-hour dashboard at 1 s resolution would expand them.
 GRAFANA_VARS = {"__rate_interval": "1m", "__range": "1h", "__interval": "1s", "__interval_ms": "1000",

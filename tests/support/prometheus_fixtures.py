@@ -23,7 +23,7 @@ import yaml
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
-JOB = "gpu-reclaimer"  # the job name deploy/prometheus/alerts.yaml assumes
+JOB = "gpu-reclaimer"  # the job name deploy/monitoring/alerts.yaml assumes
 
 T = TypeVar("T")
 
