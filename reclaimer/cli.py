@@ -198,6 +198,9 @@ def _add_report(subs: Any) -> None:
     _add(p, specs, ["--from"], metavar="URL", parse=url_arg, default=None,
          shown_default="none: sample this node now",
          help="read the report of a running daemon, e.g. http://host:9400")
+    _add(p, specs, ["--token-file"], metavar="FILE", parse=str, default=None,
+         shown_default="none: no Authorization header",
+         help="with --from: a file holding the bearer token the daemon's listen_token_file requires")
     _add(p, specs, ["-o", "--output"], parse=choice_arg(OUTPUT_FORMATS), default="table",
          metavar="|".join(OUTPUT_FORMATS), help="output format")
     _add(p, specs, ["--window"], metavar="DURATION", parse=duration_arg, default=DEFAULT_WINDOW,
@@ -315,7 +318,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         from reclaimer.daemon import run_report
     except ImportError as exc:
         return _not_available("report", exc)
-    return int(run_report(settings, window=args.window, output=args.output, source_url=getattr(args, "from")))
+    return int(run_report(settings, window=args.window, output=args.output, source_url=getattr(args, "from"),
+                          token_file=args.token_file))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

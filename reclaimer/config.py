@@ -248,6 +248,7 @@ class Settings(_Strict):
     mode: Literal["dry-run", "enforce"] = "dry-run"
     node_name: str = Field(default_factory=_default_node_name, min_length=1)
     listen: str = "0.0.0.0:9400"
+    listen_token_file: str | None = None  # bearer token required on /metrics and /report (a mounted Secret)
     sample_interval: Duration = 1.0
     decide_interval: Duration = 15.0
     procfs_root: str = "/proc"
@@ -484,7 +485,7 @@ def redacted(settings: Settings) -> dict[str, Any]:
     def scrub(obj: Any) -> Any:
         if isinstance(obj, dict):
             return {
-                k: ("<redacted>" if _SECRET_KEYS.search(k) and k not in ("token_env", "token_file") else scrub(v))
+                k: ("<redacted>" if _SECRET_KEYS.search(k) and k not in ("token_env", "token_file", "listen_token_file") else scrub(v))
                 for k, v in obj.items()
             }
         if isinstance(obj, str):

@@ -397,9 +397,11 @@ class Daemon:
             await asyncio.sleep(min(0.05, self.settings.sample_interval))
 
     async def run(self, *, once: bool = False, serve: bool = True) -> int:
-        from reclaimer.server import make_app, serve as serve_app
+        from reclaimer.server import BearerToken, make_app, serve as serve_app
 
         assert self.sampler is not None
+        # An unusable token file is a start-up error naming the file, before anything runs.
+        token = BearerToken(self.settings.listen_token_file) if serve and self.settings.listen_token_file else None
         self._stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -410,8 +412,9 @@ class Daemon:
         try:
             if serve:
                 host, port = self.settings.listen_host_port
-                runner = await serve_app(make_app(self, self.metrics), host, port)
-                log.info("serving", listen=self.settings.listen, endpoints="/metrics /healthz /readyz /report")
+                runner = await serve_app(make_app(self, self.metrics, token), host, port)
+                log.info("serving", listen=self.settings.listen, endpoints="/metrics /healthz /readyz /report",
+                         bearer_token_on="/metrics /report" if token is not None else "none")
             await self.wait_first_samples(timeout=max(5.0, 5 * self.settings.sample_interval))
             if once:
                 await self.cycle()
@@ -495,14 +498,20 @@ def run_daemon(settings: Settings, once: bool = False) -> int:
     return asyncio.run(main())
 
 
-def run_report(settings: Settings, window: float, output: str, source_url: str | None) -> int:
+def run_report(settings: Settings, window: float, output: str, source_url: str | None,
+               token_file: str | None = None) -> int:
     """`reclaimer report`: from a running daemon's /report, or one-shot (sample for ``window``, observe, decide)."""
     from reclaimer.logs import configure_logging
     from reclaimer.report import build_report, render_json, render_table, report_from_json
 
     configure_logging("warning", stream=sys.stderr)
     if source_url:
-        report = report_from_json(asyncio.run(_fetch_report(source_url, timeout=10.0)))
+        token = None
+        if token_file:
+            from reclaimer.server import _read_token_file
+
+            token = _read_token_file(token_file)
+        report = report_from_json(asyncio.run(_fetch_report(source_url, timeout=10.0, token=token)))
     else:
         adapters = build_adapters(settings)
         # The report never acts: it shows what the configured mode would do now, over `window` of samples.
@@ -526,15 +535,19 @@ def run_report(settings: Settings, window: float, output: str, source_url: str |
     return 0
 
 
-async def _fetch_report(url: str, timeout: float) -> dict[str, Any]:
+async def _fetch_report(url: str, timeout: float, token: str | None = None) -> dict[str, Any]:
     import aiohttp
 
     from reclaimer.errors import ReclaimerError
 
     target = url.rstrip("/") + "/report"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
-            async with session.get(target, allow_redirects=False) as resp:
+            async with session.get(target, allow_redirects=False, headers=headers) as resp:
+                if resp.status == 401:
+                    hint = "the token was refused" if token else "it needs a bearer token: pass --token-file"
+                    raise ReclaimerError(f"{target} answered HTTP 401: {hint}")
                 if resp.status != 200:
                     raise ReclaimerError(f"{target} answered HTTP {resp.status}")
                 return await resp.json(content_type=None)

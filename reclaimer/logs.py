@@ -31,7 +31,7 @@ FORMAT_ENV = "RECLAIMER_LOG_FORMAT"  # json | console | auto: overrides the term
 REDACTED = "<redacted>"
 
 _SECRET_KEY = re.compile(r"token|secret|password|passwd|authorization|api[_-]?key|cookie", re.I)
-_NOT_SECRET = frozenset({"token_env", "token_file"})  # names of where a token lives, never the token
+_NOT_SECRET = frozenset({"token_env", "token_file", "listen_token_file", "token-file"})  # names of where a token lives, never the token
 _URL_USERINFO = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
 _HANDLER_FLAG = "_reclaimer_handler"
 

@@ -2,17 +2,25 @@
 
 Handlers only read what the daemon already built (the snapshot, the loops' heartbeats): nothing here waits on
 a gateway, the API server or the GPU. Liveness never depends on a dependency.
+
+``/metrics`` and ``/report`` name kernel ids, users and pods (and on a gateway without auth a kernel id is enough
+to run code in that kernel), so they can require a bearer token (``listen_token_file``). ``/healthz`` and
+``/readyz`` stay open: the kubelet probes them and cannot send a token read from a Secret, and neither names a
+kernel, user or pod (readiness lists component states and configured gateway names only).
 """
 
 from __future__ import annotations
 
+import hmac
 import html
+import os
 import time
 from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
 
+from reclaimer.errors import StartupError
 from reclaimer.metrics import Metrics
 from reclaimer.model import CycleSnapshot
 from reclaimer.report import build_report
@@ -37,8 +45,82 @@ class DaemonView(Protocol):
     def readiness(self, now: float) -> tuple[bool, dict[str, Any]]: ...  # first sample and observation in; by component
 
 
+PROTECTED_PATHS = frozenset({"/metrics", "/report"})  # what names kernels, users and pods
+TOKEN_FILE_LIMIT = 64 * 1024
+REALM = "gpu-reclaimer"
+
+
+class TokenFileError(StartupError):
+    """``listen_token_file`` is unusable. The message names the file, never the value."""
+
+
+def _read_token_file(path: str) -> str:
+    where = f"listen_token_file {path}"
+    try:
+        with open(path, encoding="utf-8") as fh:
+            token = fh.read(TOKEN_FILE_LIMIT).strip()
+    except OSError as exc:
+        raise TokenFileError(f"{where} cannot be read: {exc.strerror or type(exc).__name__}") from None
+    except UnicodeDecodeError:
+        raise TokenFileError(f"{where} is not UTF-8 text") from None
+    if not token:
+        raise TokenFileError(f"{where} is empty")
+    if not (token.isascii() and token.isprintable()) or " " in token:
+        raise TokenFileError(f"{where} holds characters a bearer token cannot have")
+    return token
+
+
+class BearerToken:
+    """The token ``/metrics`` and ``/report`` require, from a file (a mounted Secret), re-read when it changes.
+
+    The file's identity (inode, size, mtime) is checked on each request; a changed file is read again, so a rotated
+    Secret takes effect without a restart. A file that becomes unreadable keeps the last good token (a Secret update
+    swaps a symlink: there is a moment without the file) and logs once; there is never a moment without a token.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._stamp: tuple[int, int, int] | None = None
+        self._token = _read_token_file(path)  # at start-up an unusable file is fatal, with its name
+        self._stamp = self._stat()
+        self._failing = False
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def current(self) -> str:
+        stamp = self._stat()
+        if stamp is not None and stamp != self._stamp:
+            try:
+                self._token = _read_token_file(self.path)
+                self._stamp = stamp
+                if self._failing:
+                    log.info("listen token file readable again", path=self.path)
+                self._failing = False
+                log.info("listen token re-read", path=self.path)
+            except TokenFileError as exc:
+                if not self._failing:
+                    log.warning("listen token file unusable; keeping the last good token", error=str(exc))
+                self._failing = True
+        return self._token
+
+    def accepts(self, header: str | None) -> bool:
+        """Whether an ``Authorization`` header carries the token (``Bearer <token>``), compared in constant time."""
+        if not header:
+            return False
+        scheme, _, given = header.strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(given.strip().encode("utf-8", "replace"), self.current().encode("utf-8"))
+
+
 VIEW_KEY: web.AppKey[DaemonView] = web.AppKey("reclaimer_view", DaemonView)  # type: ignore[type-abstract]
 METRICS_KEY: web.AppKey[Metrics] = web.AppKey("reclaimer_metrics", Metrics)
+TOKEN_KEY: web.AppKey[BearerToken | None] = web.AppKey("reclaimer_token", object)  # type: ignore[arg-type]
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -88,11 +170,29 @@ async def _errors_as_500(request: web.Request, handler: Any) -> web.StreamRespon
         return web.json_response({"error": f"internal error: {type(exc).__name__}"}, status=500)
 
 
-def make_app(view: DaemonView, metrics: Metrics) -> web.Application:
-    """The aiohttp application serving ``view`` and ``metrics`` (GET and HEAD on every endpoint)."""
-    app = web.Application(middlewares=[_errors_as_500])
+@web.middleware
+async def _bearer_auth(request: web.Request, handler: Any) -> web.StreamResponse:
+    """401 for ``/metrics`` and ``/report`` without the token, when one is configured. The answer says nothing else."""
+    token = request.app[TOKEN_KEY]
+    if token is None or request.path not in PROTECTED_PATHS:
+        return await handler(request)
+    header = request.headers.get("Authorization")
+    if token.accepts(header):
+        return await handler(request)
+    challenge = f'Bearer realm="{REALM}"' + (', error="invalid_token"' if header else "")
+    return web.json_response({"error": "unauthorized: send Authorization: Bearer <token>"}, status=401,
+                             headers={"WWW-Authenticate": challenge})
+
+
+def make_app(view: DaemonView, metrics: Metrics, token: BearerToken | None = None) -> web.Application:
+    """The aiohttp application serving ``view`` and ``metrics`` (GET and HEAD on every endpoint).
+
+    With ``token``, ``/metrics`` and ``/report`` need ``Authorization: Bearer <token>``; the rest stays open.
+    """
+    app = web.Application(middlewares=[_errors_as_500, _bearer_auth])
     app[VIEW_KEY] = view
     app[METRICS_KEY] = metrics
+    app[TOKEN_KEY] = token
     app.router.add_get("/", _index)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)

@@ -320,17 +320,26 @@ def test_run_with_an_invalid_config_never_reaches_the_daemon(
 
 
 def test_report_passes_window_output_and_source(good_file: Path, daemon: types.SimpleNamespace) -> None:
-    argv = ["report", "-c", str(good_file), "--from", "http://node-1:9400/", "-o", "json", "--window", "1m30s"]
+    argv = ["report", "-c", str(good_file), "--from", "http://node-1:9400/", "-o", "json", "--window", "1m30s",
+            "--token-file", "/run/secrets/reclaimer/token"]
     assert main(argv) == 0
     ((args, kwargs),) = daemon.report.calls
     assert isinstance(args[0], Settings) and args[0].gateways[0].name == "eg"
-    assert kwargs == {"window": 90.0, "output": "json", "source_url": "http://node-1:9400"}
+    assert kwargs == {"window": 90.0, "output": "json", "source_url": "http://node-1:9400",
+                      "token_file": "/run/secrets/reclaimer/token"}
+
+
+def test_report_token_file_from_the_environment(daemon: types.SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECLAIMER_TOKEN_FILE", "/etc/token")
+    assert main(["report", "--from", "http://node-1:9400"]) == 0
+    ((_, kwargs),) = daemon.report.calls
+    assert kwargs["token_file"] == "/etc/token"
 
 
 def test_report_defaults(daemon: types.SimpleNamespace) -> None:
     assert main(["report"]) == 0
     ((_, kwargs),) = daemon.report.calls
-    assert kwargs == {"window": 10.0, "output": "table", "source_url": None}
+    assert kwargs == {"window": 10.0, "output": "table", "source_url": None, "token_file": None}
 
 
 @pytest.mark.parametrize(

@@ -207,3 +207,72 @@ policies: [{{name: p, idle_after: {idle_after}s, warn_before: 1s}}]
     assert any(v is Verdict.WARN for age, v in seen if age < idle_after)
     first_reclaim_age = next(age for age, v in seen if v is Verdict.RECLAIM)
     assert first_reclaim_age >= idle_after
+
+
+def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 2.0) -> tuple[int, dict[str, str], str]:
+    async def get() -> tuple[int, dict[str, str], str]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s:
+            async with s.get(url, headers=headers or {}) as r:
+                return r.status, dict(r.headers), await r.text()
+
+    return asyncio.run(get())
+
+
+def test_item3_real_daemon_requires_the_bearer_token_on_metrics_and_report(tmp_path: Path, fake_nvml: FakeNvml) -> None:
+    fake_nvml.write(gpus=[FakeGpu(uuid=gpu_uuid(0), util=0)])
+    port = free_port()
+    token_file = tmp_path / "listen-token"
+    token_file.write_text("scrape-" + os.urandom(12).hex() + "\n")
+    cfg = write_config(tmp_path, f"listen: 127.0.0.1:{port}\nlisten_token_file: {token_file}\nsample_interval: 200ms\n"
+                                 "decide_interval: 500ms\nkubernetes: {enabled: false}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "reclaimer", "run", "--config", str(cfg)], env=fake_nvml.env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        poll(lambda: http_status(base + "/readyz")[0] == 200, what="/readyz 200 without a token")
+        assert http_status(base + "/healthz")[0] == 200
+        token = token_file.read_text().strip()
+        for path in ("/metrics", "/report"):
+            status, headers, body = http_get(base + path)
+            assert status == 401 and headers["WWW-Authenticate"] == 'Bearer realm="gpu-reclaimer"'
+            assert "reclaimer_" not in body
+            assert http_get(base + path, {"Authorization": "Bearer nope"})[0] == 401
+            assert http_get(base + path, {"Authorization": f"Bearer {token}"})[0] == 200
+        poll(lambda: http_get(base + "/report", {"Authorization": f"Bearer {token}"})[0] == 200, what="a report")
+        report_cmd = [sys.executable, "-m", "reclaimer", "report", "--from", base, "-o", "json"]
+        out = subprocess.run([*report_cmd, "--token-file", str(token_file)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["gpus"][0]["uuid"] == gpu_uuid(0)
+        out = subprocess.run(report_cmd, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1 and "HTTP 401" in out.stderr and "--token-file" in out.stderr
+        # RECLAIMER_TOKEN_FILE does what --token-file does.
+        out = subprocess.run(report_cmd, capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "RECLAIMER_TOKEN_FILE": str(token_file)})
+        assert out.returncode == 0, out.stderr
+        # Rotation: a new Secret value takes effect without a restart; the old one stops working.
+        fresh = tmp_path / "listen-token.new"
+        fresh.write_text("rotated-" + os.urandom(12).hex())
+        fresh.replace(token_file)
+        new = token_file.read_text()
+        assert http_get(base + "/metrics", {"Authorization": f"Bearer {new}"})[0] == 200
+        assert http_get(base + "/metrics", {"Authorization": f"Bearer {token}"})[0] == 401
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        log_text = proc.communicate()[0].decode()
+    assert token not in log_text and new not in log_text
+
+
+def test_item3_an_unreadable_token_file_stops_the_daemon_with_one_line(tmp_path: Path, fake_nvml: FakeNvml) -> None:
+    fake_nvml.write(gpus=[FakeGpu(uuid=gpu_uuid(0), util=0)])
+    missing = tmp_path / "no-such-token"
+    cfg = write_config(tmp_path, f"listen: 127.0.0.1:{free_port()}\nlisten_token_file: {missing}\n"
+                                 "kubernetes: {enabled: false}\n")
+    out = subprocess.run([sys.executable, "-m", "reclaimer", "run", "--config", str(cfg)], env=fake_nvml.env(),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"listen_token_file {missing} cannot be read" in out.stderr and "Traceback" not in out.stderr

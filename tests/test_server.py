@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 from reclaimer.metrics import Metrics
 from reclaimer.model import CycleSnapshot
 from reclaimer.report import build_report, report_from_json
-from reclaimer.server import DaemonView, make_app, serve
+from reclaimer.server import BearerToken, DaemonView, TokenFileError, make_app, serve
 from tests.support.export_fixtures import node_snapshot
 
 
@@ -164,3 +164,89 @@ async def test_serve_on_a_taken_port_raises_and_cleans_up() -> None:
             await serve(make_app(FakeView(), Metrics(lambda: None)), "127.0.0.1", first.addresses[0][1])
     finally:
         await first.cleanup()
+
+
+# --------------------------------------------------------------------------- issue 10 item 3: bearer token
+
+
+async def token_client(aiohttp_client: Any, tmp_path: Any, token: str = "t0ken-abc") -> tuple[TestClient, Any]:
+    path = tmp_path / "token"
+    path.write_text(token + "\n")
+    view = FakeView(snap=node_snapshot())
+    return await aiohttp_client(make_app(view, Metrics(view.snapshot), BearerToken(str(path)))), path
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/report"])
+@pytest.mark.parametrize(
+    "header,challenge",
+    [
+        pytest.param(None, 'Bearer realm="gpu-reclaimer"', id="no-header"),
+        pytest.param("Bearer wrong", 'Bearer realm="gpu-reclaimer", error="invalid_token"', id="wrong-token"),
+        pytest.param("Bearer t0ken-ab", 'Bearer realm="gpu-reclaimer", error="invalid_token"', id="prefix"),
+        pytest.param("Basic dDBrZW4tYWJj", 'Bearer realm="gpu-reclaimer", error="invalid_token"', id="basic"),
+        pytest.param("t0ken-abc", 'Bearer realm="gpu-reclaimer", error="invalid_token"', id="no-scheme"),
+    ],
+)  # fmt: skip
+async def test_item3_protected_endpoints_refuse_without_the_token(
+    aiohttp_client: Any, tmp_path: Any, path: str, header: str | None, challenge: str
+) -> None:
+    client, _ = await token_client(aiohttp_client, tmp_path)
+    resp = await client.get(path, headers={"Authorization": header} if header else {})
+    assert resp.status == 401
+    assert resp.headers["WWW-Authenticate"] == challenge
+    body = await resp.text()
+    assert "reclaimer_" not in body and "kernel" not in body and "t0ken" not in body
+    assert (await client.head(path)).status == 401
+
+
+async def test_item3_the_token_opens_metrics_and_report_and_probes_stay_open(aiohttp_client: Any, tmp_path: Any) -> None:
+    client, _ = await token_client(aiohttp_client, tmp_path)
+    auth = {"Authorization": "bearer t0ken-abc"}  # the scheme is case-insensitive (RFC 7235)
+    assert (await client.get("/metrics", headers=auth)).status == 200
+    assert "reclaimer_kernel_info" in await (await client.get("/metrics", headers=auth)).text()
+    assert (await client.get("/report", headers=auth)).status == 200
+    # The kubelet probes without a token: liveness and readiness stay open, and so does the index.
+    for open_path in ("/healthz", "/readyz", "/"):
+        assert (await client.get(open_path)).status == 200, open_path
+
+
+async def test_item3_a_rotated_token_file_is_reread(aiohttp_client: Any, tmp_path: Any) -> None:
+    client, path = await token_client(aiohttp_client, tmp_path)
+    assert (await client.get("/report", headers={"Authorization": "Bearer t0ken-abc"})).status == 200
+    fresh = tmp_path / "token.new"
+    fresh.write_text("rotated-xyz-0123456789\n")
+    fresh.replace(path)  # how a Secret update lands: a new file under the same name
+    assert (await client.get("/report", headers={"Authorization": "Bearer t0ken-abc"})).status == 401
+    assert (await client.get("/report", headers={"Authorization": "Bearer rotated-xyz-0123456789"})).status == 200
+    # A file that vanishes (mid-update) keeps the last good token: never open, never locked out.
+    path.unlink()
+    with capture_logs() as logs:
+        assert (await client.get("/metrics", headers={"Authorization": "Bearer rotated-xyz-0123456789"})).status == 200
+        assert (await client.get("/metrics")).status == 401
+    path.write_text("\n")  # an empty file is not a token either
+    with capture_logs() as logs:
+        assert (await client.get("/metrics", headers={"Authorization": "Bearer rotated-xyz-0123456789"})).status == 200
+    assert [e["event"] for e in logs] == ["listen token file unusable; keeping the last good token"]
+    assert "xyz-0123456789" not in str(logs)
+
+
+@pytest.mark.parametrize(
+    "content,problem",
+    [
+        pytest.param("", "is empty", id="empty"),
+        pytest.param("  \n", "is empty", id="blank"),
+        pytest.param("two words", "characters a bearer token cannot have", id="space"),
+        pytest.param("tab\tinside", "characters a bearer token cannot have", id="control"),
+        pytest.param(None, "cannot be read", id="missing"),
+    ],
+)  # fmt: skip
+def test_item3_an_unusable_token_file_is_a_startup_error_naming_it(tmp_path: Any, content: str | None,
+                                                                   problem: str) -> None:
+    path = tmp_path / "token"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(TokenFileError) as err:
+        BearerToken(str(path))
+    assert str(err.value).startswith(f"listen_token_file {path} ") and problem in str(err.value)
+    if content and content.strip():
+        assert content.strip() not in str(err.value)
