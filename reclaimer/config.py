@@ -28,6 +28,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from reclaimer.errors import ReclaimerError
+from reclaimer.redact import redact_data
 
 _DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+)ms)?$")
 _BARE_SECONDS_RE = re.compile(r"^\d+(?:\.\d+)?$")
@@ -475,24 +476,7 @@ def load_settings(path: str | os.PathLike[str] | None, overrides: Mapping[str, A
     return parse_settings(text, str(p), overrides)
 
 
-_SECRET_KEYS = re.compile(r"token|secret|password|passwd|authorization", re.I)
-_URL_USERINFO = re.compile(r"^([a-z][a-z0-9+.-]*://)[^/@\s]*@", re.I)
-
-
 def redacted(settings: Settings) -> dict[str, Any]:
     """The effective config as plain data for the start-up log. Token *sources* are kept, values never read."""
-
-    def scrub(obj: Any) -> Any:
-        if isinstance(obj, dict):
-            return {
-                k: ("<redacted>" if _SECRET_KEYS.search(k) and k not in ("token_env", "token_file", "listen_token_file") else scrub(v))
-                for k, v in obj.items()
-            }
-        if isinstance(obj, str):
-            # Validation rejects credentials in URLs; this keeps a hand-built Settings from leaking them anyway.
-            return _URL_USERINFO.sub(r"\1<redacted>@", obj)
-        if isinstance(obj, (list, tuple)):
-            return [scrub(v) for v in obj]
-        return obj
-
-    return scrub(settings.model_dump(mode="json"))
+    # Validation rejects credentials in URLs; redaction keeps a hand-built Settings from leaking them anyway.
+    return redact_data(settings.model_dump(mode="json"))  # type: ignore[no-any-return]

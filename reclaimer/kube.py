@@ -33,6 +33,7 @@ from kubernetes.config.config_exception import ConfigException
 from reclaimer.config import KubernetesSettings
 from reclaimer.errors import ReclaimerError
 from reclaimer.model import PodInfo
+from reclaimer.redact import redact_text
 
 log = structlog.get_logger(__name__)
 
@@ -47,12 +48,6 @@ _FIELD_MAX = 128  # reportingInstance, action and reason limits in events.k8s.io
 _DETAIL_MAX = 300
 _RUNTIME_PREFIX = re.compile(r"^[a-z0-9.+-]+://", re.I)
 _KERNEL_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-_SECRET_PATTERNS = (
-    (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), r"\1 <redacted>"),
-    (re.compile(r"(?i)\b(authorization|token|access_token|api[_-]?key|password|passwd|secret)(\s*[:=]\s*)[^\s&,;]+"),
-     r"\1\2<redacted>"),
-    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]+@"), r"\1<redacted>@"),
-)
 
 
 class KubeError(ReclaimerError):
@@ -140,8 +135,7 @@ def _str_map(value: Any) -> dict[str, str]:
 
 def scrub_note(note: str) -> str:
     """An Event note safe to publish: token-like values redacted, cut to 1 KiB of UTF-8 on a character boundary."""
-    for pattern, repl in _SECRET_PATTERNS:
-        note = pattern.sub(repl, note)
+    note = redact_text(note)
     data = note.encode("utf-8")
     if len(data) <= _NOTE_MAX_BYTES:
         return note

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 from collections.abc import Mapping, MutableMapping
 from typing import Any, Literal, TextIO
@@ -17,6 +16,7 @@ from typing import Any, Literal, TextIO
 import structlog
 
 from reclaimer.config import Settings, redacted
+from reclaimer.redact import REDACTED, is_secret_key, redact_data
 
 LEVELS: Mapping[str, int] = {
     "debug": logging.DEBUG,
@@ -28,11 +28,6 @@ LEVELS: Mapping[str, int] = {
 # Their INFO lines (one per HTTP request, connection-pool chatter) would drown ours.
 NOISY_LOGGERS: tuple[str, ...] = ("aiohttp", "kubernetes", "urllib3", "asyncio", "grpc")
 FORMAT_ENV = "RECLAIMER_LOG_FORMAT"  # json | console | auto: overrides the terminal check when json=None
-REDACTED = "<redacted>"
-
-_SECRET_KEY = re.compile(r"token|secret|password|passwd|authorization|api[_-]?key|cookie", re.I)
-_NOT_SECRET = frozenset({"token_env", "token_file", "listen_token_file", "token-file"})  # names of where a token lives, never the token
-_URL_USERINFO = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
 _HANDLER_FLAG = "_reclaimer_handler"
 
 
@@ -52,28 +47,12 @@ class _StdStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         """The stream is looked up at each write; StreamHandler.__init__ assigns one, which is ignored."""
 
 
-def _scrub(value: Any, depth: int = 0) -> Any:
-    if depth > 6:
-        return value
-    if isinstance(value, Mapping):
-        return {k: REDACTED if _is_secret_key(k) else _scrub(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_scrub(v, depth + 1) for v in value]
-    if isinstance(value, str) and "@" in value:
-        return _URL_USERINFO.sub(r"\1" + REDACTED + "@", value)
-    return value
-
-
-def _is_secret_key(key: Any) -> bool:
-    return isinstance(key, str) and key not in _NOT_SECRET and bool(_SECRET_KEY.search(key))
-
-
 def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """structlog processor: replace the value of every secret-looking key (at any depth) and URL credentials."""
+    """structlog processor: every field through ``reclaimer.redact`` (secret keys at any depth, credentials in text)."""
     for key, value in list(event_dict.items()):
         if key.startswith("_"):
             continue  # structlog's own bookkeeping (_record, _from_structlog)
-        event_dict[key] = REDACTED if _is_secret_key(key) else _scrub(value)
+        event_dict[key] = REDACTED if is_secret_key(key) else redact_data(value)
     return event_dict
 
 

@@ -15,7 +15,6 @@ A cycle has two stages:
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -33,16 +32,12 @@ from reclaimer.model import (
     SamplerSnapshot,
     Verdict,
 )
+from reclaimer.redact import redact_text
 
 STALE_FACTOR = 3.0  # a sample (or observation) older than this many intervals is stale; so is a gap this long
 IDLE_AFTER_ANNOTATION = "reclaimer.io/idle-after"  # per-pod override; it may lengthen the window, never shorten it
 _TEXT_LIMIT = 120  # longest piece of foreign text (gateway errors, annotation values) copied into a reason
 
-_SECRET_ASSIGNMENT = re.compile(
-    r"(?i)\b(token|access_token|api_key|apikey|password|passwd|secret|authorization|cookie)\b\s*[=:]\s*"
-    r"(?:(?:bearer|token)\s+)?[^\s&,;'\"]+"
-)
-_SECRET_AFTER_SCHEME = re.compile(r"(?i)\b(bearer|token)\s+[A-Za-z0-9._~+/=-]{16,}")
 
 
 # --------------------------------------------------------------------------- public API
@@ -653,7 +648,6 @@ def _quote(value: object) -> str:
 
 def _scrub(text: str) -> str:
     """Foreign text made fit for a reason: one line, bounded, anything token-like redacted."""
-    text = _SECRET_ASSIGNMENT.sub(lambda m: f"{m.group(1)}=<redacted>", text)
-    text = _SECRET_AFTER_SCHEME.sub(lambda m: f"{m.group(1)} <redacted>", text)
+    text = redact_text(text)
     text = " ".join(text.split())
     return text if len(text) <= _TEXT_LIMIT else text[: _TEXT_LIMIT - 1] + "…"
