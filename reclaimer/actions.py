@@ -64,12 +64,17 @@ def held_memory(d: Decision) -> int:
 
 
 class DryRunExecutor:
-    """Records what enforce would do. Makes no call to anything outside this process."""
+    """Records what enforce would do. Makes no call to anything outside this process.
+
+    ``records`` keeps the latest would-act result per candidate still in the plan (bounded by what is live: a
+    busy node in dry-run for months must not grow); ``recorded_total`` counts them all.
+    """
 
     mode = "dry-run"
 
     def __init__(self) -> None:
-        self.records: list[ActionResult] = []
+        self.records: dict[str, ActionResult] = {}
+        self.recorded_total = 0
 
     async def execute(self, plan: Sequence[Decision], recheck: Recheck | None = None) -> list[ActionResult]:
         out: list[ActionResult] = []
@@ -79,8 +84,19 @@ class DryRunExecutor:
                 out.append(ActionResult(d, "dry-run", "would act", mode=self.mode))
             elif d.verdict is Verdict.WARN:
                 log.info("warn", would=True, mode=self.mode, reason=d.reason, eta_seconds=d.eta_seconds, **_context(d))
-        self.records.extend(out)
+        live = {d.candidate.key for d in plan}
+        self.records = {k: r for k, r in self.records.items() if k in live}
+        self.records.update((r.decision.candidate.key, r) for r in out)
+        self.recorded_total += len(out)
         return out
+
+    def hold(self, key: str, now: float) -> str | None:
+        """Dry-run never acts, so nothing is ever backed off."""
+        return None
+
+    def tracked(self) -> dict[str, int]:
+        """Sizes of the per-key structures (for the soak and the bounds tests)."""
+        return {"records": len(self.records)}
 
     def verify(self, sampler: SamplerSnapshot, now: float) -> list[ActionResult]:
         return []
@@ -96,9 +112,24 @@ class _Pending:
     deadline: float
 
 
+@dataclass(slots=True)
+class _Backoff:
+    """A target whose last action failed or was refused: not tried again before ``not_before``."""
+
+    not_before: float
+    failures: int  # consecutive failed attempts (0 for a 429/PDB refusal, which names its own retry time)
+    last: str  # what happened last time, for the skip detail and the report reason
+
+
 @dataclass
 class LiveExecutor:
-    """Acts for real. Every outcome is a bounded ``result`` label; failures are retried next cycle, never escalated."""
+    """Acts for real. Every outcome is a bounded ``result`` label; failures are retried later, never escalated.
+
+    A failed action backs off exponentially per target (``failure_backoff`` doubling up to ``failure_backoff_max``):
+    a broken gateway gets one attempt and one Warning Event per back-off step, not one per cycle. Every per-key
+    structure is pruned to the candidates in the current plan (plus back-offs still running), so it stays bounded
+    by what is live.
+    """
 
     kernels: KernelStopper | None = None
     servers: ServerStopper | None = None
@@ -106,10 +137,30 @@ class LiveExecutor:
     clock: Callable[[], float] = field(default=lambda: __import__("time").time())
     verify_within: float = 120.0
     default_backoff: float = 300.0
+    failure_backoff: float = 60.0
+    failure_backoff_max: float = 3600.0
     mode: str = "enforce"
     _warned: set[str] = field(default_factory=set)
-    _not_before: dict[str, float] = field(default_factory=dict)
+    _backoff: dict[str, _Backoff] = field(default_factory=dict)
     _pending: list[_Pending] = field(default_factory=list)
+
+    def hold(self, key: str, now: float) -> str | None:
+        """Why ``key`` is not acted on now (a running back-off), in words for the report; None when it is not held."""
+        b = self._backoff.get(key)
+        if b is None or b.not_before <= now:
+            return None
+        after = f"after {b.failures} failed attempt{'s' if b.failures != 1 else ''} " if b.failures else ""
+        return f"backing off {after}({b.last}); next try in {format_duration(b.not_before - now)}"
+
+    def tracked(self) -> dict[str, int]:
+        """Sizes of the per-key structures (for the soak and the bounds tests)."""
+        return {"warned": len(self._warned), "backoff": len(self._backoff), "pending": len(self._pending)}
+
+    def _fail(self, key: str, now: float, detail: str) -> None:
+        previous = self._backoff.get(key)
+        failures = (previous.failures if previous else 0) + 1
+        delay = min(self.failure_backoff * 2 ** min(failures - 1, 30), self.failure_backoff_max)
+        self._backoff[key] = _Backoff(now + delay, failures, _short(detail))
 
     async def execute(self, plan: Sequence[Decision], recheck: Recheck | None = None) -> list[ActionResult]:
         now = self.clock()
@@ -117,13 +168,17 @@ class LiveExecutor:
         warning_keys = {d.candidate.key for d in plan if d.verdict in (Verdict.WARN, Verdict.RECLAIM)}
         # A candidate that went back to work starts a new idle episode: it will be warned again.
         self._warned &= warning_keys
+        # A back-off ends with its candidate (gone from the plan) unless it still runs: a target that vanishes for a
+        # cycle (an attribution glitch) must not come back to a fresh retry and another Warning Event.
+        live = {d.candidate.key for d in plan}
+        self._backoff = {k: b for k, b in self._backoff.items() if k in live or b.not_before > now}
         for d in plan:
             if d.verdict is Verdict.WARN:
                 await self._warn(d)
             elif d.verdict is Verdict.RECLAIM and d.action is not ActionKind.NONE:
-                if self._not_before.get(d.candidate.key, 0.0) > now:
-                    left = self._not_before[d.candidate.key] - now
-                    out.append(self._record(d, "skipped", f"backing off for {format_duration(left)}"))
+                held = self.hold(d.candidate.key, now)
+                if held is not None:
+                    out.append(self._record(d, "skipped", held))
                     continue
                 if d.candidate.key not in self._warned:
                     # Warn before acting, even when the warning window was never observed (e.g. after a restart).
@@ -197,12 +252,14 @@ class LiveExecutor:
         except Exception as exc:  # a crash in an adapter is a failed action, retried next cycle
             result, detail = "failed", f"{type(exc).__name__}: {exc}"
         if result == "failed":
+            self._fail(c.key, self.clock(), detail)
+            retry = format_duration(self._backoff[c.key].not_before - self.clock())
             if d.action is not ActionKind.EVICT_POD:  # the gateway or hub failed; eviction failures are the API's
                 await self._event(d, reason="GatewayError", action=EVENT_ACTIONS[d.action], type="Warning",
-                                  note=f"{d.action.value} failed, retrying next cycle: {detail}"[:1024])
-            return self._record(d, "failed", detail)
+                                  note=f"{d.action.value} failed, next try in {retry}: {detail}"[:1024])
+            return self._record(d, "failed", f"{detail}; next try in {retry}")
         if result in ("success", "already-gone"):
-            self._not_before.pop(c.key, None)
+            self._backoff.pop(c.key, None)
             r = self._record(d, result, detail)
             await self._event(d, reason="GPUIdle", action=EVENT_ACTIONS[d.action], note=d.reason)
             pids = frozenset((p.gpu_uuid, p.pid) for p in c.processes)
@@ -216,11 +273,9 @@ class LiveExecutor:
         now = self.clock()
         if ev.result in ("success", "already-gone"):
             return ev.result, ev.detail
-        if ev.result == "blocked-pdb":
-            self._not_before[d.candidate.key] = now + (ev.retry_after or self.default_backoff)
-            return "blocked", ev.detail
-        if ev.result == "retry-after":
-            self._not_before[d.candidate.key] = now + (ev.retry_after or self.default_backoff)
+        if ev.result in ("blocked-pdb", "retry-after"):
+            why = "eviction blocked by a PodDisruptionBudget" if ev.result == "blocked-pdb" else "API asked to retry later"
+            self._backoff[d.candidate.key] = _Backoff(now + (ev.retry_after or self.default_backoff), 0, why)
             return "blocked", ev.detail
         # 500 (several PDBs), 403, 409 (pod replaced) and anything else: no action, and never a DELETE instead.
         return "failed", f"{ev.result}: {ev.detail}"
@@ -255,6 +310,11 @@ class LiveExecutor:
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+
+def _short(text: str, limit: int = 120) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def executor_for(mode: str, **adapters: Any) -> DryRunExecutor | LiveExecutor:

@@ -34,6 +34,7 @@ from reclaimer.model import (
     PolicyState,
     SamplerSnapshot,
     ServerRef,
+    Verdict,
 )
 from reclaimer.sampler import GpuBackend, Sampler, open_backend
 
@@ -298,6 +299,7 @@ class Daemon:
         decisions = policy.decide(joined.candidates, samp, s, now, self._state)
         results = await self.executor.execute(decisions, recheck=self._recheck)
         results += self.executor.verify(self.sampler.snapshot(), self.clock())
+        decisions = self._with_holds(decisions, self.clock())
         self._remember(results, now)
         gpu_idle = self._gpu_idle(samp, decisions, now)
         gw_up = self.adapters.gateways.gateway_up() if self.adapters.gateways is not None else {}
@@ -335,6 +337,15 @@ class Daemon:
                 fresh = next((k for k in listed or () if k.kernel_id == d.candidate.kernel_id), fresh)
         return policy.recheck(d, fresh, self.sampler.snapshot(), self.settings, self.clock())
 
+    def _with_holds(self, decisions: Sequence[Decision], now: float) -> list[Decision]:
+        """A reclaim the executor is backing off from says so in its reason (the report and the logs show it)."""
+        assert self.executor is not None
+        out = []
+        for d in decisions:
+            held = self.executor.hold(d.candidate.key, now) if d.verdict is Verdict.RECLAIM else None
+            out.append(replace(d, reason=f"{d.reason}; {held}") if held else d)
+        return out
+
     def _remember(self, results: Sequence[ActionResult], now: float) -> None:
         acted = {r.decision.candidate.key for r in results if r.result in ("success", "already-gone", "blocked")}
         if acted:
@@ -365,10 +376,11 @@ class Daemon:
         }
 
     def _account(self, snap: CycleSnapshot, results: Sequence[ActionResult]) -> None:
-        from reclaimer.report import held_idle_increments
+        from reclaimer.report import candidate_namespace, held_idle_increments
 
         prev = self._snapshot.generated_at if self._snapshot is not None else None
         self.metrics.add_held_idle(held_idle_increments(prev, snap, self._threshold))
+        self.metrics.forget_quiet_namespaces({candidate_namespace(d.candidate) for d in snap.decisions}, snap.generated_at)
         for r in results:
             self.metrics.record_action(r)
 

@@ -557,7 +557,8 @@ class GatewayPool:
             raise ValueError(f"need 0 < absent_retry <= absent_retry_max, got {absent_retry} and {absent_retry_max}")
         self.clients: list[GatewayClient] = list(clients)
         self._clock = clock
-        self._known: OrderedDict[str, GatewayClient] = OrderedDict()
+        self._known: OrderedDict[str, GatewayClient] = OrderedDict()  # least recently asked first
+        self._known_at: dict[str, float] = {}  # kernel id -> when an observe last asked about it
         self.absent_retry = absent_retry
         self.absent_retry_max = absent_retry_max
         self._absent: OrderedDict[str, _Absent] = OrderedDict()  # oldest ``seen_at`` first
@@ -572,8 +573,29 @@ class GatewayPool:
     def _remember(self, kernel_id: str, client: GatewayClient) -> None:
         self._known[kernel_id] = client
         self._known.move_to_end(kernel_id)
+        self._known_at.setdefault(kernel_id, self._clock())
         while len(self._known) > KNOWN_KERNELS_LIMIT:
-            self._known.popitem(last=False)
+            self._forget(next(iter(self._known)))
+
+    def _forget(self, kernel_id: str) -> None:
+        self._known.pop(kernel_id, None)
+        self._known_at.pop(kernel_id, None)
+
+    def _age_out_homes(self, asked: Iterable[str], now: float) -> None:
+        """Homes follow what is live: a kernel no ``observe`` asked about for ``absent_retry_max`` is forgotten."""
+        for kid in asked:
+            if kid in self._known:
+                self._known_at[kid] = now
+                self._known.move_to_end(kid)
+        while self._known:
+            kid = next(iter(self._known))
+            if now - self._known_at.get(kid, now) <= self.absent_retry_max:
+                break
+            self._forget(kid)
+
+    def tracked(self) -> dict[str, int]:
+        """Sizes of the per-kernel caches (for the soak and the bounds tests)."""
+        return {"homes": len(self._known), "absent": len(self._absent)}
 
     async def observe(self, kernel_ids: Iterable[str]) -> dict[str, KernelActivity]:
         """One activity per requested kernel id; ``error`` set where the answer is unknown."""
@@ -586,6 +608,7 @@ class GatewayPool:
                 valid.append(kid)
             else:
                 out[kid] = KernelActivity(str(kid), "", now, error="not a canonical kernel id; no request made")
+        self._age_out_homes(valid, now)
         # Taken before awaiting: a concurrent observe (a re-check) may change the cache meanwhile.
         homes = {k: self._known.get(k) for k in valid}
         backed_off = self._backed_off([k for k in valid if homes[k] is None], now)
@@ -638,7 +661,7 @@ class GatewayPool:
     def _settle_cached(self, kid: str, home: GatewayClient, found: KernelLookup) -> KernelActivity:
         if found.not_found:
             # The gateway lost the kernel: rediscover next time; unknown (not idle) until then.
-            self._known.pop(kid, None)
+            self._forget(kid)
             return _identity_only(found.activity, f"gateway {home.name} no longer knows this kernel")
         if found.found:
             self._remember(kid, home)
@@ -729,7 +752,7 @@ class GatewayPool:
                 return "failed", f"cannot tell which gateway serves the kernel: {seen.error}"
         result, detail = await client.shutdown_kernel(kernel_id)
         if result in ("success", "already-gone"):
-            self._known.pop(kernel_id, None)
+            self._forget(kernel_id)
         log.info("kernel shutdown", kernel_id=kernel_id, gateway=client.name, result=result, detail=detail)
         return result, detail
 

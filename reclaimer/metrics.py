@@ -10,7 +10,8 @@ snapshot is already built. Pod candidates (GPUs allocated to a pod, no kernel) a
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, exposition, generate_latest
@@ -34,6 +35,7 @@ MODES: tuple[str, ...] = ("dry-run", "enforce")
 ACTIONS: tuple[str, ...] = tuple(a.value for a in ActionKind if a != ActionKind.NONE)
 RESULTS: tuple[str, ...] = ACTION_RESULTS
 VERDICTS: tuple[str, ...] = tuple(v.value for v in Verdict)
+NAMESPACE_KEEP_SECONDS = 3600.0  # a namespace's series outlive its last GPU here by this long
 OTHER = "other"  # label value for anything outside a bounded set: never an unbounded label
 
 # Work measured in milliseconds: NVML sampling, a pure decide pass.
@@ -254,6 +256,7 @@ class Metrics:
         nvml_error_counts: NvmlErrorCounts | None = None,
     ) -> None:
         self._provider = snapshot_provider
+        self._namespace_seen: dict[str, float] = {}  # namespace -> when it last held a GPU here
         # Per-snapshot series are rendered once per snapshot (``prepare``), not per scrape: a scrape of a node
         # with hundreds of kernels then only concatenates bytes with the few live counters below.
         self._rendering: CycleSnapshot | None = None
@@ -312,6 +315,36 @@ class Metrics:
         for namespace, seconds in increments.items():
             if seconds > 0:
                 self.gpu_held_idle_seconds_total.labels(namespace or NO_NAMESPACE).inc(seconds)
+
+    def forget_quiet_namespaces(self, live: Iterable[str], now: float, keep_for: float = NAMESPACE_KEEP_SECONDS) -> int:
+        """Drop the series of every ``namespace``-labelled metric whose namespace held no GPU here for ``keep_for``.
+
+        Namespaces come and go (one per user, per project): over months the children would only grow. A dropped
+        counter goes stale in Prometheus and starts again from 0 if the namespace comes back, which ``rate`` and
+        ``increase`` read as a new series. Returns how many series were dropped.
+        """
+        for ns in live:
+            self._namespace_seen[ns or NO_NAMESPACE] = now
+        quiet = {ns for ns, seen in self._namespace_seen.items() if now - seen > keep_for}
+        dropped = 0
+        for metric in self._namespaced():
+            present = {s.labels["namespace"] for fam in metric.collect() for s in fam.samples if "namespace" in s.labels}
+            for ns in present:
+                if ns in quiet or ns not in self._namespace_seen:
+                    metric.remove(ns)
+                    dropped += 1
+        for ns in quiet:
+            del self._namespace_seen[ns]
+        return dropped
+
+    def _namespaced(self) -> list[Any]:
+        return [m for m in vars(self).values() if tuple(getattr(m, "_labelnames", ())) == ("namespace",)]
+
+    def tracked(self) -> dict[str, int]:
+        """Sizes of the per-key structures (for the soak and the bounds tests)."""
+        children = sum(len({s.labels["namespace"] for fam in m.collect() for s in fam.samples if "namespace" in s.labels})
+                       for m in self._namespaced())
+        return {"namespaces_seen": len(self._namespace_seen), "namespace_children": children}
 
     def prepare(self, snap: CycleSnapshot | None | object = _LATEST) -> None:
         """Render ``snap``'s series (default: the provider's latest) now; the daemon calls this once per cycle."""

@@ -136,10 +136,12 @@ async def test_429_backs_off_and_retries_after(kube: FakeKube, reply: Reply) -> 
 async def test_invariant_7_no_force_failed_eviction_is_retried_never_escalated(kube: FakeKube) -> None:
     d = pod_decision(kube)
     kube.eviction_response = multiple_pdbs()
-    ex = LiveExecutor(kube=kube.kube_client(), clock=Clock())
+    clock = Clock()
+    ex = LiveExecutor(kube=kube.kube_client(), clock=clock)
     (first,) = await ex.execute([d], recheck=still_reclaim)
     assert first.result == "failed" and len(kube.evictions) == 1 and kube.deletes == []
     kube.eviction_response = None
+    clock.t += ex.failure_backoff
     (second,) = await ex.execute([d], recheck=still_reclaim)
     assert second.result == "success" and len(kube.evictions) == 2 and kube.deletes == []
 
@@ -219,9 +221,12 @@ async def test_invariant_8_idempotent_shutdown_paths(aiohttp_server, status: int
         ex = LiveExecutor(kernels=pool, clock=Clock())
         (r,) = await ex.execute([kernel_decision()], recheck=still_reclaim)
         assert r.result == result and gw.deletes == 1
-        if result == "failed":  # retried next cycle, not escalated to anything else in this one
+        if result == "failed":  # retried after the back-off, never escalated to anything else
             (r2,) = await ex.execute([kernel_decision()], recheck=still_reclaim)
-            assert r2.result == "failed" and gw.deletes == 2
+            assert r2.result == "skipped" and gw.deletes == 1
+            ex.clock.t += ex.failure_backoff
+            (r3,) = await ex.execute([kernel_decision()], recheck=still_reclaim)
+            assert r3.result == "failed" and gw.deletes == 2
     finally:
         await pool.close()
 
@@ -275,5 +280,90 @@ async def test_server_error_events_do_not_block_kernel_actions(aiohttp_server, k
         (r,) = await LiveExecutor(kernels=pool, kube=kube.kube_client(), clock=Clock()).execute(
             [d], recheck=still_reclaim)
         assert r.result == "success"
+    finally:
+        await pool.close()
+
+
+# --------------------------------------------------------------------------- issue 10 item 4: back-off and bounds
+
+
+async def test_item4_failed_actions_back_off_exponentially_per_target_with_one_event_per_attempt(
+    aiohttp_server, kube: FakeKube
+) -> None:
+    """A gateway that fails every DELETE: attempts (and GatewayError Events) at 0, 60, 180, 420 s..., not every cycle;
+    the other target is not held back; the back-off says why and for how long; success clears it."""
+    gw = ScriptedGateway()
+    gw.status = 500
+    server = await aiohttp_server(gw.app())
+    pool = GatewayPool([GatewayClient(GatewaySettings(name="gw", url=str(server.make_url("")), timeout=2))])
+    clock = Clock()
+    pod = PodInfo(uid="aaaaaaaa-0000-4000-8000-000000000002", namespace="team-a", name="nb")
+    d = kernel_decision()
+    d = replace(d, candidate=replace(d.candidate, pod=pod))
+    start = clock.t
+    try:
+        ex = LiveExecutor(kernels=pool, kube=kube.kube_client(), clock=clock, failure_backoff=60,
+                          failure_backoff_max=240)
+        attempts: list[float] = []
+        details: list[str] = []
+        for _ in range(80):  # 20 minutes of 15 s cycles
+            (r,) = await ex.execute([d], recheck=still_reclaim)
+            if r.result == "failed":
+                attempts.append(clock.t - start)
+            else:
+                assert r.result == "skipped"
+                details.append(r.detail)
+            clock.t += 15
+        assert attempts == [0, 60, 180, 420, 660, 900, 1140]  # 60, 120, 240, then capped at 240
+        assert gw.deletes == len(attempts)
+        errors = [e for e in kube.events if e["reason"] == "GatewayError"]
+        assert len(errors) == len(attempts) and "next try in 1m" in errors[0]["note"]
+        assert details[0].startswith("backing off after 1 failed attempt (gateway gw: HTTP 500)")
+        assert details[0].endswith("next try in 45s")
+        assert ex.hold(d.candidate.key, clock.t) is not None and "failed attempts" in ex.hold(d.candidate.key, clock.t)
+        # The back-off is per target: another kernel on the same gateway is tried at once.
+        other = replace(d, candidate=replace(d.candidate, key="kernel:other"))
+        mine, o = await ex.execute([d, other], recheck=still_reclaim)
+        assert mine.result == "skipped" and o.result == "failed"
+        # Once the gateway works again, the next attempt succeeds and the back-off is gone.
+        gw.status = 204
+        clock.t += 240
+        (ok,) = [r for r in await ex.execute([d], recheck=still_reclaim) if r.decision.candidate.key == d.candidate.key]
+        assert ok.result == "success" and ex.hold(d.candidate.key, clock.t) is None
+    finally:
+        await pool.close()
+
+
+async def test_item4_dry_run_records_stay_bounded_by_the_live_candidates(kube: FakeKube) -> None:
+    ex = DryRunExecutor()
+    for cycle in range(500):  # 500 cycles, each with 3 fresh kernels that would be reclaimed
+        plan = [replace(kernel_decision(), candidate=replace(kernel_decision().candidate, key=f"kernel:{cycle}-{i}"))
+                for i in range(3)]
+        await ex.execute(plan)
+        assert len(ex.records) <= 3
+    assert ex.recorded_total == 1500 and set(ex.records) == {"kernel:499-0", "kernel:499-1", "kernel:499-2"}
+
+
+async def test_item4_live_executor_state_stays_bounded_by_the_live_candidates(aiohttp_server, kube: FakeKube) -> None:
+    """Thousands of targets come and go, each warned, each failing once: warned set and back-offs follow the plan."""
+    gw = ScriptedGateway()
+    gw.status = 500
+    server = await aiohttp_server(gw.app())
+    pool = GatewayPool([GatewayClient(GatewaySettings(name="gw", url=str(server.make_url("")), timeout=2))])
+    clock = Clock()
+    try:
+        ex = LiveExecutor(kernels=pool, clock=clock, failure_backoff=30, failure_backoff_max=60)
+        biggest = 0
+        for cycle in range(300):
+            plan = [replace(kernel_decision(), candidate=replace(kernel_decision().candidate, key=f"kernel:{cycle}-{i}"))
+                    for i in range(2)]
+            plan.append(replace(plan[0], verdict=Verdict.WARN,
+                                candidate=replace(plan[0].candidate, key=f"kernel:warn-{cycle}")))
+            await ex.execute(plan, recheck=still_reclaim)
+            sizes = ex.tracked()
+            biggest = max(biggest, sizes["warned"], sizes["backoff"])
+            clock.t += 15
+        # Live: 3 per cycle; back-offs also outlive their candidate while they run (60 s = 4 cycles x 2).
+        assert ex.tracked()["warned"] <= 3 and biggest <= 3 + 2 * 5
     finally:
         await pool.close()

@@ -515,3 +515,25 @@ def test_real_process_outside_any_kernel() -> None:
     result = one(Attributor("/proc"), os.getpid())
     assert result.kernel_id is None
     assert re.fullmatch(r"no kernel connection file among \d+ ancestors", result.reason), result.reason
+
+
+def test_item4_cache_stays_bounded_by_the_live_gpu_processes(fake: FakeProc) -> None:
+    """1,000 kernels (each a kernel process and a GPU child) come and go, 5 alive at a time: the identity cache holds
+    the live chains only, never the history."""
+    fake.host_init()
+    a = Attributor(procfs_root=fake.root)
+    live: list[int] = []
+    for n in range(1000):
+        kernel_pid, child_pid = 10_000 + 2 * n, 10_001 + 2 * n
+        kid = f"00000000-0000-4000-8000-{n:012d}"
+        fake.add(kernel_pid, ppid=1, cmdline=kernel_cmdline(kid), starttime=1000 + n)
+        fake.add(child_pid, ppid=kernel_pid, cmdline=["python", "train.py"], starttime=1000 + n)
+        live.append(child_pid)
+        if len(live) > 5:
+            gone = live.pop(0)
+            fake.remove(gone)
+            fake.remove(gone - 1)
+        out = a.attribute([gpu(pid) for pid in live])
+        assert all(p.kernel_id for p in out)
+        # Each live GPU process, its kernel, and pid 1; plus what was seen within evict_after_calls.
+        assert a.cache_size <= 3 * (len(live) + a.evict_after_calls) + 1, (n, a.cache_size)

@@ -276,3 +276,58 @@ def test_item3_an_unreadable_token_file_stops_the_daemon_with_one_line(tmp_path:
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1, out.stdout + out.stderr
     assert f"listen_token_file {missing} cannot be read" in out.stderr and "Traceback" not in out.stderr
+
+
+class FailingDeleteGateway(OldIdleGateway):
+    """Idle since January, and every DELETE fails: the reclaim is attempted, then backed off."""
+
+    deletes = 0
+
+    def app(self) -> web.Application:
+        app = super().app()
+
+        async def delete_kernel(request: web.Request) -> web.Response:
+            FailingDeleteGateway.deletes += 1
+            return web.json_response({"message": "kernel manager busy"}, status=500)
+
+        app.router.add_delete("/api/kernels/{id}", delete_kernel)
+        return app
+
+
+async def test_item4_backoff_of_a_failing_action_shows_in_the_report_reason(aiohttp_server, kernel_process) -> None:
+    from reclaimer.report import build_report
+    from reclaimer.sampler import Sampler
+
+    server = await aiohttp_server(FailingDeleteGateway().app())
+    FailingDeleteGateway.deletes = 0
+    settings = parse_settings(f"""
+mode: enforce
+sample_interval: 1s
+decide_interval: 15s
+gpu: {{backend: simulated}}
+kubernetes: {{enabled: false}}
+gateways: [{{name: gw, url: "{server.make_url('')}"}}]
+policies: [{{name: p, idle_after: 60s, warn_before: 30s}}]
+""")
+    backend = SimulatedBackend({"gpus": [{"uuid": "GPU-1", "model": "NVIDIA H100", "memory_total": 80 * GIB}],
+                                "processes": [{"pid": kernel_process.pid, "gpu": 0, "memory_bytes": GIB}]})
+    clock = [time.time()]
+    sampler = Sampler(backend, interval=1.0, window_seconds=settings.longest_window, clock=lambda: clock[0])
+    sampler._started_at = clock[0]
+    gateways = GatewayPool([GatewayClient(settings.gateways[0], clock=lambda: clock[0])], clock=lambda: clock[0])
+    daemon = Daemon(settings, Adapters(backend=backend, gateways=gateways),
+                    clock=lambda: clock[0], sampler=sampler)
+    reasons: list[str] = []
+    try:
+        for _ in range(12):  # 3 minutes, driven: 15 samples then a decide cycle
+            for _ in range(15):
+                clock[0] += 1.0
+                sampler.tick()
+            snap, _ = await daemon.cycle()
+            (d,) = [d for d in snap.decisions if d.candidate.kernel_id == KID]
+            reasons.append(build_report(snap)["kernels"][0]["reason"])
+    finally:
+        await daemon.close()
+    assert FailingDeleteGateway.deletes == 2, reasons  # at ~60 s and ~120 s (one minute back-off), not every cycle
+    held = [r for r in reasons if "backing off" in r]
+    assert held and "backing off after 1 failed attempt (gateway gw: HTTP 500: kernel manager busy); next try in" in held[0]

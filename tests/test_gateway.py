@@ -8,6 +8,7 @@ import socket
 import ssl
 import subprocess
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -1035,3 +1036,26 @@ async def test_jupyter_server(jupyter_server: JupyterProcess, monkeypatch: pytes
     assert got.error is None and got.execution_state == "idle" and got.gateway == "js"
     assert listed is not None and kid in {a.kernel_id for a in listed}
     assert result[0] == "success" and after.error == "not found"
+
+
+async def test_item4_pool_caches_stay_bounded_by_the_kernels_still_asked_about(make_gateway: Make) -> None:
+    """3,000 kernels come and go (some served, some unknown to every gateway): the home and absence caches hold
+    only what an observe asked about within absent_retry_max."""
+    gw, client = await make_gateway()
+    clock = FakeClock()
+    pool = GatewayPool([client], clock=clock, absent_retry=60, absent_retry_max=120)
+    live: list[str] = []
+    for cycle in range(300):
+        for _ in range(10):  # 5 new served kernels and 5 no gateway knows, each living 4 cycles
+            live.append(gw.add_kernel() if len(live) % 2 == 0 else str(uuid.uuid4()))
+        live = live[-40:]
+        got = await pool.observe(live)
+        assert all(got[k].error is None for k in live if k in gw.kernels)
+        sizes = pool.tracked()
+        # What was asked about in the last absent_retry_max (120 s = 8 cycles of 15 s): 10 new ids per cycle.
+        assert sizes["homes"] + sizes["absent"] <= 10 * (120 // 15 + 1) + 40, (cycle, sizes)
+        clock.advance(15)
+    clock.advance(121)
+    await pool.observe([])
+    await pool.observe([live[0]])
+    assert sum(pool.tracked().values()) <= 1

@@ -370,3 +370,20 @@ def test_snapshot_series_are_rendered_once_per_snapshot() -> None:
     metrics.actions_total.labels("evict-pod", "success", "enforce").inc()
     assert 'reclaimer_actions_total{action="evict-pod",mode="enforce",result="success"} 1.0' in \
         metrics.render()[0].decode()  # live counters are never cached
+
+
+def test_item4_namespace_series_stay_bounded_by_the_namespaces_holding_gpus() -> None:
+    """A new namespace every cycle for a simulated week: the waste counter keeps children only for namespaces that
+    held a GPU within the last hour; a namespace still holding one keeps its series and its count."""
+    m = Metrics(lambda: None)
+    now = 1_000_000.0
+    for cycle in range(7 * 24 * 4):  # a week of 15-minute steps, one fresh namespace each
+        live = {"steady", f"user-{cycle}"}
+        m.add_held_idle({ns: 15.0 for ns in live})
+        m.forget_quiet_namespaces(live, now)
+        assert m.tracked()["namespace_children"] <= 2 + 4  # live now, plus the last hour's (4 steps)
+        now += 900
+    body = m.render()[0].decode()
+    assert 'reclaimer_gpu_held_idle_seconds_total{namespace="steady"} 10080.0' in body
+    assert 'namespace="user-0"' not in body and f'namespace="user-{7 * 24 * 4 - 1}"' in body
+    assert m.tracked()["namespaces_seen"] <= 6
