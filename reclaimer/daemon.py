@@ -195,7 +195,7 @@ class Daemon:
             log.warning("hub unavailable", error=str(exc))
             return []
 
-    async def _observe(self, kernel_ids: set[str]) -> dict[str, KernelActivity]:
+    async def _observe(self, kernel_ids: set[str], confirm: bool = False) -> dict[str, KernelActivity]:
         gateways = self.adapters.gateways
         if gateways is not None:
             try:  # keeps reclaimer_gateway_up meaningful when no kernel here asks a gateway anything
@@ -209,7 +209,9 @@ class Daemon:
         if self.adapters.gateways is None:
             return {k: KernelActivity(k, "", now, error="no gateway configured") for k in kernel_ids}
         try:
-            return dict(await asyncio.wait_for(self.adapters.gateways.observe(sorted(kernel_ids)), self._call_timeout() + 1))
+            observing = self.adapters.gateways.observe(sorted(kernel_ids), confirm=True) if confirm else \
+                self.adapters.gateways.observe(sorted(kernel_ids))
+            return dict(await asyncio.wait_for(observing, self._call_timeout() + 1))
         except Exception as exc:
             log.warning("gateway observation failed", error=str(exc))
             return {k: KernelActivity(k, "", now, error=f"observation failed: {exc}") for k in kernel_ids}
@@ -330,7 +332,8 @@ class Daemon:
         assert self.sampler is not None
         fresh: KernelActivity | None = None
         if d.candidate.kernel_id is not None:
-            got = await self._observe({d.candidate.kernel_id})
+            # Every gateway is asked again (not only the one cached): two answering for one id is unknown (inv. 14).
+            got = await self._observe({d.candidate.kernel_id}, confirm=True)
             fresh = got.get(d.candidate.kernel_id)
             if (fresh is None or fresh.error) and d.candidate.server is not None and self.adapters.hub is not None:
                 listed = await asyncio.wait_for(self.adapters.hub.server_kernels(d.candidate.server), self._call_timeout())

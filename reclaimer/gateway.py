@@ -41,6 +41,7 @@ MAX_STATE_LENGTH = 32
 KNOWN_KERNELS_LIMIT = 10_000  # kernel -> gateway cache entries kept (LRU)
 
 NOT_KNOWN_ANYWHERE = "no configured gateway knows this kernel"
+CONFLICTING_GATEWAYS = "conflicting sources: several gateways answer for this kernel id"
 
 _KERNEL_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _TIMESTAMP_RE = re.compile(
@@ -535,12 +536,20 @@ class _Absent:
 class GatewayPool:
     """Observe the kernels that hold GPUs here across every configured gateway.
 
-    A kernel whose gateway is known is asked for directly (``GET /api/kernels/{id}``); listings are requested only
-    for kernels no gateway is known to serve, at most once per gateway per ``observe``. Gateways are asked
-    concurrently, each within its own timeout, so one slow gateway never delays the others. A kernel that every
-    gateway said it does not know (e.g. one of a JupyterHub user server) is not asked for again until a retry time
-    (``absent_retry`` seconds, doubling up to ``absent_retry_max``), so such kernels cost no gateway traffic; until
-    then it is unknown, never idle. Errors and timeouts are not "absent": those kernels are asked again next time.
+    Only per-kernel requests (``GET /api/kernels/{id}``), never listings: a kernel whose gateway is known is asked
+    there; a kernel new to this node is asked of every gateway at once (a 404 means "not here"), so discovery costs
+    one small GET per gateway whatever the number of kernels a gateway holds, and works where listing is refused
+    (the Kernel Gateway / Enterprise Gateway default). An id is a canonical UUID before any URL is built from it.
+
+    Two gateways answering for one kernel id (e.g. a Jupyter Server with ``--gateway-url`` and the Enterprise Gateway
+    behind it) is a conflict: the kernel is unknown, with the reason, and no "home" gateway is remembered from it.
+    ``observe(..., confirm=True)`` (the re-check right before acting) asks every gateway again, so a conflict that
+    arose after discovery is seen before anything is done.
+
+    Gateways are asked concurrently, each within its own timeout, so one slow gateway never delays the others. A
+    kernel that every gateway said it does not know (e.g. one of a JupyterHub user server) is not asked for again
+    until a retry time (``absent_retry`` seconds, doubling up to ``absent_retry_max``); until then it is unknown,
+    never idle. Errors and timeouts are not "absent": those kernels are asked again next time.
     """
 
     def __init__(
@@ -564,7 +573,7 @@ class GatewayPool:
         self._absent: OrderedDict[str, _Absent] = OrderedDict()  # oldest ``seen_at`` first
 
     def client_for(self, kernel_id: str) -> GatewayClient | None:
-        """The gateway last seen serving ``kernel_id`` (None when unknown)."""
+        """The gateway last seen serving ``kernel_id`` alone (None when unknown or in conflict)."""
         return self._known.get(kernel_id)
 
     def gateway_up(self) -> dict[str, bool | None]:
@@ -597,8 +606,12 @@ class GatewayPool:
         """Sizes of the per-kernel caches (for the soak and the bounds tests)."""
         return {"homes": len(self._known), "absent": len(self._absent)}
 
-    async def observe(self, kernel_ids: Iterable[str]) -> dict[str, KernelActivity]:
-        """One activity per requested kernel id; ``error`` set where the answer is unknown."""
+    async def observe(self, kernel_ids: Iterable[str], *, confirm: bool = False) -> dict[str, KernelActivity]:
+        """One activity per requested kernel id; ``error`` set where the answer is unknown.
+
+        ``confirm``: ask every gateway about every kernel (no cached home, no backoff), as discovery does; used right
+        before acting, so that two gateways answering for one id is never missed.
+        """
         wanted = list(dict.fromkeys(kernel_ids))
         now = self._clock()
         out: dict[str, KernelActivity] = {}
@@ -610,13 +623,13 @@ class GatewayPool:
                 out[kid] = KernelActivity(str(kid), "", now, error="not a canonical kernel id; no request made")
         self._age_out_homes(valid, now)
         # Taken before awaiting: a concurrent observe (a re-check) may change the cache meanwhile.
-        homes = {k: self._known.get(k) for k in valid}
-        backed_off = self._backed_off([k for k in valid if homes[k] is None], now)
+        homes = {k: (None if confirm else self._known.get(k)) for k in valid}
+        backed_off = {} if confirm else self._backed_off([k for k in valid if homes[k] is None], now)
         out.update(backed_off)
         asked = [k for k in valid if k not in backed_off]
         unknown = [k for k in asked if homes[k] is None]
-        cached = {c: [k for k in asked if homes[k] is c] for c in self.clients}
-        answers = await asyncio.gather(*(self._ask(c, cached[c], unknown) for c in self.clients))
+        per_client = {c: [k for k in asked if homes[k] is c] + unknown for c in self.clients}
+        answers = await asyncio.gather(*(self._ask(c, per_client[c]) for c in self.clients))
         by_client = dict(zip(self.clients, answers))
         for kid in asked:
             home = homes[kid]
@@ -671,10 +684,23 @@ class GatewayPool:
         self, kid: str, answers: list[tuple[GatewayClient, KernelLookup]], now: float
     ) -> KernelActivity:
         served = [(c, a) for c, a in answers if a.found]
+        if len(served) > 1:
+            # Invariant 14: two sources for one kernel (a Jupyter Server proxying to an EG, or two gateways sharing
+            # a kernel id) may disagree about its state; which one a shutdown would reach is a guess. Unknown.
+            self._known.pop(kid, None)
+            names = [c.name for c, _ in served]
+            log.warning("kernel answered by several gateways; unknown", kernel_id=kid, gateways=names)
+            return KernelActivity(kid, "", now, error=f"{CONFLICTING_GATEWAYS}: {', '.join(names)}")
         if served:
-            client, lookup = next(((c, a) for c, a in served if a.activity.error is None), served[0])
-            if len(served) > 1:
-                log.warning("kernel served by several gateways", kernel_id=kid, gateways=[c.name for c, _ in served])
+            client, lookup = served[0]
+            failed = [(c, a) for c, a in answers if not a.found and not a.not_found]
+            if failed:
+                # Another gateway could not say whether it serves this kernel too: no home from a partial answer.
+                self._known.pop(kid, None)
+                detail = "; ".join(f"{c.name}: {a.activity.error}" for c, a in failed)
+                return KernelActivity(kid, client.name, now,
+                                      error=f"served by gateway {client.name}, but cannot rule out a second "
+                                            f"gateway serving it ({detail})")
             self._remember(kid, client)
             return lookup.activity
         failed = [(c, a) for c, a in answers if not a.not_found]
@@ -683,50 +709,30 @@ class GatewayPool:
             return KernelActivity(kid, failed[0][0].name if len(failed) == 1 else "", now, error=detail)
         return KernelActivity(kid, "", now, error=NOT_KNOWN_ANYWHERE)
 
-    async def _ask(self, client: GatewayClient, cached: list[str], unknown: list[str]) -> dict[str, KernelLookup]:
-        """This gateway's answers for its known kernels (per-kernel GETs) and for the unknown ones (one listing, or
-        per-kernel GETs when listing is refused), all within the gateway's own timeout. Once a request gets no
+    async def _ask(self, client: GatewayClient, kids: list[str]) -> dict[str, KernelLookup]:
+        """This gateway's answers (per-kernel GETs), all within the gateway's own timeout. Once a request gets no
         answer at all, the kernels not yet asked are left unknown rather than queued behind more timeouts."""
         got: dict[str, KernelLookup] = {}
         broken: list[str] = []
+        pending = iter(kids)  # shared by the workers: each kernel is taken once
 
-        async def get_each(kids: list[str]) -> None:
-            pending = iter(kids)  # shared by the workers: each kernel is taken once
+        async def worker() -> None:
+            for kid in pending:
+                if broken:
+                    got[kid] = KernelLookup(client.unknown_activity(kid, f"not asked: gateway {broken[0]}"))
+                    continue
+                got[kid] = lookup = await client.lookup_kernel(kid)
+                if lookup.unreachable:
+                    broken.append(str(lookup.activity.error))
 
-            async def worker() -> None:
-                for kid in pending:
-                    if broken:
-                        got[kid] = KernelLookup(client.unknown_activity(kid, f"not asked: gateway {broken[0]}"))
-                        continue
-                    got[kid] = lookup = await client.lookup_kernel(kid)
-                    if lookup.unreachable:
-                        broken.append(str(lookup.activity.error))
-
-            await asyncio.gather(*(worker() for _ in range(min(MAX_CONCURRENCY, len(kids)))))
-
-        async def discover() -> None:
-            if not unknown:
-                return
-            listing = await client.listing()
-            if listing.kernels is not None:
-                listed = {a.kernel_id: a for a in listing.kernels}
-                for kid in unknown:
-                    if kid in listed:
-                        got[kid] = KernelLookup(listed[kid], found=True)
-                    else:
-                        got[kid] = KernelLookup(client.unknown_activity(kid, "not found"), not_found=True)
-            elif listing.forbidden:
-                await get_each(unknown)
-            else:
-                for kid in unknown:
-                    got[kid] = KernelLookup(client.unknown_activity(kid, f"listing failed: {listing.error}"))
-
-        try:
-            # A little over the request timeout, so a request's own timeout (the clearer error) fires first.
-            await asyncio.wait_for(asyncio.gather(get_each(cached), discover()), client.timeout + 0.25)
-        except (TimeoutError, asyncio.TimeoutError):  # distinct types before Python 3.11
-            pass
-        for kid in [*cached, *unknown]:
+        if kids:
+            try:
+                # A little over the request timeout, so a request's own timeout (the clearer error) fires first.
+                await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(min(MAX_CONCURRENCY, len(kids))))),
+                                       client.timeout + 0.25)
+            except (TimeoutError, asyncio.TimeoutError):  # distinct types before Python 3.11
+                pass
+        for kid in kids:
             if kid not in got:
                 late = f"gateway did not answer within {client.timeout:g}s"
                 got[kid] = KernelLookup(client.unknown_activity(kid, late))

@@ -54,8 +54,9 @@ class GatewayRest:
                     return None
                 return await r.json(content_type=None)
 
-    async def start_kernel(self, name: str = "python3") -> str:
-        body = await self._request("POST", "/api/kernels", {"name": name})
+    async def start_kernel(self, name: str = "python3", env: dict[str, str] | None = None) -> str:
+        """``env``: the start request's kernel environment (Enterprise Gateway wants ``KERNEL_USERNAME``)."""
+        body = await self._request("POST", "/api/kernels", {"name": name, **({"env": env} if env else {})})
         return str(body["id"])
 
     async def kernel(self, kernel_id: str) -> dict[str, Any]:

@@ -346,7 +346,8 @@ def _activity_problem(c: Candidate, settings: Settings, now: float) -> str | Non
     if a is None:
         return "kernel activity unknown (no answer from the gateway)"
     if a.error is not None:
-        return f"gateway {a.gateway} error: {_scrub(a.error)}"
+        # No gateway name: none answered alone (not found anywhere, or several answered: conflicting sources).
+        return f"gateway {a.gateway} error: {_scrub(a.error)}" if a.gateway else f"kernel unknown: {_scrub(a.error)}"
     age = now - a.observed_at
     if not math.isfinite(age) or age > STALE_FACTOR * settings.decide_interval:
         return f"kernel activity stale (observed {_dur(age)} ago)"

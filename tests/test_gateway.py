@@ -23,6 +23,7 @@ from reclaimer.gateway import (
     KERNEL_BODY_LIMIT,
     LIST_BODY_LIMIT,
     MAX_CONCURRENCY,
+    CONFLICTING_GATEWAYS,
     NOT_KNOWN_ANYWHERE,
     GatewayClient,
     GatewayPool,
@@ -489,7 +490,7 @@ async def test_shutdown_timeout_is_failed(make_gateway: Make) -> None:
 # --------------------------------------------------------------------------- the pool
 
 
-async def test_pool_lists_once_to_discover_then_asks_per_kernel(make_gateway: Make) -> None:
+async def test_pool_discovers_with_per_kernel_gets_then_asks_only_the_home(make_gateway: Make) -> None:
     a, ca = await make_gateway(name="a")
     b, cb = await make_gateway(name="b")
     on_a = [a.add_kernel(), a.add_kernel(state="busy")]
@@ -498,28 +499,31 @@ async def test_pool_lists_once_to_discover_then_asks_per_kernel(make_gateway: Ma
     first = await pool.observe(on_a + on_b)
     assert {k: v.gateway for k, v in first.items()} == {on_a[0]: "a", on_a[1]: "a", on_b[0]: "b"}
     assert all(v.error is None for v in first.values()) and first[on_a[1]].execution_state == "busy"
-    assert (a.count("GET", "/api/kernels"), b.count("GET", "/api/kernels")) == (1, 1)
-    assert len(a.requests) == len(b.requests) == 1
+    # Discovery asks every gateway for each new id (404 = not here) and never lists: its cost is independent of K.
+    assert (a.count("GET", "/api/kernels"), b.count("GET", "/api/kernels")) == (0, 0)
+    assert sorted(r.path for r in a.requests) == sorted(f"/api/kernels/{k}" for k in on_a + on_b)
+    assert sorted(r.path for r in b.requests) == sorted(f"/api/kernels/{k}" for k in on_a + on_b)
 
+    start_a, start_b = len(a.requests), len(b.requests)
     second = await pool.observe(on_a + on_b)
     assert all(v.error is None for v in second.values())
-    assert (a.count("GET", "/api/kernels"), b.count("GET", "/api/kernels")) == (1, 1)  # no new listings
-    assert [r.path for r in a.requests[1:]] == [f"/api/kernels/{k}" for k in on_a]
-    assert [r.path for r in b.requests[1:]] == [f"/api/kernels/{on_b[0]}"]
+    assert sorted(r.path for r in a.requests[start_a:]) == sorted(f"/api/kernels/{k}" for k in on_a)
+    assert [r.path for r in b.requests[start_b:]] == [f"/api/kernels/{on_b[0]}"]
     assert pool.client_for(on_b[0]) is cb and pool.gateway_up() == {"a": True, "b": True}
 
 
-async def test_pool_falls_back_to_per_kernel_gets_when_listing_is_refused(make_gateway: Make) -> None:
+async def test_pool_discovery_works_where_listing_is_refused(make_gateway: Make) -> None:
     a, ca = await make_gateway(name="a", list_kernels=False)
-    b, cb = await make_gateway(name="b")
+    b, cb = await make_gateway(name="b", list_kernels=False)
     ka, kb = a.add_kernel(), b.add_kernel()
+    for _ in range(50):  # other kernels on the gateways cost discovery nothing
+        a.add_kernel()
     pool = GatewayPool([ca, cb])
     first = await pool.observe([ka, kb])
     assert (first[ka].gateway, first[kb].gateway) == ("a", "b")
     assert first[ka].error is None and first[kb].error is None
-    assert a.count("GET", "/api/kernels") == 1 and a.count("GET", f"/api/kernels/{ka}") == 1
-    assert a.count("GET", f"/api/kernels/{kb}") == 1  # asked, said 404
-    assert b.count("GET", f"/api/kernels/{ka}") == 0  # b's listing answered for both
+    assert a.count("GET", "/api/kernels") == b.count("GET", "/api/kernels") == 0
+    assert a.count("GET", f"/api/kernels/{kb}") == 1 and b.count("GET", f"/api/kernels/{ka}") == 1  # said 404
 
     before = len(a.requests)
     await pool.observe([ka])
@@ -533,20 +537,21 @@ async def test_pool_kernel_nobody_knows(make_gateway: Make) -> None:
     assert got.error == NOT_KNOWN_ANYWHERE and got.gateway == "" and got.execution_state is None
 
 
-async def test_pool_listing_failure_is_unknown_not_absent(make_gateway: Make) -> None:
+async def test_pool_failure_during_discovery_is_unknown_not_absent(make_gateway: Make) -> None:
     a, ca = await make_gateway(name="a")
     b, cb = await make_gateway(name="b")
     a.fault = status(503)
     got = (await GatewayPool([ca, cb]).observe([KID]))[KID]
     assert got.error is not None and got.error != NOT_KNOWN_ANYWHERE
-    assert "a: listing failed: HTTP 503" in got.error
-    assert a.count("GET", f"/api/kernels/{KID}") == 0  # no per-kernel storm on a failing gateway
+    assert "HTTP 503" in got.error and got.gateway == "a"
 
 
 async def test_one_hanging_gateway_does_not_hold_up_the_other(make_gateway: Make) -> None:
     slow, c_slow = await make_gateway(name="slow", timeout=1.5)
     fast, c_fast = await make_gateway(name="fast", timeout=5.0)
     k_slow, k_fast = slow.add_kernel(), fast.add_kernel()
+    pool = GatewayPool([c_slow, c_fast])
+    assert (await pool.observe([k_slow, k_fast]))[k_fast].error is None  # discovered while both answer
     slow_finished = asyncio.Event()
     c_slow.on_request = lambda name, seconds: slow_finished.set()
     served_while_slow_pending: list[bool] = []
@@ -557,30 +562,25 @@ async def test_one_hanging_gateway_does_not_hold_up_the_other(make_gateway: Make
 
     slow.fault = hang(slow.release)
     fast.fault = note_order
-    pool = GatewayPool([c_slow, c_fast])
+    before_slow = len(slow.requests)
     first = await pool.observe([k_slow, k_fast])
     assert first[k_fast].error is None and first[k_fast].gateway == "fast"
     assert first[k_slow].error is not None and "timed out" in first[k_slow].error
     assert served_while_slow_pending == [True]  # fast was asked while slow still hung: concurrently
 
-    second = await pool.observe([k_fast])  # known now: only fast is asked
-    assert second[k_fast].error is None and len(slow.requests) == 1
+    second = await pool.observe([k_fast])  # known: only fast is asked
+    assert second[k_fast].error is None and len(slow.requests) == before_slow + 1
     assert pool.gateway_up() == {"slow": False, "fast": True}
 
 
 async def test_pool_bounds_a_gateway_by_its_own_timeout(make_gateway: Make) -> None:
     gw, client = await make_gateway(name="slow", timeout=0.3, list_kernels=False)
     kids = [gw.add_kernel() for _ in range(3 * MAX_CONCURRENCY)]
-    hang_gets = hang(gw.release)
-
-    async def refuse_listing_then_hang(request: Any) -> Any:
-        return None if request.path == "/api/kernels" else await hang_gets(request)
-
-    gw.fault = refuse_listing_then_hang
+    gw.fault = hang(gw.release)
     got = await GatewayPool([client]).observe(kids)
     # The first batch of GETs times out; the 16 kernels queued behind it are not asked (no timeout after timeout).
     assert all(a.error is not None for a in got.values())
-    assert len(gw.requests) == 1 + MAX_CONCURRENCY  # the listing, then one batch
+    assert len(gw.requests) == MAX_CONCURRENCY  # one batch
 
 
 async def test_pool_forgets_a_kernel_its_gateway_lost(make_gateway: Make) -> None:
@@ -593,7 +593,7 @@ async def test_pool_forgets_a_kernel_its_gateway_lost(make_gateway: Make) -> Non
     assert lost.error is not None and "no longer knows" in lost.error and pool.client_for(kid) is None
     again = (await pool.observe([kid]))[kid]
     assert again.error == NOT_KNOWN_ANYWHERE
-    assert gw.count("GET", "/api/kernels") == 2  # listed again only once the cache entry was gone
+    assert gw.count("GET", "/api/kernels") == 0 and gw.count("GET", f"/api/kernels/{kid}") == 3
 
 
 async def test_pool_dedupes_ids(make_gateway: Make) -> None:
@@ -602,7 +602,7 @@ async def test_pool_dedupes_ids(make_gateway: Make) -> None:
     pool = GatewayPool([client])
     await pool.observe([kid])
     got = await pool.observe([kid, kid, kid])
-    assert list(got) == [kid] and gw.count("GET", f"/api/kernels/{kid}") == 1
+    assert list(got) == [kid] and gw.count("GET", f"/api/kernels/{kid}") == 2  # discovery, then once
 
 
 async def test_pool_shutdown_routes_to_the_kernels_gateway(make_gateway: Make) -> None:
@@ -640,6 +640,55 @@ async def test_pool_rejects_duplicate_names(make_gateway: Make) -> None:
         GatewayPool([c1, c1])
 
 
+# --------------------------------------------------------------------------- invariant 14: conflicting sources
+
+
+async def test_invariant_14_two_gateways_answering_for_one_kernel_is_unknown(make_gateway: Make) -> None:
+    a, ca = await make_gateway(name="a")
+    b, cb = await make_gateway(name="b")
+    a.add_kernel(KID, state="idle")
+    b.add_kernel(KID, state="idle")  # e.g. a Jupyter Server with --gateway-url and the gateway behind it
+    pool = GatewayPool([ca, cb])
+    for cycle in (1, 2):
+        got = (await pool.observe([KID]))[KID]
+        assert got.error == f"{CONFLICTING_GATEWAYS}: a, b" and got.gateway == ""
+        assert got.execution_state is None and got.last_activity is None  # unknown, never idle
+        assert pool.client_for(KID) is None  # no home from a conflict: both are asked again next cycle
+        assert a.count("GET", f"/api/kernels/{KID}") == b.count("GET", f"/api/kernels/{KID}") == cycle
+    result, detail = await pool.shutdown(KID)
+    assert result == "failed" and CONFLICTING_GATEWAYS in detail
+    assert a.count("DELETE", f"/api/kernels/{KID}") == b.count("DELETE", f"/api/kernels/{KID}") == 0
+
+
+async def test_invariant_14_conflict_after_discovery_is_seen_by_the_confirming_recheck(make_gateway: Make) -> None:
+    a, ca = await make_gateway(name="a")
+    b, cb = await make_gateway(name="b")
+    a.add_kernel(KID)
+    pool = GatewayPool([ca, cb])
+    assert (await pool.observe([KID]))[KID].error is None and pool.client_for(KID) is ca
+    b.add_kernel(KID)  # a second source appears after discovery
+    assert (await pool.observe([KID]))[KID].error is None  # steady state asks the home only
+    confirmed = (await pool.observe([KID], confirm=True))[KID]  # the re-check before acting asks everyone
+    assert confirmed.error == f"{CONFLICTING_GATEWAYS}: a, b" and pool.client_for(KID) is None
+    assert CONFLICTING_GATEWAYS in str((await pool.observe([KID]))[KID].error)  # the cached home is gone
+
+
+async def test_invariant_14_a_gateway_that_cannot_answer_leaves_the_kernel_unknown(make_gateway: Make) -> None:
+    a, ca = await make_gateway(name="a")
+    b, cb = await make_gateway(name="b")
+    a.add_kernel(KID)
+    b.fault = status(503)  # b might serve the kernel too: a conflict cannot be ruled out
+    pool = GatewayPool([ca, cb])
+    got = (await pool.observe([KID]))[KID]
+    assert got.error is not None and "cannot rule out a second gateway" in got.error and "b: HTTP 503" in got.error
+    assert pool.client_for(KID) is None
+    b.fault = None  # positive control: once b says 404, a is the kernel's home
+    got = (await pool.observe([KID]))[KID]
+    assert got.error is None and got.gateway == "a" and pool.client_for(KID) is ca
+    assert (await pool.observe([KID], confirm=True))[KID].error is None and pool.client_for(KID) is ca
+    assert (await pool.shutdown(KID))[0] == "success" and a.count("DELETE", f"/api/kernels/{KID}") == 1
+
+
 # --------------------------------------------------------------------------- kernels no gateway knows: backoff
 
 
@@ -672,7 +721,8 @@ async def test_pool_backs_off_a_kernel_no_gateway_knows(make_gateway: Make) -> N
     pool = GatewayPool([ca, cb], clock=clock, absent_retry=60, absent_retry_max=200)
     first = await pool.observe([known, KID])
     assert first[known].error is None and first[KID].error == NOT_KNOWN_ANYWHERE
-    assert (paths_since(a, 0), paths_since(b, 0)) == (["/api/kernels"], ["/api/kernels"])
+    both = sorted([f"/api/kernels/{known}", f"/api/kernels/{KID}"])
+    assert (sorted(paths_since(a, 0)), sorted(paths_since(b, 0))) == (both, both)
 
     for delay in (60, 120, 200, 200):  # doubles, capped at absent_retry_max
         for step in (0, delay - 1):
@@ -683,12 +733,12 @@ async def test_pool_backs_off_a_kernel_no_gateway_knows(make_gateway: Make) -> N
             assert got[KID].execution_state is None and got[KID].last_activity is None  # unknown, never idle
             assert got[known].error is None
             assert paths_since(a, start_a) == [f"/api/kernels/{known}"] and paths_since(b, start_b) == []
-        clock.advance(1)  # the retry time: listed again, once per gateway
+        clock.advance(1)  # the retry time: asked again, once per gateway
         start_a, start_b = len(a.requests), len(b.requests)
         got = await pool.observe([known, KID])
         assert got[KID].error == NOT_KNOWN_ANYWHERE
-        assert sorted(paths_since(a, start_a)) == ["/api/kernels", f"/api/kernels/{known}"]  # asked concurrently
-        assert paths_since(b, start_b) == ["/api/kernels"]
+        assert sorted(paths_since(a, start_a)) == both  # asked concurrently
+        assert paths_since(b, start_b) == [f"/api/kernels/{KID}"]
 
     start_a, start_b = len(a.requests), len(b.requests)
     result, detail = await pool.shutdown(KID)  # nobody serves it: failed, as without the backoff
@@ -714,8 +764,8 @@ async def test_pool_backs_off_per_kernel_gets_when_listing_is_refused(make_gatew
     clock.advance(1)
     start_a, start_b = len(a.requests), len(b.requests)
     assert (await pool.observe([known, KID]))[KID].error == NOT_KNOWN_ANYWHERE
-    assert sorted(paths_since(a, start_a)) == sorted([f"/api/kernels/{known}", "/api/kernels", f"/api/kernels/{KID}"])
-    assert paths_since(b, start_b) == ["/api/kernels", f"/api/kernels/{KID}"]
+    assert sorted(paths_since(a, start_a)) == sorted([f"/api/kernels/{known}", f"/api/kernels/{KID}"])
+    assert paths_since(b, start_b) == [f"/api/kernels/{KID}"]
     assert (await pool.observe([KID]))[KID].error == backed_off(120)
 
 
@@ -728,7 +778,7 @@ def _fail_gets(fault: Any) -> Any:
     return only_gets
 
 
-async def _b_listing_503(make: Make) -> GatewayClient:
+async def _b_503(make: Make) -> GatewayClient:
     gw, client = await make(name="b")
     gw.fault = status(503)
     return client
@@ -756,7 +806,7 @@ async def _b_refused(make: Make) -> GatewayClient:
 @pytest.mark.parametrize(
     "make_b, reason",
     [
-        pytest.param(_b_listing_503, "listing failed: HTTP 503", id="listing-5xx"),
+        pytest.param(_b_503, "HTTP 503", id="5xx"),
         pytest.param(_b_get_500, "HTTP 500", id="per-kernel-get-5xx"),
         pytest.param(_b_hangs, "timed out", id="timeout"),
         pytest.param(_b_refused, "connection refused", id="refused"),
@@ -775,7 +825,7 @@ async def test_pool_does_not_back_off_a_kernel_a_gateway_failed_on(
         for cycle in range(1, 4):
             got = (await pool.observe([KID]))[KID]
             assert got.error is not None and NOT_KNOWN_ANYWHERE not in got.error and reason in got.error
-            assert a.count("GET", "/api/kernels") == cycle and len(asked_b) >= cycle  # asked again every cycle
+            assert a.count("GET", f"/api/kernels/{KID}") == cycle and len(asked_b) >= cycle  # asked every cycle
             clock.advance(1)
     finally:
         await cb.close()
@@ -792,7 +842,7 @@ async def test_pool_asks_again_next_cycle_when_a_retry_fails(make_gateway: Make)
     a.fault = None
     clock.advance(1)
     assert (await pool.observe([KID]))[KID].error == NOT_KNOWN_ANYWHERE  # asked at once, not backed off
-    assert a.count("GET", "/api/kernels") == 3
+    assert a.count("GET", f"/api/kernels/{KID}") == 3
     assert (await pool.observe([KID]))[KID].error == backed_off(120)  # the failure did not reset the backoff
 
 
@@ -805,7 +855,7 @@ async def test_pool_finds_a_backed_off_kernel_that_appears_later(make_gateway: M
     b.add_kernel(KID, state="busy")
     clock.advance(30)
     assert (await pool.observe([KID]))[KID].error == backed_off(30)  # not asked before its retry
-    assert b.count("GET", "/api/kernels") == 1
+    assert b.count("GET", f"/api/kernels/{KID}") == 1
 
     clock.advance(30)
     found = (await pool.observe([KID]))[KID]

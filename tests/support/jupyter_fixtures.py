@@ -12,7 +12,9 @@ notebook does (REST + the websocket channels), so a kernel's state and last_acti
     pid = await kernel_pid(gw.url, gw.token, kid)
 
 Session fixtures (import them into a test module, or list this module in ``pytest_plugins``): ``kernel_gateway``,
-``kernel_gateway_unlisted`` (listing off: 403), ``jupyter_server``, ``jupyterhub``.
+``kernel_gateway_unlisted`` (listing off: 403), ``jupyter_server``, ``jupyterhub``, ``enterprise_gateway`` (Enterprise
+Gateway 3.x from its own virtualenv, see ``enterprise_gateway_venv``; start its kernels with
+``env=eg.extra["kernel_env"]``).
 """
 
 from __future__ import annotations
@@ -170,6 +172,65 @@ def start_jupyter_server(workdir: Path, token: str, timeout: float = READY_TIMEO
     return handle
 
 
+EG_REQUIREMENTS = Path(__file__).with_name("enterprise-gateway-requirements.txt")
+EG_USER = "alice"  # Enterprise Gateway refuses kernels for root unless the start request names another user
+
+
+def enterprise_gateway_venv() -> Path:
+    """The virtualenv that runs Enterprise Gateway: $RECLAIMER_EG_VENV, else ~/.cache/reclaimer/eg-venv; created
+    (pip, from tests/support/enterprise-gateway-requirements.txt) when missing. .ci/run creates it ahead of time."""
+    venv = Path(os.environ.get("RECLAIMER_EG_VENV") or Path.home() / ".cache" / "reclaimer" / "eg-venv")
+    if not (venv / "bin" / "jupyter-enterprisegateway").exists():
+        venv.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+        done = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "-r", str(EG_REQUIREMENTS)],
+                              capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            raise JupyterTestError(f"cannot install Enterprise Gateway into {venv}:\n{done.stderr[-2000:]}")
+    return venv
+
+
+def start_enterprise_gateway(workdir: Path, token: str, list_kernels: bool = False, cull_idle_timeout: int = 0,
+                             timeout: float = READY_TIMEOUT) -> JupyterProcess:
+    """A real Jupyter Enterprise Gateway (3.x, its own virtualenv) on a free loopback port, running local kernels.
+
+    ``EG_AUTH_TOKEN`` is the token; listing kernels is refused (403) unless ``list_kernels`` (``EG_LIST_KERNELS``);
+    ``cull_idle_timeout`` > 0 turns EG's own idle culler on (checked every second).
+    """
+    venv = enterprise_gateway_venv()
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    cmd = [str(venv / "bin" / "jupyter-enterprisegateway"), "--EnterpriseGatewayApp.ip=127.0.0.1",
+           f"--EnterpriseGatewayApp.port={port}", "--EnterpriseGatewayApp.port_retries=0"]
+    if cull_idle_timeout:
+        cmd += [f"--RemoteMappingKernelManager.cull_idle_timeout={cull_idle_timeout}",
+                "--RemoteMappingKernelManager.cull_interval=1"]
+    env = _env(workdir, EG_AUTH_TOKEN=token, EG_LIST_KERNELS="true" if list_kernels else "false")
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"  # kernels start with the venv's python
+    proc, log_path = _spawn("enterprise-gateway", cmd, workdir, env)
+    handle = JupyterProcess("enterprise gateway", f"http://127.0.0.1:{port}", token, proc, workdir, log_path,
+                            extra={"kernel_env": {"KERNEL_USERNAME": EG_USER}})
+    wait_http(handle, "/api", timeout, headers=auth(token))
+    return handle
+
+
+def start_jupyter_server_with_gateway(workdir: Path, token: str, gateway: JupyterProcess,
+                                      timeout: float = READY_TIMEOUT) -> JupyterProcess:
+    """A real ``jupyter server --gateway-url``: its kernels run on ``gateway``, and both answer for their ids."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "notebooks").mkdir(exist_ok=True)
+    port = free_port()
+    cmd = [sys.executable, "-m", "jupyter_server", "--allow-root", "--no-browser", "--ServerApp.ip=127.0.0.1",
+           f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--ServerApp.root_dir={workdir / 'notebooks'}",
+           f"--gateway-url={gateway.url}"]
+    env = _env(workdir, JUPYTER_TOKEN=token, JUPYTER_GATEWAY_AUTH_TOKEN=gateway.token,
+               **gateway.extra.get("kernel_env", {}))  # KERNEL_* variables travel with each start request
+    proc, log_path = _spawn("jupyter-server-gateway", cmd, workdir, env)
+    handle = JupyterProcess("jupyter server (gateway)", f"http://127.0.0.1:{port}", token, proc, workdir, log_path)
+    wait_http(handle, "/api/kernels", timeout, headers=auth(token), ok=(200, 403))
+    return handle
+
+
 _HUB_CONFIG = """\
 import os
 c = get_config()
@@ -303,9 +364,10 @@ async def _call(coro: Awaitable[Any]) -> Any:
         raise JupyterTestError(str(exc)) from None
 
 
-async def start_kernel(url: str, token: str, name: str = "python3") -> str:
-    """POST /api/kernels; returns the new kernel's id (the kernel says "starting" until a client talks to it)."""
-    return await _call(_gateway(url, token).start_kernel(name))
+async def start_kernel(url: str, token: str, name: str = "python3", env: dict[str, str] | None = None) -> str:
+    """POST /api/kernels; returns the new kernel's id (the kernel says "starting" until a client talks to it).
+    ``env``: the kernel's environment in the start request (Enterprise Gateway needs ``KERNEL_USERNAME``)."""
+    return await _call(_gateway(url, token).start_kernel(name, env))
 
 
 async def kernel_model(url: str, token: str, kernel_id: str) -> dict[str, Any]:
@@ -372,6 +434,14 @@ def jupyter_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jupyter
 
 
 @pytest.fixture(scope="session")
+def enterprise_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterProcess]:
+    """A real Enterprise Gateway with its defaults: token auth, listing refused (403), no culling of its own."""
+    handle = start_enterprise_gateway(tmp_path_factory.mktemp("eg"), secrets.token_hex(16))
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="session")
 def jupyterhub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterProcess]:
     """A JupyterHub with users alice and bob and pagination at one user per page; no servers started."""
     handle = start_jupyterhub(tmp_path_factory.mktemp("jupyterhub"), secrets.token_hex(16))
@@ -380,8 +450,10 @@ def jupyterhub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterProc
 
 
 __all__ = [
-    "JupyterProcess", "JupyterTestError", "auth", "free_port", "hub_available", "hub_request", "interrupt_kernel",
+    "EG_USER", "JupyterProcess", "JupyterTestError", "auth", "enterprise_gateway",
+    "enterprise_gateway_venv", "free_port", "hub_available", "hub_request", "interrupt_kernel",
     "jupyter_server", "jupyterhub", "kernel_gateway", "kernel_gateway_unlisted", "kernel_model", "kernel_pid",
-    "run_code", "shutdown_kernel", "spawn_servers", "start_jupyter_server", "start_jupyterhub", "start_kernel",
+    "run_code", "shutdown_kernel", "spawn_servers", "start_enterprise_gateway", "start_jupyter_server",
+    "start_jupyter_server_with_gateway", "start_jupyterhub", "start_kernel",
     "start_kernel_gateway", "wait_for_state", "wait_http", "wake_kernel",
 ]
