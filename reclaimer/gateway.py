@@ -687,7 +687,7 @@ class GatewayPool:
         if len(served) > 1:
             # Invariant 14: two sources for one kernel (a Jupyter Server proxying to an EG, or two gateways sharing
             # a kernel id) may disagree about its state; which one a shutdown would reach is a guess. Unknown.
-            self._known.pop(kid, None)
+            self._forget(kid)
             names = [c.name for c, _ in served]
             log.warning("kernel answered by several gateways; unknown", kernel_id=kid, gateways=names)
             return KernelActivity(kid, "", now, error=f"{CONFLICTING_GATEWAYS}: {', '.join(names)}")
@@ -696,7 +696,7 @@ class GatewayPool:
             failed = [(c, a) for c, a in answers if not a.found and not a.not_found]
             if failed:
                 # Another gateway could not say whether it serves this kernel too: no home from a partial answer.
-                self._known.pop(kid, None)
+                self._forget(kid)
                 detail = "; ".join(f"{c.name}: {a.activity.error}" for c, a in failed)
                 return KernelActivity(kid, client.name, now,
                                       error=f"served by gateway {client.name}, but cannot rule out a second "
