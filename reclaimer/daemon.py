@@ -107,6 +107,7 @@ class Daemon:
                 window_seconds=s.longest_window,
                 clock=self.clock,
                 on_tick=self.metrics.sample_duration_seconds.observe,
+                idle_thresholds={p.gpu_idle_below for p in s.policies},
             )
         if self.executor is None:
             self.executor = executor_for(

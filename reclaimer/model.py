@@ -67,6 +67,21 @@ class GpuSample:
 
 
 @dataclass(frozen=True, slots=True)
+class GpuHistory:
+    """One GPU's past beyond the sample ring, folded sample by sample (``policy.fold_sample``): enough to count an
+    ``idle_after`` longer than the ring holds (a per-pod ``reclaimer.io/idle-after`` override) without keeping
+    the samples. Constant size per GPU."""
+
+    through: float  # timestamp of the newest sample folded in
+    runs: Mapping[float, tuple[float, float] | None]  # idle threshold -> (run start, peak) at ``through``; None: not idle
+    problem_at: float | None = None  # newest sample that could not count as idle evidence
+    problem: str = ""
+    gap_end: float | None = None  # the sample after the newest gap longer than 3 intervals (or a clock step back)
+    gap: float = 0.0
+    process_seen_at: float | None = None  # newest sample showing any process
+
+
+@dataclass(frozen=True, slots=True)
 class SamplerSnapshot:
     """What the sampler holds: devices and, per GPU uuid, the samples in its ring buffer (oldest first)."""
 
@@ -75,6 +90,7 @@ class SamplerSnapshot:
     started_at: float  # when sampling began; idle windows never reach back before it
     sample_interval: float
     last_sample_at: float | None = None
+    history: Mapping[str, GpuHistory] = field(default_factory=dict)  # per GPU uuid, since started_at
 
     def latest(self, uuid: str) -> GpuSample | None:
         s = self.samples.get(uuid)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
@@ -25,6 +25,7 @@ from reclaimer.model import (
     ActionKind,
     Candidate,
     Decision,
+    GpuHistory,
     GpuSample,
     KernelActivity,
     PodInfo,
@@ -96,6 +97,40 @@ def gpu_idle_seconds(
     3 intervals, and never reaches before ``started_at``. 0.0 when the newest sample is busy.
     """
     return _idle_run(samples, threshold, now, started_at, sample_interval)[0]
+
+
+def fold_sample(
+    history: GpuHistory | None, sample: GpuSample, thresholds: Iterable[float], sample_interval: float
+) -> GpuHistory:
+    """``history`` with one more sample of its GPU folded in (the sampler calls this for every sample it takes).
+
+    Per idle threshold it carries the start and peak of the current continuous idle run; a busy, unknown or down
+    sample, a gap longer than 3 intervals or a clock step back ends the run (counting restarts after it, as in
+    ``gpu_idle_seconds``). It also remembers the newest problem, gap and process sighting, so a window longer than
+    the ring is judged as the ring would judge it.
+    """
+    limit = STALE_FACTOR * sample_interval
+    ts = sample.timestamp
+    runs = dict(history.runs) if history is not None else {}
+    problem_at, problem = (history.problem_at, history.problem) if history is not None else (None, "")
+    gap_end, gap = (history.gap_end, history.gap) if history is not None else (None, 0.0)
+    seen = history.process_seen_at if history is not None else None
+    if history is not None and not 0 < ts - history.through <= limit:
+        gap_end, gap = ts, ts - history.through
+        runs = {}
+    bad = _sample_problem(sample, sample.uuid)
+    if bad is not None:
+        problem_at, problem = ts, bad
+    for threshold in thresholds:
+        run = runs.get(threshold)
+        util = sample.utilization
+        if bad is not None or util is None or util >= threshold:
+            runs[threshold] = None
+        else:
+            runs[threshold] = (run[0], max(run[1], util)) if run is not None else (ts, util)
+    if sample.processes:
+        seen = ts
+    return GpuHistory(ts, runs, problem_at, problem, gap_end, gap, seen)
 
 
 def recheck(
@@ -384,6 +419,8 @@ def _gpu_view(uuid: str, sampler: SamplerSnapshot, policy: PolicySettings, now: 
     if not now - newest.timestamp <= limit:
         return _GpuView(label, f"{label} samples stale: last one {_dur(now - newest.timestamp)} ago")
     window_start = max(now - policy.idle_after, sampler.started_at)
+    if ordered[0].timestamp - window_start > limit and uuid in sampler.history:  # the window outreaches the ring
+        return _gpu_view_beyond_ring(uuid, label, ordered, sampler, policy, now, window_start)
     in_window = [s for s in ordered if s.timestamp >= window_start]
     later: GpuSample | None = None
     process_seen_at: float | None = None
@@ -403,6 +440,31 @@ def _gpu_view(uuid: str, sampler: SamplerSnapshot, policy: PolicySettings, now: 
         return _GpuView(label, f"{label} idle time unknown")
     busy = newest.utilization is not None and newest.utilization >= policy.gpu_idle_below
     return _GpuView(label, None, idle, peak, busy, process_seen_at)
+
+
+def _gpu_view_beyond_ring(uuid: str, label: str, ordered: Sequence[GpuSample], sampler: SamplerSnapshot,
+                          policy: PolicySettings, now: float, window_start: float) -> _GpuView:
+    """The view over a window longer than the ring (a per-pod idle-after override), from the GPU's folded history.
+
+    Never a frozen countdown: the idle run is counted from where it really started, however long ago; anything the
+    history cannot vouch for is unknown, with the reason.
+    """
+    history = sampler.history[uuid]
+    newest = ordered[-1]
+    span = _dur(newest.timestamp - ordered[0].timestamp)
+    if history.through != newest.timestamp or policy.gpu_idle_below not in history.runs:
+        return _GpuView(label, f"{label}: idle_after {_dur(policy.idle_after)} is longer than the {span} of samples "
+                               "kept, and no idle history covers it")
+    if history.problem_at is not None and history.problem_at >= window_start:
+        return _GpuView(label, f"{label} {history.problem} at {_clock(history.problem_at)}")
+    if history.gap_end is not None and history.gap_end >= window_start:
+        return _GpuView(label, f"{label} has no samples for {_dur(history.gap)} before {_clock(history.gap_end)}")
+    run = history.runs[policy.gpu_idle_below]
+    busy = newest.utilization is not None and newest.utilization >= policy.gpu_idle_below
+    idle, peak = (max(0.0, now - run[0]), run[1]) if run is not None else (0.0, newest.utilization or 0.0)
+    seen = history.process_seen_at if history.process_seen_at is not None and history.process_seen_at >= window_start \
+        else None
+    return _GpuView(label, None, idle, peak, busy, seen)
 
 
 def _sample_problem(s: GpuSample, uuid: str) -> str | None:

@@ -10,12 +10,13 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
-from reclaimer.model import GpuDevice, GpuSample, SamplerSnapshot
+from reclaimer.model import GpuDevice, GpuHistory, GpuSample, SamplerSnapshot
+from reclaimer.policy import fold_sample
 
 if TYPE_CHECKING:
     from reclaimer.config import GpuSettings
@@ -80,6 +81,7 @@ class Sampler:
         on_tick: Callable[[float], None] | None = None,
         *,
         wait: Callable[[float], bool] | None = None,
+        idle_thresholds: Iterable[float] = (),
     ) -> None:
         if not interval > 0:
             raise ValueError(f"sample interval must be positive, got {interval!r}")
@@ -95,6 +97,10 @@ class Sampler:
         self._devices = backend.devices()
         self._maxlen = ring_size(window_seconds, interval)
         self._rings: dict[str, deque[GpuSample]] = {d.uuid: deque(maxlen=self._maxlen) for d in self._devices}
+        # Each GPU's idle runs beyond the ring, per policy threshold: a per-pod idle-after longer than the ring
+        # still counts down (policy._gpu_view_beyond_ring). Constant size per GPU.
+        self._thresholds = tuple(sorted(set(idle_thresholds)))
+        self._history: dict[str, GpuHistory] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._started_at: float | None = None
@@ -107,13 +113,15 @@ class Sampler:
 
     # ------------------------------------------------------------------ control
 
-    def start(self) -> None:
-        """Start the sampling thread; the first tick runs at once."""
-        if self._thread is not None:
+    def start(self, *, thread: bool = True) -> None:
+        """Start the sampling thread; the first tick runs at once. ``thread=False`` only marks the start: the caller
+        drives ``tick()`` itself (simulated time: the soak, tests)."""
+        if self._thread is not None or (not thread and self._started_at is not None):
             raise RuntimeError("sampler already started")
         self._started_at = self._clock()
-        self._thread = threading.Thread(target=self._run, name="gpu-sampler", daemon=True)
-        self._thread.start()
+        if thread:
+            self._thread = threading.Thread(target=self._run, name="gpu-sampler", daemon=True)
+            self._thread.start()
 
     def stop(self, timeout: float | None = None) -> bool:
         """Ask the thread to stop and join it; True when it ended within ``timeout`` (a wedged call may not)."""
@@ -142,12 +150,14 @@ class Sampler:
         with self._lock:
             samples = {uuid: tuple(ring) for uuid, ring in self._rings.items()}
             last = self._last_sample_at
+            history = dict(self._history)
         return SamplerSnapshot(
             devices=self._devices,
             samples=samples,
             started_at=self._started_at if self._started_at is not None else self._clock(),
             sample_interval=self.interval,
             last_sample_at=last,
+            history=history,
         )
 
     # ------------------------------------------------------------------ the thread
@@ -188,6 +198,8 @@ class Sampler:
                 if ring is None:
                     ring = self._rings[s.uuid] = deque(maxlen=self._maxlen)
                 ring.append(s)
+                if self._thresholds:
+                    self._history[s.uuid] = fold_sample(self._history.get(s.uuid), s, self._thresholds, self.interval)
             self._last_sample_at = started
         self.ticks += 1
         self.last_tick_at = self._clock()

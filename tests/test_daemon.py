@@ -313,7 +313,7 @@ policies: [{{name: p, idle_after: 60s, warn_before: 30s}}]
                                 "processes": [{"pid": kernel_process.pid, "gpu": 0, "memory_bytes": GIB}]})
     clock = [time.time()]
     sampler = Sampler(backend, interval=1.0, window_seconds=settings.longest_window, clock=lambda: clock[0])
-    sampler._started_at = clock[0]
+    sampler.start(thread=False)
     gateways = GatewayPool([GatewayClient(settings.gateways[0], clock=lambda: clock[0])], clock=lambda: clock[0])
     daemon = Daemon(settings, Adapters(backend=backend, gateways=gateways),
                     clock=lambda: clock[0], sampler=sampler)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
 
 from reclaimer.config import Settings
-from reclaimer.model import ActionKind, Candidate, Decision, PolicyState, ProcessSample, ServerRef, Verdict
+from reclaimer.gpusim import SimulatedBackend
+from reclaimer.model import ActionKind, Candidate, Decision, KernelActivity, PolicyState, ProcessSample, ServerRef, Verdict
 from reclaimer.policy import IDLE_AFTER_ANNOTATION, decide, gpu_idle_seconds, recheck, select_policy
+from reclaimer.sampler import Sampler
 from tests.support.policy_fixtures import (
     GIB,
     INTERVAL,
@@ -610,3 +613,64 @@ def test_models_from_devices_drive_gpu_model_policies() -> None:
     h100 = snapshot(devices=[device(model="NVIDIA H100 80GB HBM3")])
     assert decide_one(kernel(), h100, settings).policy == "h100"
     assert decide_one(kernel(), snapshot(), settings).policy == "rest"
+
+
+# --------------------------------------------------------------------------- issue 10 item 4: idle-after beyond the ring
+
+
+def _driven(idle_after_override: str, events: Mapping[float, Callable[[SimulatedBackend], None]], hours: float,
+            decide_every: float = 300.0) -> list[tuple[float, Decision]]:
+    """The real Sampler over the simulated GPU, ticked in simulated time (5 s samples, default 30 min policy, so the
+    ring holds ~30 min); one decision every ``decide_every`` for a kernel whose pod asks for a longer idle-after.
+    ``events`` maps seconds since start to a change of the simulated GPU."""
+    settings = make_settings()
+    backend = SimulatedBackend({"gpus": [{"uuid": UUID0, "model": "NVIDIA A100-SXM4-80GB", "memory_total": 80 * GIB,
+                                          "utilization": 0.0}]})
+    clock = [NOW]
+    sampler = Sampler(backend, interval=INTERVAL, window_seconds=settings.longest_window, clock=lambda: clock[0],
+                      idle_thresholds={p.gpu_idle_below for p in settings.policies})
+    sampler.start(thread=False)
+    annotated = pod(annotations={IDLE_AFTER_ANNOTATION: idle_after_override})
+    out: list[tuple[float, Decision]] = []
+    pending = dict(events)
+    elapsed = 0.0
+    while elapsed <= hours * 3600:
+        for at in [t for t in pending if t <= elapsed]:
+            pending.pop(at)(backend)
+        sampler.tick()
+        if elapsed % decide_every == 0:
+            act = KernelActivity(KID, "eg", clock[0], "python3", "idle", utc(NOW - 86400), 0)
+            (d,) = decide([kernel(pod_info=annotated, act=act)], sampler.snapshot(), settings, clock[0], PolicyState())
+            out.append((elapsed, d))
+        clock[0] += INTERVAL
+        elapsed += INTERVAL
+    assert len(sampler.snapshot().samples[UUID0]) < 400  # the ring really is ~30 minutes, not the 4 hours
+    return out
+
+
+def test_item4_idle_after_longer_than_the_ring_counts_down_and_reclaims_on_time() -> None:
+    seen = _driven("4h", {}, hours=4.5)
+    etas = [(t, d.eta_seconds) for t, d in seen if d.verdict in (Verdict.KEEP, Verdict.WARN)]
+    assert all(b[1] < a[1] for a, b in zip(etas, etas[1:])), etas  # never frozen: every cycle is closer
+    first = next(t for t, d in seen if d.verdict is Verdict.RECLAIM)
+    assert first == 4 * 3600  # on time, not at the 30 min the ring holds, not never
+    at_2h = dict(seen)[2 * 3600]
+    assert at_2h.verdict is Verdict.KEEP and at_2h.idle_seconds == 2 * 3600 and at_2h.eta_seconds == 2 * 3600
+    assert "(idle-after 4h from pod annotation)" in at_2h.reason and "for 2h" in at_2h.reason
+
+
+def test_item4_busy_moment_beyond_the_ring_restarts_the_long_count() -> None:
+    busy, idle = (lambda b: b.set_utilization(0, 0.9)), (lambda b: b.set_utilization(0, 0.0))
+    seen = dict(_driven("2h", {3600.0: busy, 3605.0: idle}, hours=3.5))
+    # At 2h the busy moment (1h ago) is long out of the ring: still counted, so no reclaim.
+    assert seen[2 * 3600].verdict is Verdict.KEEP and seen[2 * 3600].idle_seconds == 7200 - 3605
+    # The run restarts at 3605 s: reclaim at the first cycle at or after 3605 + 7200 = 10805 s, never before.
+    assert next(t for t, d in sorted(seen.items()) if d.verdict is Verdict.RECLAIM) == 11100
+
+
+def test_item4_unknown_sample_beyond_the_ring_is_unknown_until_it_leaves_the_window() -> None:
+    lost, back = (lambda b: b.set_lost(0, True)), (lambda b: b.set_lost(0, False))
+    seen = dict(_driven("2h", {1800.0: lost, 1805.0: back}, hours=4.0))
+    at = seen[3600 + 1800]  # 1 h after the lost sample: out of the ring, inside the 2 h window
+    assert at.verdict is Verdict.UNKNOWN and "GPU 0 down (GPU_IS_LOST) at" in at.reason
+    assert seen[1800 + 2 * 3600 + 300].verdict is Verdict.RECLAIM  # once it left the window, idle since 1805 s

@@ -351,3 +351,36 @@ def test_the_simulated_backend_does_not_import_pynvml() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) is False
+
+
+def test_item4_idle_history_is_constant_size_per_gpu() -> None:
+    """The history that lets a long per-pod idle-after count down holds a few numbers per GPU and threshold, however
+    long the sampler runs."""
+    clock = [1000.0]
+    sampler = Sampler(_ScriptedBackend(), interval=1.0, window_seconds=5.0, clock=lambda: clock[0],
+                      idle_thresholds=(0.05, 0.1, 0.05))
+    sampler.start(thread=False)
+    for _ in range(5000):
+        clock[0] += 1.0
+        sampler.tick()
+    snap = sampler.snapshot()
+    assert set(snap.history) == {"GPU-a", "GPU-b"} and all(len(h.runs) == 2 for h in snap.history.values())
+    assert snap.history["GPU-a"].runs[0.05] == (1001.0, 0.0) and snap.history["GPU-a"].through == 6000.0
+    assert max(len(ring) for ring in snap.samples.values()) <= 8
+
+
+class _ScriptedBackend:
+    def devices(self) -> tuple[GpuDevice, ...]:
+        return DEVICES
+
+    def sample(self, now: float) -> list[GpuSample]:
+        return samples_at(now)
+
+    def mig_parents(self) -> dict[str, str]:
+        return {}
+
+    def error_counts(self) -> dict[tuple[str, str], int]:
+        return {}
+
+    def close(self) -> None:
+        pass
