@@ -299,7 +299,10 @@ class Daemon:
             if found:
                 joined = joined_with(found)
         observed_at = self.clock()
-        decisions = policy.decide(joined.candidates, samp, s, now, self._state)
+        planned = policy.plan(joined.candidates, samp, s, now, self._state)
+        decisions, self._state = planned.decisions, planned.state
+        if planned.breaker.new_trip:
+            log.warning("circuit breaker tripped", cause=planned.breaker.cause, reason=planned.breaker.reason)
         results = await self.executor.execute(decisions, recheck=self._recheck)
         results += self.executor.verify(self.sampler.snapshot(), self.clock())
         decisions = self._with_holds(decisions, self.clock())
@@ -309,6 +312,7 @@ class Daemon:
         snap = CycleSnapshot(
             node=s.node_name, mode=s.mode, generated_at=now, sampler=samp, decisions=tuple(decisions),
             unattributed=joined.unattributed, gpu_idle_seconds=gpu_idle, gateway_up=gw_up, observed_at=observed_at,
+            breaker=planned.breaker,
         )
         self._account(snap, results)
         self._snapshot = snap
@@ -387,6 +391,8 @@ class Daemon:
         self.metrics.forget_quiet_namespaces({candidate_namespace(d.candidate) for d in snap.decisions}, snap.generated_at)
         for r in results:
             self.metrics.record_action(r)
+        if snap.breaker.new_trip:
+            self.metrics.record_breaker_trip(snap.breaker)
 
     # ------------------------------------------------------------------ loops
 

@@ -20,7 +20,17 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from reclaimer import __version__
-from reclaimer.model import ACTION_RESULTS, NO_NAMESPACE, ActionKind, ActionResult, CycleSnapshot, Decision, Verdict
+from reclaimer.model import (
+    ACTION_RESULTS,
+    BREAKER_CAUSES,
+    NO_NAMESPACE,
+    ActionKind,
+    ActionResult,
+    BreakerStatus,
+    CycleSnapshot,
+    Decision,
+    Verdict,
+)
 from reclaimer.report import candidate_namespace, candidate_user, is_idle, kernel_gpu_usage, metric_kernel_id
 
 log = structlog.get_logger(__name__)
@@ -97,6 +107,11 @@ _GAUGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("reclaimer_kernel_reclaim_eta_seconds", "Seconds until the policy's action (0 = now).", ("kernel_id", "action")),
     ("reclaimer_kernels", "Kernels and pod candidates by verdict.", ("verdict",)),
     ("reclaimer_gateway_up", "1 when the gateway answered the last observation, 0 when not.", ("gateway",)),
+    (
+        "reclaimer_breaker_tripped",
+        "1 while the circuit breaker holds reclaims back (too many at once; one per cycle after another window).",
+        (),
+    ),
     ("reclaimer_last_sample_timestamp_seconds", "When the sampler last sampled the GPUs.", ()),
     ("reclaimer_snapshot_timestamp_seconds", "When the last decide cycle finished.", ()),
 )
@@ -194,6 +209,7 @@ class SnapshotCollector(Collector):
         _kernel_series(snap, f)
         for gateway, up in sorted(snap.gateway_up.items()):
             f.add("reclaimer_gateway_up", (gateway,), None if up is None else int(up))
+        f.add("reclaimer_breaker_tripped", (), 1 if snap.breaker.tripped else 0)
         f.add("reclaimer_last_sample_timestamp_seconds", (), snap.sampler.last_sample_at)
         f.add("reclaimer_snapshot_timestamp_seconds", (), snap.generated_at)
 
@@ -291,7 +307,13 @@ class Metrics:
             "reclaimer_decide_duration_seconds", "One decide cycle (attribute, policy, plan).", buckets=FAST_BUCKETS,
             registry=r,
         )  # fmt: skip
+        self.breaker_trips_total = Counter(
+            "reclaimer_breaker_trips", "Times the circuit breaker tripped, by what started the trip.", ["cause"],
+            registry=r,
+        )  # fmt: skip
         # Zero series from the start so rate()/increase() see the first event.
+        for cause in BREAKER_CAUSES:
+            self.breaker_trips_total.labels(cause)
         for action in ACTIONS:
             for result in RESULTS:
                 for mode in MODES:
@@ -309,6 +331,10 @@ class Metrics:
         # Memory counts as reclaimed only once verification saw it released (DESIGN rule 8).
         if result == "verified" and outcome.reclaimed_bytes > 0:
             self.reclaimed_gpu_memory_bytes_total.inc(outcome.reclaimed_bytes)
+
+    def record_breaker_trip(self, status: BreakerStatus) -> None:
+        """Count one trip of the circuit breaker under its (bounded) cause."""
+        self.breaker_trips_total.labels(_bounded(status.cause or "", BREAKER_CAUSES, "cause")).inc()
 
     def add_held_idle(self, increments: Mapping[str, float]) -> None:
         """Add ``report.held_idle_increments`` output to the waste counter (namespace label; ``-`` outside k8s)."""

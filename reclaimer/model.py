@@ -239,11 +239,42 @@ class ActionResult:
     mode: str = "dry-run"
 
 
+# Why the circuit breaker tripped (a bounded label set): most would-be reclaims turned reclaimable within one cycle
+# (a gateway answering "idle" for everything, idle clocks reset together by a restart, a sampler gap or an outage),
+# or they became reclaimable over several cycles (a node that is genuinely mostly idle).
+BREAKER_MASS_FLIP = "mass-flip"
+BREAKER_SUSTAINED = "sustained"
+BREAKER_CAUSES: tuple[str, ...] = (BREAKER_MASS_FLIP, BREAKER_SUSTAINED)
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerStatus:
+    """The circuit breaker after one decide cycle (for /metrics, /report and the logs)."""
+
+    tripped: bool = False
+    cause: str | None = None  # one of BREAKER_CAUSES while tripped: what started this trip
+    reclaimable: int = 0  # candidates that would be reclaimed this cycle without the breaker
+    total: int = 0  # candidates this cycle
+    since: float | None = None  # when this trip began
+    released: str | None = None  # the candidate key let through this cycle (one per cycle), if any
+    new_trip: bool = False  # tripped this cycle and not in the previous one
+    reason: str = "not tripped"
+
+
 @dataclass(frozen=True, slots=True)
 class PolicyState:
-    """What the policy remembers between cycles, owned by the daemon: when each key was last acted upon."""
+    """What the policy remembers between cycles, owned by the daemon (``policy.plan`` returns the next one).
+
+    ``last_action_at``: when each key was last acted upon (cooldowns). ``reclaimable_since``: when each key turned
+    reclaimable, continuously since (the breaker lets one through per cycle only after another full window).
+    ``breaker_released_at``: when the breaker last let each key through (so a failing action does not hold the slot).
+    """
 
     last_action_at: Mapping[str, float] = field(default_factory=dict)
+    reclaimable_since: Mapping[str, float] = field(default_factory=dict)
+    breaker_released_at: Mapping[str, float] = field(default_factory=dict)
+    breaker_since: float | None = None
+    breaker_cause: str | None = None
 
 
 # --------------------------------------------------------------------------- what one decide cycle leaves behind
@@ -268,3 +299,4 @@ class CycleSnapshot:
     gpu_idle_seconds: Mapping[str, float | None] = field(default_factory=dict)  # by GPU uuid; None: unknown
     gateway_up: Mapping[str, bool | None] = field(default_factory=dict)  # by configured gateway name; None: not contacted yet
     observed_at: float | None = None  # when the last gateway observation finished (None: not yet)
+    breaker: BreakerStatus = field(default_factory=BreakerStatus)

@@ -9,7 +9,8 @@ A cycle has two stages:
    policy, then everything that could be unknown (unknown is never idle), then the idle arithmetic:
    ``idle_seconds = min(GPU continuous idle time, now - last_activity)`` against the policy's window.
 2. Blast radius over all of them (``decide``): shared pod/server guard, cooldown, one action per target,
-   circuit breaker, rate limit — each can only turn a ``reclaim`` into something milder.
+   circuit breaker, rate limit — each can only turn a ``reclaim`` into something milder. The breaker keeps memory
+   between cycles in ``PolicyState`` (``plan`` returns the next state; the daemon owns it).
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from datetime import datetime, timezone
 
 from reclaimer.config import PolicySettings, Settings, format_duration, parse_duration
 from reclaimer.model import (
+    BREAKER_MASS_FLIP,
+    BREAKER_SUSTAINED,
     ActionKind,
+    BreakerStatus,
     Candidate,
     Decision,
     GpuHistory,
@@ -44,6 +48,15 @@ _TEXT_LIMIT = 120  # longest piece of foreign text (gateway errors, annotation v
 # --------------------------------------------------------------------------- public API
 
 
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """One decide cycle: the decisions, the state to pass to the next cycle, and the circuit breaker's status."""
+
+    decisions: list[Decision]
+    state: PolicyState
+    breaker: BreakerStatus
+
+
 def decide(
     candidates: Sequence[Candidate],
     sampler: SamplerSnapshot,
@@ -54,8 +67,19 @@ def decide(
     """One decision per candidate, sorted by key; at most ``max_actions_per_cycle`` of them are ``reclaim``.
 
     A ``reclaim`` verdict means every safety rule of DESIGN.md holds for that candidate right now; the executor
-    must still ``recheck`` it just before acting.
+    must still ``recheck`` it just before acting. ``plan`` is the same with the next state and the breaker status.
     """
+    return plan(candidates, sampler, settings, now, state).decisions
+
+
+def plan(
+    candidates: Sequence[Candidate],
+    sampler: SamplerSnapshot,
+    settings: Settings,
+    now: float,
+    state: PolicyState,
+) -> Plan:
+    """``decide``, plus the ``PolicyState`` the daemon passes to the next cycle and the breaker's status."""
     ordered = sorted(candidates, key=lambda c: (c.key, repr(c)))
     repeated = {k for k, n in Counter(c.key for c in ordered).items() if n > 1}
     individual = [
@@ -67,10 +91,24 @@ def decide(
     decisions = _guard_shared_targets(individual)
     decisions = _apply_cooldown(decisions, state, settings, now)
     decisions = _one_action_per_target(decisions, settings)
+    # Every candidate that would be reclaimed now, and since when it has been, continuously (clamped to now).
+    since = {
+        d.candidate.key: min(now, state.reclaimable_since.get(d.candidate.key, now))
+        for d in decisions
+        if d.verdict is Verdict.RECLAIM
+    }
     # The breaker runs before the rate limit so it sees every would-be reclaim: a cap applied first would hide
     # a mass event (a gateway reporting everything idle) and let it drain max_actions_per_cycle every cycle.
-    decisions = _apply_circuit_breaker(decisions, len(ordered), settings)
-    return _apply_rate_limit(decisions, sampler, settings)
+    decisions, breaker, released_at = _apply_circuit_breaker(decisions, len(ordered), settings, now, state, since)
+    decisions = _apply_rate_limit(decisions, sampler, settings)
+    next_state = replace(
+        state,
+        reclaimable_since=since,
+        breaker_released_at=released_at,
+        breaker_since=breaker.since,
+        breaker_cause=breaker.cause,
+    )
+    return Plan(decisions, next_state, breaker)
 
 
 def select_policy(
@@ -582,20 +620,88 @@ def _one_action_per_target(decisions: list[Decision], settings: Settings) -> lis
     return out
 
 
-def _apply_circuit_breaker(decisions: list[Decision], total: int, settings: Settings) -> list[Decision]:
+def _apply_circuit_breaker(
+    decisions: list[Decision],
+    total: int,
+    settings: Settings,
+    now: float,
+    state: PolicyState,
+    since: Mapping[str, float],
+) -> tuple[list[Decision], BreakerStatus, dict[str, float]]:
     """When more than ``max_fraction_per_cycle`` of all candidates (and more than ``breaker_min_reclaims``) would be
-    reclaimed, reclaim none of them."""
-    reclaims = sum(d.verdict is Verdict.RECLAIM for d in decisions)
-    if reclaims <= settings.limits.breaker_min_reclaims:
-        return decisions
-    # Rounding keeps 0.3 x 10 at 3, not 3.0000000000000004 or 2.9999999999999996.
-    if reclaims <= round(settings.limits.max_fraction_per_cycle * total, 9):
-        return decisions
-    note = (
-        f"circuit breaker: {reclaims} of {total} would be reclaimed "
-        f"(max_fraction_per_cycle={settings.limits.max_fraction_per_cycle:g})"
+    reclaimed, hold them back, but never forever: a candidate that has stayed reclaimable for another full window
+    (its policy's ``idle_after``) may go, one per cycle. A mass flip (many turning reclaimable at once, e.g. a
+    gateway answering "idle" for everything) therefore never acts in its first cycle, nor for a window after it,
+    while a node that is genuinely mostly idle (after a restart reset every idle clock) is reclaimed in bounded
+    time at a reduced, visible rate. Returns the decisions, the status and the next ``breaker_released_at``.
+    """
+    limits = settings.limits
+    reclaims = [d for d in decisions if d.verdict is Verdict.RECLAIM]
+    n = len(reclaims)
+    released_at = {k: v for k, v in state.breaker_released_at.items() if k in since}
+    allowed = round(limits.max_fraction_per_cycle * total, 9)  # 0.3 x 10 stays 3, not 3.0000000000000004
+    if n <= limits.breaker_min_reclaims or n <= allowed:
+        return decisions, BreakerStatus(reclaimable=n, total=total), released_at
+    fresh = [d for d in reclaims if d.candidate.key not in state.reclaimable_since]
+    new_trip = state.breaker_since is None
+    if new_trip:
+        mass = len(fresh) > limits.breaker_min_reclaims and len(fresh) > allowed
+        cause, trip_since = (BREAKER_MASS_FLIP if mass else BREAKER_SUSTAINED), now
+    else:
+        cause, trip_since = state.breaker_cause or BREAKER_SUSTAINED, state.breaker_since
+    ready = {d.candidate.key: since[d.candidate.key] + _window(d, settings) for d in reclaims}
+    steady = [d for d in reclaims if ready[d.candidate.key] <= now]
+    # The one let through: least recently let through (a failing action does not keep the slot), then the longest
+    # reclaimable, then by key.
+    chosen = min(
+        steady,
+        key=lambda d: (released_at.get(d.candidate.key, -math.inf), since[d.candidate.key], d.candidate.key),
+        default=None,
     )
-    return [_demote(d, note, settings) if d.verdict is Verdict.RECLAIM else d for d in decisions]
+    head = f"circuit breaker: {n} of {total} would be reclaimed (max_fraction_per_cycle={limits.max_fraction_per_cycle:g})"
+    if len(fresh) > 1 and cause == BREAKER_MASS_FLIP and new_trip:
+        head += f", {len(fresh)} of them turned reclaimable at once"
+    out = []
+    for d in decisions:
+        if d.verdict is Verdict.RECLAIM:
+            key = d.candidate.key
+            if d is chosen:
+                d = replace(d, reason=f"{head}; this one goes now (reclaimable since {_clock(since[key])}, "
+                                      f"one per cycle); {d.reason}")
+            elif key in {s.candidate.key for s in steady}:
+                d = _demote(d, f"{head}; held: one per cycle, another goes first", settings)
+            else:
+                wait = ready[key] - now
+                d = replace(
+                    d,
+                    verdict=Verdict.WARN,
+                    eta_seconds=max(settings.decide_interval, wait),
+                    reason=f"{head}; held: one per cycle once reclaimable for another "
+                    f"{_dur(ready[key] - since[key])} (this one from {_clock(ready[key])}); {d.reason}",
+                )
+        out.append(d)
+    if chosen is not None:
+        released_at[chosen.candidate.key] = now
+    first = min(ready.values())
+    status = (
+        f"tripped ({cause}) since {_clock(trip_since)}: {n} of {total} would be reclaimed, more than "
+        f"max_fraction_per_cycle={limits.max_fraction_per_cycle:g}; "
+        + (f"letting {chosen.candidate.key} through this cycle (one per cycle)" if chosen is not None
+           else f"holding all; one per cycle from {_clock(first)} if they stay reclaimable")
+    )
+    breaker = BreakerStatus(
+        tripped=True, cause=cause, reclaimable=n, total=total, since=trip_since,
+        released=chosen.candidate.key if chosen is not None else None, new_trip=new_trip, reason=status,
+    )
+    return out, breaker, released_at
+
+
+def _window(d: Decision, settings: Settings) -> float:
+    """The idle_after of the decision's policy (with the pod's override): how long "another full window" is."""
+    chosen = next((p for p in settings.policies if p.name == d.policy), None)
+    if chosen is None:
+        return max(p.idle_after for p in settings.policies)
+    return _with_override(chosen, d.candidate.pod)[0].idle_after
 
 
 def _apply_rate_limit(decisions: list[Decision], sampler: SamplerSnapshot, settings: Settings) -> list[Decision]:

@@ -18,6 +18,7 @@ from reclaimer.errors import ReclaimerError
 from reclaimer.model import (
     NO_NAMESPACE,
     AttributedProcess,
+    BreakerStatus,
     Candidate,
     CycleSnapshot,
     Decision,
@@ -242,6 +243,7 @@ def build_report(snap: CycleSnapshot) -> dict[str, Any]:
         "last_sample_at": rfc3339(snap.sampler.last_sample_at),
         "observed_at": rfc3339(snap.observed_at),
         "gateways": [{"name": name, "up": up} for name, up in sorted(snap.gateway_up.items())],
+        "breaker": breaker_entry(snap.breaker),
         "gpus": gpus,
         "kernels": [_kernel_entry(d, snap.sampler) for d in snap.decisions],
         "unattributed": [
@@ -251,6 +253,19 @@ def build_report(snap: CycleSnapshot) -> dict[str, Any]:
     }
     report["summary"] = summarize(report)
     return report
+
+
+def breaker_entry(status: BreakerStatus) -> dict[str, Any]:
+    """The circuit breaker as the report shows it (top-level ``breaker``)."""
+    return {
+        "tripped": status.tripped,
+        "cause": status.cause,
+        "reclaimable": status.reclaimable,
+        "total": status.total,
+        "since": rfc3339(status.since),
+        "released": status.released,
+        "reason": status.reason,
+    }
 
 
 def summarize(report: Mapping[str, Any]) -> dict[str, Any]:
@@ -315,6 +330,9 @@ _KERNEL = {"kernel_id": ((str,), True), "gateway": ((str,), True), "namespace": 
            "execution_state": ((str,), True), "last_activity": ((str,), True), "connections": ((int,), True),
            "idle_seconds": (_NUM, True), "verdict": ((str,), False), "reason": ((str,), False),
            "action": ((str,), False), "eta_seconds": (_NUM, True)}  # fmt: skip
+_BREAKER = {"tripped": ((bool,), False), "cause": ((str,), True), "reclaimable": ((int,), False),
+            "total": ((int,), False), "since": ((str,), True), "released": ((str,), True),
+            "reason": ((str,), False)}  # fmt: skip
 _KERNEL_GPU = {"uuid": ((str,), False), "memory_bytes": (_NUM, True), "utilization": (_NUM, True)}
 
 
@@ -337,6 +355,9 @@ def report_from_json(payload: Any) -> dict[str, Any]:
             )
         for j, g in enumerate(kernel["gpus"]):
             _check_fields(g, f"kernels[{i}].gpus[{j}]", _KERNEL_GPU)
+    breaker = payload.get("breaker")  # absent from older daemons' reports
+    if breaker is not None:
+        _check_fields(breaker, "report.breaker", _BREAKER)
     unattributed = payload.get("unattributed", [])
     _check(unattributed, "report.unattributed", (list,), False)
     for i, proc in enumerate(unattributed):
@@ -486,7 +507,11 @@ def render_table(report: Mapping[str, Any], width: int | None = None) -> str:
         lines += _format_table(headers, [_kernel_row(k, index_of) for k in kernels], width, "REASON")
     else:
         lines.append("No kernels or pods hold a GPU on this node.")
-    lines += ["", summary_line(report["summary"]), ""]
+    lines += ["", summary_line(report["summary"])]
+    breaker = report.get("breaker")
+    if breaker and breaker.get("tripped"):
+        lines.append(_cell(f"Circuit breaker {breaker['reason']}"))
+    lines.append("")
     gpu_rows = [
         [
             str(g["index"]),

@@ -289,3 +289,89 @@ async def test_report_from_a_running_daemon_and_metrics(node: Node, tmp_path: Pa
     finally:
         daemon.stop()
         await asyncio.wait_for(task, 10)
+
+
+async def test_invariant_18_breaker_cannot_latch_after_a_gateway_outage(
+    gateway: KernelGatewayProcess, fake_nvml: FakeNvml, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """3 of 4 GPU kernels are idle while the gateway is down (every kernel unknown). When it comes back, all three
+    turn reclaimable in one cycle: a mass flip. The breaker holds them for another full window, then lets them go
+    one per cycle; it never latches. The busy kernel is never touched."""
+    monkeypatch.setenv(TOKEN_ENV, gateway.token)
+    rest = GatewayRest(gateway.url, gateway.token)
+    ids = list(await asyncio.gather(*(rest.start_kernel("python3") for _ in range(4))))
+    pids = list(await asyncio.gather(*(rest.pid(k) for k in ids)))  # talking to a kernel makes it idle
+    await rest.execute(ids[3], "import time\ntime.sleep(600)", wait=False)
+    await rest.wait_state(ids[3], "busy")
+    proxy = RecordingProxy(gateway.url, failing=True)
+    runner = web.AppRunner(proxy.app())
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    gone: set[int] = set()
+
+    def gpu_state() -> dict:
+        return {"gpus": [FakeGpu(uuid=gpu_uuid(i), util=0) for i in range(4)],
+                "processes": [FakeProcess(pid=pids[i], gpu=i, memory=GIB) for i in range(4) if i not in gone]}
+
+    fake_nvml.write(**gpu_state())
+    settings = parse_settings(f"""
+mode: enforce
+node_name: {NODE}
+listen: 127.0.0.1:{free_port()}
+sample_interval: 200ms
+decide_interval: 500ms
+gpu: {{backend: nvml, library_path: "{fake_nvml.lib_path}"}}
+gateways: [{{name: kg, url: "http://127.0.0.1:{port}", kind: kernel-gateway, token_env: {TOKEN_ENV}, timeout: 2s}}]
+kubernetes: {{enabled: false}}
+policies: [{{name: kernels, idle_after: {IDLE_AFTER}s, warn_before: 3s, action: shutdown-kernel}}]
+limits: {{max_actions_per_cycle: 5, cooldown: 1m, max_fraction_per_cycle: 0.5, breaker_min_reclaims: 2}}
+""", "<e2e-breaker>")
+    daemon = Daemon(settings, build_adapters(settings))
+    cycles: list[tuple[CycleSnapshot, list[ActionResult]]] = []
+
+    def on_cycle(snap: CycleSnapshot, results) -> None:
+        cycles.append((snap, list(results)))
+        for r in results:
+            if r.result == "success":
+                gone.add(ids.index(r.decision.candidate.kernel_id))  # the driver frees the dead kernel's memory
+                fake_nvml.write(**gpu_state())
+        # The outage ends once the GPUs have been idle for longer than the window (idle clocks all full).
+        if proxy.failing and snap.generated_at - snap.sampler.started_at > IDLE_AFTER + 1:
+            proxy.failing = False
+
+    daemon.on_cycle = on_cycle
+    try:
+        await run_until(daemon, lambda: gone == {0, 1, 2}, timeout=90)
+        exposition = daemon.metrics.render()[0].decode()
+        busy_state = (await rest.kernel(ids[3]))["execution_state"]
+    finally:
+        for kid in ids:
+            await rest.shutdown(kid)
+        await runner.cleanup()
+
+    idle_keys = {f"kernel:{k}" for k in ids[:3]}
+    # During the outage every kernel is unknown, never warned or reclaimed.
+    outage = [s for s, _ in cycles if any(d.candidate.key in idle_keys and d.verdict is Verdict.UNKNOWN
+                                         and "gateway kg error" in d.reason for d in s.decisions)]
+    assert outage
+    # The gateway comes back: all three turn reclaimable in one cycle, the breaker trips (mass flip), nothing acts.
+    trip = next(i for i, (s, _) in enumerate(cycles) if s.breaker.tripped)
+    snap, results = cycles[trip]
+    assert (snap.breaker.cause, snap.breaker.new_trip, snap.breaker.reclaimable) == ("mass-flip", True, 3)
+    assert results == []
+    held = [d for d in snap.decisions if d.candidate.key in idle_keys]
+    assert all(d.verdict is Verdict.WARN and "3 of them turned reclaimable at once" in d.reason for d in held)
+    # Held for another full window, then one per cycle; the last two go together (no longer "most" of the node).
+    acted = [(s.generated_at, r.decision.candidate.key, r.decision.reason) for s, rs in cycles for r in rs
+             if r.result == "success"]
+    assert {k for _, k, _ in acted} == idle_keys and len(acted) == 3
+    assert acted[0][0] - snap.breaker.since >= IDLE_AFTER
+    assert "this one goes now" in acted[0][2] and acted[1][0] > acted[0][0]
+    # The busy kernel: alive, never acted upon; the only mutating calls were the three shutdowns.
+    assert busy_state == "busy"
+    assert sorted(proxy.mutating()) == sorted(("DELETE", f"/api/kernels/{k}") for k in ids[:3])
+    # /metrics: one trip, by a mass flip; the breaker is no longer tripped once the idle kernels are gone.
+    assert 'reclaimer_breaker_trips_total{cause="mass-flip"} 1.0' in exposition
+    assert 'reclaimer_breaker_trips_total{cause="sustained"} 0.0' in exposition
+    assert "reclaimer_breaker_tripped 0.0" in exposition

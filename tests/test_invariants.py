@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings as hyp_settings, strategies 
 
 from reclaimer.config import Settings
 from reclaimer.model import ActionKind, Candidate, Decision, PolicyState, SamplerSnapshot, Verdict
-from reclaimer.policy import IDLE_AFTER_ANNOTATION, decide, recheck
+from reclaimer.policy import IDLE_AFTER_ANNOTATION, decide, plan, recheck
 from tests.support.policy_fixtures import (
     GIB,
     KID,
@@ -666,3 +666,176 @@ def test_property_reclaims_within_rate_limit_and_breaker(world: Any) -> None:
             assert c.pod.annotations.get("reclaimer.io/exempt", "false") == "false"
         assert c.activity is None or (c.activity.error is None and c.activity.execution_state == "idle")
         assert state.last_action_at.get(c.key, -math.inf) <= NOW - settings.limits.cooldown
+
+
+# --------------------------------------------------------------------------- 18. a breaker that cannot latch
+
+BREAKER = {"max_actions_per_cycle": 100, "cooldown": "10m", "max_fraction_per_cycle": 0.5, "breaker_min_reclaims": 2}
+WINDOW = 1800.0  # the default policy's idle_after
+
+
+def _node(idle: int, busy: int) -> list[Candidate]:
+    """``idle`` reclaimable kernels and ``busy`` busy ones, each in its own pod on GPU 0."""
+    cands = _idle_kernels(idle + busy)
+    for i in range(idle, idle + busy):
+        cands[i] = dataclasses.replace(cands[i], activity=activity(kernel_uuid(i), state="busy"))
+    return cands
+
+
+def _since(cands: list[Candidate], ago: dict[int, float]) -> PolicyState:
+    """A state in which candidate i has been reclaimable for ago[i] seconds (the others are new)."""
+    return PolicyState(reclaimable_since={cands[i].key: NOW - a for i, a in ago.items()})
+
+
+@pytest.mark.parametrize(
+    "idle, busy, ago, released, reason_part",
+    [
+        pytest.param(3, 1, {}, None, "3 of them turned reclaimable at once; held: one per cycle once reclaimable "
+                     "for another 30m (this one from 22:43:20 UTC)", id="mass-flip-first-cycle-holds-all"),
+        pytest.param(3, 1, {0: 60, 1: 60, 2: 60}, None, "held: one per cycle once reclaimable for another 30m "
+                     "(this one from 22:42:20 UTC)", id="held-until-another-window"),
+        pytest.param(3, 1, {0: WINDOW, 1: WINDOW, 2: WINDOW}, 0, "held: one per cycle, another goes first",
+                     id="steady-one-per-cycle"),
+        pytest.param(3, 1, {0: 60, 1: WINDOW + 5, 2: WINDOW}, 1, "", id="longest-reclaimable-goes-first"),
+        pytest.param(5, 1, {0: 60, 1: 60, 2: 60, 3: 60, 4: WINDOW}, 4, "", id="steady-one-among-new-ones"),
+    ],
+)
+def test_invariant_18_breaker_cannot_latch(
+    idle: int, busy: int, ago: dict[int, float], released: int | None, reason_part: str
+) -> None:
+    cands = _node(idle, busy)
+    p = plan(cands, snapshot(), make_settings(limits=BREAKER), NOW, _since(cands, ago))
+    by_key = {d.candidate.key: d for d in p.decisions}
+    reclaimed = [d.candidate.key for d in p.decisions if d.verdict is Verdict.RECLAIM]
+    assert reclaimed == ([] if released is None else [cands[released].key])
+    assert p.breaker.tripped and p.breaker.reclaimable == idle and p.breaker.total == idle + busy
+    assert p.breaker.released == (None if released is None else cands[released].key)
+    for i in range(idle):
+        d = by_key[cands[i].key]
+        assert d.reason.startswith(f"circuit breaker: {idle} of {idle + busy} would be reclaimed")
+        if i == released:
+            assert "this one goes now (reclaimable since" in d.reason and d.eta_seconds == 0.0
+        else:
+            assert d.verdict is Verdict.WARN and d.eta_seconds is not None and d.eta_seconds > 0
+    if reason_part:
+        assert any(reason_part in by_key[cands[i].key].reason for i in range(idle) if i != released)
+
+
+def test_invariant_18_breaker_cannot_latch_cause_and_state() -> None:
+    cands = _node(3, 1)
+    settings = make_settings(limits=BREAKER)
+    first = plan(cands, snapshot(), settings, NOW, PolicyState())
+    assert (first.breaker.cause, first.breaker.new_trip, first.breaker.since) == ("mass-flip", True, NOW)
+    assert first.breaker.reason.startswith("tripped (mass-flip) since 22:13:20 UTC: 3 of 4 would be reclaimed")
+    assert "holding all; one per cycle from 22:43:20 UTC if they stay reclaimable" in first.breaker.reason
+    assert first.state.reclaimable_since == {c.key: NOW for c in cands[:3]}
+    assert (first.state.breaker_since, first.state.breaker_cause) == (NOW, "mass-flip")
+    # The trip goes on with its cause; it is not a new trip.
+    later = plan(cands, snapshot(), settings, NOW, first.state)
+    assert (later.breaker.cause, later.breaker.new_trip, later.breaker.since) == ("mass-flip", False, NOW)
+    # Candidates turning reclaimable one or two at a time trip it as "sustained".
+    state = _since(cands, {0: 100, 1: 50})
+    assert plan(cands, snapshot(), settings, NOW, state).breaker.cause == "sustained"
+    # Below the fraction: not tripped, and the trip is forgotten.
+    calm = plan(_node(2, 2), snapshot(), settings, NOW, first.state)
+    assert not calm.breaker.tripped and calm.state.breaker_since is None and calm.breaker.reason == "not tripped"
+    # A candidate that stops being reclaimable starts again from zero.
+    busy_again = [cands[0], dataclasses.replace(cands[1], activity=activity(kernel_uuid(1), state="busy")), *cands[2:]]
+    assert cands[1].key not in plan(busy_again, snapshot(), settings, NOW, first.state).state.reclaimable_since
+
+
+def test_invariant_18_breaker_cannot_latch_rotates_past_a_failing_action() -> None:
+    cands = _node(3, 1)
+    state = dataclasses.replace(_since(cands, {0: WINDOW, 1: WINDOW, 2: WINDOW}),
+                                breaker_released_at={cands[0].key: NOW - 15})
+    p = plan(cands, snapshot(), make_settings(limits=BREAKER), NOW, state)
+    # kernel 0 went last cycle and is still here (its action failed): another one gets this cycle's slot.
+    assert p.breaker.released == cands[1].key
+    assert p.state.breaker_released_at == {cands[0].key: NOW - 15, cands[1].key: NOW}
+
+
+def _steady_node(k: int, n: int, fraction: float, floor: int, max_cycles: int) -> list[int]:
+    """Cycle by cycle (decide_interval apart), k of n kernels stay idle; a reclaimed kernel is gone next cycle.
+    Returns the cycle index at which each idle kernel was reclaimed."""
+    settings = _h_breaker_settings(fraction, floor)
+    d = settings.decide_interval
+    alive = {i for i in range(n)}
+    reclaimed_at: list[int] = []
+    state = PolicyState()
+    for cycle in range(max_cycles):
+        now = NOW + cycle * d
+        snap = _h_breaker_snapshot(now)
+        cands = []
+        for i in sorted(alive):
+            kid, uid = kernel_uuid(i), pod_uid(i)
+            act = activity(kid, observed_at=now - 1, idle_for=3600 + cycle * d, state="idle" if i < k else "busy")
+            procs = (process(100 + i, H_UUIDS[0], kernel_id=kid, pod_uid=uid),)
+            cands.append(kernel(kid, gpus=(H_UUIDS[0],), act=act, pod_info=pod(f"nb-{i}", uid=uid), processes=procs))
+        p = plan(cands, snap, settings, now, state)
+        state = p.state
+        for dec in p.decisions:
+            if dec.verdict is Verdict.RECLAIM:
+                i = int(dec.candidate.kernel_id.rsplit("-", 1)[1])
+                assert i < k, "a busy kernel was reclaimed"
+                alive.discard(i)
+                reclaimed_at.append(cycle)
+                state = dataclasses.replace(state, last_action_at={**state.last_action_at, dec.candidate.key: now})
+        if not alive - set(range(k, n)):
+            break
+    return reclaimed_at
+
+
+@functools.lru_cache(maxsize=None)
+def _h_breaker_settings(fraction: float, floor: int) -> Settings:
+    limits = {"max_actions_per_cycle": 100, "cooldown": "1m", "max_fraction_per_cycle": fraction,
+              "breaker_min_reclaims": floor}
+    return make_settings(policies=[policy("p", **H_POLICY)], limits=limits, decide_interval="15s")
+
+
+@functools.lru_cache(maxsize=64)
+def _h_breaker_snapshot(now: float) -> SamplerSnapshot:
+    s = series(H_UUIDS[0], 0, start=now - 400, end=now, interval=H_INTERVAL)
+    return snapshot(s, started_at=now - 400, interval=H_INTERVAL, last_sample_at=now)
+
+
+def test_invariant_18_breaker_cannot_latch_three_of_four_idle_all_back_within_a_window() -> None:
+    """The issue's night: 3 of 4 GPU kernels stay idle. Today's breaker trips every cycle forever."""
+    reclaimed_at = _steady_node(3, 4, 0.5, 2, max_cycles=40)
+    window_cycles = 120 / 15  # H_POLICY idle_after 2m, decide_interval 15s
+    assert len(reclaimed_at) == 3
+    assert reclaimed_at[0] >= window_cycles  # held for another full window first
+    assert reclaimed_at == [8, 9, 9]  # then one, and the last two together once they are no longer "most"
+
+
+@PROPERTY
+@given(k=st.integers(1, 8), extra=st.integers(0, 4), fraction=st.sampled_from([0.0, 0.25, 0.5, 0.75]),
+       floor=st.integers(0, 3))
+def test_property_steady_idleness_of_k_kernels_is_reclaimed_within_a_window_and_k_cycles(
+    k: int, extra: int, fraction: float, floor: int
+) -> None:
+    window_cycles = 8  # 2m / 15s
+    reclaimed_at = _steady_node(k, k + extra, fraction, floor, max_cycles=window_cycles + k + 2)
+    assert len(reclaimed_at) == k
+    assert max(reclaimed_at) <= window_cycles + k
+
+
+@PROPERTY
+@given(world=WORLDS, data=st.data())
+def test_property_a_mass_flip_never_acts_in_its_first_cycle(world: Any, data: st.DataObject) -> None:
+    cands, snap, settings, state = world
+    # A random part of the node was already reclaimable (for a random time); the rest may flip now.
+    keys = [c.key for c in cands]
+    old = data.draw(st.lists(st.sampled_from(keys), unique=True) if keys else st.just([]))
+    ago = data.draw(st.lists(st.sampled_from([0.0, 30.0, 119.0, 120.0, 600.0]), min_size=len(old),
+                             max_size=len(old)))
+    state = dataclasses.replace(state, reclaimable_since={k: NOW - a for k, a in zip(old, ago)})
+    p = plan(cands, snap, settings, NOW, state)
+    reclaims = [d for d in p.decisions if d.verdict is Verdict.RECLAIM]
+    if p.breaker.tripped:
+        assert len(reclaims) <= 1
+        for d in reclaims:  # the one let through was reclaimable for another full window already
+            assert NOW - state.reclaimable_since[d.candidate.key] >= 120.0
+            assert d.candidate.key == p.breaker.released
+    else:
+        assert len(reclaims) <= max(settings.limits.breaker_min_reclaims,
+                                    round(settings.limits.max_fraction_per_cycle * len(cands), 9))

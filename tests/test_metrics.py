@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping
 
@@ -11,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from reclaimer.metrics import ACTIONS, FAST_BUCKETS, MODES, RESULTS, Metrics
-from reclaimer.model import ActionKind, ActionResult, CycleSnapshot, Verdict
+from reclaimer.model import ActionKind, ActionResult, BreakerStatus, CycleSnapshot, Verdict
 from tests.support.export_fixtures import (
     GIB,
     K_ALICE,
@@ -387,3 +388,20 @@ def test_item4_namespace_series_stay_bounded_by_the_namespaces_holding_gpus() ->
     assert 'reclaimer_gpu_held_idle_seconds_total{namespace="steady"} 10080.0' in body
     assert 'namespace="user-0"' not in body and f'namespace="user-{7 * 24 * 4 - 1}"' in body
     assert m.tracked()["namespaces_seen"] <= 6
+
+
+def test_invariant_18_breaker_state_and_trips_in_metrics() -> None:
+    snap = node_snapshot()
+    metrics = Metrics(lambda: snap)
+    series = scrape(metrics)
+    assert one(series, "reclaimer_breaker_tripped") == 1.0
+    assert values(series, "reclaimer_breaker_trips_total") == {
+        frozenset({("cause", "mass-flip")}): 0.0, frozenset({("cause", "sustained")}): 0.0,
+    }  # fmt: skip
+    metrics.record_breaker_trip(snap.breaker)
+    metrics.record_breaker_trip(dataclasses.replace(snap.breaker, cause="no-such-cause"))  # bounded: "other"
+    series = scrape(metrics)
+    assert one(series, "reclaimer_breaker_trips_total", cause="sustained") == 1.0
+    assert one(series, "reclaimer_breaker_trips_total", cause="other") == 1.0
+    calm = dataclasses.replace(snap, breaker=BreakerStatus())
+    assert one(scrape(Metrics(lambda: calm)), "reclaimer_breaker_tripped") == 0.0

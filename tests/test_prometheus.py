@@ -99,6 +99,7 @@ FIRING: dict[str, tuple[str, str]] = {
     "NVMLErrors": ("code", "GPU_IS_LOST"),
     "ActionsFailing": ("action", "shutdown-kernel"),
     "HighGPUWaste": ("namespace", "ml-team"),
+    "ReclaimerBreakerTripped": ("job", "gpu-reclaimer"),
 }
 SILENT = {"ReclaimerDown", "ReclaimerAbsent", "DecideLoopStalled", "MetricsCollectErrors",
           "GPUKernelAboutToBeReclaimed"}  # the fixture node runs dry-run; alerts.test.yaml makes it fire

@@ -453,3 +453,17 @@ def test_table_eta_and_idle_columns_only_count_down_for_idle_holders() -> None:
     assert (rows["aaaaaaaa"][idle_col], rows["aaaaaaaa"][eta_col]) == ("0s", "-")  # busy: no countdown
     assert (rows["bbbbbbbb"][idle_col], rows["bbbbbbbb"][eta_col]) == ("-", "-")  # exempt: no idle time
     assert (rows["cccccccc"][idle_col], rows["cccccccc"][eta_col]) == ("16s", "4s")  # rounded like "in 4s"
+
+
+def test_invariant_18_breaker_in_the_report(report: dict[str, Any]) -> None:
+    assert report["breaker"] == {
+        "tripped": True, "cause": "sustained", "reclaimable": 3, "total": 5, "since": "2023-11-14T21:58:20Z",
+        "released": f"kernel:{K_ALICE}",
+        "reason": "tripped (sustained) since 21:58:20 UTC: 3 of 5 would be reclaimed, more than "
+                  f"max_fraction_per_cycle=0.5; letting kernel:{K_ALICE} through this cycle (one per cycle)",
+    }  # fmt: skip
+    assert "Circuit breaker tripped (sustained) since 21:58:20 UTC: 3 of 5 would be reclaimed" in render_table(report)
+    with pytest.raises(ReportSchemaError, match=r"report.breaker.tripped: expected bool, got str"):
+        report_from_json(_broken("breaker.tripped", "yes"))
+    older = _broken("breaker", ...)  # a report from a daemon without the breaker field still renders
+    assert "Circuit breaker" not in render_table(report_from_json(older))

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from aiohttp import web
 
 from reclaimer.model import (
+    BreakerStatus,
     ActionKind,
     AttributedProcess,
     Candidate,
@@ -59,6 +60,7 @@ class SnapshotBuilder:
     gpu_idle: dict[str, float | None] = field(default_factory=dict)
     gateway_up: dict[str, bool | None] = field(default_factory=dict)
     last_sample_at: float | None = None
+    breaker: BreakerStatus = field(default_factory=BreakerStatus)
 
     def gpu(
         self,
@@ -161,6 +163,7 @@ class SnapshotBuilder:
             node=self.node, mode=self.mode, generated_at=self.now, sampler=sampler,
             decisions=tuple(self.decisions), unattributed=tuple(self.unattributed),
             gpu_idle_seconds=dict(self.gpu_idle), gateway_up=dict(self.gateway_up), observed_at=self.now,
+            breaker=self.breaker,
         )  # fmt: skip
 
 
@@ -208,6 +211,12 @@ def node_snapshot(now: float = NOW, last_sample_at: float | None = None) -> Cycl
         )
     )  # fmt: skip
     b.gateway_up.update({"eg": True, "lab": False, "new": None})
+    # The breaker has held reclaims back for 15 minutes and lets alice's kernel through this cycle.
+    b.breaker = BreakerStatus(
+        tripped=True, cause="sustained", reclaimable=3, total=5, since=now - 900, released=f"kernel:{K_ALICE}",
+        reason=f"tripped (sustained) since {datetime.fromtimestamp(now - 900, timezone.utc):%H:%M:%S} UTC: 3 of 5 would be reclaimed, more than "
+               f"max_fraction_per_cycle=0.5; letting kernel:{K_ALICE} through this cycle (one per cycle)",
+    )  # fmt: skip
     return b.build()
 
 

@@ -14,6 +14,7 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "upgrade", "host"
 class RecordingProxy:
     upstream: str
     calls: list[tuple[str, str]] = field(default_factory=list)
+    failing: bool = False  # answer 503 to everything (a gateway outage) while set
     _session: aiohttp.ClientSession | None = None
 
     def mutating(self) -> list[tuple[str, str]]:
@@ -21,6 +22,8 @@ class RecordingProxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.calls.append((request.method, request.path_qs))
+        if self.failing:
+            return web.Response(status=503, text="gateway outage (test)")
         assert self._session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         body = await request.read()
