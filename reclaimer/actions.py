@@ -2,7 +2,9 @@
 
 The policy always produces the same plan; which executor runs it is the only difference between the modes.
 DryRunExecutor makes zero mutating calls and zero Events. LiveExecutor re-checks right before acting, acts at most
-once per decision, never escalates within a cycle, never forces, and verifies that GPU memory was released.
+once per decision, never escalates within a cycle, never forces, and verifies what the action should give back:
+the GPU memory (the processes gone from the samples) and, for an action that ends the pod, the GPU allocation (the
+pod gone, or pod-resources no longer listing its GPUs), each on its own.
 """
 
 from __future__ import annotations
@@ -14,17 +16,22 @@ from typing import Any, Protocol
 
 import structlog
 
+from reclaimer import actionkinds
 from reclaimer.config import format_duration
 from reclaimer.hub import HUB_GATEWAY
-from reclaimer.model import ActionKind, ActionResult, Decision, SamplerSnapshot, Verdict
+from reclaimer.model import (
+    ActionKind,
+    ActionResult,
+    Decision,
+    PodGpuAllocation,
+    Recovers,
+    SamplerSnapshot,
+    Verdict,
+)
 
 log = structlog.get_logger(__name__)
 
-EVENT_ACTIONS = {
-    ActionKind.SHUTDOWN_KERNEL: "ShutdownKernel",
-    ActionKind.STOP_SERVER: "StopServer",
-    ActionKind.EVICT_POD: "EvictPod",
-}
+EVENT_ACTIONS = actionkinds.EVENT_ACTIONS
 
 
 class KernelStopper(Protocol):
@@ -41,6 +48,8 @@ class PodEvicter(Protocol):
     def evict(self, namespace: str, name: str, uid: str) -> Any: ...  # -> kube.EvictionResult
 
     def create_event(self, pod: Any, *, reason: str, action: str, note: str, type: str = "Normal") -> bool: ...
+
+    def get_pod(self, namespace: str, name: str) -> Any: ...  # -> PodInfo | None (None: gone)
 
 
 Recheck = Callable[[Decision], Awaitable[Decision]]
@@ -101,6 +110,24 @@ class DryRunExecutor:
     def verify(self, sampler: SamplerSnapshot, now: float) -> list[ActionResult]:
         return []
 
+    async def verify_allocations(
+        self, allocations: Sequence[PodGpuAllocation] | None, listed_at: float | None, now: float
+    ) -> list[ActionResult]:
+        return []
+
+
+@dataclass
+class _AllocationPending:
+    """An action that should release its pod's GPU allocation: the pod must go (or stop holding the GPUs)."""
+
+    result: ActionResult
+    namespace: str
+    name: str
+    uid: str
+    gpus: frozenset[str]
+    acted_at: float
+    deadline: float
+
 
 @dataclass
 class _Pending:
@@ -143,6 +170,7 @@ class LiveExecutor:
     _warned: set[str] = field(default_factory=set)
     _backoff: dict[str, _Backoff] = field(default_factory=dict)
     _pending: list[_Pending] = field(default_factory=list)
+    _allocation_pending: list[_AllocationPending] = field(default_factory=list)
 
     def hold(self, key: str, now: float) -> str | None:
         """Why ``key`` is not acted on now (a running back-off), in words for the report; None when it is not held."""
@@ -223,34 +251,16 @@ class LiveExecutor:
 
     async def _act(self, d: Decision) -> ActionResult:
         c = d.candidate
+        carry_out = self._executors().get(d.action)
+        if carry_out is None:
+            return self._record(d, "skipped", f"unknown action {d.action.value}")
         try:
-            if d.action is ActionKind.SHUTDOWN_KERNEL:
-                if c.kernel_id is None:
-                    return self._record(d, "skipped", "no kernel to shut down")
-                if c.gateway == HUB_GATEWAY and c.server is not None and self.servers is not None:
-                    # Seen only through the user's server (JupyterHub): shut it down there, not via a gateway.
-                    result, detail = await self.servers.shutdown_server_kernel(c.server, c.kernel_id)
-                elif self.kernels is not None:
-                    result, detail = await self.kernels.shutdown(c.kernel_id)
-                else:
-                    return self._record(d, "skipped", "no gateway to shut the kernel down through")
-            elif d.action is ActionKind.STOP_SERVER:
-                user = (c.server.user if c.server else None) or c.user
-                if self.servers is None or not user:
-                    return self._record(d, "skipped", "no JupyterHub server known for this candidate")
-                result, detail = await self.servers.stop_server(user, c.server.server_name if c.server else "")
-            elif d.action is ActionKind.EVICT_POD:
-                if self.kube is None or c.pod is None:
-                    return self._record(d, "skipped", "no pod known for this candidate")
-                ev = await asyncio.to_thread(self.kube.evict, c.pod.namespace, c.pod.name, c.pod.uid)
-                result, detail = self._eviction_outcome(d, ev)
-                if ev.result == "blocked-pdb":
-                    await self._event(d, reason="EvictionBlockedByPDB", action="EvictPod", type="Warning",
-                                      note=f"eviction blocked by a PodDisruptionBudget: {ev.detail}"[:1024])
-            else:
-                return self._record(d, "skipped", f"unknown action {d.action.value}")
+            outcome = await carry_out(d)
         except Exception as exc:  # a crash in an adapter is a failed action, retried next cycle
-            result, detail = "failed", f"{type(exc).__name__}: {exc}"
+            outcome = ("failed", f"{type(exc).__name__}: {exc}")
+        if isinstance(outcome, ActionResult):  # skipped before any call
+            return outcome
+        result, detail = outcome
         if result == "failed":
             self._fail(c.key, self.clock(), detail)
             retry = format_duration(self._backoff[c.key].not_before - self.clock())
@@ -262,12 +272,56 @@ class LiveExecutor:
             self._backoff.pop(c.key, None)
             r = self._record(d, result, detail)
             await self._event(d, reason="GPUIdle", action=EVENT_ACTIONS[d.action], note=d.reason)
+            acted = self.clock()
             pids = frozenset((p.gpu_uuid, p.pid) for p in c.processes)
             if pids:
-                acted = self.clock()
                 self._pending.append(_Pending(r, pids, acted, acted + self.verify_within))
+            gpus = actionkinds.allocated_gpus(c)
+            if c.pod is not None and gpus and actionkinds.recovers(d.action, c) is Recovers.ALLOCATION:
+                self._allocation_pending.append(_AllocationPending(
+                    r, c.pod.namespace, c.pod.name, c.pod.uid, frozenset(gpus), acted, acted + self.verify_within))
             return r
         return self._record(d, result, detail)
+
+    def _executors(self) -> dict[ActionKind, Callable[[Decision], Awaitable[tuple[str, str] | ActionResult]]]:
+        """How each executable kind (reclaimer.actionkinds.EXECUTABLE) is carried out."""
+        return {
+            ActionKind.SHUTDOWN_KERNEL: self._shutdown_kernel,
+            ActionKind.STOP_SERVER: self._stop_server,
+            ActionKind.EVICT_POD: self._evict_pod,
+        }
+
+    async def _shutdown_kernel(self, d: Decision) -> tuple[str, str] | ActionResult:
+        c = d.candidate
+        if c.kernel_id is None:
+            return self._record(d, "skipped", "no kernel to shut down")
+        if c.gateway == HUB_GATEWAY and c.server is not None and self.servers is not None:
+            # Seen only through the user's server (JupyterHub): shut it down there, not via a gateway.
+            return await self.servers.shutdown_server_kernel(c.server, c.kernel_id)
+        if self.kernels is not None:
+            return await self.kernels.shutdown(c.kernel_id)
+        return self._record(d, "skipped", "no gateway to shut the kernel down through")
+
+    async def _stop_server(self, d: Decision) -> tuple[str, str] | ActionResult:
+        c = d.candidate
+        user = (c.server.user if c.server else None) or c.user
+        if self.servers is None or not user:
+            return self._record(d, "skipped", "no JupyterHub server known for this candidate")
+        return await self.servers.stop_server(user, c.server.server_name if c.server else "")
+
+    async def _evict_pod(self, d: Decision) -> tuple[str, str] | ActionResult:
+        c = d.candidate
+        if self.kube is None or c.pod is None:
+            return self._record(d, "skipped", "no pod known for this candidate")
+        if actionkinds.recovers(d.action, c) is Recovers.NONE:  # the policy never plans this; never act on it
+            return self._record(d, "skipped", f"evicting {c.pod.namespace}/{c.pod.name} would release nothing "
+                                              "(a controller recreates it)")
+        ev = await asyncio.to_thread(self.kube.evict, c.pod.namespace, c.pod.name, c.pod.uid)
+        result, detail = self._eviction_outcome(d, ev)
+        if ev.result == "blocked-pdb":
+            await self._event(d, reason="EvictionBlockedByPDB", action="EvictPod", type="Warning",
+                              note=f"eviction blocked by a PodDisruptionBudget: {ev.detail}"[:1024])
+        return result, detail
 
     def _eviction_outcome(self, d: Decision, ev: Any) -> tuple[str, str]:
         now = self.clock()
@@ -307,9 +361,57 @@ class LiveExecutor:
         self._pending = still
         return done
 
+    async def verify_allocations(
+        self, allocations: Sequence[PodGpuAllocation] | None, listed_at: float | None, now: float
+    ) -> list[ActionResult]:
+        """Check actions that should have released a pod's GPU allocation: the pod is gone (GET 404, or another
+        uid under that name) or the kubelet's pod-resources (``allocations``, listed at ``listed_at``, after the
+        action) no longer lists those GPUs for it -> ``released``; still held at the deadline -> ``unreleased``.
+        A failing GET or an unknown listing proves nothing either way: the check waits for the next cycle.
+        """
+        done: list[ActionResult] = []
+        still: list[_AllocationPending] = []
+        for p in self._allocation_pending:
+            released = await self._pod_gone(p)
+            if released is None and allocations is not None and listed_at is not None and listed_at > p.acted_at:
+                holding = {u for a in allocations if (a.namespace, a.pod) == (p.namespace, p.name)
+                           for u in a.gpu_uuids}
+                if not holding & p.gpus:
+                    released = "pod-resources no longer lists its GPUs"
+            context = _context(p.result.decision)
+            if released is not None:
+                n = len(p.gpus)
+                done.append(replace(p.result, result="released", released_gpus=n, reclaimed_bytes=0,
+                                    detail=f"GPU allocation released ({n} GPU{'s' if n != 1 else ''}): {released}"))
+                log.info("allocation released", gpus=n, how=released, **context)
+            elif now > p.deadline:
+                done.append(replace(p.result, result="unreleased", reclaimed_bytes=0,
+                                    detail=f"pod {p.namespace}/{p.name} still holds its GPU allocation "
+                                           f"{format_duration(self.verify_within)} after acting"))
+                log.warning("allocation not released", **context)
+            else:
+                still.append(p)
+        self._allocation_pending = still
+        return done
+
+    async def _pod_gone(self, p: _AllocationPending) -> str | None:
+        get_pod = getattr(self.kube, "get_pod", None)
+        if get_pod is None:
+            return None
+        try:
+            pod = await asyncio.to_thread(get_pod, p.namespace, p.name)
+        except Exception as exc:  # unknown: neither released nor held
+            log.warning("allocation check: reading the pod failed", error=str(exc), namespace=p.namespace, pod=p.name)
+            return None
+        if pod is None:
+            return "pod gone"
+        if getattr(pod, "uid", p.uid) != p.uid:
+            return "pod replaced (another uid)"
+        return None
+
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._allocation_pending)
 
 
 def _short(text: str, limit: int = 120) -> str:

@@ -55,11 +55,13 @@ def join(
     servers: Sequence[ServerRef] = (),
     kernel_servers: Mapping[str, ServerRef] | None = None,
     server_name_annotation: str = "hub.jupyter.org/servername",
+    kernel_pods: Mapping[str, str] | None = None,
 ) -> JoinResult:
     """Group GPU processes by kernel; add pods that hold allocated GPUs with no process on them.
 
     ``allocations`` None means the kubelet could not be asked: then no pod candidate is made (unknown is never idle).
     ``kernel_servers``: the JupyterHub server found holding a kernel (plain hosts, where no pod names it).
+    ``kernel_pods``: pod uid -> the kernel id its kernel-id label names (the pod is that kernel's own pod).
     """
     by_kernel: dict[str, list[AttributedProcess]] = {}
     unattributed: list[AttributedProcess] = []
@@ -76,10 +78,13 @@ def join(
 
     pods_by_name = {(pod.namespace, pod.name): pod for pod in pods_by_uid.values()}
     allocated_gpus: dict[str, set[str]] = {}  # pod uid -> gpu uuids
+    shared: set[str] = set()  # pod uids holding a time-slicing / MPS replica
     for a in allocations or ():
         pod = pods_by_name.get((a.namespace, a.pod))
         if pod is not None:
             allocated_gpus.setdefault(pod.uid, set()).update(a.gpu_uuids)
+            if a.shared:
+                shared.add(pod.uid)
 
     candidates: list[Candidate] = []
     for kid, procs in by_kernel.items():
@@ -102,6 +107,9 @@ def join(
                 gpu_uuids=gpus,
                 processes=tuple(sorted(procs, key=lambda p: (p.gpu_uuid, p.pid))),
                 allocated=bool(pod and allocated_gpus.get(pod.uid)),
+                allocated_gpus=tuple(sorted(allocated_gpus.get(pod.uid, ()))) if pod else (),
+                shared_gpu=bool(pod and pod.uid in shared),
+                kernel_pod=bool(pod and (kernel_pods or {}).get(pod.uid) == kid),
             )
         )
 

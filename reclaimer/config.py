@@ -210,7 +210,7 @@ class PolicySettings(_Strict):
     gpu_idle_below: Ratio = 0.05
     idle_after: Duration = 1800.0
     warn_before: Duration = 300.0
-    action: Literal["shutdown-kernel", "stop-server", "evict-pod", "none"] = "shutdown-kernel"
+    action: Literal["auto", "shutdown-kernel", "stop-server", "evict-pod", "none"] = "shutdown-kernel"
 
     @model_validator(mode="after")
     def _warn_inside_window(self) -> PolicySettings:

@@ -274,6 +274,7 @@ class Daemon:
             if series and series[-1].up and series[-1].processes
             for p in series[-1].processes
         ]
+        allocations_at = self.clock()
         (pods_by_uid, pod_kernel_ids), allocations = await asyncio.gather(self._pods(), self._allocations())
         attributed = await self._to_thread(
             lambda: self._attributor.attribute(procs, pod_kernel_ids=pod_kernel_ids), timeout=self._call_timeout()
@@ -286,7 +287,7 @@ class Daemon:
             return join_mod.join(
                 node=s.node_name, processes=attributed, pods_by_uid=pods_by_uid, allocations=allocations,
                 activities=activities, servers=servers, kernel_servers=kernel_servers,
-                server_name_annotation=s.kubernetes.server_name_annotation,
+                server_name_annotation=s.kubernetes.server_name_annotation, kernel_pods=pod_kernel_ids,
             )
 
         joined = joined_with({})
@@ -305,6 +306,7 @@ class Daemon:
             log.warning("circuit breaker tripped", cause=planned.breaker.cause, reason=planned.breaker.reason)
         results = await self.executor.execute(decisions, recheck=self._recheck)
         results += self.executor.verify(self.sampler.snapshot(), self.clock())
+        results += await self.executor.verify_allocations(allocations, allocations_at, self.clock())
         decisions = self._with_holds(decisions, self.clock())
         self._remember(results, now)
         gpu_idle = self._gpu_idle(samp, decisions, now)
@@ -384,10 +386,11 @@ class Daemon:
         }
 
     def _account(self, snap: CycleSnapshot, results: Sequence[ActionResult]) -> None:
-        from reclaimer.report import candidate_namespace, held_idle_increments
+        from reclaimer.report import allocation_holdings, candidate_namespace, held_idle_increments
 
         prev = self._snapshot.generated_at if self._snapshot is not None else None
-        self.metrics.add_held_idle(held_idle_increments(prev, snap, self._threshold))
+        self.metrics.add_held_idle(held_idle_increments(prev, snap, self._threshold),
+                                   held_idle_increments(prev, snap, self._threshold, allocation_holdings))
         self.metrics.forget_quiet_namespaces({candidate_namespace(d.candidate) for d in snap.decisions}, snap.generated_at)
         for r in results:
             self.metrics.record_action(r)

@@ -32,7 +32,7 @@ from kubernetes.config.config_exception import ConfigException
 
 from reclaimer.config import KubernetesSettings
 from reclaimer.errors import ReclaimerError
-from reclaimer.model import PodInfo
+from reclaimer.model import OwnerRef, PodInfo
 from reclaimer.redact import redact_text
 
 log = structlog.get_logger(__name__)
@@ -91,8 +91,9 @@ def pod_info_from_json(obj: Mapping[str, Any], user_label: str) -> PodInfo:
         raise ValueError(f"pod {namespace or '?'}/{name or '?'} lacks {', '.join(missing)}")
     labels = _str_map(meta.get("labels"))
     annotations = _str_map(meta.get("annotations"))
-    owners = meta.get("ownerReferences") or []
-    owner = owners[0] if owners and isinstance(owners[0], Mapping) else {}
+    owners, owners_known = _owners(meta.get("ownerReferences"))
+    owner = owners[0] if owners else None
+    first = owner if owner is None or owner.controller else next((o for o in owners if o.controller), owner)
     container_ids: list[str] = []
     for key in ("initContainerStatuses", "containerStatuses", "ephemeralContainerStatuses"):
         for cs in status.get(key) or ():
@@ -108,12 +109,37 @@ def pod_info_from_json(obj: Mapping[str, Any], user_label: str) -> PodInfo:
         node_name=spec.get("nodeName"),
         labels=labels,
         annotations=annotations,
-        owner_kind=owner.get("kind"),
-        owner_name=owner.get("name"),
+        owner_kind=first.kind if first else None,
+        owner_name=first.name if first else None,
         user=annotations.get(user_label) or labels.get(user_label) or None,
         phase=status.get("phase"),
         container_ids=tuple(container_ids),
+        owners=owners,
+        owners_known=owners_known,
     )
+
+
+def _owners(raw: Any) -> tuple[tuple[OwnerRef, ...], bool]:
+    """(owner references, whether they could all be read). A reference without kind and name, or whose
+    ``controller`` is not a boolean, makes the pod's controller unknown: nothing that depends on it may act."""
+    if raw is None:
+        return (), True
+    if not isinstance(raw, list):
+        return (), False
+    owners: list[OwnerRef] = []
+    known = True
+    for ref in raw:
+        if not isinstance(ref, Mapping) or not ref.get("kind") or not ref.get("name"):
+            known = False
+            continue
+        controller = ref.get("controller", False)
+        if controller is None:
+            controller = False
+        if not isinstance(controller, bool):
+            known = False
+            controller = True  # fail closed: a controller we cannot rule out
+        owners.append(OwnerRef(str(ref["kind"]), str(ref["name"]), str(ref.get("apiVersion") or ""), controller))
+    return tuple(owners), known
 
 
 def _page_parts(page: Any) -> tuple[list[Any] | None, str | None]:

@@ -20,6 +20,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from reclaimer import __version__
+from reclaimer.actionkinds import EXECUTABLE
 from reclaimer.model import (
     ACTION_RESULTS,
     BREAKER_CAUSES,
@@ -42,7 +43,7 @@ SnapshotProvider = Callable[[], CycleSnapshot | None]
 NvmlErrorCounts = Callable[[], Mapping[tuple[str, str], int]]
 
 MODES: tuple[str, ...] = ("dry-run", "enforce")
-ACTIONS: tuple[str, ...] = tuple(a.value for a in ActionKind if a != ActionKind.NONE)
+ACTIONS: tuple[str, ...] = tuple(a.value for a in EXECUTABLE)
 RESULTS: tuple[str, ...] = ACTION_RESULTS
 VERDICTS: tuple[str, ...] = tuple(v.value for v in Verdict)
 NAMESPACE_KEEP_SECONDS = 3600.0  # a namespace's series outlive its last GPU here by this long
@@ -295,6 +296,17 @@ class Metrics:
             "GPU-seconds a kernel or pod held a GPU below its idle threshold (the waste counter).",
             ["namespace"], registry=r,
         )  # fmt: skip
+        self.gpu_allocation_held_idle_seconds_total = Counter(
+            "reclaimer_gpu_allocation_held_idle_seconds",
+            "GPU-seconds a pod held a GPU's nvidia.com/gpu allocation while below its idle threshold (the GPU "
+            "nobody else can be scheduled on; reclaimer_gpu_held_idle_seconds_total counts GPU memory held idle).",
+            ["namespace"], registry=r,
+        )  # fmt: skip
+        self.released_gpus_total = Counter(
+            "reclaimer_released_gpus",
+            "GPU allocations verified released after an action (the pod gone, or pod-resources no longer listing "
+            "the GPU for it).", registry=r,
+        )  # fmt: skip
         self.gateway_request_duration_seconds = Histogram(
             "reclaimer_gateway_request_duration_seconds", "Gateway REST round trips.", ["gateway"],
             buckets=REQUEST_BUCKETS, registry=r,
@@ -331,16 +343,22 @@ class Metrics:
         # Memory counts as reclaimed only once verification saw it released (DESIGN rule 8).
         if result == "verified" and outcome.reclaimed_bytes > 0:
             self.reclaimed_gpu_memory_bytes_total.inc(outcome.reclaimed_bytes)
+        # An allocation counts as released only once the pod was seen gone (or no longer holding the GPU).
+        if result == "released" and outcome.released_gpus > 0:
+            self.released_gpus_total.inc(outcome.released_gpus)
 
     def record_breaker_trip(self, status: BreakerStatus) -> None:
         """Count one trip of the circuit breaker under its (bounded) cause."""
         self.breaker_trips_total.labels(_bounded(status.cause or "", BREAKER_CAUSES, "cause")).inc()
 
-    def add_held_idle(self, increments: Mapping[str, float]) -> None:
-        """Add ``report.held_idle_increments`` output to the waste counter (namespace label; ``-`` outside k8s)."""
-        for namespace, seconds in increments.items():
-            if seconds > 0:
-                self.gpu_held_idle_seconds_total.labels(namespace or NO_NAMESPACE).inc(seconds)
+    def add_held_idle(self, increments: Mapping[str, float], allocation: Mapping[str, float] | None = None) -> None:
+        """Add ``report.held_idle_increments`` output to the waste counters (namespace label; ``-`` outside k8s):
+        ``increments`` GPU memory held idle, ``allocation`` GPU allocations held idle."""
+        for counter, values in ((self.gpu_held_idle_seconds_total, increments),
+                                (self.gpu_allocation_held_idle_seconds_total, allocation or {})):
+            for namespace, seconds in values.items():
+                if seconds > 0:
+                    counter.labels(namespace or NO_NAMESPACE).inc(seconds)
 
     def forget_quiet_namespaces(self, live: Iterable[str], now: float, keep_for: float = NAMESPACE_KEEP_SECONDS) -> int:
         """Drop the series of every ``namespace``-labelled metric whose namespace held no GPU here for ``keep_for``.

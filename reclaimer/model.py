@@ -25,7 +25,16 @@ class ActionKind(str, enum.Enum):
     SHUTDOWN_KERNEL = "shutdown-kernel"
     STOP_SERVER = "stop-server"
     EVICT_POD = "evict-pod"
+    AUTO = "auto"  # a policy setting only: the policy resolves it per candidate (reclaimer.actionkinds.choose_auto)
     NONE = "none"
+
+
+class Recovers(str, enum.Enum):
+    """What an action gives back when it is carried out (reclaimer.actionkinds says which, per action and target)."""
+
+    ALLOCATION = "allocation"  # the pod goes away: its nvidia.com/gpu allocation (and the GPU memory) is released
+    MEMORY = "memory"  # the processes end, the GPU memory is freed; the pod keeps its allocation
+    NONE = "none"  # nothing (no action, or an action that would be undone, e.g. a pod its controller recreates)
 
 
 # --------------------------------------------------------------------------- GPUs (nvml.py / sampler.py)
@@ -133,6 +142,16 @@ class AttributedProcess:
 
 
 @dataclass(frozen=True, slots=True)
+class OwnerRef:
+    """An ownerReference of a pod (``metadata.ownerReferences[]``)."""
+
+    kind: str
+    name: str
+    api_version: str = ""
+    controller: bool = False  # controller: true -> that controller recreates the pod when it goes away
+
+
+@dataclass(frozen=True, slots=True)
 class PodInfo:
     uid: str
     namespace: str
@@ -145,6 +164,13 @@ class PodInfo:
     user: str | None = None  # from the configured user label / annotation
     phase: str | None = None
     container_ids: tuple[str, ...] = ()  # bare ids, runtime prefix ("containerd://") stripped
+    owners: tuple[OwnerRef, ...] = ()
+    owners_known: bool = True  # False: metadata.ownerReferences could not be read (who recreates the pod is unknown)
+
+    @property
+    def controller(self) -> OwnerRef | None:
+        """The owner with ``controller: true`` (at most one, as the API server enforces), or None for a bare pod."""
+        return next((o for o in self.owners if o.controller), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +182,11 @@ class PodGpuAllocation:
     container: str
     gpu_uuids: tuple[str, ...]
     device_ids: tuple[str, ...] = ()  # as the kubelet reported them
+
+    @property
+    def shared(self) -> bool:
+        """A time-slicing / MPS replica (``GPU-abc::3``): other pods may hold replicas of the same GPU."""
+        return any("::" in d for d in self.device_ids)
 
 
 # --------------------------------------------------------------------------- Jupyter (gateway.py / hub.py)
@@ -204,6 +235,9 @@ class Candidate:
     gpu_uuids: tuple[str, ...] = ()  # GPUs this candidate holds (processes, or allocation for pod candidates)
     processes: tuple[AttributedProcess, ...] = ()
     allocated: bool = False  # True when pod-resources says the pod holds these GPUs
+    allocated_gpus: tuple[str, ...] = ()  # the GPUs pod-resources lists for the candidate's pod (empty: none/unknown)
+    shared_gpu: bool = False  # the allocation is a time-slicing / MPS replica (device ids with a ``::N`` suffix)
+    kernel_pod: bool = False  # the pod is the kernel's own pod (kernel_id label): ending the kernel ends the pod
 
     @property
     def kernel_name(self) -> str | None:
@@ -219,12 +253,16 @@ class Decision:
     policy: str | None = None
     idle_seconds: float | None = None
     eta_seconds: float | None = None  # seconds until the action would be taken; 0 = now
+    requested: ActionKind | None = None  # the policy's action when it differs from ``action`` (``auto``)
+    fallback: Decision | None = None  # auto: the milder plan to use when the target of ``action`` is not all idle
 
 
 # Every value ActionResult.result takes: a bounded label set. "verified" / "unverified": whether the GPU memory was
-# seen released after a successful action.
+# seen released after a successful action; "released" / "unreleased": whether the GPU allocation was (the pod gone,
+# or pod-resources no longer listing its GPUs) after an action that should release it.
 ACTION_RESULTS: tuple[str, ...] = (
-    "success", "already-gone", "failed", "blocked", "skipped", "dry-run", "verified", "unverified",
+    "success", "already-gone", "failed", "blocked", "skipped", "dry-run", "verified", "unverified", "released",
+    "unreleased",
 )
 
 
@@ -237,6 +275,7 @@ class ActionResult:
     detail: str = ""
     reclaimed_bytes: int = 0
     mode: str = "dry-run"
+    released_gpus: int = 0  # "released": GPU allocations seen released
 
 
 # Why the circuit breaker tripped (a bounded label set): most would-be reclaims turned reclaimable within one cycle

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
+from reclaimer import actionkinds
 from reclaimer.config import PolicySettings, Settings, format_duration, parse_duration
 from reclaimer.model import (
     BREAKER_MASS_FLIP,
@@ -191,6 +192,9 @@ def recheck(
             return _unknown(candidate, decision.policy, "re-check: no fresh answer from the gateway")
         candidate = replace(candidate, activity=fresh)
     again = _evaluate(candidate, sampler, settings, now)
+    if again.action is not decision.action and again.fallback is not None and \
+            again.fallback.action is decision.action:
+        again = again.fallback  # auto planned the milder action (the larger target was blocked): re-check that one
     if again.verdict is Verdict.RECLAIM:
         if again.action is decision.action and again.policy == decision.policy:
             return decision
@@ -222,8 +226,10 @@ class _GpuView:
     process_seen_at: float | None = None  # newest in-window sample showing any process (matters for bare pods)
 
 
-def _evaluate(c: Candidate, sampler: SamplerSnapshot, settings: Settings, now: float) -> Decision:
-    """The verdict for one candidate, before any blast-radius limit."""
+def _evaluate(
+    c: Candidate, sampler: SamplerSnapshot, settings: Settings, now: float, chosen: ActionKind | None = None
+) -> Decision:
+    """The verdict for one candidate, before any blast-radius limit. ``chosen``: the action ``auto`` picked."""
     gpu_models = {d.uuid: d.model for d in sampler.devices}
     policy = select_policy(c, settings, gpu_models)
     policy_name = policy.name if policy else None
@@ -232,8 +238,10 @@ def _evaluate(c: Candidate, sampler: SamplerSnapshot, settings: Settings, now: f
         return Decision(c, Verdict.EXEMPT, ActionKind.NONE, f"exempt: {exemption}", policy_name)
     if policy is None:
         return Decision(c, Verdict.KEEP, ActionKind.NONE, "no policy matches")
+    if chosen is None and policy.action == ActionKind.AUTO.value:
+        return _evaluate_auto(c, sampler, settings, now)
     policy, override_note = _with_override(policy, c.pod)
-    action = ActionKind(policy.action)
+    action = chosen or ActionKind(policy.action)
 
     problem = (
         _identity_problem(c)
@@ -251,6 +259,12 @@ def _evaluate(c: Candidate, sampler: SamplerSnapshot, settings: Settings, now: f
 
     idle, detail = _idle_and_detail(c, views, policy, now)
     detail += override_note
+    refused = actionkinds.refusal(action, c)
+    if refused is not None:  # an action that would release nothing is never planned (invariant 17)
+        verdict, why = refused
+        if verdict is Verdict.UNKNOWN:
+            return _unknown(c, policy.name, why)
+        return Decision(c, verdict, action, f"{why}; {detail}", policy.name, idle)
     if action is ActionKind.NONE:
         return Decision(c, Verdict.KEEP, action, f"policy {policy.name} observes only; {detail}", policy.name, idle)
     if c.kernel_id is None and action is ActionKind.SHUTDOWN_KERNEL:
@@ -273,6 +287,33 @@ def _evaluate(c: Candidate, sampler: SamplerSnapshot, settings: Settings, now: f
     else:
         verdict = Verdict.KEEP
     return Decision(c, verdict, action, reason, policy.name, idle, eta)
+
+
+def _evaluate_auto(c: Candidate, sampler: SamplerSnapshot, settings: Settings, now: float) -> Decision:
+    """``action: auto``: the action that releases the GPU allocation where the policy allows it (actionkinds).
+
+    When that action's target (the whole server, the whole pod) is not reclaimable but the kernel alone is, the
+    kernel is shut down instead, which frees its GPU memory only; the decision carries that milder plan as its
+    ``fallback`` so the blast-radius stage can switch to it when another kernel of the target blocks the larger one.
+    """
+    action, note = actionkinds.choose_auto(c)
+    raw = _evaluate(c, sampler, settings, now, chosen=action)
+    if raw.verdict is Verdict.EXEMPT or raw.policy is None:
+        return raw
+    primary = replace(raw, requested=ActionKind.AUTO, reason=f"{note}; {raw.reason}")
+    if action is ActionKind.SHUTDOWN_KERNEL or c.kernel_id is None:
+        return primary
+    # The milder plan, reason without its note: _with_fallback says why it is used when it is.
+    fallback = replace(_evaluate(c, sampler, settings, now, chosen=ActionKind.SHUTDOWN_KERNEL),
+                       requested=ActionKind.AUTO)
+    if primary.verdict in (Verdict.RECLAIM, Verdict.WARN) or fallback.verdict not in (Verdict.RECLAIM, Verdict.WARN):
+        return replace(primary, fallback=fallback)
+    return _with_fallback(fallback, f"{action.value}: {raw.reason}")
+
+
+def _with_fallback(fallback: Decision, why: str) -> Decision:
+    """auto's milder plan (shutdown-kernel), saying why the allocation-releasing action was not taken."""
+    return replace(fallback, reason=f"{actionkinds.FALLBACK_NOTE} ({why}); {fallback.reason}")
 
 
 def _unknown(c: Candidate, policy: str | None, reason: str) -> Decision:
@@ -560,13 +601,12 @@ def _guard_shared_targets(decisions: list[Decision]) -> list[Decision]:
                 None,
             )
             if blocker is not None:
-                d = replace(
-                    d,
-                    verdict=Verdict.KEEP,
-                    eta_seconds=None,
-                    reason=f"{d.action.value} would also end {blocker.candidate.key} "
-                    f"({blocker.verdict.value}: {blocker.reason})",
-                )
+                blocked = (f"{d.action.value} would also end {blocker.candidate.key} "
+                           f"({blocker.verdict.value}: {blocker.reason})")
+                if d.fallback is not None:  # auto: the kernel alone may still go; it frees its GPU memory only
+                    d = _with_fallback(d.fallback, blocked)
+                else:
+                    d = replace(d, verdict=Verdict.KEEP, eta_seconds=None, reason=blocked)
         out.append(d)
     return out
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from reclaimer import actionkinds
 from reclaimer.errors import ReclaimerError
 from reclaimer.model import (
     NO_NAMESPACE,
@@ -24,11 +25,13 @@ from reclaimer.model import (
     Decision,
     GpuSample,
     PodInfo,
+    Recovers,
     SamplerSnapshot,
     Verdict,
 )
 
 VERDICTS: tuple[str, ...] = tuple(v.value for v in Verdict)
+RECOVERS: tuple[str, ...] = tuple(r.value for r in Recovers)
 NOT_ATTRIBUTED_YET = "not attributed yet (appeared after the last decide cycle)"
 
 _GIB = 1024**3
@@ -215,6 +218,9 @@ def _kernel_entry(d: Decision, sampler: SamplerSnapshot) -> dict[str, Any]:
             for u in kernel_gpu_usage(c, sampler)
         ],
         "allocated": c.allocated,
+        "allocated_gpus": list(actionkinds.allocated_gpus(c)),
+        "shared_gpu": c.shared_gpu,
+        "recovers": actionkinds.recovers(d.action, c).value,
         "execution_state": act.execution_state if act is not None else None,
         "last_activity": rfc3339(act.last_activity) if act is not None else None,
         "connections": act.connections if act is not None else None,
@@ -271,21 +277,36 @@ def breaker_entry(status: BreakerStatus) -> dict[str, Any]:
 def summarize(report: Mapping[str, Any]) -> dict[str, Any]:
     """Counts over a report's kernels: GPUs held idle (distinct), VRAM those idle holders use, verdict counts."""
     idle_gpus: set[str] = set()
+    idle_allocations: set[str] = set()
     idle_bytes = 0
     verdicts = dict.fromkeys(VERDICTS, 0)
+    plan = dict.fromkeys(RECOVERS, 0)
     for k in report["kernels"]:
         verdicts[k["verdict"]] = verdicts.get(k["verdict"], 0) + 1
         if k["verdict"] != Verdict.UNKNOWN.value and (k["idle_seconds"] or 0) > 0:
             for g in k["gpus"]:
                 idle_gpus.add(g["uuid"])
                 idle_bytes += g["memory_bytes"] or 0
+            idle_allocations.update(allocated_gpus(k))
+        if k["verdict"] in (Verdict.RECLAIM.value, Verdict.WARN.value) and k.get("recovers") in plan:
+            plan[k["recovers"]] += 1
     return {
         "gpus_held_idle": len(idle_gpus),
         "memory_held_idle_bytes": idle_bytes,
+        "allocated_gpus_held_idle": len(idle_allocations),
+        "planned_recovers": plan,
         "reclaimable_now": verdicts[Verdict.RECLAIM.value],
         "warned": verdicts[Verdict.WARN.value],
         "verdicts": verdicts,
     }
+
+
+def allocated_gpus(kernel: Mapping[str, Any]) -> list[str]:
+    """The GPUs a report entry's pod holds by allocation (a report from an older daemon: its GPUs when allocated)."""
+    listed = kernel.get("allocated_gpus")
+    if isinstance(listed, list):
+        return [u for u in listed if isinstance(u, str)]
+    return [g["uuid"] for g in kernel["gpus"]] if kernel.get("allocated") else []
 
 
 # --------------------------------------------------------------------------- validating a report read back
@@ -355,6 +376,13 @@ def report_from_json(payload: Any) -> dict[str, Any]:
             )
         for j, g in enumerate(kernel["gpus"]):
             _check_fields(g, f"kernels[{i}].gpus[{j}]", _KERNEL_GPU)
+        # Added in round 2 (a daemon from before has neither): optional, but checked when present.
+        _check(kernel.get("allocated"), f"kernels[{i}].allocated", (bool,), True)
+        _check(kernel.get("allocated_gpus", []), f"kernels[{i}].allocated_gpus", (list,), False)
+        if kernel.get("recovers") is not None and kernel["recovers"] not in RECOVERS:
+            raise ReportSchemaError(
+                f"kernels[{i}].recovers: expected one of {', '.join(RECOVERS)}, got {kernel['recovers']!r:.60}"
+            )
     breaker = payload.get("breaker")  # absent from older daemons' reports
     if breaker is not None:
         _check_fields(breaker, "report.breaker", _BREAKER)
@@ -443,13 +471,16 @@ def _kernel_row(k: Mapping[str, Any], index_of: Mapping[str, int]) -> list[str]:
         human_ratio(min(util, 1.0) if util is not None else None),
         (k["execution_state"] or "?") if k["kernel_id"] else "-",
         idle,
+        "yes" if k.get("allocated") else "-",
         k["verdict"],
         k["action"],
+        _FREES.get(k.get("recovers") or "", "?"),
         "-" if eta is None or not counting else ("now" if eta <= 0 else human_duration(eta)),
         k["reason"],
     ]
 
 
+_FREES = {Recovers.ALLOCATION.value: "alloc", Recovers.MEMORY.value: "mem", Recovers.NONE.value: "-"}
 _MIN_FLEXIBLE = 24  # a REASON cut shorter than this says nothing
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -477,11 +508,17 @@ def _format_table(headers: list[str], rows: list[list[str]], width: int | None, 
 def summary_line(summary: Mapping[str, Any]) -> str:
     """``3 GPUs held idle, 60.0 GiB; 1 reclaimable now; 2 warned`` (+ exempt / unknown counts when any)."""
     n = summary["gpus_held_idle"]
+    a = summary.get("allocated_gpus_held_idle", 0)
     parts = [
-        f"{n} GPU{'s' if n != 1 else ''} held idle, {human_bytes(summary['memory_held_idle_bytes'])}",
+        f"{n} GPU{'s' if n != 1 else ''} held idle: {human_bytes(summary['memory_held_idle_bytes'])} GPU memory, "
+        f"{a} GPU allocation{'s' if a != 1 else ''}",
         f"{summary['reclaimable_now']} reclaimable now",
         f"{summary['warned']} warned",
     ]
+    plan = summary.get("planned_recovers") or {}
+    if plan.get(Recovers.ALLOCATION.value) or plan.get(Recovers.MEMORY.value):
+        parts.append(f"planned actions release {plan.get(Recovers.ALLOCATION.value, 0)} allocation(s), "
+                     f"free memory only for {plan.get(Recovers.MEMORY.value, 0)}")
     for verdict in (Verdict.EXEMPT.value, Verdict.UNKNOWN.value):
         if summary["verdicts"].get(verdict):
             parts.append(f"{summary['verdicts'][verdict]} {verdict}")
@@ -501,8 +538,9 @@ def render_table(report: Mapping[str, Any], width: int | None = None) -> str:
     )
     note = " (verdicts show what enforce would do)" if report["mode"] == "dry-run" else ""
     lines = [_cell(f"node {report['node']}  mode {report['mode']}{note}  at {report['generated_at']}"), ""]
-    headers = ["NAMESPACE", "POD/KERNEL", "USER", "GPU", "MEM", "UTIL", "STATE", "IDLE", "VERDICT", "ACTION", "ETA",
-               "REASON"]  # fmt: skip
+    # ALLOC: the pod holds the GPU allocation; FREES: what the action gives back (alloc = the GPU, mem = its memory).
+    headers = ["NAMESPACE", "POD/KERNEL", "USER", "GPU", "MEM", "UTIL", "STATE", "IDLE", "ALLOC", "VERDICT", "ACTION",
+               "FREES", "ETA", "REASON"]  # fmt: skip
     if kernels:
         lines += _format_table(headers, [_kernel_row(k, index_of) for k in kernels], width, "REASON")
     else:
@@ -550,12 +588,23 @@ def render_json(report: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- the waste counter
 
 
+def memory_holdings(c: Candidate) -> tuple[str, ...]:
+    """GPUs on which ``c`` holds GPU memory: a kernel's GPUs (a pod with no process on its GPUs holds none)."""
+    return c.gpu_uuids if c.kernel_id is not None or c.processes else ()
+
+
+allocation_holdings = actionkinds.allocated_gpus  # GPUs whose nvidia.com/gpu allocation the candidate's pod holds
+
+
 def held_idle_increments(
     snap_prev_time: float | None,
     snap: CycleSnapshot,
     threshold_for: Callable[[Decision], float],
+    holdings: Callable[[Candidate], Iterable[str]] = memory_holdings,
 ) -> dict[str, float]:
-    """GPU-seconds held idle per namespace since the previous cycle, for ``reclaimer_gpu_held_idle_seconds_total``.
+    """GPU-seconds held idle per namespace since the previous cycle, for ``reclaimer_gpu_held_idle_seconds_total``
+    (``holdings=memory_holdings``: GPU memory held idle) or ``reclaimer_gpu_allocation_held_idle_seconds_total``
+    (``holdings=allocation_holdings``: GPU allocations held idle).
 
     Each sample of a held GPU taken in ``(snap_prev_time, snap.generated_at]`` (all samples up to
     ``generated_at`` when ``snap_prev_time`` is None) counts one sample interval, shared equally among the
@@ -564,7 +613,7 @@ def held_idle_increments(
     """
     holders: dict[str, list[Decision]] = {}
     for d in snap.decisions:
-        for uuid in dict.fromkeys(d.candidate.gpu_uuids):
+        for uuid in dict.fromkeys(holdings(d.candidate)):
             holders.setdefault(uuid, []).append(d)
     lower = -math.inf if snap_prev_time is None else snap_prev_time
     interval = snap.sampler.sample_interval

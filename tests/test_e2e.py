@@ -168,7 +168,7 @@ async def test_enforce_reclaims_only_the_idle_kernel_and_the_idle_pod(node: Node
 
     def done() -> bool:
         got = {(r.decision.candidate.key, r.result) for _, rs in n.cycles for r in rs}
-        return (f"kernel:{n.kernels['idle']}", "verified") in got and (f"pod:{n.pod_uid}", "success") in got
+        return (f"kernel:{n.kernels['idle']}", "verified") in got and (f"pod:{n.pod_uid}", "released") in got
 
     await run_until(daemon, done, timeout=60)
 
@@ -192,6 +192,16 @@ async def test_enforce_reclaims_only_the_idle_kernel_and_the_idle_pod(node: Node
     assert 'reclaimer_actions_total{action="shutdown-kernel",mode="enforce",result="success"} 1.0' in exposition
     assert 'reclaimer_gateway_request_duration_seconds_count{gateway="kg"}' in exposition
     assert 'reclaimer_gateway_request_duration_seconds_count{gateway="kg"} 0.0' not in exposition
+    # Invariant 17: two releases, counted apart. The kernel's memory (its pod-less process: no allocation) and the
+    # pod's GPU allocation, seen released when the pod was gone; each kind of waste has its own counter.
+    assert "reclaimer_released_gpus_total 1.0" in exposition
+    assert 'reclaimer_actions_total{action="evict-pod",mode="enforce",result="released"} 1.0' in exposition
+    assert 'reclaimer_actions_total{action="shutdown-kernel",mode="enforce",result="released"} 0.0' in exposition
+    assert 'reclaimer_gpu_allocation_held_idle_seconds_total{namespace="team-a"}' in exposition
+    assert 'reclaimer_gpu_held_idle_seconds_total{namespace="-"}' in exposition  # the idle kernel's memory
+    assert 'reclaimer_gpu_held_idle_seconds_total{namespace="team-a"}' not in exposition  # the pod held no memory
+    pod_decisions = [d for s, _ in n.cycles for d in s.decisions if d.candidate.pod is not None]
+    assert pod_decisions and all(d.candidate.allocated for d in pod_decisions)
 
     # Busy kernel, busy GPU, exempt kernel: alive, never acted upon, with the verdicts on-call would expect.
     for role in ("training", "reserved", "gpubusy"):

@@ -28,7 +28,7 @@ from reclaimer.kube import (
     pod_info_from_json,
     scrub_note,
 )
-from reclaimer.model import PodInfo
+from reclaimer.model import OwnerRef, PodInfo
 from tests.support.fake_kube import (
     MICRO_TIME,
     FakeKube,
@@ -158,6 +158,7 @@ def test_pod_info_mapping(api: FakeKube, kube: KubeClient) -> None:
         user=None,
         phase="Running",
         container_ids=("init444", "aaa111", "bbb222", "ccc333", "dbg555"),
+        owners=(OwnerRef("StatefulSet", "alice-set", "v1", controller=True),),
     )
 
 

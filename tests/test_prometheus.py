@@ -15,7 +15,7 @@ import yaml
 
 from reclaimer.metrics import RESULTS, Metrics
 from reclaimer.model import ActionResult, CycleSnapshot
-from reclaimer.report import held_idle_increments
+from reclaimer.report import allocation_holdings, held_idle_increments
 from reclaimer.server import make_app
 from tests.support.export_fixtures import GIB, K_ALICE, node_snapshot, serve_in_thread
 from tests.support.prometheus_fixtures import (
@@ -74,16 +74,20 @@ def alert_rules() -> list[dict[str, Any]]:
 A100, H100, T4 = "NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3", "Tesla T4"
 # What each panel shows for node_snapshot(): (label, the label values expected) or a single expected value.
 PANEL_EXPECTATIONS: dict[str, tuple[str, set[str]] | float] = {
-    "GPU-hours held idle by namespace / A": ("namespace", {"ml-team", "research"}),
+    # Memory held idle: the idle kernels' namespace; research's train-x holds a GPU allocation and no memory.
+    "GPU-hours held idle by namespace / A": ("namespace", {"ml-team"}),
+    "GPU-hours held idle by namespace / B": ("namespace", {"research"}),  # allocation held idle (invariant 17)
     "GPU-hours held idle by user / A": ("user", {"alice", "bob", "carol", "dave"}),  # erin: unknown, no series
     "GPU-hours held idle by gateway / A": ("gateway", {"eg", "lab", ""}),  # "": the pod without a kernel
     "GPU-hours held idle by GPU model / A": ("model", {A100, H100, T4}),
     "Idle GPUs now / A": 3.0,  # alice's, bob's and the allocated T4; erin's MIG GPU is unknown, not idle
-    "GPUs held idle over time by namespace / A": ("namespace", {"ml-team", "research"}),
+    "GPUs held idle over time by namespace / A": ("namespace", {"ml-team"}),
+    "GPUs held idle over time by namespace / B": ("namespace", {"research"}),
     "Reclaim actions by result / A": ("result", set(RESULTS)),  # pre-initialised at 0
     "Upcoming reclaims / A": ("pod", {"jupyter-alice", "jupyter-bob", "train-x"}),
     "Kernels by verdict / A": ("verdict", {"keep", "warn", "reclaim", "exempt", "unknown"}),
     "GPU memory reclaimed / A": ("__name__", {""}),
+    "GPU allocations released / A": ("__name__", {""}),
     "Gateway up / A": ("gateway", {"eg", "lab"}),  # "new" was never contacted: unknown, no series
     "NVML errors / A": ("code", {"GPU_IS_LOST", "NOT_SUPPORTED"}),
     "Sample duration p99 / A": ("__name__", {""}),
@@ -138,7 +142,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 ("nvmlDeviceGetUtilizationRates", "NOT_SUPPORTED"): 7}  # fmt: skip
 
     metrics = Metrics(lambda: snap, nvml_counts)
-    metrics.add_held_idle(held_idle_increments(None, snap, lambda d: 0.05))
+    metrics.add_held_idle(held_idle_increments(None, snap, lambda d: 0.05),
+                          held_idle_increments(None, snap, lambda d: 0.05, allocation_holdings))
     for seconds in (0.0004, 0.002, 0.003):
         metrics.sample_duration_seconds.observe(seconds)
         metrics.decide_duration_seconds.observe(seconds * 10)
@@ -152,7 +157,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             for _ in range(5):
                 metrics.record_action(ActionResult(failed, "failed", "eviction refused", 0, "enforce"))
             metrics.record_action(ActionResult(failed, "verified", "GPU memory released", 20 * GIB, "enforce"))
-            metrics.add_held_idle({"ml-team": 50_000.0})
+            metrics.add_held_idle({"ml-team": 50_000.0}, {"research": 7_200.0})
+            train = next(d for d in snap.decisions if d.candidate.kernel_id is None)
+            metrics.record_action(ActionResult(train, "released", "pod gone", mode="enforce", released_gpus=1))
             for seconds in (0.001, 0.004):
                 metrics.sample_duration_seconds.observe(seconds)
                 metrics.decide_duration_seconds.observe(seconds)
@@ -259,3 +266,25 @@ def test_promtool_lint_does_flag_a_bad_exposition() -> None:
     done = promtool("check", "metrics", stdin=bad)
     assert done.returncode != 0 and "_total" in done.stdout + done.stderr
 
+
+
+def test_invariant_17_both_kinds_of_waste_and_released_gpus_are_queryable(stack: Stack) -> None:
+    """Memory held idle and allocation held idle are separate series; released allocations are counted on their own."""
+
+    def by_namespace(metric: str) -> dict[str, float] | None:
+        result = _result(stack.prom, f"sum by (namespace) ({metric})")
+        return {r["metric"]["namespace"]: float(r["value"][1]) for r in result} or None
+
+    def scraped_after_the_updates() -> dict[str, float] | None:
+        got = by_namespace("reclaimer_gpu_allocation_held_idle_seconds_total")
+        return got if got and got.get("research", 0) >= 7_200 else None
+
+    allocation = poll_until("allocation held idle after the update", scraped_after_the_updates, timeout=20)
+    assert set(allocation) == {"research"}
+    memory = by_namespace("reclaimer_gpu_held_idle_seconds_total")
+    assert memory is not None and "research" not in memory and memory["ml-team"] > 0
+    released = poll_until("a released GPU", lambda: [r for r in _result(stack.prom, "reclaimer_released_gpus_total")
+                                                     if float(r["value"][1]) == 1.0], timeout=20)
+    assert len(released) == 1
+    memory_bytes = _result(stack.prom, "reclaimer_reclaimed_gpu_memory_bytes_total")
+    assert [float(r["value"][1]) for r in memory_bytes] == [20 * GIB]  # the two releases are counted apart

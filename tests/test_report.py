@@ -205,6 +205,8 @@ def test_summary_counts_idle_gpus_and_verdicts(report: dict[str, Any]) -> None:
     assert report["summary"] == {
         "gpus_held_idle": 3,  # alice's, bob's, the allocated T4; erin's is unknown, carol's busy
         "memory_held_idle_bytes": 50 * GIB,
+        "allocated_gpus_held_idle": 1,  # the T4 allocated to train-x
+        "planned_recovers": {"allocation": 1, "memory": 2, "none": 0},  # evict train-x; shut alice's, bob's down
         "reclaimable_now": 1,
         "warned": 2,
         "verdicts": {"keep": 1, "warn": 2, "reclaim": 1, "exempt": 0, "unknown": 1},
@@ -278,18 +280,21 @@ def _kernel_lines(table: str) -> list[str]:
 def test_table_sorts_by_waste_and_shows_human_units(report: dict[str, Any]) -> None:
     table = render_table(report)
     header, *rows = _kernel_lines(table)
-    assert header.split() == ["NAMESPACE", "POD/KERNEL", "USER", "GPU", "MEM", "UTIL", "STATE", "IDLE", "VERDICT",
-                              "ACTION", "ETA", "REASON"]  # fmt: skip
+    assert header.split() == ["NAMESPACE", "POD/KERNEL", "USER", "GPU", "MEM", "UTIL", "STATE", "IDLE", "ALLOC",
+                              "VERDICT", "ACTION", "FREES", "ETA", "REASON"]  # fmt: skip
     # 16 GiB × 1h (whole allocated T4) > 20 GiB × 47m > 30 GiB × 25m > busy > unknown
     assert [r.split()[1] for r in rows] == [
         "train-x", "jupyter-alice/11111111", "jupyter-bob/22222222", "33333333", "jupyter-erin/44444444",
     ]  # fmt: skip
-    assert rows[1].split()[:11] == ["ml-team", "jupyter-alice/11111111", "alice", "0", "20.0", "GiB", "0%", "idle",
-                                    "47m", "reclaim", "shutdown-kernel"]  # fmt: skip
-    assert " now " in rows[1] and rows[2].split()[11] == "5m"
+    assert rows[1].split()[:13] == ["ml-team", "jupyter-alice/11111111", "alice", "0", "20.0", "GiB", "0%", "idle",
+                                    "47m", "-", "reclaim", "shutdown-kernel", "mem"]  # fmt: skip
+    assert " now " in rows[1] and rows[2].split()[13] == "5m"
+    # The allocated T4: its pod holds the allocation, and evicting the pod gives the GPU back.
+    assert rows[0].split()[8:12] == ["1h", "yes", "warn", "evict-pod"] and rows[0].split()[12] == "alloc"
     erin = rows[4].split()
     assert erin[6:9] == ["?", "idle", "?"]  # unknown utilisation and idle time are "?", never 0
-    assert "3 GPUs held idle, 50.0 GiB; 1 reclaimable now; 2 warned; 1 unknown" in table.splitlines()
+    assert ("3 GPUs held idle: 50.0 GiB GPU memory, 1 GPU allocation; 1 reclaimable now; 2 warned; "
+            "planned actions release 1 allocation(s), free memory only for 2; 1 unknown") in table.splitlines()
     assert "(verdicts show what enforce would do)" in table.splitlines()[0]
 
 
@@ -315,15 +320,15 @@ def test_table_has_no_colour_codes_and_neutralises_remote_text() -> None:
 
 def test_table_fits_a_width_by_shortening_only_the_reason(report: dict[str, Any]) -> None:
     wide = _kernel_lines(render_table(report))
-    narrow = _kernel_lines(render_table(report, width=135))
-    assert max(len(line) for line in wide) > 135 >= max(len(line) for line in narrow)
-    assert [line.split()[:11] for line in narrow] == [line.split()[:11] for line in wide]
+    narrow = _kernel_lines(render_table(report, width=150))
+    assert max(len(line) for line in wide) > 150 >= max(len(line) for line in narrow)
+    assert [line.split()[:13] for line in narrow] == [line.split()[:13] for line in wide]
     assert any(line.endswith("…") for line in narrow)
     # Narrower than the fixed columns: REASON keeps a readable minimum and the lines run long, as kubectl's do.
     tiny = _kernel_lines(render_table(report, width=40))
     reason_at = tiny[0].index("REASON")
     assert max(len(line) - reason_at for line in tiny) == 24
-    assert [line.split()[:11] for line in tiny] == [line.split()[:11] for line in wide]
+    assert [line.split()[:13] for line in tiny] == [line.split()[:13] for line in wide]
 
 
 @pytest.mark.parametrize(

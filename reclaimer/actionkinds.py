@@ -1,0 +1,187 @@
+"""What each action kind is: what it ends, what it needs, what it gives back, its Event name; and ``auto``.
+
+Pure (``reclaimer.model`` only). The one place that knows the kinds: the policy asks it what an action would
+recover and whether it can release anything at all, the executors ask it for the Event action, the report and the
+metrics for the ``recovers`` value. A new kind (``stop-notebook``) is one more row in ``KINDS``.
+
+Freeing GPU memory is not freeing the GPU: a kernel shut down inside a notebook pod frees its VRAM, but the pod
+keeps its ``nvidia.com/gpu`` allocation and nothing else can be scheduled on that GPU. Only an action that ends the
+pod (stopping the user's server, evicting a bare pod, ending a kernel whose pod is the kernel's own) releases the
+allocation, and evicting a pod that a controller recreates releases nothing at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from reclaimer.model import ActionKind, Candidate, PodInfo, Recovers, Verdict
+
+KUBEFLOW_NOTEBOOK_LABEL = "notebook-name"  # set by Kubeflow's notebook-controller on the pods of a Notebook
+KUBEFLOW_NOTEBOOK_KIND = "Notebook"  # kubeflow.org Notebook (owns the StatefulSet that owns the pod)
+JUPYTER_KERNEL_KIND = "JupyterKernel"  # elastic-jupyter-operator's kernel custom resource (owns the kernel pod)
+
+
+@dataclass(frozen=True, slots=True)
+class ActionSpec:
+    """One action kind. ``recovers`` says what carrying it out on a candidate gives back."""
+
+    kind: ActionKind
+    ends: str  # what carrying it out ends: "kernel" | "server" | "pod" | "" (nothing)
+    needs: str  # the fact it cannot act without: "kernel" | "server" | "pod" | ""
+    event_action: str | None  # events.k8s.io/v1 ``action`` of the Event recording it
+    recovers: Callable[[Candidate], Recovers]
+    summary: str  # one line for docs, the report and the demo
+
+
+def _allocated(c: Candidate) -> bool:
+    return c.allocated or bool(c.allocated_gpus)
+
+
+def allocated_gpus(c: Candidate) -> tuple[str, ...]:
+    """GPUs whose ``nvidia.com/gpu`` allocation ``c``'s pod holds (pod-resources); empty: none or unknown."""
+    return c.allocated_gpus or (c.gpu_uuids if c.allocated else ())
+
+
+def _shutdown_kernel_recovers(c: Candidate) -> Recovers:
+    if c.kernel_id is None:
+        return Recovers.NONE
+    # Enterprise Gateway / elastic-jupyter-operator: the kernel is its own pod, which the gateway deletes.
+    if c.kernel_pod and _allocated(c):
+        return Recovers.ALLOCATION
+    return Recovers.MEMORY
+
+
+def _stop_server_recovers(c: Candidate) -> Recovers:
+    # The spawner deletes the server's pod (KubeSpawner); outside Kubernetes there is no allocation to release.
+    if c.server is None and not (c.user or (c.pod is not None and c.pod.user)):
+        return Recovers.NONE
+    return Recovers.ALLOCATION if _allocated(c) else Recovers.MEMORY
+
+
+def _evict_pod_recovers(c: Candidate) -> Recovers:
+    if c.pod is None or not c.pod.owners_known or c.pod.controller is not None:
+        return Recovers.NONE  # a controller recreates the pod: the GPU is taken again, the user's state is lost
+    return Recovers.ALLOCATION if _allocated(c) else Recovers.MEMORY
+
+
+KINDS: dict[ActionKind, ActionSpec] = {
+    spec.kind: spec
+    for spec in (
+        ActionSpec(ActionKind.SHUTDOWN_KERNEL, "kernel", "kernel", "ShutdownKernel", _shutdown_kernel_recovers,
+                   "shuts the kernel down through its gateway: frees its GPU memory; the pod keeps its GPU "
+                   "allocation unless the pod is the kernel's own (Enterprise Gateway kernel pods)"),
+        ActionSpec(ActionKind.STOP_SERVER, "server", "server", "StopServer", _stop_server_recovers,
+                   "stops the user's JupyterHub server (every kernel of it): releases the pod's GPU allocation"),
+        ActionSpec(ActionKind.EVICT_POD, "pod", "pod", "EvictPod", _evict_pod_recovers,
+                   "evicts the pod (every process of it): releases its GPU allocation; never planned for a pod "
+                   "a controller recreates"),
+        ActionSpec(ActionKind.NONE, "", "", None, lambda c: Recovers.NONE, "observes only"),
+    )
+}
+
+EXECUTABLE: tuple[ActionKind, ...] = tuple(k for k, s in KINDS.items() if s.ends)
+EVENT_ACTIONS: dict[ActionKind, str] = {k: s.event_action for k, s in KINDS.items() if s.event_action}
+
+
+def recovers(action: ActionKind, c: Candidate) -> Recovers:
+    """What carrying out ``action`` on ``c`` gives back (``none`` for an action that would be undone)."""
+    spec = KINDS.get(action)
+    return spec.recovers(c) if spec is not None else Recovers.NONE
+
+
+# --------------------------------------------------------------------------- actions that would release nothing
+
+
+def _is_kubeflow_notebook(pod: PodInfo) -> str | None:
+    """The Kubeflow Notebook a pod belongs to, or None."""
+    owner = pod.controller
+    if owner is not None and owner.kind == KUBEFLOW_NOTEBOOK_KIND:
+        return owner.name
+    if owner is not None and owner.kind == "StatefulSet" and pod.labels.get(KUBEFLOW_NOTEBOOK_LABEL):
+        return pod.labels[KUBEFLOW_NOTEBOOK_LABEL]
+    return None
+
+
+def what_would_work(c: Candidate) -> str:
+    """The action (or the human step) that would release what ``c`` holds, for a reason line."""
+    pod = c.pod
+    owner = pod.controller if pod is not None else None
+    if c.kernel_id is not None and (c.kernel_pod or (owner is not None and owner.kind == JUPYTER_KERNEL_KIND)):
+        return "shut the kernel down through its gateway (shutdown-kernel; the gateway deletes the kernel pod)"
+    if pod is not None and _is_kubeflow_notebook(pod):
+        return "use stop-notebook"
+    if c.server is not None:
+        return "use stop-server"
+    if owner is not None and owner.kind == "Node":
+        return "a static pod: only removing its manifest from the node releases it"
+    memory = "; shutdown-kernel frees its GPU memory only" if c.kernel_id is not None else ""
+    if owner is not None:
+        return f"scale down or delete its {owner.kind} {owner.name}{memory}"
+    return f"no action of gpu-reclaimer releases it{memory}"
+
+
+def _owner_text(pod: PodInfo) -> str:
+    owner = pod.controller
+    assert owner is not None
+    notebook = _is_kubeflow_notebook(pod)
+    context = ""
+    if notebook is not None and owner.kind != KUBEFLOW_NOTEBOOK_KIND:
+        context = f" (Kubeflow Notebook {notebook})"
+    elif owner.kind == JUPYTER_KERNEL_KIND:
+        context = " (elastic-jupyter-operator)"
+    return f"{owner.kind} {owner.name}{context}"
+
+
+def refusal(action: ActionKind, c: Candidate) -> tuple[Verdict, str] | None:
+    """(verdict, reason) when ``action`` could release nothing on ``c`` and must never be planned; else None.
+
+    Evicting a pod that a controller recreates (``ownerReferences[].controller: true``: ReplicaSet, StatefulSet,
+    DaemonSet, Job, a Kubeflow Notebook, an elastic-jupyter-operator JupyterKernel, a static pod's Node) destroys
+    the user's state and frees nothing: ``keep``, naming what would work. Owner references that cannot be read:
+    ``unknown``.
+    """
+    if action is not ActionKind.EVICT_POD or c.pod is None:
+        return None
+    if not c.pod.owners_known:
+        return Verdict.UNKNOWN, (f"pod {c.pod.namespace}/{c.pod.name}: ownerReferences unreadable "
+                                 "(whether a controller recreates it is unknown)")
+    if c.pod.controller is None:
+        return None
+    return Verdict.KEEP, (f"pod is owned by {_owner_text(c.pod)}; eviction would be recreated — "
+                          f"{what_would_work(c)}")
+
+
+# --------------------------------------------------------------------------- auto
+
+
+def choose_auto(c: Candidate) -> tuple[ActionKind, str]:
+    """The action ``auto`` takes for ``c`` and why, in words: the one that releases the GPU allocation where one can.
+
+    1. a kernel whose pod is its own (Enterprise Gateway kernel pod): shutdown-kernel, the gateway deletes the pod;
+    2. a candidate of a known JupyterHub server whose pod holds the GPU allocation: stop-server;
+    3. a bare pod (no controller) holding the allocation: evict-pod;
+    4. any other kernel: shutdown-kernel, which frees GPU memory only (said so);
+    5. a pod candidate a controller recreates: evict-pod, which the policy then refuses, naming what would work.
+    The policy falls back to shutdown-kernel when the larger target (the server, the pod) is not idle as a whole.
+    """
+    pod = c.pod
+    allocated = _allocated(c)
+    if c.kernel_id is not None and c.kernel_pod:
+        what = "releases the GPU allocation" if allocated else "frees the GPU memory"
+        return ActionKind.SHUTDOWN_KERNEL, f"auto: shutdown-kernel (the gateway deletes the kernel pod) {what}"
+    if c.server is not None and allocated:
+        return ActionKind.STOP_SERVER, "auto: stop-server releases the GPU allocation"
+    if pod is not None and allocated and pod.owners_known and pod.controller is None:
+        return ActionKind.EVICT_POD, "auto: evict-pod releases the GPU allocation (a pod no controller recreates)"
+    if c.kernel_id is not None:
+        if pod is None:
+            return ActionKind.SHUTDOWN_KERNEL, "auto: shutdown-kernel frees the GPU memory"
+        if not allocated:
+            return ActionKind.SHUTDOWN_KERNEL, "auto: shutdown-kernel frees the GPU memory (no GPU allocation known)"
+        return ActionKind.SHUTDOWN_KERNEL, (f"auto: shutdown-kernel frees GPU memory only, the pod keeps its GPU "
+                                            f"allocation ({what_would_work(c)})")
+    return ActionKind.EVICT_POD, "auto"
+
+
+FALLBACK_NOTE = "auto: shutdown-kernel frees GPU memory only, the pod keeps its GPU allocation"
