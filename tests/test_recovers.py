@@ -567,3 +567,27 @@ def test_invariant_17_report_says_what_each_verdict_recovers() -> None:
             e.pop(key)
     assert "?" in render_table(report_from_json(old))
     assert report_from_json(old)["summary"]["allocated_gpus_held_idle"] == 1
+
+
+def test_invariant_17_join_marks_kernel_pods_shared_gpus_and_allocated_gpus() -> None:
+    from reclaimer.candidates import join
+
+    eg_pod = replace(pod("kernel-abc", uid="a1b2c3d4-0000-4000-8000-0000000000e6"), labels={"kernel_id": KID})
+    nb_pod = pod("jupyter-bob", uid="a1b2c3d4-0000-4000-8000-0000000000b0")
+    allocations = [PodGpuAllocation("team-a", "kernel-abc", "main", (UUID0,), (UUID0,)),
+                   PodGpuAllocation("team-a", "jupyter-bob", "main", (UUID0,), (f"{UUID0}::3",))]
+    result = join(node=NODE, processes=[process(1, kernel_id=KID, pod_uid=eg_pod.uid),
+                                        process(2, kernel_id=KID2, pod_uid=nb_pod.uid)],
+                  pods_by_uid={eg_pod.uid: eg_pod, nb_pod.uid: nb_pod}, allocations=allocations,
+                  activities={}, kernel_pods={eg_pod.uid: KID})
+    by_kernel = {c.kernel_id: c for c in result.candidates}
+    eg, bob = by_kernel[KID], by_kernel[KID2]
+    assert (eg.kernel_pod, eg.shared_gpu, eg.allocated_gpus) == (True, False, (UUID0,))
+    assert (bob.kernel_pod, bob.shared_gpu, bob.allocated_gpus) == (False, True, (UUID0,))
+    assert actionkinds.recovers(ActionKind.SHUTDOWN_KERNEL, eg) is Recovers.ALLOCATION
+    assert actionkinds.recovers(ActionKind.SHUTDOWN_KERNEL, bob) is Recovers.MEMORY
+    # A kernel-id label naming another kernel does not make the pod this kernel's own.
+    other = join(node=NODE, processes=[process(1, kernel_id=KID, pod_uid=eg_pod.uid)],
+                 pods_by_uid={eg_pod.uid: eg_pod}, allocations=allocations, activities={},
+                 kernel_pods={eg_pod.uid: KID2})
+    assert other.candidates[0].kernel_pod is False
