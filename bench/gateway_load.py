@@ -2,7 +2,8 @@
 
 One node = one real ``GatewayPool`` (the daemon's code) against a real aiohttp fake gateway holding K kernels, behind
 a proxy counting the bytes on the wire. Per (K, g) — g the node's own GPU kernels — the first ``observe`` is
-discovery (the kernels are new), the later ones are steady state. A run with several pools at once checks that
+discovery (the kernels are new: one per-kernel GET each, 404 = not here; no listing), the later ones are steady state.
+One full listing per K is measured on its own, for the "every node lists every cycle" alternative. A run with several pools at once checks that
 node loads add up; then the per-node figures are extrapolated analytically to 1,000 nodes × 5,000 kernels, next to
 the alternative "every node lists every cycle".
 """
@@ -28,7 +29,8 @@ from bench.common import (
 from bench.fake_gateways import TOKEN, TOKEN_ENV, RunningGateway, start_gateway
 
 DECIDE_INTERVAL = 15.0
-KERNEL_LIFETIME = 3600.0  # assumed mean life of a GPU kernel, for the discovery-listing rate
+KERNEL_LIFETIME = 3600.0  # assumed mean life of a GPU kernel, for the discovery rate
+DISCOVERY_TARGET = 2048  # bytes per kernel new to a node, whatever K (issue 13 item 6)
 
 
 def _pool(gw: RunningGateway) -> Any:
@@ -63,6 +65,18 @@ def _spread(ids: Sequence[str], g: int) -> list[str]:
     return list(ids[::step][:g])
 
 
+async def _listing_bytes(gw: RunningGateway) -> int:
+    """Bytes on the wire (both ways) of one full ``GET /api/kernels``: what "list every cycle" would cost."""
+    pool = _pool(gw)
+    try:
+        before = gw.stats.snapshot()
+        await pool.clients[0].listing()
+        delta = _delta(before, gw.stats.snapshot())
+    finally:
+        await pool.close()
+    return delta["bytes_in"] + delta["bytes_out"]
+
+
 async def _measure(ks: Sequence[int], gs: Sequence[int], cycles: int, nodes: int) -> dict[str, Any]:
     cases = []
     listing_bytes: dict[int, float] = {}
@@ -71,13 +85,13 @@ async def _measure(ks: Sequence[int], gs: Sequence[int], cycles: int, nodes: int
         ids = kernel_ids(k, seed=1000 + k)
         gw = await start_gateway(ids)
         try:
+            listing_bytes[k] = await _listing_bytes(gw)
             for g in gs:
                 if g > k:
                     continue
                 per_cycle, usable = await _cycles(gw, _spread(ids, g), cycles)
                 steady = per_cycle[1:]
                 first = per_cycle[0]
-                listing_bytes[k] = first["bytes_in"] + first["bytes_out"]  # discovery = one listing
                 cases.append({
                     "k": k, "g": g, "discovery": first, "steady": steady, "usable": usable,
                     "steady_requests": [c["listings"] + c["kernel_gets"] for c in steady],
@@ -132,6 +146,17 @@ def run(ks: tuple[int, ...], gs: tuple[int, ...], cycles: int, nodes: int,
     b_get = sum(per_get) / len(per_get)
     flat = max(per_get) / min(per_get) if per_get else float("inf")
     ok_all = sum(c["usable"] for c in normal) == sum(c["g"] for c in normal)
+    per_new_all = [(c["discovery"]["bytes_in"] + c["discovery"]["bytes_out"]) / c["g"] for c in normal]
+    per_new: dict[int, float] = {}  # the worst per-new-kernel cost at each K
+    for c, b in zip(normal, per_new_all):
+        per_new[c["k"]] = max(per_new.get(c["k"], 0.0), b)
+    worst_new = max(per_new_all)
+    disc_no_listing = all(c["discovery"]["listings"] == 0 for c in data["cases"])
+    result.rows.append(Row("gateway", "discovery bytes per new GPU kernel, K = " + "/".join(f"{k:,}" for k in
+                                                                                          sorted(per_new)),
+                           " / ".join(fmt_bytes(per_new[k]) for k in sorted(per_new)), "< 2 kB whatever K",
+                           verdict(worst_new < DISCOVERY_TARGET and disc_no_listing),
+                           f"worst {fmt_bytes(worst_new)}; {'no listing' if disc_no_listing else 'LISTED'}"))
     multi = data["multi"]
     multi_ok = multi["steady"]["kernel_gets"] == multi["own_total"] and multi["steady"]["listings"] == 0
     result.rows.append(Row("gateway", "steady requests/cycle = own GPU kernels, for every K",
@@ -156,12 +181,13 @@ def run(ks: tuple[int, ...], gs: tuple[int, ...], cycles: int, nodes: int,
     def listing(k: int) -> float:
         return data["listing_bytes"].get(k) or (fit.intercept + fit.slope * k if fit else float("nan"))
 
+    b_new = sum(per_new_all) / len(per_new_all)
     ext_rows = []
     for n, k in extrapolate:
         g = k / n
         ours_rps, ours_bps = n * g / DECIDE_INTERVAL, n * g * b_get / DECIDE_INTERVAL
         full_rps, full_bps = n / DECIDE_INTERVAL, n * listing(k) / DECIDE_INTERVAL
-        disc_bps = k / KERNEL_LIFETIME * listing(k)
+        disc_bps = k / KERNEL_LIFETIME * b_new
         ext_rows.append((n, k, f"{g:g}", f"{ours_rps:,.1f}", fmt_bytes(ours_bps) + "/s", fmt_bytes(disc_bps) + "/s",
                          f"{full_rps:,.1f}", fmt_bytes(full_bps) + "/s", f"{full_bps / ours_bps:,.0f}×"))
         if (n, k) == extrapolate[-1]:
@@ -180,15 +206,21 @@ def run(ks: tuple[int, ...], gs: tuple[int, ...], cycles: int, nodes: int,
     result.markdown = (
         "Measured: one node (a real `GatewayPool`) against a real aiohttp gateway with K kernels; bytes are HTTP "
         "bytes on the wire both ways (request + response, counted by a TCP proxy). Discovery = first cycle "
-        "(kernels new to the node); steady = the later cycles (L = listings, G = per-kernel GETs).\n\n"
+        "(kernels new to the node: one `GET /api/kernels/{id}` per new kernel and gateway, never a listing); steady = "
+        "the later cycles (L = listings, G = per-kernel GETs).\n\n"
         + md_table(["K (gateway)", "g (node's GPU kernels)", "extra", "discovery requests", "discovery bytes",
                     "steady requests per cycle", "steady bytes/cycle", "usable answers"], measured)
+        + "\nOne full listing (measured alone, for comparison): "
+        + ", ".join(f"{fmt_bytes(listing_bytes_k)} at K = {k:,}" for k, listing_bytes_k in sorted(
+            data["listing_bytes"].items()))
+        + f". Discovery costs {fmt_bytes(b_new)} per new GPU kernel and gateway on average, whatever K.\n"
         + f"\nSeveral nodes at once: {multi['nodes']} pools owning {multi['own_total']} kernels in all made "
         f"{multi['steady']['kernel_gets']} GETs and {multi['steady']['listings']} listings in one steady cycle.\n\n"
         f"Extrapolated (analytic, not measured): decide interval {DECIDE_INTERVAL:g} s, every gateway kernel holds "
         f"a GPU on some node (g = K/N, the worst case for per-kernel GETs), {fmt_bytes(b_get)} per GET, listing "
-        f"bytes measured at K = {', '.join(f'{k:,}' for k in xs)} (linear in K otherwise). Discovery: one listing "
-        f"per new GPU kernel, mean GPU-kernel life {KERNEL_LIFETIME / 3600:g} h.\n\n"
+        f"bytes measured at K = {', '.join(f'{k:,}' for k in xs)} (linear in K otherwise). Discovery: one "
+        f"per-kernel GET ({fmt_bytes(b_new)}) per new GPU kernel and configured gateway (one gateway here), mean "
+        f"GPU-kernel life {KERNEL_LIFETIME / 3600:g} h.\n\n"
         + md_table(["nodes N", "kernels K", "g per node", "ours req/s", "ours bytes/s", "discovery bytes/s",
                     "full-listing req/s", "full-listing bytes/s", "full / ours"], ext_rows)
     )

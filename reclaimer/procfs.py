@@ -1,4 +1,5 @@
-"""Read what /proc says about a process: identity (stat), pod and container (cgroup), kernel id (cmdline).
+"""Read what /proc says about a process: identity (stat), pod and container (cgroup), kernel id (cmdline, or the
+bind-mounted connection file in mountinfo).
 
 Pure core: plain file reads under a ``root`` directory (``/proc`` or a test tree), no I/O libraries.
 ``/proc/<pid>/environ`` is never opened: it holds tokens.
@@ -30,6 +31,7 @@ INITIAL_PID_NAMESPACE = "pid:[4026531836]"
 _STAT_MAX_BYTES = 64 * 1024
 _CGROUP_MAX_BYTES = 64 * 1024
 _CMDLINE_MAX_BYTES = 256 * 1024  # a kernel's connection file comes early; a cut-off argument just won't match
+_MOUNTINFO_MAX_BYTES = 1024 * 1024  # a container has tens of mounts; a host with thousands is cut, never misread
 
 _HEX64 = r"[0-9a-f]{64}"
 _UUID_ANY_SEP = r"[0-9a-fA-F]{8}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{12}"
@@ -45,6 +47,10 @@ _CONNECTION_FILE_RE = re.compile(
     r"^kernel-(?P<id>[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})\.json$"
 )
 _EXISTING_FLAG = "--existing"  # `jupyter console --existing kernel-<id>.json` is a client, not the kernel
+# How a kernel is told its connection file (ipykernel, IRkernel's ``-f``, traitlets' long forms).
+_CONNECTION_FILE_FLAGS = ("-f", "--f", "--KernelApp.connection_file", "--IPKernelApp.connection_file",
+                          "--connection-file", "--connection_file")
+_MOUNTINFO_ESCAPE_RE = re.compile(r"\\([0-7]{3})")
 
 
 class ProcfsParseError(ValueError):
@@ -246,6 +252,71 @@ def kernel_id_from_cmdline(args: Sequence[str]) -> str | None:
     return next(iter(found)) if len(found) == 1 else None
 
 
+def connection_file_args(args: Sequence[str]) -> list[str]:
+    """The paths a command line passes as a kernel's connection file (``-f PATH``, ``--f=PATH``,
+    ``--KernelApp.connection_file=PATH``, ...), in order; a client's ``--existing FILE`` is not one."""
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if flag not in _CONNECTION_FILE_FLAGS:
+            continue
+        if eq:
+            out.append(value)
+        elif i + 1 < len(args):
+            out.append(args[i + 1])
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Mount:
+    """One line of ``/proc/<pid>/mountinfo``: ``root`` is the path inside its filesystem that is mounted (for a bind
+    mount of a file: the host file), ``mount_point`` where the process sees it."""
+
+    root: str
+    mount_point: str
+    fstype: str
+
+
+def _unescape_mountinfo(field: str) -> str:
+    # The kernel writes space, tab, newline and backslash in paths as \040, \011, \012 and \134.
+    return _MOUNTINFO_ESCAPE_RE.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    """``/proc/<pid>/mountinfo`` (proc(5)) -> mounts. Raises ``ProcfsParseError`` naming the line that is not
+    ``ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER_OPTIONS``."""
+    mounts: list[Mount] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split(" ")
+        try:
+            sep = fields.index("-", 6)
+        except ValueError:
+            raise ProcfsParseError(f"mountinfo line {lineno} has no ' - ' separator: {line[:120]!r}") from None
+        if (len(fields) < sep + 3 or not fields[0].isdigit() or not fields[1].isdigit() or ":" not in fields[2]
+                or not fields[3].startswith("/") or not fields[4].startswith("/")):
+            raise ProcfsParseError(f"mountinfo line {lineno} is not a mount: {line[:120]!r}")
+        mounts.append(Mount(_unescape_mountinfo(fields[3]), _unescape_mountinfo(fields[4]), fields[sep + 1]))
+    return mounts
+
+
+def kernel_id_from_mounts(args: Sequence[str], mounts: Sequence[Mount]) -> str | None:
+    """The kernel id of a process started with a connection file that is a bind mount of a host file named
+    ``kernel-<uuid>.json`` (a docker/podman kernel: ``docker run -v {connection_file}:/connection-spec ...
+    ipykernel_launcher -f /connection-spec``). The mount must sit exactly at the path the command line passes,
+    and that path must be absolute; two different ids, or none, give None."""
+    wanted = {a for a in connection_file_args(args) if a.startswith("/")}
+    found = {kid for m in mounts if m.mount_point in wanted and (kid := _connection_file_id(m.root))}
+    return next(iter(found)) if len(found) == 1 else None
+
+
+def _needs_mountinfo(args: Sequence[str]) -> bool:
+    """Whether a process's mounts could name its kernel: it passes an absolute connection file that is not itself
+    named ``kernel-<uuid>.json``. Only such processes pay for reading mountinfo."""
+    return any(a.startswith("/") and _connection_file_id(a) is None for a in connection_file_args(args))
+
+
 # --------------------------------------------------------------------------- reading
 
 
@@ -326,12 +397,21 @@ def load_process(root: str | Path, pid: int) -> ProcessInfo:
         except OSError as exc:
             raise _classify(pid, "cmdline", exc) from None
         cgroup_text = _read_text(dir_fd, pid, "cgroup", _CGROUP_MAX_BYTES)
+        args = parse_cmdline(cmdline)
+        kernel_id = kernel_id_from_cmdline(args)
+        mountinfo_text = (_read_text(dir_fd, pid, "mountinfo", _MOUNTINFO_MAX_BYTES)
+                          if kernel_id is None and _needs_mountinfo(args) else None)
     finally:
         os.close(dir_fd)
     try:
         container_id, pod_uid = parse_cgroup(cgroup_text)
     except ProcfsParseError as exc:
         raise ProcessUnreadable(pid, f"cgroup: {exc}", kind="bad-cgroup") from None
+    if mountinfo_text is not None:
+        try:
+            kernel_id = kernel_id_from_mounts(args, parse_mountinfo(mountinfo_text))
+        except ProcfsParseError as exc:
+            raise ProcessUnreadable(pid, f"mountinfo: {exc}", kind="bad-mountinfo") from None
     return ProcessInfo(
         pid=stat.pid,
         ppid=stat.ppid,
@@ -339,7 +419,7 @@ def load_process(root: str | Path, pid: int) -> ProcessInfo:
         comm=stat.comm,
         container_id=container_id,
         pod_uid=pod_uid,
-        kernel_id=kernel_id_from_cmdline(parse_cmdline(cmdline)),
+        kernel_id=kernel_id,
     )
 
 

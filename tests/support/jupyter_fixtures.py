@@ -159,14 +159,16 @@ def start_kernel_gateway(workdir: Path, token: str, list_kernels: bool = True,
     return handle
 
 
-def start_jupyter_server(workdir: Path, token: str, timeout: float = READY_TIMEOUT) -> JupyterProcess:
-    """A real ``jupyter server`` on a free loopback port, token required, root dir inside ``workdir``."""
+def start_jupyter_server(workdir: Path, token: str, timeout: float = READY_TIMEOUT,
+                         env: dict[str, str] | None = None) -> JupyterProcess:
+    """A real ``jupyter server`` on a free loopback port, token required, root dir inside ``workdir``; ``env`` adds
+    variables (e.g. ``JUPYTER_PATH`` for extra kernelspecs)."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "notebooks").mkdir(exist_ok=True)
     port = free_port()
     cmd = [sys.executable, "-m", "jupyter_server", "--allow-root", "--no-browser", "--ServerApp.ip=127.0.0.1",
            f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--ServerApp.root_dir={workdir / 'notebooks'}"]
-    proc, log_path = _spawn("jupyter-server", cmd, workdir, _env(workdir, JUPYTER_TOKEN=token))
+    proc, log_path = _spawn("jupyter-server", cmd, workdir, _env(workdir, JUPYTER_TOKEN=token, **(env or {})))
     handle = JupyterProcess("jupyter server", f"http://127.0.0.1:{port}", token, proc, workdir, log_path)
     wait_http(handle, "/api/kernels", timeout, headers=auth(token))
     return handle
