@@ -7,8 +7,8 @@ What is real: ``reclaimer.config.parse_settings`` (the policy as YAML, validated
 ``reclaimer.policy.decide`` and ``reclaimer.policy.recheck``. What stands in for the edges: NVML (``SimBackend``
 reads the world's GPU processes), attribution (the world knows which kernel and pod each process belongs to; the
 daemon finds it through /proc), the gateway and hub (views built from the world at the same instant), and the
-executor (``_execute`` changes the world as the live executor's adapters would). Cooldown memory is kept as the
-daemon's ``_remember`` keeps it.
+executor (``_execute`` changes the world as the live executor's adapters would). The policy state is carried
+from cycle to cycle as the daemon carries it (``policy.plan``'s next state, then ``Daemon._remember``).
 """
 
 from __future__ import annotations
@@ -167,8 +167,12 @@ class Ours:
         snapshot = d.sampler.snapshot()
         joined = join_mod.join(node=d.name, processes=view.processes, pods_by_uid=view.pods,
                                allocations=view.allocations, activities=view.activities, servers=view.servers,
-                               server_name_annotation=self.settings.kubernetes.server_name_annotation)
-        decisions = policy.decide(joined.candidates, snapshot, d.settings, now, d.state)
+                               server_name_annotation=self.settings.kubernetes.server_name_annotation,
+                               kernel_pods=view.kernel_pods)
+        planned = policy.plan(joined.candidates, snapshot, d.settings, now, d.state)
+        decisions, d.state = planned.decisions, planned.state
+        if planned.breaker.new_trip:
+            self.demotions["breaker trips"] += 1
         for dec in decisions:
             self.verdicts[dec.verdict.value] += 1
         for note in ("circuit breaker", "rate limit", "cooldown", "would also end", "covered by"):
@@ -199,6 +203,9 @@ class Ours:
             return world.delete_pod(c.pod.uid, self.name, action, window) is not None
         if dec.action is not ActionKind.NONE:  # stop-server (and stop-notebook: the whole server stops)
             user = c.server.user if c.server is not None else c.user
+            if user is None and c.pod is not None:
+                owner = world.owner(c.pod.uid)
+                user = owner.user if isinstance(owner, Server) else owner.server.user if owner else None
             server = next((s for s in world.servers.values() if s.user == user and s.alive()), None)
             return server is not None and world.stop_server(server, self.name, action, window) is not None
         return False
@@ -212,26 +219,34 @@ class Ours:
         allocations: list[PodGpuAllocation]
         activities: dict[str, KernelActivity]
         servers: list[ServerRef]
+        kernel_pods: dict[str, str]  # pod uid -> kernel id (the kube adapter reads the kernel_id label)
 
     def _view(self, world: World, node: str, pods: Sequence[Pod], now: float) -> Ours._View:
         infos: dict[str, PodInfo] = {}
         processes: list[AttributedProcess] = []
         allocations: list[PodGpuAllocation] = []
         activities: dict[str, KernelActivity] = {}
+        kernel_pods: dict[str, str] = {}
         gateway = HUB_GATEWAY if world.shape == "kernel-in-pod" else EG_GATEWAY
         for pod in pods:
             owner = world.owner(pod.uid)
             if owner is None:
                 continue
-            server = owner if isinstance(owner, Server) else owner.server
-            labels = {USER_LABEL: server.user}
             if isinstance(owner, Kernel):
-                labels.update({"kernel_id": owner.actual_id, "app": "enterprise-gateway", "component": "kernel"})
-            else:
-                labels["component"] = "singleuser-server"
+                # Enterprise Gateway's kernel pods: kernel_id label, KERNEL_USERNAME as kernel_username; no
+                # JupyterHub user label (the pod is not the user's server); bare pods, no ownerReferences.
+                labels = {"kernel_id": owner.actual_id, "app": "enterprise-gateway", "component": "kernel",
+                          "kernel_username": owner.server.user}
+                annotations: dict[str, str] = {}
+                user = None
+                kernel_pods[pod.uid] = owner.actual_id
+            else:  # KubeSpawner's user pod: bare (no controller), user in a label and an annotation
+                labels = {USER_LABEL: owner.user, "component": "singleuser-server"}
+                annotations = {USER_LABEL: owner.user}
+                user = owner.user
             infos[pod.uid] = PodInfo(uid=pod.uid, namespace=pod.namespace, name=pod.name, node_name=node,
-                                     labels=labels, annotations={USER_LABEL: server.user}, user=server.user,
-                                     phase="Running", container_ids=(f"c-{pod.uid}",))
+                                     labels=labels, annotations=annotations, user=user, phase="Running",
+                                     container_ids=(f"c-{pod.uid}",))
             if pod.gpu_uuids:
                 allocations.append(PodGpuAllocation(pod.namespace, pod.name, "notebook", pod.gpu_uuids))
             for uuid in pod.gpu_uuids:
@@ -248,4 +263,4 @@ class Ours:
                             connections=1 if k.server.tab_open else 0)
         servers = [ServerRef(s.user, "", _utc(s.hub_last_activity), f"/user/{s.user}/", True)
                    for s in world.servers.values() if s.node == node and s.alive()]
-        return Ours._View(infos, processes, allocations, activities, servers)
+        return Ours._View(infos, processes, allocations, activities, servers, kernel_pods)
