@@ -24,6 +24,10 @@ EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED, EXIT_BROK
 DEFAULT_WINDOW = 10.0
 DEFAULT_DEMO_DURATION = 90.0
 DEFAULT_DEMO_PORT = 9400
+DEFAULT_CLUSTER_NAMESPACE = "gpu-reclaimer"  # deploy/base
+DEFAULT_CLUSTER_SELECTOR = "app.kubernetes.io/name=gpu-reclaimer,app.kubernetes.io/component=node-agent"
+DEFAULT_CLUSTER_CONCURRENCY = 16
+DEFAULT_CLUSTER_DEADLINE = 30.0
 OUTPUT_FORMATS = ("table", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MODES = ("dry-run", "enforce")
@@ -49,6 +53,13 @@ def port_arg(text: str) -> int:
     """A TCP port 0..65535 (0: any free port)."""
     if not text.strip().isdigit() or not 0 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"must be a port number 0..65535, got {text!r}")
+    return int(text)
+
+
+def positive_int_arg(text: str) -> int:
+    """A whole number of at least 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
     return int(text)
 
 
@@ -193,14 +204,30 @@ def _add_report(subs: Any) -> None:
     specs: list[EnvOption] = []
     p = subs.add_parser("report", help="show what is idle, why, and what the policy would do",
                         description="One-shot report: sample this node for --window, observe, decide (never act);\n"
-                                    "or read a running daemon's /report with --from.", epilog=_EPILOG)
+                                    "or read a running daemon's /report with --from; or every node's with --cluster\n"
+                                    "(through the API server's pod proxy, with your own credentials).",
+                        epilog=_EPILOG)
     _config_flag(p, specs)
     _add(p, specs, ["--from"], metavar="URL", parse=url_arg, default=None,
          shown_default="none: sample this node now",
          help="read the report of a running daemon, e.g. http://host:9400")
     _add(p, specs, ["--token-file"], metavar="FILE", parse=str, default=None,
          shown_default="none: no Authorization header",
-         help="with --from: a file holding the bearer token the daemon's listen_token_file requires")
+         help="with --from or --cluster: a file holding the bearer token the daemons' listen_token_file requires")
+    _add(p, specs, ["--cluster"], switch=True, default=False,
+         help="read every daemon's /report through the API server's pod proxy (needs list pods and get "
+              "pods/proxy in --namespace) and merge them, worst waste first")
+    _add(p, specs, ["--kubeconfig"], metavar="FILE", parse=str, default=None,
+         shown_default="in-cluster, else $KUBECONFIG, else ~/.kube/config", help="with --cluster: the kubeconfig")
+    _add(p, specs, ["--namespace"], metavar="NS", parse=str, default=DEFAULT_CLUSTER_NAMESPACE,
+         help="with --cluster: the daemons' namespace")
+    _add(p, specs, ["--selector"], metavar="LABELS", parse=str, default=DEFAULT_CLUSTER_SELECTOR,
+         help="with --cluster: the daemon pods' label selector")
+    _add(p, specs, ["--concurrency"], metavar="N", parse=positive_int_arg, default=DEFAULT_CLUSTER_CONCURRENCY,
+         help="with --cluster: nodes asked at once")
+    _add(p, specs, ["--deadline"], metavar="DURATION", parse=duration_arg, default=DEFAULT_CLUSTER_DEADLINE,
+         shown_default=format_duration(DEFAULT_CLUSTER_DEADLINE),
+         help="with --cluster: stop waiting after this long; nodes still silent are named")
     _add(p, specs, ["-o", "--output"], parse=choice_arg(OUTPUT_FORMATS), default="table",
          metavar="|".join(OUTPUT_FORMATS), help="output format")
     _add(p, specs, ["--window"], metavar="DURATION", parse=duration_arg, default=DEFAULT_WINDOW,
@@ -255,6 +282,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     _apply_env(args, args.subparser, args.env_specs)
     if args.command == "run":
         args.mode = _resolve_mode(args, args.subparser)
+    if args.command == "report" and args.cluster and getattr(args, "from"):
+        args.subparser.error("--cluster and --from exclude each other (--from reads one daemon)")
     if args.command == "check-config" and not args.file:
         args.subparser.error("FILE is required (or set RECLAIMER_CONFIG)")
     return args
@@ -312,7 +341,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """`reclaimer report`: one-shot or from a running daemon's /report."""
+    """`reclaimer report`: one-shot, from a running daemon's /report, or every daemon's (--cluster)."""
+    if args.cluster:
+        try:
+            from reclaimer.cluster import run_cluster_report
+        except ImportError as exc:
+            return _not_available("report --cluster", exc)
+        return int(run_cluster_report(args))
     settings = load_settings(args.config)
     try:
         from reclaimer.daemon import run_report

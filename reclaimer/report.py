@@ -628,3 +628,60 @@ def held_idle_increments(
                 if s.utilization < threshold:
                     out[namespace] = out.get(namespace, 0.0) + share
     return out
+
+
+# --------------------------------------------------------------------------- the cluster view (`report --cluster`)
+
+
+def merge_reports(
+    reports: Iterable[Mapping[str, Any]], unanswered: Iterable[Mapping[str, str]], generated_at: float
+) -> dict[str, Any]:
+    """One report over many nodes' reports (each validated by ``report_from_json``): every kernel and GPU tagged with
+    its node, kernels sorted by waste (GPU memory held × idle time, descending), the nodes that did not answer and
+    why. ``summary`` counts over all answered nodes; GPU UUIDs are unique cluster-wide.
+    """
+    nodes: list[dict[str, Any]] = []
+    kernels: list[dict[str, Any]] = []
+    gpus: list[dict[str, Any]] = []
+    for r in sorted(reports, key=lambda r: r["node"]):
+        summary = r.get("summary") or summarize(r)
+        nodes.append({"node": r["node"], "mode": r["mode"], "generated_at": r["generated_at"], "summary": summary})
+        kernels += [{**k, "node": r["node"], "mode": r["mode"]} for k in r["kernels"]]
+        gpus += [{**g, "node": r["node"]} for g in r["gpus"]]
+    totals = {g["uuid"]: g["memory_total_bytes"] for g in gpus}
+    kernels.sort(key=lambda k: (-waste(k, totals), k["node"], k["namespace"] or "", k["pod"] or "", k["kernel_id"] or ""))
+    missing = sorted(({"node": u["node"], "pod": u["pod"], "reason": u["reason"]} for u in unanswered),
+                     key=lambda u: (u["node"], u["pod"]))
+    merged: dict[str, Any] = {"generated_at": rfc3339(generated_at), "nodes": nodes, "unanswered": missing,
+                              "kernels": kernels, "gpus": gpus}
+    merged["summary"] = {**summarize(merged), "nodes_answered": len(nodes), "nodes_unanswered": len(missing)}
+    return merged
+
+
+def render_cluster_table(merged: Mapping[str, Any], width: int | None = None) -> str:
+    """The merged report as one kubectl-like table (a NODE column first, the worst waste first), the summary, the
+    nodes by mode, and every node that did not answer with the reason."""
+    index_of = {(g["node"], g["uuid"]): g["index"] for g in merged["gpus"]}
+    modes: dict[str, int] = {}
+    for n in merged["nodes"]:
+        modes[n["mode"]] = modes.get(n["mode"], 0) + 1
+    answered = len(merged["nodes"])
+    total = answered + len(merged["unanswered"])
+    by_mode = ", ".join(f"{count} {mode}" for mode, count in sorted(modes.items()))
+    note = "; dry-run verdicts show what enforce would do" if modes.get("dry-run") else ""
+    lines = [_cell(f"cluster  {answered} of {total} nodes answered" + (f" ({by_mode}{note})" if by_mode else "")
+                   + f"  at {merged['generated_at']}"), ""]
+    headers = ["NODE", "NAMESPACE", "POD/KERNEL", "USER", "GPU", "MEM", "UTIL", "STATE", "IDLE", "VERDICT", "ACTION",
+               "ETA", "REASON"]  # fmt: skip
+    if merged["kernels"]:
+        rows = [[k["node"], *_kernel_row(k, {u: i for (n, u), i in index_of.items() if n == k["node"]})]
+                for k in merged["kernels"]]
+        lines += _format_table(headers, rows, width, "REASON")
+    else:
+        lines.append("No kernels or pods hold a GPU on the nodes that answered.")
+    lines += ["", summary_line(merged["summary"])]
+    if merged["unanswered"]:
+        lines += ["", f"Nodes that did not answer ({len(merged['unanswered'])}): their kernels are not in this report."]
+        lines += _format_table(["NODE", "POD", "REASON"],
+                               [[u["node"], u["pod"], u["reason"]] for u in merged["unanswered"]], width, "REASON")
+    return "\n".join(lines)

@@ -48,6 +48,9 @@ class DaemonView(Protocol):
 PROTECTED_PATHS = frozenset({"/metrics", "/report"})  # what names kernels, users and pods
 TOKEN_FILE_LIMIT = 64 * 1024
 REALM = "gpu-reclaimer"
+# The API server's pod proxy authenticates the caller and drops Authorization before proxying: `reclaimer report
+# --cluster` sends the daemon token in this header instead (the same token, the same constant-time check).
+PROXY_TOKEN_HEADER = "X-Reclaimer-Token"
 
 
 class TokenFileError(StartupError):
@@ -177,7 +180,8 @@ async def _bearer_auth(request: web.Request, handler: Any) -> web.StreamResponse
     if token is None or request.path not in PROTECTED_PATHS:
         return await handler(request)
     header = request.headers.get("Authorization")
-    if token.accepts(header):
+    proxied = request.headers.get(PROXY_TOKEN_HEADER)
+    if token.accepts(header) or (proxied is not None and token.accepts(f"Bearer {proxied}")):
         return await handler(request)
     challenge = f'Bearer realm="{REALM}"' + (', error="invalid_token"' if header else "")
     return web.json_response({"error": "unauthorized: send Authorization: Bearer <token>"}, status=401,

@@ -6,11 +6,14 @@
         api.eviction_response = pdb_blocked()   # script the next evictions; None = the real behaviour
         ...
         assert api.deletes == []                # DELETE pod is recorded so tests can prove it never happens
+        api.proxy_to(pod, "http://127.0.0.1:9400")   # pods/proxy forwards to a real server ("down": a closed port)
 
 The server runs on its own thread and event loop, so sync code (the kube client) and async tests can both use it.
 Every request is recorded as ``Recorded(method, path, query, body)``. Like the real API server it checks what
 matters: the uid precondition of an eviction (409 on mismatch), the fields events.k8s.io/v1 requires (422),
-and the field selectors it understands (400 otherwise).
+and the field and label selectors it understands (400 otherwise). Its pods/proxy, like the real one, drops the
+caller's ``Authorization`` header before forwarding and answers 503 "error trying to reach service" when the pod's
+port does not answer.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from kubernetes import client as k8s
 
@@ -118,6 +122,10 @@ class FakeKube:
         self.eviction_response: Reply | None = None  # None: check the uid precondition, evict (201) or 404
         self.event_response: Reply | None = None  # None: validate and record (201)
         self.list_response: Reply | None = None  # None: list pods
+        self.proxy_targets: dict[tuple[str, str], str] = {}  # pod -> base URL that pods/proxy forwards to
+        self.proxy_responses: dict[tuple[str, str], Reply] = {}  # pod -> scripted pods/proxy reply (e.g. 403)
+        self.proxy_in_flight = 0
+        self.proxy_max_in_flight = 0
         self.url = ""
         self._lock = threading.Lock()
         self._resource_version = 1
@@ -141,6 +149,9 @@ class FakeKube:
         container_ids: Sequence[str] = (),
         init_container_ids: Sequence[str] = (),
         ephemeral_container_ids: Sequence[str] = (),
+        container_ports: Sequence[tuple[str, int]] = (),
+        pod_ip: str | None = None,
+        ready: bool | None = None,
     ) -> dict[str, Any]:
         """Store a pod (JSON as the API returns it) and return it. ``owner`` is (kind, name)."""
         uid = uid or str(uuid.uuid4())
@@ -160,9 +171,14 @@ class FakeKube:
             "kind": "Pod",
             "apiVersion": "v1",
             "metadata": meta,
-            "spec": {"containers": [{"name": "notebook", "image": "jupyter/base-notebook"}],
+            "spec": {"containers": [{"name": "notebook", "image": "jupyter/base-notebook",
+                                     **({"ports": [{"name": n, "containerPort": p, "protocol": "TCP"}
+                                                   for n, p in container_ports]} if container_ports else {})}],
                      **({"nodeName": node} if node else {})},
             "status": {"phase": phase,
+                       **({"podIP": pod_ip} if pod_ip else {}),
+                       **({"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}
+                          if ready is not None else {}),
                        "containerStatuses": statuses(container_ids, "c"),
                        "initContainerStatuses": statuses(init_container_ids, "init"),
                        "ephemeralContainerStatuses": statuses(ephemeral_container_ids, "debug")},
@@ -176,6 +192,11 @@ class FakeKube:
         meta = pod.get("metadata") or {}
         with self._lock:
             self.pods[(meta.get("namespace", "default"), meta.get("name", f"raw-{len(self.pods)}"))] = pod
+
+    def proxy_to(self, pod: Mapping[str, Any], base_url: str) -> None:
+        """Make pods/proxy of ``pod`` forward to ``base_url`` (a real server; a closed port plays a dead daemon)."""
+        meta = pod["metadata"]
+        self.proxy_targets[(meta["namespace"], meta["name"])] = base_url.rstrip("/")
 
     def _next_rv(self) -> int:
         self._resource_version += 1
@@ -201,6 +222,7 @@ class FakeKube:
         app.router.add_get("/api/v1/pods", self._list_pods)
         app.router.add_get("/api/v1/namespaces/{ns}/pods", self._list_pods)
         app.router.add_get("/api/v1/namespaces/{ns}/pods/{name}", self._get_pod)
+        app.router.add_get("/api/v1/namespaces/{ns}/pods/{name}/proxy/{path:.*}", self._proxy)
         app.router.add_delete("/api/v1/namespaces/{ns}/pods/{name}", self._delete_pod)
         app.router.add_post("/api/v1/namespaces/{ns}/pods/{name}/eviction", self._evict)
         app.router.add_post("/apis/events.k8s.io/v1/namespaces/{ns}/events", self._create_event)
@@ -233,6 +255,11 @@ class FakeKube:
         with self._lock:
             items = [p for (pns, _), p in sorted(self.pods.items()) if ns is None or pns == ns]
         items = [p for p in items if all(_field(p, k) == v for k, v in wanted.items())]
+        try:
+            matches = _label_selector(request.query.get("labelSelector", ""))
+        except ValueError as exc:
+            return self._reply(Reply(400, status_body(400, "BadRequest", str(exc))))
+        items = [p for p in items if matches((p.get("metadata") or {}).get("labels") or {})]
         start = int(request.query.get("continue") or 0)
         limit = int(request.query.get("limit") or 0) or len(items)
         page, rest = items[start:start + limit], items[start + limit:]
@@ -247,6 +274,39 @@ class FakeKube:
         with self._lock:
             pod = self.pods.get(key)
         return web.json_response(pod) if pod else self._reply(not_found(key[1]))
+
+    async def _proxy(self, request: web.Request) -> web.StreamResponse:
+        """GET pods/{name[:port]}/proxy/{path}: forwarded like the API server does (Authorization dropped)."""
+        ns, target = request.match_info["ns"], request.match_info["name"]
+        name, _, port = target.partition(":")
+        key = (ns, name)
+        if key in self.proxy_responses:
+            return self._reply(self.proxy_responses[key])
+        with self._lock:
+            pod = self.pods.get(key)
+        if pod is None:
+            return self._reply(not_found(name))
+        ip = (pod.get("status") or {}).get("podIP") or "10.0.0.1"
+        base = self.proxy_targets.get(key)
+        unreachable = Reply(503, status_body(503, "ServiceUnavailable", f"error trying to reach service: dial tcp "
+                                             f"{ip}:{port or 80}: connect: connection refused"))
+        if base is None:
+            return self._reply(unreachable)
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() not in ("authorization", "host", "content-length", "connection")}
+        self.proxy_in_flight += 1
+        self.proxy_max_in_flight = max(self.proxy_max_in_flight, self.proxy_in_flight)
+        try:
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"{base}/{request.match_info['path']}", headers=headers,
+                                       allow_redirects=False) as upstream:
+                    body = await upstream.read()
+                    return web.Response(body=body, status=upstream.status,
+                                        content_type=upstream.content_type or "application/octet-stream")
+        except aiohttp.ClientConnectionError:
+            return self._reply(unreachable)
+        finally:
+            self.proxy_in_flight -= 1
 
     async def _delete_pod(self, request: web.Request) -> web.Response:
         key = (request.match_info["ns"], request.match_info["name"])
@@ -367,6 +427,33 @@ def _field_selector(text: str) -> dict[str, str]:
                              '"spec.nodeName", "status.phase"')
         out[m.group(1)] = m.group(2)
     return out
+
+
+def _label_selector(text: str) -> Any:
+    """``a=b,c!=d,e`` -> a predicate over a labels dict (equality and existence, as kubectl writes them)."""
+    terms: list[tuple[str, str, str | None]] = []
+    for term in filter(None, (t.strip() for t in text.split(","))):
+        m = re.match(r"^([A-Za-z0-9./_-]+)\s*(==|=|!=)\s*([A-Za-z0-9._-]*)$", term)
+        if m:
+            terms.append((m.group(1), "!=" if m.group(2) == "!=" else "=", m.group(3)))
+        elif re.match(r"^!?[A-Za-z0-9./_-]+$", term):
+            terms.append((term.lstrip("!"), "absent" if term.startswith("!") else "exists", None))
+        else:
+            raise ValueError(f"unable to parse requirement: {term!r}")
+
+    def matches(labels: Mapping[str, str]) -> bool:
+        for key, op, value in terms:
+            if op == "=" and labels.get(key) != value:
+                return False
+            if op == "!=" and labels.get(key) == value:
+                return False
+            if op == "exists" and key not in labels:
+                return False
+            if op == "absent" and key in labels:
+                return False
+        return True
+
+    return matches
 
 
 def _field(pod: Mapping[str, Any], path: str) -> Any:
