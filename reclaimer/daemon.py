@@ -26,6 +26,7 @@ from reclaimer.config import Settings, format_duration
 from reclaimer.errors import StartupError
 from reclaimer.model import (
     ActionResult,
+    AttributedProcess,
     CycleSnapshot,
     Decision,
     KernelActivity,
@@ -37,6 +38,7 @@ from reclaimer.model import (
     Verdict,
 )
 from reclaimer.sampler import GpuBackend, Sampler, open_backend
+from reclaimer.stall import STAGES, CallTimedOut, StageState, StageWorker, Stalled
 
 log = structlog.get_logger(__name__)
 MAX_HUB_SERVERS_SCANNED = 64  # servers asked for their kernels in one cycle when a kernel's server is unknown
@@ -87,6 +89,8 @@ class Daemon:
     _podres_ok: bool | None = None
     _hub_ok: bool | None = None
     _kernel_server: dict[str, tuple[str, str]] = field(default_factory=dict)  # kernel id -> (user, server name)
+    # One thread per blocking stage: a /proc read or API call that never returns stalls its stage, nothing else.
+    _stages: dict[str, StageWorker] = field(default_factory=dict)
     metrics: Any | None = None
     on_cycle: Callable[[CycleSnapshot, Sequence[ActionResult]], None] | None = None
 
@@ -95,8 +99,10 @@ class Daemon:
 
         s = self.settings
         self._attributor = Attributor(procfs_root=s.procfs_root)
+        self._stages = {stage: StageWorker(stage) for stage in ("procfs", "pod-list", "pod-resources")}
         if self.metrics is None:
-            self.metrics = Metrics(self.snapshot, nvml_error_counts=self.adapters.backend.error_counts)
+            self.metrics = Metrics(self.snapshot, nvml_error_counts=self.adapters.backend.error_counts,
+                                   stalls=self.stalls)
         hist = self.metrics.gateway_request_duration_seconds
         for client in getattr(self.adapters.gateways, "clients", ()):
             client.on_request = lambda name, secs, _h=hist: _h.labels(gateway=name).observe(secs)
@@ -134,9 +140,18 @@ class Daemon:
             return False, f"decide loop has not started a cycle for {format_duration(now - started)}"
         return True, "ok"
 
+    def stalls(self) -> dict[str, StageState]:
+        """Every stage's stall state (the NVML sampling tick included), for /readyz and the metrics."""
+        assert self.sampler is not None
+        out = {stage: worker.state() for stage, worker in self._stages.items()}
+        out["nvml"] = self.sampler.stall_state()
+        return {stage: out[stage] for stage in STAGES if stage in out}
+
     def readiness(self, now: float) -> tuple[bool, dict[str, Any]]:
         assert self.sampler is not None
         snap = self._snapshot
+        stalled = {stage: f"{st.what} has not returned for {format_duration(st.running_for)}"
+                   for stage, st in self.stalls().items() if st.stalled}
         gw = dict(snap.gateway_up) if snap else {}
         details: dict[str, Any] = {
             "sampler": "ok" if self.sampler.ticks > 0 and not self.sampler.wedged(now) else "waiting for samples",
@@ -148,14 +163,16 @@ class Daemon:
             "hub": "disabled" if self.adapters.hub is None else (
                 "ok" if self._hub_ok else "unknown" if self._hub_ok is None else "unavailable"),
             "cycles": self._cycles,
+            "stalled": stalled,  # stage -> what has not returned: its part of the pipeline is unknown meanwhile
         }
-        ready = details["sampler"] == "ok" and details["observation"] == "ok"
+        ready = details["sampler"] == "ok" and details["observation"] == "ok" and not stalled
         return ready, details
 
     # ------------------------------------------------------------------ one cycle
 
-    async def _to_thread(self, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
-        return await asyncio.wait_for(asyncio.to_thread(fn, *args), timeout)
+    async def _in_stage(self, stage: str, fn: Callable[..., Any], *args: Any, what: str) -> Any:
+        """``fn(*args)`` on the stage's own thread within the call timeout (raises Stalled / CallTimedOut)."""
+        return await self._stages[stage].call(fn, *args, timeout=self._call_timeout(), what=what)
 
     def _call_timeout(self) -> float:
         return max(0.5, min(10.0, self.settings.decide_interval * 0.6))
@@ -165,23 +182,23 @@ class Daemon:
         if pods is None:
             return {}, {}
         try:
-            await self._to_thread(pods.refresh_if_due, timeout=self._call_timeout())
+            await self._in_stage("pod-list", pods.refresh_if_due, what="pod list from the API server")
             self._kube_ok = bool(getattr(pods, "up", True))
         except Exception as exc:
             self._kube_ok = False
-            log.warning("pod list failed; using last known pods", error=str(exc))
+            log.warning("pod list failed; using last known pods", error=_describe(exc))
         return {p.uid: p for p in pods.pods()}, dict(pods.kernel_ids())
 
     async def _allocations(self) -> list[PodGpuAllocation] | None:
         if self.adapters.pod_resources is None:
             return None
         try:
-            out = await self._to_thread(self.adapters.pod_resources, timeout=self._call_timeout())
+            out = await self._in_stage("pod-resources", self.adapters.pod_resources, what="kubelet pod-resources List")
             self._podres_ok = True
             return list(out)
         except Exception as exc:
             self._podres_ok = False
-            log.warning("pod-resources unavailable", error=str(exc))
+            log.warning("pod-resources unavailable", error=_describe(exc))
             return None
 
     async def _servers(self, wanted: bool) -> list[ServerRef]:
@@ -193,7 +210,7 @@ class Daemon:
             return list(servers or [])
         except Exception as exc:
             self._hub_ok = False
-            log.warning("hub unavailable", error=str(exc))
+            log.warning("hub unavailable", error=_describe(exc, "hub server list", self._call_timeout()))
             return []
 
     async def _observe(self, kernel_ids: set[str], confirm: bool = False) -> dict[str, KernelActivity]:
@@ -203,7 +220,8 @@ class Daemon:
                 await asyncio.wait_for(gateways.probe_quiet(older_than=max(60.0, self.settings.decide_interval)),
                                        self._call_timeout())
             except Exception as exc:
-                log.debug("gateway probe did not finish", error=str(exc))
+                log.debug("gateway probe did not finish",
+                          error=_describe(exc, "gateway probe", self._call_timeout()))
         if not kernel_ids:
             return {}
         now = self.clock()
@@ -214,8 +232,11 @@ class Daemon:
                 self.adapters.gateways.observe(sorted(kernel_ids))
             return dict(await asyncio.wait_for(observing, self._call_timeout() + 1))
         except Exception as exc:
-            log.warning("gateway observation failed", error=str(exc))
-            return {k: KernelActivity(k, "", now, error=f"observation failed: {exc}") for k in kernel_ids}
+            names = ", ".join(c.name for c in getattr(self.adapters.gateways, "clients", ()))
+            error = _describe(exc, f"gateway observation of {len(kernel_ids)} kernel(s) (gateways: {names})",
+                              self._call_timeout() + 1)
+            log.warning("gateway observation failed", error=error, kernels=len(kernel_ids))
+            return {k: KernelActivity(k, "", now, error=error) for k in kernel_ids}
 
     async def _hub_kernels(self, result: join_mod.JoinResult, activities: dict[str, KernelActivity],
                            servers: list[ServerRef]) -> dict[str, ServerRef]:
@@ -245,7 +266,8 @@ class Daemon:
             try:
                 return server, list(await asyncio.wait_for(hub.server_kernels(server), self._call_timeout()) or ())
             except Exception as exc:
-                log.warning("hub kernel listing failed", user=server.user, error=str(exc))
+                log.warning("hub kernel listing failed", user=server.user,
+                            error=_describe(exc, "hub kernel listing", self._call_timeout()))
                 return server, []
 
         found: dict[str, ServerRef] = {}
@@ -259,6 +281,22 @@ class Daemon:
         live = {c.kernel_id for c in result.candidates}
         self._kernel_server = {k: v for k, v in self._kernel_server.items() if k in live}
         return found
+
+    async def _attribute(self, procs: list[tuple[str, Any]], pod_kernel_ids: Mapping[str, str]) -> list[AttributedProcess]:
+        """GPU processes -> kernels through /proc on the procfs stage's thread. A read that blocks (a process stuck in
+        the driver) leaves every process unattributed with the reason (unknown, never idle) and stalls only this
+        stage: the cycle, the metrics and the report go on."""
+        assert self._attributor is not None
+        attributor = self._attributor
+        try:
+            return list(await self._in_stage("procfs", lambda: attributor.attribute(procs, pod_kernel_ids=pod_kernel_ids),
+                                             what=f"/proc reads for {len(procs)} GPU process(es)"))
+        except (Stalled, CallTimedOut) as exc:
+            reason = f"attribution unknown: {exc}"
+            if isinstance(exc, Stalled):
+                log.warning("attribution skipped", error=str(exc))
+            return [AttributedProcess(pid=p.pid, starttime=None, gpu_uuid=uuid, used_memory_bytes=p.used_memory_bytes,
+                                      sm_utilization=p.sm_utilization, reason=reason) for uuid, p in procs]
 
     async def cycle(self) -> tuple[CycleSnapshot, list[ActionResult]]:
         """One decide cycle over the samples held now. Never raises for a dependency's failure."""
@@ -276,9 +314,7 @@ class Daemon:
         ]
         allocations_at = self.clock()
         (pods_by_uid, pod_kernel_ids), allocations = await asyncio.gather(self._pods(), self._allocations())
-        attributed = await self._to_thread(
-            lambda: self._attributor.attribute(procs, pod_kernel_ids=pod_kernel_ids), timeout=self._call_timeout()
-        )
+        attributed = await self._attribute(procs, pod_kernel_ids)
         kernel_ids = {p.kernel_id for p in attributed if p.kernel_id}
         want_servers = any(pod.user for pod in pods_by_uid.values())
         activities, servers = await asyncio.gather(self._observe(kernel_ids), self._servers(want_servers))
@@ -463,16 +499,28 @@ class Daemon:
         if runner is not None:
             await runner.cleanup()
         assert self.sampler is not None
-        await asyncio.to_thread(self.sampler.stop, 2.0)
+        stopped = await asyncio.to_thread(self.sampler.stop, 2.0)
+        for worker in self._stages.values():
+            worker.close()
         for closer in (self.adapters.gateways, self.adapters.hub):
             if closer is not None and hasattr(closer, "close"):
                 with contextlib.suppress(Exception):
                     await closer.close()
+        if not stopped:  # the sampling thread is inside an NVML call: shutting NVML down now could block too
+            log.warning("sampler thread still in an NVML call; leaving NVML as it is", stage="nvml")
+            return
         with contextlib.suppress(Exception):
             self.adapters.backend.close()
 
 
 # ---------------------------------------------------------------------- building the adapters from Settings
+
+
+def _describe(exc: BaseException, what: str = "call", timeout: float | None = None) -> str:
+    """What failed, in words: a timeout names what timed out and after how long (``str(TimeoutError())`` is "")."""
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return f"{what} did not finish within {timeout:g}s" if timeout is not None else f"{what} timed out"
+    return str(exc) or f"{what} failed: {type(exc).__name__}"
 
 
 def build_adapters(settings: Settings, backend: GpuBackend | None = None) -> Adapters:

@@ -726,12 +726,16 @@ class GatewayPool:
                     broken.append(str(lookup.activity.error))
 
         if kids:
+            # A little over the request timeout, so a request's own timeout (the clearer error) fires first. Not
+            # wait_for(gather(...)): when the caller is cancelled mid-wait, that leaves the gather's exception
+            # unretrieved ("_GatheringFuture exception was never retrieved"). Every worker's outcome is collected.
+            workers = [asyncio.ensure_future(worker()) for _ in range(min(MAX_CONCURRENCY, len(kids)))]
             try:
-                # A little over the request timeout, so a request's own timeout (the clearer error) fires first.
-                await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(min(MAX_CONCURRENCY, len(kids))))),
-                                       client.timeout + 0.25)
-            except (TimeoutError, asyncio.TimeoutError):  # distinct types before Python 3.11
-                pass
+                await asyncio.wait(workers, timeout=client.timeout + 0.25)
+            finally:
+                for w in workers:
+                    w.add_done_callback(_retrieve)
+                    w.cancel()
         for kid in kids:
             if kid not in got:
                 late = f"gateway did not answer within {client.timeout:g}s"
@@ -764,6 +768,12 @@ class GatewayPool:
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Collect a finished worker's outcome so none is left unretrieved; a failure is a bug worth a line."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("gateway worker failed", error=repr(task.exception()))
 
 
 def _identity_only(activity: KernelActivity, error: str) -> KernelActivity:

@@ -41,6 +41,7 @@ CONTENT_TYPE = getattr(exposition, "CONTENT_TYPE_PLAIN_0_0_4", CONTENT_TYPE_LATE
 
 SnapshotProvider = Callable[[], CycleSnapshot | None]
 NvmlErrorCounts = Callable[[], Mapping[tuple[str, str], int]]
+StallStates = Callable[[], Mapping[str, Any]]  # stage -> stall.StageState
 
 MODES: tuple[str, ...] = ("dry-run", "enforce")
 ACTIONS: tuple[str, ...] = tuple(a.value for a in EXECUTABLE)
@@ -216,18 +217,43 @@ class SnapshotCollector(Collector):
 
 
 class LiveCollector(Collector):
-    """What changes between snapshots and is read at each scrape: NVML error counts, render failures."""
+    """What changes between snapshots and is read at each scrape: NVML error counts, render failures, stalls."""
 
-    def __init__(self, snapshots: SnapshotCollector, nvml_error_counts: NvmlErrorCounts | None) -> None:
+    def __init__(self, snapshots: SnapshotCollector, nvml_error_counts: NvmlErrorCounts | None,
+                 stalls: StallStates | None = None) -> None:
         self._snapshots = snapshots
         self._nvml_errors = nvml_error_counts
+        self._stalls = stalls
 
     def describe(self) -> list[Metric]:
-        return [self._nvml_family({}), self._failures_family()]
+        return [self._nvml_family({}), self._failures_family(), *self._stall_families({})]
 
     def collect(self) -> Iterator[Metric]:
         yield self._nvml_family(self._nvml_counts())
         yield self._failures_family()
+        states: Mapping[str, Any] = {}
+        if self._stalls is not None:
+            try:
+                states = dict(self._stalls())
+            except Exception:
+                log.exception("reading the stall states failed")
+        yield from self._stall_families(states)
+
+    @staticmethod
+    def _stall_families(states: Mapping[str, Any]) -> list[Metric]:
+        """Per stage (a bounded set): stalled now (a call past its timeout), and calls that ever outlived it."""
+        from reclaimer.stall import STAGES
+
+        now = GaugeMetricFamily("reclaimer_stalled", "1 while a blocking call of the stage (NVML sampling, /proc "
+                                "reads, pod list, pod-resources) runs past its timeout; its part is unknown meanwhile.",
+                                labels=["stage"])
+        total = CounterMetricFamily("reclaimer_stalled_calls", "Blocking calls that did not return within their "
+                                    "timeout, by stage.", labels=["stage"])
+        for stage in STAGES:
+            st = states.get(stage)
+            now.add_metric([stage], 1.0 if st is not None and st.stalled else 0.0)
+            total.add_metric([stage], float(st.stalled_calls) if st is not None else 0.0)
+        return [now, total]
 
     def _failures_family(self) -> CounterMetricFamily:
         return CounterMetricFamily(
@@ -271,6 +297,7 @@ class Metrics:
         self,
         snapshot_provider: SnapshotProvider,
         nvml_error_counts: NvmlErrorCounts | None = None,
+        stalls: StallStates | None = None,
     ) -> None:
         self._provider = snapshot_provider
         self._namespace_seen: dict[str, float] = {}  # namespace -> when it last held a GPU here
@@ -282,7 +309,7 @@ class Metrics:
         self._snapshot_registry = CollectorRegistry()
         self._snapshot_registry.register(self.collector)
         self.registry = CollectorRegistry()
-        self.registry.register(LiveCollector(self.collector, nvml_error_counts))
+        self.registry.register(LiveCollector(self.collector, nvml_error_counts, stalls))
         r = self.registry
         self.actions_total = Counter(
             "reclaimer_actions", "Reclaim actions taken (or recorded in dry-run), by result.",

@@ -17,6 +17,7 @@ import structlog
 
 from reclaimer.model import GpuDevice, GpuHistory, GpuSample, SamplerSnapshot
 from reclaimer.policy import fold_sample
+from reclaimer.stall import StageState
 
 if TYPE_CHECKING:
     from reclaimer.config import GpuSettings
@@ -110,6 +111,10 @@ class Sampler:
         self.failures = 0  # ticks whose backend.sample raised
         self._logged_errors: set[str] = set()
         self._failing = False
+        self._tick_started: float | None = None  # clock time the tick in progress began
+        self._tick_seq = 0
+        self._counted_seq = 0
+        self.stalled_ticks = 0  # ticks that ran longer than WEDGED_AFTER_INTERVALS intervals
 
     # ------------------------------------------------------------------ control
 
@@ -145,6 +150,20 @@ class Sampler:
         since = self.last_tick_at if self.last_tick_at is not None else self._started_at
         return since is not None and now - since > WEDGED_AFTER_INTERVALS * self.interval
 
+    def stall_state(self, now: float | None = None) -> StageState:
+        """The ``nvml`` stage: a tick (NVML calls) running for longer than 3 intervals is stalled. The thread is the
+        only one NVML ever uses, so a wedged call holds nothing but itself: readers copy the last finished ticks."""
+        now = self._clock() if now is None else now
+        with self._lock:
+            started = self._tick_started
+            running = max(0.0, now - started) if started is not None else 0.0
+            stalled = started is not None and running > WEDGED_AFTER_INTERVALS * self.interval
+            if stalled and self._counted_seq != self._tick_seq:
+                self._counted_seq = self._tick_seq
+                self.stalled_ticks += 1
+                log.warning("call stalled", stage="nvml", what="NVML sampling tick", running_s=round(running, 1))
+            return StageState(stalled, "NVML sampling tick", running, self.stalled_ticks)
+
     def snapshot(self) -> SamplerSnapshot:
         """A copy of the devices and every GPU's window, oldest first. Never waits for an in-flight tick."""
         with self._lock:
@@ -178,9 +197,13 @@ class Sampler:
     def tick(self) -> None:
         """Take one sample now and store it. Exceptions from the backend are logged, never raised."""
         started = self._clock()
+        with self._lock:
+            self._tick_started, self._tick_seq = started, self._tick_seq + 1
         try:
             samples = self.backend.sample(started)
         except Exception as exc:  # the thread must never die silently
+            with self._lock:
+                self._tick_started = None
             self.failures += 1
             self._failing = True
             kind = type(exc).__name__
@@ -193,6 +216,7 @@ class Sampler:
             self._failing = False
             log.info("gpu sampling recovered", failures=self.failures)
         with self._lock:
+            self._tick_started = None
             for s in samples:
                 ring = self._rings.get(s.uuid)
                 if ring is None:

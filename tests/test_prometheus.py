@@ -105,7 +105,7 @@ FIRING: dict[str, tuple[str, str]] = {
     "HighGPUWaste": ("namespace", "ml-team"),
     "ReclaimerBreakerTripped": ("job", "gpu-reclaimer"),
 }
-SILENT = {"ReclaimerDown", "ReclaimerAbsent", "DecideLoopStalled", "MetricsCollectErrors",
+SILENT = {"ReclaimerDown", "ReclaimerAbsent", "DecideLoopStalled", "MetricsCollectErrors", "ReclaimerCallStalled",
           "GPUKernelAboutToBeReclaimed"}  # the fixture node runs dry-run; alerts.test.yaml makes it fire
 
 
