@@ -364,7 +364,8 @@ class Daemon:
             counts[d.verdict.value] = counts.get(d.verdict.value, 0) + 1
         log.info(
             "cycle", mode=s.mode, gpus=len(samp.devices), gpu_processes=len(procs), candidates=len(decisions),
-            unattributed=len(joined.unattributed), actions=len(results), duration_ms=round(duration * 1000, 1), **counts,
+            unattributed=len(joined.unattributed), actions=len(results), duration_ms=round(duration * 1000, 1),
+            stalled=sorted(stage for stage, st in self.stalls().items() if st.stalled), **counts,
         )
         if self.on_cycle is not None:
             self.on_cycle(snap, results)

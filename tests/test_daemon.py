@@ -331,3 +331,70 @@ policies: [{{name: p, idle_after: 60s, warn_before: 30s}}]
     assert FailingDeleteGateway.deletes == 2, reasons  # at ~60 s and ~120 s (one minute back-off), not every cycle
     held = [r for r in reasons if "backing off" in r]
     assert held and "backing off after 1 failed attempt (gateway gw: HTTP 500: kernel manager busy); next try in" in held[0]
+
+
+def _threads(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("Threads:"))
+
+
+def test_item5_real_daemon_survives_a_blocking_proc_read_and_a_wedged_nvml_call(tmp_path: Path,
+                                                                                fake_nvml: FakeNvml) -> None:
+    """The real `reclaimer run`: a GPU process whose /proc cmdline read blocks (a FIFO, like a D-state process), then a
+    wedged NVML call. Each stalls its own stage only: /readyz says which, the metrics count it, the thread count
+    stays flat over many cycles, both recover by themselves, and SIGTERM still ends the daemon while NVML is stuck."""
+    from tests.support.nvml_fixtures import FakeDelay
+    from tests.test_stall import _fifo_world, _unblock
+
+    proc_tree, fifo, pid = _fifo_world(tmp_path)
+    gpus = [FakeGpu(uuid=gpu_uuid(0), util=0)]
+    fake_nvml.write(gpus=gpus, processes=[FakeProcess(pid=pid, gpu=0)])
+    port = free_port()
+    cfg = write_config(tmp_path, f"listen: 127.0.0.1:{port}\nsample_interval: 200ms\ndecide_interval: 500ms\n"
+                                 f"procfs_root: {proc_tree.root}\nkubernetes: {{enabled: false}}\n")
+    daemon = subprocess.Popen([sys.executable, "-m", "reclaimer", "run", "--config", str(cfg)], env=fake_nvml.env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    unblocked = False
+
+    def readyz() -> dict:
+        return json.loads(http_status(base + "/readyz")[1])
+
+    def metric(name: str) -> str:
+        body = http_status(base + "/metrics")[1]
+        return next((line.split()[-1] for line in body.splitlines() if line.startswith(name + " ")), "absent")
+
+    try:
+        stalled = poll(lambda: readyz()["components"]["stalled"].get("procfs"), what="procfs stalled in /readyz")
+        assert stalled.startswith("/proc reads for 1 GPU process(es) has not returned for")
+        assert http_status(base + "/readyz")[0] == 503 and http_status(base + "/healthz")[0] == 200
+        assert metric('reclaimer_stalled{stage="procfs"}') == "1.0"
+        threads, cycles = _threads(daemon.pid), readyz()["components"]["cycles"]
+        poll(lambda: readyz()["components"]["cycles"] >= cycles + 10, what="ten more cycles while stuck")
+        assert _threads(daemon.pid) <= threads  # no thread per cycle
+        assert metric('reclaimer_stalled_calls_total{stage="procfs"}') == "1.0"  # refused, never started again
+        _unblock(fifo)
+        unblocked = True
+        poll(lambda: http_status(base + "/readyz")[0] == 200, what="ready again once the read returned")
+        assert metric('reclaimer_stalled{stage="procfs"}') == "0.0"
+        # Now NVML wedges: the sampling tick never returns.
+        fake_nvml.write(gpus=gpus, processes=[FakeProcess(pid=pid, gpu=0)],
+                        delays=[FakeDelay("nvmlDeviceGetUtilizationRates", ms=600_000)])
+        poll(lambda: readyz()["components"]["stalled"].get("nvml"), what="nvml stalled in /readyz")
+        assert metric('reclaimer_stalled{stage="nvml"}') == "1.0"
+        assert http_status(base + "/healthz")[0] == 200  # liveness never depends on the GPU
+        start = time.monotonic()
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=15) == 0  # no lock or join waits on the stuck call
+        assert time.monotonic() - start < 15
+    finally:
+        if not unblocked:
+            _unblock(fifo)
+        fake_nvml.write(gpus=gpus)
+        if daemon.poll() is None:
+            daemon.kill()
+        out = daemon.communicate()[0].decode()
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    stalls = [(e.get("stage"), e.get("what")) for e in events if e.get("event") == "call stalled"]
+    assert ("procfs", "/proc reads for 1 GPU process(es)") in stalls and ("nvml", "NVML sampling tick") in stalls
+    assert any(e.get("event") == "stalled call returned" and e.get("stage") == "procfs" for e in events)
