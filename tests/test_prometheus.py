@@ -13,12 +13,13 @@ from typing import Any
 import pytest
 import yaml
 
-from reclaimer.metrics import RESULTS, Metrics
+from reclaimer.metrics import BREAKER_CAUSES, RESULTS, Metrics
 from reclaimer.model import ActionResult, CycleSnapshot
 from reclaimer.report import allocation_holdings, held_idle_increments
 from reclaimer.server import make_app
 from tests.support.export_fixtures import GIB, K_ALICE, node_snapshot, serve_in_thread
 from tests.support.prometheus_fixtures import (
+    NODE,
     PrometheusServer,
     http_get,
     poll_until,
@@ -33,7 +34,7 @@ ALERTS = ROOT / "deploy/monitoring/alerts.yaml"
 
 # Grafana's variables as a 1-hour dashboard at 1 s resolution would expand them.
 GRAFANA_VARS = {"__rate_interval": "1m", "__range": "1h", "__interval": "1s", "__interval_ms": "1000",
-                "namespace": ".*"}  # fmt: skip
+                "node": ".*", "namespace": ".*", "gateway": ".*", "user": ".*", "cost_per_gpu_hour": "2.5"}  # fmt: skip
 _VAR = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)")
 
 pytestmark = pytest.mark.timeout(90)
@@ -81,20 +82,31 @@ PANEL_EXPECTATIONS: dict[str, tuple[str, set[str]] | float] = {
     "GPU-hours held idle by gateway / A": ("gateway", {"eg", "lab", ""}),  # "": the pod without a kernel
     "GPU-hours held idle by GPU model / A": ("model", {A100, H100, T4}),
     "Idle GPUs now / A": 3.0,  # alice's, bob's and the allocated T4; erin's MIG GPU is unknown, not idle
+    "Cost of GPUs held idle by namespace / A": ("namespace", {"research"}),  # allocation x $/GPU-hour
+    "Cost of GPUs held idle by namespace / B": ("namespace", {"ml-team"}),  # memory x $/GPU-hour
     "GPUs held idle over time by namespace / A": ("namespace", {"ml-team"}),
     "GPUs held idle over time by namespace / B": ("namespace", {"research"}),
     "Reclaim actions by result / A": ("result", set(RESULTS)),  # pre-initialised at 0
     "Upcoming reclaims / A": ("pod", {"jupyter-alice", "jupyter-bob", "train-x"}),
+    # The fixture node runs dry-run and alice's kernel is 'reclaim': enforce would have given her GPU back.
+    "What enforce would have reclaimed (dry-run nodes) / A": ("node", {NODE}),
     "Kernels by verdict / A": ("verdict", {"keep", "warn", "reclaim", "exempt", "unknown"}),
     "GPU memory reclaimed / A": ("__name__", {""}),
     "GPU allocations released / A": ("__name__", {""}),
+    "Circuit breaker tripped / A": 1.0,
+    "Breaker trips by cause / A": ("cause", set(BREAKER_CAUSES)),  # pre-initialised at 0
+    "GPU utilization / A": ("gpu", {"0", "1", "2", "3"}),  # 4: MIG, unknown; 5: lost
+    "GPU memory used / A": ("gpu", {"0", "1", "2", "3", "4"}),
     "Gateway up / A": ("gateway", {"eg", "lab"}),  # "new" was never contacted: unknown, no series
     "NVML errors / A": ("code", {"GPU_IS_LOST", "NOT_SUPPORTED"}),
     "Sample duration p99 / A": ("__name__", {""}),
     "Sample duration p99 / B": ("__name__", {""}),
     "Gateway request duration p99 / A": ("gateway", {"eg"}),
-    "Seconds since last GPU sample / A": ("__name__", {""}),
+    "Seconds since last GPU sample / A": ("node", {NODE}),  # the shipped relabelling's node label
 }
+# What each dashboard variable lists for the fixture node.
+VARIABLE_VALUES = {"node": {NODE}, "namespace": {"ml-team", "research", "-"}, "gateway": {"eg", "lab", ""},
+                   "user": {"alice", "bob", "carol", "dave", "erin"}}
 # Alerts the fixture node must trip (label, value), and those it must not.
 FIRING: dict[str, tuple[str, str]] = {
     "SamplerStalled": ("job", "gpu-reclaimer"),
@@ -199,20 +211,22 @@ def test_dashboard_has_the_panels_sres_asked_for() -> None:
     titles = {t.split(" / ")[0] for t, _ in dashboard_queries()}
     for wanted in ("GPU-hours held idle by namespace", "GPU-hours held idle by user", "GPU-hours held idle by gateway",
                    "GPU-hours held idle by GPU model", "Idle GPUs now", "Reclaim actions by result",
-                   "Upcoming reclaims", "Gateway up", "NVML errors", "Sample duration p99"):  # fmt: skip
+                   "Upcoming reclaims", "Gateway up", "NVML errors", "Sample duration p99",
+                   "Cost of GPUs held idle by namespace", "What enforce would have reclaimed (dry-run nodes)",
+                   "GPU allocations released", "Circuit breaker tripped"):  # fmt: skip
         assert wanted in titles
 
 
 def test_dashboard_variable_queries_find_values(stack: Stack) -> None:
     dash = json.loads(DASHBOARD.read_text())
     queries = [v for v in dash["templating"]["list"] if v["type"] == "query"]
-    assert queries
+    assert {v["name"] for v in queries} == set(VARIABLE_VALUES)
     for var in queries:
         m = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", var["query"]["query"])
         assert m, f"variable {var['name']}: unsupported query {var['query']['query']!r}"
         metric, label = m.groups()
         result = _result(stack.prom, f"group by ({label}) ({metric})")
-        assert _label_values(result, label) == {"ml-team", "research", "-"}
+        assert _label_values(result, label) == VARIABLE_VALUES[var["name"]], var["name"]
 
 
 @pytest.mark.parametrize("rule", [pytest.param(r, id=r["alert"]) for r in alert_rules()])

@@ -79,11 +79,27 @@ class PrometheusServer:
         return self.log_path.read_text(errors="replace")[-4000:]
 
 
+SCRAPE_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "monitoring" / "scrape-config.yaml"
+NODE = "gpu-node-1"  # the node label the shipped relabelling gives the test targets
+
+
+def shipped_job(targets: Sequence[str], node: str = NODE) -> dict[str, Any]:
+    """The job of deploy/monitoring/scrape-config.yaml with static targets in place of Kubernetes discovery: the
+    targets carry the __meta_kubernetes_* labels pod discovery would set, so the shipped relabelling (keep the daemon
+    pods' metrics port, copy the node name into `node`) runs for real; scraped every second."""
+    (job,) = yaml.safe_load(SCRAPE_CONFIG.read_text())["scrape_configs"]
+    del job["kubernetes_sd_configs"]
+    meta = {"__meta_kubernetes_pod_label_app_kubernetes_io_name": "gpu-reclaimer",
+            "__meta_kubernetes_pod_container_port_name": "http-metrics", "__meta_kubernetes_pod_node_name": node}
+    return {**job, "scrape_interval": "1s", "scrape_timeout": "900ms",
+            "static_configs": [{"targets": list(targets), "labels": meta}]}
+
+
 def _write_config(workdir: Path, targets: Sequence[str], rule_files: Sequence[Path]) -> Path:
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "900ms", "evaluation_interval": "1s"},
         "rule_files": [str(Path(p).resolve()) for p in rule_files],
-        "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": list(targets)}]}],
+        "scrape_configs": [shipped_job(targets)],
     }
     path = workdir / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
