@@ -202,6 +202,8 @@ class PolicyMatch(_Strict):
     kernel_names: tuple[str, ...] = ()
     gateways: tuple[str, ...] = ()
     gpu_models: tuple[str, ...] = ()  # substring match, case-insensitive: "A100" matches "NVIDIA A100-SXM4-80GB"
+    groups: tuple[str, ...] = ()  # JupyterHub groups of the user (the hub's user model)
+    profiles: tuple[str, ...] = ()  # KubeSpawner profile slug of the server (its user_options.profile)
 
 
 class PolicySettings(_Strict):

@@ -227,12 +227,40 @@ def _users_page(body: Any, offset: int) -> tuple[list[Any], int | None]:
     return body["items"], next_offset
 
 
+def _groups_of(user: dict[str, Any], name: str) -> tuple[str, ...] | None:
+    """The user's groups; None when the hub did not say (the token lacks ``read:users:groups``)."""
+    if "groups" not in user:
+        return None
+    groups = user["groups"]
+    if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+        raise BadAnswer(f"user {name!r}: 'groups' is not a list of names")
+    return tuple(sorted(groups))
+
+
+def _profile_of(model: dict[str, Any]) -> tuple[str | None, bool]:
+    """(KubeSpawner profile slug, whether the server's user_options were shown and readable)."""
+    options = model.get("user_options")
+    if options is None and "user_options" not in model:
+        return None, False
+    if options is None:
+        return None, True  # the spawner was given no options: no profile chosen
+    if not isinstance(options, dict):
+        return None, False
+    profile = options.get("profile")
+    if profile is None:
+        return None, True
+    if isinstance(profile, str) and 0 < len(profile) <= MAX_NAME_LENGTH and profile.isprintable():
+        return profile, True
+    return None, False  # a profile we cannot read: which policy applies is unknown
+
+
 def _servers_of(user: Any) -> list[ServerRef]:
     if not isinstance(user, dict):
         raise BadAnswer(f"expected a user object, got {_type_name(user)}")
     name = user.get("name")
     if not isinstance(name, str) or not name:
         raise BadAnswer("user object without a 'name'")
+    groups = _groups_of(user, name)
     servers = user.get("servers")
     if not isinstance(servers, dict):
         raise BadAnswer(f"user {name!r} has no 'servers' object (does the token have the read:servers scope?)")
@@ -244,11 +272,15 @@ def _servers_of(user: Any) -> list[ServerRef]:
         if url is not None and not isinstance(url, str):
             raise BadAnswer(f"server {server_name!r} of user {name!r}: 'url' is not a string")
         ready = model.get("ready")
+        profile, options_known = _profile_of(model)
         out.append(ServerRef(
             user=name,
             server_name=server_name,
             last_activity=parse_last_activity(model.get("last_activity")),
             url=url,
             ready=ready if isinstance(ready, bool) else None,
+            groups=groups,
+            profile=profile,
+            options_known=options_known,
         ))
     return out

@@ -215,6 +215,9 @@ class ServerRef:
     last_activity: datetime | None = None
     url: str | None = None  # hub-relative URL, e.g. /user/alice/
     ready: bool | None = None
+    groups: tuple[str, ...] | None = None  # the user's JupyterHub groups; None: unknown (token lacks read:users:groups)
+    profile: str | None = None  # KubeSpawner profile slug (the server's user_options.profile); None: none chosen
+    options_known: bool = False  # whether the hub showed the server's user_options (so ``profile`` None means none)
 
 
 # --------------------------------------------------------------------------- policy input / output

@@ -118,11 +118,47 @@ def select_policy(
     """The first policy in ``settings.policies`` whose every non-empty criterion matches, or None.
 
     A criterion needing a fact the candidate lacks (namespaces but no pod, users but no user) does not match.
-    ``gpu_models`` maps GPU uuid -> model name.
+    ``gpu_models`` maps GPU uuid -> model name. See ``choose_policy`` for groups and profiles the hub did not tell.
+    """
+    return choose_policy(candidate, settings, gpu_models)[0]
+
+
+def choose_policy(
+    candidate: Candidate, settings: Settings, gpu_models: Mapping[str, str]
+) -> tuple[PolicySettings | None, str | None]:
+    """(the first matching policy, None), or (None, why) when which policy applies is unknown.
+
+    A policy matching on ``groups`` or ``profiles`` needs the JupyterHub facts of the candidate's user: when the
+    candidate belongs to a user but the hub did not tell those facts (no hub server matched this cycle, the token
+    lacks ``read:users:groups``, unreadable ``user_options``) and every other criterion of that policy matches, the
+    answer is unknown rather than a later, perhaps shorter, policy. A candidate of no user matches no such policy.
     """
     for policy in settings.policies:
         if _matches(policy, candidate, gpu_models):
-            return policy
+            return policy, None
+        if _matches(policy, candidate, gpu_models, hub_keys=False):
+            why = _hub_facts_unknown(policy, candidate)
+            if why is not None:
+                return None, why
+    return None, None
+
+
+def _hub_facts_unknown(policy: PolicySettings, c: Candidate) -> str | None:
+    """Why ``policy``'s groups / profiles criteria cannot be judged for ``c``, or None."""
+    m = policy.match
+    users = _users(c)
+    if not (m.groups or m.profiles) or not users:
+        return None
+    s = c.server
+    if s is None:
+        return (f"policy {policy.name} matches on JupyterHub {'groups' if m.groups else 'profiles'}, but no hub "
+                f"server of user {users[0]} is known this cycle")
+    if m.groups and s.groups is None:
+        return (f"policy {policy.name} matches on JupyterHub groups, but the hub did not return {s.user}'s groups "
+                "(does the token have read:users:groups?)")
+    if m.profiles and not s.options_known:
+        return (f"policy {policy.name} matches on profiles, but the server's user_options are not readable "
+                "(profile unknown)")
     return None
 
 
@@ -231,11 +267,13 @@ def _evaluate(
 ) -> Decision:
     """The verdict for one candidate, before any blast-radius limit. ``chosen``: the action ``auto`` picked."""
     gpu_models = {d.uuid: d.model for d in sampler.devices}
-    policy = select_policy(c, settings, gpu_models)
+    policy, policy_unknown = choose_policy(c, settings, gpu_models)
     policy_name = policy.name if policy else None
     exemption = _exemption(c, settings)
     if exemption is not None:
         return Decision(c, Verdict.EXEMPT, ActionKind.NONE, f"exempt: {exemption}", policy_name)
+    if policy_unknown is not None:
+        return _unknown(c, None, policy_unknown)
     if policy is None:
         return Decision(c, Verdict.KEEP, ActionKind.NONE, "no policy matches")
     if chosen is None and policy.action == ActionKind.AUTO.value:
@@ -355,7 +393,8 @@ def _idle_and_detail(
 # --------------------------------------------------------------------------- policy selection and exemptions
 
 
-def _matches(policy: PolicySettings, c: Candidate, gpu_models: Mapping[str, str]) -> bool:
+def _matches(policy: PolicySettings, c: Candidate, gpu_models: Mapping[str, str], hub_keys: bool = True) -> bool:
+    """Whether every non-empty criterion matches (``hub_keys`` False: groups and profiles are left out)."""
     m = policy.match
     pod = c.pod
     if m.namespaces and (pod is None or pod.namespace not in m.namespaces):
@@ -372,6 +411,14 @@ def _matches(policy: PolicySettings, c: Candidate, gpu_models: Mapping[str, str]
     if m.gpu_models:
         models = [gpu_models[u].lower() for u in _held_gpus(c) if u in gpu_models]
         if not any(pattern.lower() in model for pattern in m.gpu_models for model in models):
+            return False
+    if hub_keys and m.groups:
+        groups = c.server.groups if c.server is not None else None
+        if groups is None or not set(groups) & set(m.groups):
+            return False
+    if hub_keys and m.profiles:
+        profile = c.server.profile if c.server is not None else None
+        if profile is None or profile not in m.profiles:
             return False
     return True
 

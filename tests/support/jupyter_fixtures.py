@@ -255,10 +255,11 @@ c.JupyterHub.api_page_default_limit = {page_limit}
 c.JupyterHub.cookie_secret_file = {cookie_secret!r}
 c.JupyterHub.pid_file = {pid_file!r}
 c.Authenticator.allowed_users = set({users!r})
+c.JupyterHub.load_groups = {groups!r}
 c.JupyterHub.load_roles = [
-    # What the reclaimer needs: list user servers, stop them, and read kernels through the proxy.
-    {{"name": "reclaimer", "scopes": ["list:users", "read:users:name", "read:servers", "delete:servers",
-                                      "access:servers"], "services": ["reclaimer"]}},
+    # What the reclaimer needs: list user servers (and their users' groups), stop them, read kernels through the proxy.
+    {{"name": "reclaimer", "scopes": ["list:users", "read:users:name", "read:users:groups", "read:servers",
+                                      "delete:servers", "access:servers"], "services": ["reclaimer"]}},
     {{"name": "test-admin", "scopes": ["admin:users", "admin:servers", "access:servers"], "services": ["test-admin"]}},
 ]
 c.JupyterHub.services = [
@@ -279,8 +280,12 @@ def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+HUB_GROUPS = {"research": {"users": ["alice"]}, "course": {"users": ["bob"]}}
+
+
 def start_jupyterhub(workdir: Path, token: str, users: tuple[str, ...] = ("alice", "bob"), page_limit: int = 1,
-                     timeout: float = READY_TIMEOUT) -> JupyterProcess:
+                     timeout: float = READY_TIMEOUT,
+                     groups: dict[str, dict[str, list[str]]] | None = None) -> JupyterProcess:
     """A real JupyterHub (DummyAuthenticator, SimpleLocalProcessSpawner, configurable-http-proxy) on loopback.
 
     ``url`` is the proxy's public URL (serves /hub/api and /user/...); ``token`` a least-privilege service token
@@ -299,7 +304,7 @@ def start_jupyterhub(workdir: Path, token: str, users: tuple[str, ...] = ("alice
     (workdir / "jupyterhub_config.py").write_text(_HUB_CONFIG.format(
         proxy_port=proxy_port, hub_port=hub_port, proxy_api_port=api_port, home=str(workdir / "users"),
         singleuser=singleuser, page_limit=page_limit, cookie_secret=str(secret), users=tuple(users),
-        pid_file=str(workdir / "jupyterhub.pid"),
+        pid_file=str(workdir / "jupyterhub.pid"), groups=HUB_GROUPS if groups is None else groups,
     ))
     env = _env(workdir, RECLAIMER_TEST_HUB_TOKEN=token, RECLAIMER_TEST_HUB_ADMIN_TOKEN=admin_token)
     cmd = [sys.executable, "-m", "jupyterhub", "-f", str(workdir / "jupyterhub_config.py")]
@@ -324,13 +329,14 @@ def hub_request(hub: JupyterProcess, method: str, path: str, body: Any = None) -
         return exc.code, json.loads(raw) if raw.startswith(b"{") else None
 
 
-def spawn_servers(hub: JupyterProcess, *servers: tuple[str, str],
-                  timeout: float = READY_TIMEOUT) -> dict[tuple[str, str], dict[str, Any]]:
+def spawn_servers(hub: JupyterProcess, *servers: tuple[str, str], timeout: float = READY_TIMEOUT,
+                  options: dict[tuple[str, str], dict[str, Any]] | None = None) -> dict[tuple[str, str], dict[str, Any]]:
     """Start user servers ((user, server name), "" = default) through the hub API, all at once, and poll until the
-    hub says each is ready; returns their models."""
+    hub says each is ready; returns their models. ``options``: a server's user_options (e.g. ``{"profile": "gpu"}``,
+    what KubeSpawner's profile form sends)."""
     for user, server_name in servers:
         path = f"/hub/api/users/{user}/" + (f"servers/{server_name}" if server_name else "server")
-        status, body = hub_request(hub, "POST", path, {})
+        status, body = hub_request(hub, "POST", path, (options or {}).get((user, server_name), {}))
         if status not in (201, 202):
             raise JupyterTestError(f"spawning {user}/{server_name}: HTTP {status} {body}")
     deadline = time.monotonic() + timeout
@@ -445,7 +451,8 @@ def enterprise_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jup
 
 @pytest.fixture(scope="session")
 def jupyterhub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterProcess]:
-    """A JupyterHub with users alice and bob and pagination at one user per page; no servers started."""
+    """A JupyterHub with users alice (group research) and bob (group course), pagination at one user per page; no
+    servers started."""
     handle = start_jupyterhub(tmp_path_factory.mktemp("jupyterhub"), secrets.token_hex(16))
     yield handle
     handle.stop()
