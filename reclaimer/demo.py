@@ -2,7 +2,8 @@
 
 A real Jupyter Kernel Gateway with real ipykernel kernels; simulated GPUs whose processes are those kernels'
 real PIDs; the daemon in enforce mode with short thresholds, serving /metrics. Four kernels show the rules:
-  idle      idle kernel on an idle GPU      -> warned, then shut down, GPU memory verified released
+  idle      idle kernel on an idle GPU      -> warned, then shut down, GPU memory verified released (the summary
+                                               says what that recovered: GPU memory, not the GPU allocation)
   training  kernel in a long silent cell    -> busy: never touched
   reserved  kernel of an exempt kernelspec  -> exempt
   bg-job    idle kernel whose GPU is busy   -> GPU busy: never touched
@@ -28,9 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from reclaimer import actionkinds
 from reclaimer.config import format_duration, parse_settings
 from reclaimer.kernelclient import GatewayRest
-from reclaimer.model import ActionResult, CycleSnapshot, Verdict
+from reclaimer.model import ActionResult, CycleSnapshot, Recovers, Verdict
 
 GiB = 1024**3
 RESERVED_KERNEL = "gpu-reserved"
@@ -66,6 +68,8 @@ class DemoState:
     kernels: list[DemoKernel] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
     reclaimed: dict[str, int] = field(default_factory=dict)  # kernel id -> bytes verified released
+    recovered: dict[str, Recovers] = field(default_factory=dict)  # kernel id -> what its action gives back
+    released_gpus: int = 0  # GPU allocations verified released
     acted: set[str] = field(default_factory=set)
     last: CycleSnapshot | None = None
     started: float = field(default_factory=time.monotonic)
@@ -147,7 +151,7 @@ policies:
     gpu_idle_below: 0.05
     idle_after: 20s
     warn_before: 10s
-    action: shutdown-kernel
+    action: auto
 exemptions: {{kernel_names: [{RESERVED_KERNEL}]}}
 limits: {{max_actions_per_cycle: 2, cooldown: 1m, max_fraction_per_cycle: 0.5}}
 """, "<demo>")
@@ -263,7 +267,11 @@ def run_demo(duration: float = 90.0, port: int = 9400, live: bool | None = None,
             who = f"{roles.get(kid, '?')} kernel {kid[:8]}"
             if r.result == "verified":
                 state.reclaimed[kid] = r.reclaimed_bytes
+                state.recovered[kid] = actionkinds.recovers(r.decision.action, r.decision.candidate)
                 note(f"verified: {who} released {r.reclaimed_bytes / GiB:.0f} GiB of GPU memory")
+            elif r.result == "released":
+                state.released_gpus += r.released_gpus
+                note(f"released: {who}: {r.detail}")
             elif kid not in state.acted or r.result not in ("success", "already-gone"):
                 state.acted.add(kid)
                 note(f"{r.decision.action.value} {who}: {r.result} {r.detail}".rstrip())
@@ -327,7 +335,8 @@ def _summary(console: Any, state: DemoState, daemon: Any) -> int:
     ok = True
     for k in state.kernels:
         if k.kernel_id in state.reclaimed:
-            line = f"reclaimed: shut down, {state.reclaimed[k.kernel_id] / GiB:.0f} GiB GPU memory released"
+            line = f"reclaimed: shut down, freed {state.reclaimed[k.kernel_id] / GiB:.0f} GiB GPU memory; " + \
+                _what_stays(state.recovered.get(k.kernel_id))
         else:
             d = verdicts.get(k.kernel_id)
             line = (d.reason if d.reason.startswith(d.verdict.value) else f"{d.verdict.value}: {d.reason}") if d \
@@ -341,7 +350,20 @@ def _summary(console: Any, state: DemoState, daemon: Any) -> int:
     for p in unattributed:
         console.print(f"  unattributed: pid {p.pid} on {p.gpu_uuid[:12]}…: {p.reason}", highlight=False)
     freed = sum(state.reclaimed.values())
-    console.print(f"  GPU memory given back: {freed / GiB:.0f} GiB; "
+    console.print(f"  GPU memory given back: {freed / GiB:.0f} GiB; GPU allocations released: {state.released_gpus}; "
                   f"{len(state.reclaimed)} of {len(state.kernels)} kernels reclaimed in "
                   f"{format_duration(time.monotonic() - state.started)}")
+    console.print("  Freeing GPU memory is not freeing the GPU: a kernel shut down inside a notebook pod frees its "
+                  "memory, but the pod keeps its nvidia.com/gpu allocation, so no one else can be scheduled on that "
+                  "GPU until the server stops or the pod goes (policy action: auto picks that where it can).",
+                  highlight=False)
     return 0 if ok else 1
+
+
+def _what_stays(recovered: Recovers | None) -> str:
+    """What the summary says a reclaim did not give back."""
+    if recovered is Recovers.ALLOCATION:
+        return "its GPU allocation was released too"
+    # This node has no Kubernetes: the kernel held GPU memory only. In a notebook pod the allocation would stay.
+    return ("memory only — in a notebook pod the GPU allocation stays with the pod "
+            "(use stop-server or action: auto to release it)")

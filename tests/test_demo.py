@@ -52,6 +52,12 @@ def test_demo_runs_to_completion_and_cleans_up() -> None:
     assert "shutdown-kernel idle kernel" in out and "verified: idle kernel" in out
     summary = out[out.index("Summary"):]
     assert "idle      kernel" in summary and "reclaimed: shut down" in summary
+    # Invariant 17: the summary says what the shutdown recovered (GPU memory), and that the allocation is another thing.
+    idle_line = next(line for line in summary.splitlines() if line.lstrip().startswith("idle "))
+    assert "freed 1 GiB GPU memory" not in idle_line and "GiB GPU memory; memory only" in idle_line
+    assert "the GPU allocation stays with the pod (use stop-server or action: auto to release it)" in idle_line
+    assert "GPU allocations released: 0" in summary
+    assert "Freeing GPU memory is not freeing the GPU" in summary
     assert "training  kernel" in summary and "kernel busy" in summary
     assert "reserved  kernel" in summary and "exempt" in summary
     assert "bg-job    kernel" in summary and "GPU 3 busy" in summary
