@@ -181,7 +181,7 @@ def choose_auto(c: Candidate) -> tuple[ActionKind, str]:
             return ActionKind.SHUTDOWN_KERNEL, "auto: shutdown-kernel frees the GPU memory (no GPU allocation known)"
         return ActionKind.SHUTDOWN_KERNEL, (f"auto: shutdown-kernel frees GPU memory only, the pod keeps its GPU "
                                             f"allocation ({what_would_work(c)})")
-    return ActionKind.EVICT_POD, "auto"
+    return ActionKind.EVICT_POD, ""  # the refusal's reason says what would work
 
 
 FALLBACK_NOTE = "auto: shutdown-kernel frees GPU memory only, the pod keeps its GPU allocation"

@@ -30,6 +30,7 @@ from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
+from reclaimer import actionkinds
 from reclaimer.config import KubernetesSettings
 from reclaimer.errors import ReclaimerError
 from reclaimer.model import OwnerRef, PodInfo
@@ -38,7 +39,7 @@ from reclaimer.redact import redact_text
 log = structlog.get_logger(__name__)
 
 REPORTING_CONTROLLER = "reclaimer.io/gpu-reclaimer"
-EVENT_ACTIONS = frozenset({"ShutdownKernel", "StopServer", "EvictPod", "Warn"})
+EVENT_ACTIONS = frozenset({*actionkinds.EVENT_ACTIONS.values(), "Warn"})
 EVENT_REASONS = frozenset({"GPUIdle", "GPUIdleWarning", "EvictionBlockedByPDB", "GatewayError"})
 EVENT_TYPES = frozenset({"Normal", "Warning"})
 EVICTION_RESULTS = ("success", "already-gone", "blocked-pdb", "retry-after", "failed", "forbidden", "conflict")

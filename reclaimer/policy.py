@@ -338,7 +338,9 @@ def _evaluate_auto(c: Candidate, sampler: SamplerSnapshot, settings: Settings, n
     raw = _evaluate(c, sampler, settings, now, chosen=action)
     if raw.verdict is Verdict.EXEMPT or raw.policy is None:
         return raw
-    primary = replace(raw, requested=ActionKind.AUTO, reason=f"{note}; {raw.reason}")
+    # The choice is news only while the candidate is idle: "kernel busy" and unknowns stay just that.
+    said = note and (raw.verdict in (Verdict.WARN, Verdict.RECLAIM) or (raw.idle_seconds or 0) > 0)
+    primary = replace(raw, requested=ActionKind.AUTO, reason=f"{note}; {raw.reason}" if said else raw.reason)
     if action is ActionKind.SHUTDOWN_KERNEL or c.kernel_id is None:
         return primary
     # The milder plan, reason without its note: _with_fallback says why it is used when it is.

@@ -591,3 +591,11 @@ def test_invariant_17_join_marks_kernel_pods_shared_gpus_and_allocated_gpus() ->
                  pods_by_uid={eg_pod.uid: eg_pod}, allocations=allocations, activities={},
                  kernel_pods={eg_pod.uid: KID2})
     assert other.candidates[0].kernel_pod is False
+
+
+def test_invariant_17_auto_says_its_choice_only_while_idle() -> None:
+    busy = kernel(act=activity(state="busy"))
+    d = decide_one(busy, evict_settings("auto"))
+    assert (d.verdict, d.reason) == (Verdict.KEEP, "kernel busy")
+    d = decide_one(replace(kernel(), allocated=True, allocated_gpus=(UUID0,)), evict_settings("auto"))
+    assert d.reason.startswith("auto: evict-pod releases the GPU allocation")
