@@ -20,6 +20,9 @@ from reclaimer.model import ActionKind, Candidate, PodInfo, Recovers, Verdict
 KUBEFLOW_NOTEBOOK_LABEL = "notebook-name"  # set by Kubeflow's notebook-controller on the pods of a Notebook
 KUBEFLOW_NOTEBOOK_KIND = "Notebook"  # kubeflow.org Notebook (owns the StatefulSet that owns the pod)
 JUPYTER_KERNEL_KIND = "JupyterKernel"  # elastic-jupyter-operator's kernel custom resource (owns the kernel pod)
+# Enterprise Gateway's kernel-pod.yaml.j2 labels every kernel pod with these (and kernel_id); the pod is bare.
+EG_KERNEL_POD_LABELS = {"app": "enterprise-gateway", "component": "kernel"}
+ELASTIC_KERNEL_LABEL = "kernel"  # elastic-jupyter-operator: the JupyterKernel's name on its Deployment's pods
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +136,18 @@ def _owner_text(pod: PodInfo) -> str:
     return f"{owner.kind} {owner.name}{context}"
 
 
+def kernel_pod_platform(pod: PodInfo) -> str:
+    """Who runs a kernel pod, in words: Enterprise Gateway, elastic-jupyter-operator, or a gateway in general."""
+    if all(pod.labels.get(k) == v for k, v in EG_KERNEL_POD_LABELS.items()):
+        return "Enterprise Gateway"
+    owner = pod.controller
+    if owner is not None and owner.kind == JUPYTER_KERNEL_KIND:
+        return f"elastic-jupyter-operator JupyterKernel {owner.name}"
+    if owner is not None and owner.kind == "ReplicaSet" and pod.labels.get(ELASTIC_KERNEL_LABEL):
+        return f"elastic-jupyter-operator JupyterKernel {pod.labels[ELASTIC_KERNEL_LABEL]} (through its Deployment)"
+    return "its gateway"
+
+
 def refusal(action: ActionKind, c: Candidate) -> tuple[Verdict, str] | None:
     """(verdict, reason) when ``action`` could release nothing on ``c`` and must never be planned; else None.
 
@@ -143,6 +158,15 @@ def refusal(action: ActionKind, c: Candidate) -> tuple[Verdict, str] | None:
     """
     if action is not ActionKind.EVICT_POD or c.pod is None:
         return None
+    if c.kernel_pod:
+        # EG's kernel pods are bare (no controller): an eviction would release the GPU, but behind the gateway's
+        # back — it sees its kernel die and may restart it in a new pod. elastic-jupyter-operator's are recreated.
+        how = ("shut the kernel down through its gateway (shutdown-kernel; the gateway deletes the kernel pod)"
+               if c.kernel_id is not None else
+               "its kernel holds no GPU process; only shutting that kernel down through its gateway releases the pod")
+        owned = f", owned by {_owner_text(c.pod)}" if c.pod.controller is not None else ""
+        return Verdict.KEEP, (f"pod {c.pod.namespace}/{c.pod.name} is a kernel pod of {kernel_pod_platform(c.pod)}"
+                              f"{owned}: eviction is not offered — {how}")
     if not c.pod.owners_known:
         return Verdict.UNKNOWN, (f"pod {c.pod.namespace}/{c.pod.name}: ownerReferences unreadable "
                                  "(whether a controller recreates it is unknown)")

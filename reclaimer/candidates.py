@@ -128,6 +128,9 @@ def join(
                     user=pod.user or (server.user if server else None),
                     gpu_uuids=tuple(sorted(gpus)),
                     allocated=True,
+                    # A kernel pod (EG / elastic-jupyter-operator) whose kernel holds no GPU process: still the
+                    # kernel's own pod, which only its gateway may end.
+                    kernel_pod=uid in (kernel_pods or {}),
                 )
             )
 
