@@ -197,6 +197,9 @@ def _add_run(subs: Any) -> None:
          help="run one full sample/observe/decide/act cycle, then exit")
     _add(p, specs, ["--log-level"], parse=choice_arg(LOG_LEVELS), default=None, metavar="|".join(LOG_LEVELS),
          shown_default="the file's log_level, info if unset", help="log level")
+    _add(p, specs, ["--listen-token-file"], metavar="FILE", parse=str, default=None,
+         shown_default="the file's listen_token_file, none if unset",
+         help="require the bearer token in FILE on /metrics and /report (a mounted Secret)")
     p.set_defaults(command="run", env_specs=specs, subparser=p)
 
 
@@ -325,14 +328,21 @@ def _not_available(command: str, exc: ImportError) -> int:
     return EXIT_UNAVAILABLE
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """`reclaimer run`: load the config with the mode/log-level overrides, then hand over to the daemon."""
+def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings `reclaimer run`'s flags (or their RECLAIMER_* variables) set over the file's."""
     overrides: dict[str, Any] = {}
     if args.mode:
         overrides["mode"] = args.mode
     if args.log_level:
         overrides["log_level"] = args.log_level
-    settings = load_settings(args.config, overrides)
+    if args.listen_token_file:
+        overrides["listen_token_file"] = args.listen_token_file
+    return overrides
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """`reclaimer run`: load the config with the flags' overrides, then hand over to the daemon."""
+    settings = load_settings(args.config, run_overrides(args))
     try:
         from reclaimer.daemon import run_daemon
     except ImportError as exc:

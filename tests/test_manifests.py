@@ -318,3 +318,37 @@ def test_the_documented_patch_changes_the_monitoring_namespace(tmp_path: Path) -
     assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "prometheus"}}} in froms
     assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}} not in froms
     assert any("ipBlock" in f for f in froms)
+
+
+def test_listen_token_component_wires_the_secret_into_daemons_and_service_monitor(tmp_path: Path) -> None:
+    """deploy/components/listen-token, used as docs/deploy.md shows: the daemon reads the mounted Secret through
+    RECLAIMER_LISTEN_TOKEN_FILE and the ServiceMonitor sends the same Secret; no Secret object is shipped."""
+    (tmp_path / "deploy").symlink_to(DEPLOY)
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        "resources: [../deploy, ../deploy/monitoring]\ncomponents: [../deploy/components/listen-token]\n")
+    objs = kustomize(overlay)
+    assert not [d for d in objs if d["kind"] == "Secret"]
+    ds = one(objs, "DaemonSet")
+    kubernetes_validate.validate(ds, K8S_VERSIONS[-1], strict=True)
+    pod = ds["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if "secret" in v]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"])
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    path = env["RECLAIMER_LISTEN_TOKEN_FILE"]
+    assert mount["readOnly"] is True and path == f"{mount['mountPath']}/{volume['secret']['items'][0]['path']}"
+    (ep,) = one(objs, "ServiceMonitor")["spec"]["endpoints"]
+    assert ep["authorization"] == {"type": "Bearer", "credentials": {"name": volume["secret"]["secretName"],
+                                                                    "key": volume["secret"]["items"][0]["key"]}}
+    # The daemon really takes the variable as its listen_token_file.
+    token = tmp_path / "token"
+    token.write_text("t0ken\n")
+    from reclaimer.cli import parse_args, run_overrides
+    from reclaimer.config import load_settings
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RECLAIMER_LISTEN_TOKEN_FILE", str(token))
+        args = parse_args(["run"])
+    assert load_settings(None, run_overrides(args)).listen_token_file == str(token)
