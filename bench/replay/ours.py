@@ -13,6 +13,8 @@ from cycle to cycle as the daemon carries it (``policy.plan``'s next state, then
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -43,6 +45,9 @@ from reclaimer.model import (
 from reclaimer.sampler import Sampler
 
 USER_LABEL = "hub.jupyter.org/username"
+# Inputs the join accepts (main grows them issue by issue): what is not accepted yet is not passed.
+_JOIN_ACCEPTS = frozenset(inspect.signature(join_mod.join).parameters)
+_SERVER_FIELDS = frozenset(f.name for f in dataclasses.fields(ServerRef))
 EG_GATEWAY = "eg"
 RELEASING_ACTION = {"kernel-in-pod": "stop-server", "kernel-pod": "shutdown-kernel"}  # frees the allocation
 
@@ -165,10 +170,11 @@ class Ours:
             return  # nothing holds a GPU here: the daemon would find no candidate
         view = self._view(world, d.name, pods, now)
         snapshot = d.sampler.snapshot()
+        optional = {"kernel_pods": view.kernel_pods, "server_kernels": view.server_kernels}
         joined = join_mod.join(node=d.name, processes=view.processes, pods_by_uid=view.pods,
                                allocations=view.allocations, activities=view.activities, servers=view.servers,
                                server_name_annotation=self.settings.kubernetes.server_name_annotation,
-                               kernel_pods=view.kernel_pods)
+                               **{k: v for k, v in optional.items() if k in _JOIN_ACCEPTS})
         planned = policy.plan(joined.candidates, snapshot, d.settings, now, d.state)
         decisions, d.state = planned.decisions, planned.state
         if planned.breaker.new_trip:
@@ -220,6 +226,7 @@ class Ours:
         activities: dict[str, KernelActivity]
         servers: list[ServerRef]
         kernel_pods: dict[str, str]  # pod uid -> kernel id (the kube adapter reads the kernel_id label)
+        server_kernels: dict[tuple[str, str], list[KernelActivity]]  # every kernel of each server, as it lists them
 
     def _view(self, world: World, node: str, pods: Sequence[Pod], now: float) -> Ours._View:
         infos: dict[str, PodInfo] = {}
@@ -256,11 +263,18 @@ class Ours:
                         sm_utilization=util, pod_uid=pod.uid, container_id=f"c-{pod.uid}", kernel_id=k.actual_id,
                         kernel_pid=k.pids.get("main", k.pids[proc])))
                     if k.actual_id not in activities:
-                        activities[k.actual_id] = KernelActivity(
-                            kernel_id=k.actual_id, gateway=gateway, observed_at=now, kernel_name=k.name,
-                            execution_state="busy" if k.busy(now) else "idle",
-                            last_activity=_utc(k.last_activity(now)),
-                            connections=1 if k.server.tab_open else 0)
-        servers = [ServerRef(s.user, "", _utc(s.hub_last_activity), f"/user/{s.user}/", True)
+                        activities[k.actual_id] = self._activity(k, gateway, now)
+        listed = {"listed_at": now} if "listed_at" in _SERVER_FIELDS else {}
+        servers = [ServerRef(s.user, "", _utc(s.hub_last_activity), f"/user/{s.user}/", True, **listed)
                    for s in world.servers.values() if s.node == node and s.alive()]
-        return Ours._View(infos, processes, allocations, activities, servers, kernel_pods)
+        # What each server's /api/kernels lists (through the hub): every running kernel, GPU or not.
+        server_kernels = {(s.user, ""): [self._activity(k, gateway, now) for k in s.live_kernels()]
+                          for s in world.servers.values() if s.node == node and s.alive()}
+        return Ours._View(infos, processes, allocations, activities, servers, kernel_pods, server_kernels)
+
+    @staticmethod
+    def _activity(k: Kernel, gateway: str, now: float) -> KernelActivity:
+        """The gateway's view of a kernel now: execution_state, last_activity and connections as Jupyter keeps them."""
+        return KernelActivity(kernel_id=k.actual_id, gateway=gateway, observed_at=now, kernel_name=k.name,
+                              execution_state="busy" if k.busy(now) else "idle",
+                              last_activity=_utc(k.last_activity(now)), connections=1 if k.server.tab_open else 0)
