@@ -15,7 +15,7 @@ from bench.replay import trace as tr
 from bench.replay.__main__ import main as replay_main
 from bench.replay.generate import FleetParams, generate
 from bench.replay.ours import RELEASING_ACTION, Ours
-from bench.replay.sim import Figures, run
+from bench.replay.sim import Figures, run, simulate
 from bench.replay.world import SHAPES
 from bench.results import ANALYSIS_BEGIN, ANALYSIS_END, PLACEHOLDER
 
@@ -243,9 +243,26 @@ def test_smoke_run_writes_results_and_keeps_the_analysis(tmp_path: Path, capsys:
     assert replay_main(args) == 0
     results = (tmp_path / "RESULTS.md").read_text()
     for section in ("# Fleet replay", "(`kernel-in-pod`)", "(`kernel-pod`)", "## Strategies", "ours default",
-                    "cull_connected=False", ANALYSIS_BEGIN, ANALYSIS_END):
+                    "cull_connected=False", "jupyter/EG culler", ANALYSIS_BEGIN, ANALYSIS_END):
         assert section in results, section
     assert "no culling" in capsys.readouterr().out
     (tmp_path / "RESULTS.md").write_text(results.replace(PLACEHOLDER, "## Analysis\n\nHand-written.\n"))
     assert replay_main(args) == 0
     assert "Hand-written." in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_a_kernel_is_judged_by_its_own_gpu_work_not_its_neighbours() -> None:
+    training_ends = 800 + 3 * H
+    neighbour = micro(
+        tab(600, False),
+        (700, "kernel_start", {"kernel": K2, "server": "alice", "name": "python3", "gpu": True}),
+        cell(800, 3 * H, K2, output_every=60), gpu(800, 0.9, 8 * GIB, kernel=K2), gpu(training_ends, 0.0, kernel=K2),
+    )
+    culled = simulate(neighbour, "kernel-in-pod", cullers.JupyterServerCuller(3600.0), step=STEP)
+    first = culled.books.actions[0]  # K1 after an idle hour: sound, though K2 kept the GPU busy meanwhile
+    assert first.t - culled.start < training_ends and not first.false_reason
+    # Ours reads the device: it waits until the GPU itself has been idle for 30 min, then ends both idle kernels.
+    world = simulate(neighbour, "kernel-in-pod", ours_default(), step=STEP)
+    actions = world.books.actions
+    assert len(actions) == 2 and not any(a.false_reason for a in actions)
+    assert min(a.t - world.start for a in actions) >= training_ends + 30 * 60

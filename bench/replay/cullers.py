@@ -52,7 +52,7 @@ class JupyterServerCuller:
         self.cull_busy = cull_busy
         self.period = cull_interval
         self.window = cull_idle_timeout
-        self.name = f"jupyter culler{' +connected' if cull_connected else ''}"
+        self.name = f"jupyter/EG culler{' +connected' if cull_connected else ''}"
         self.world: World | None = None
 
     def describe(self) -> str:
@@ -94,7 +94,7 @@ class KubeflowCuller:
         self.cull_idle_time = cull_idle_time
         self.period = check_period
         self.window = cull_idle_time
-        self.name = "kubeflow culler"
+        self.name = "kubeflow culler" + ("" if cull_idle_time == 3600.0 else f" {cull_idle_time / 3600:g}h")
         self.annotation: dict[tuple[str, int], float] = {}
         self.world: World | None = None
 

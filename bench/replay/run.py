@@ -14,7 +14,7 @@ from bench.replay.trace import Trace
 from bench.replay.world import SHAPES
 from reclaimer.config import PolicySettings
 
-STRATEGY_KEYS = ("none", "jupyter", "jupyter-connected", "kubeflow", "hub", "gpu-util", "ours-default", "ours-auto",
+STRATEGY_KEYS = ("none", "jupyter", "jupyter-connected", "kubeflow", "kubeflow-default", "hub", "gpu-util", "ours-default", "ours-auto",
                  "ours-auto-1h", "ours-aggressive")
 
 
@@ -33,6 +33,8 @@ def strategy(key: str, shape: str, step: float) -> Strategy:
         return cullers.JupyterServerCuller(3600.0, cull_connected=True)
     if key == "kubeflow":
         return cullers.KubeflowCuller(3600.0)
+    if key == "kubeflow-default":  # CULL_IDLE_TIME's default: one day
+        return cullers.KubeflowCuller(86400.0)
     if key == "hub":
         return cullers.HubIdleCuller(3600.0)
     if key == "gpu-util":

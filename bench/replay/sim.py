@@ -55,6 +55,11 @@ class Figures:
 
 def run(trace: Trace, shape: str, strategy: Strategy, *, step: float = 30.0, users_per_node: int = 4) -> Figures:
     """Replay ``trace`` under ``shape`` with ``strategy`` acting every ``strategy.period`` seconds."""
+    return figures(simulate(trace, shape, strategy, step=step, users_per_node=users_per_node), strategy)
+
+
+def simulate(trace: Trace, shape: str, strategy: Strategy, *, step: float = 30.0, users_per_node: int = 4) -> World:
+    """The replayed world, its books and every action in them (``run`` sums them up)."""
     world = World(trace, shape, users_per_node=users_per_node, step=step)
     strategy.attach(world)
     sample = getattr(strategy, "sample", None)
@@ -67,7 +72,7 @@ def run(trace: Trace, shape: str, strategy: Strategy, *, step: float = 30.0, use
             strategy.act(now)
             due += strategy.period
         world.account(now, step)
-    return figures(world, strategy)
+    return world
 
 
 def _reason_kind(reason: str) -> str:
