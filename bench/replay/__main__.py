@@ -8,6 +8,7 @@ tiny run into a temporary directory (what tests/test_replay.py runs). Exit code 
 from __future__ import annotations
 
 import argparse
+import resource
 import shlex
 import sys
 import tempfile
@@ -96,8 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "`action: auto` is not on main yet: `ours best action` uses the action that releases the "
                  "allocation in each shape (stop-server for kernels inside notebook pods, shutdown-kernel for "
                  "kernel pods), which is what `auto` is specified to choose.")
+    cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
     report.write_markdown(out / "RESULTS.md", figs, command=command, machine=machine, fleet=fleet,
-                          seconds=time.perf_counter() - started, plot=plot_note, auto_note=auto_note)
+                          seconds=time.perf_counter() - started, cpu_seconds=cpu, plot=plot_note, auto_note=auto_note)
     sys.stdout.write(report.text_table(figs))
     sys.stdout.write(f"wrote {out / 'RESULTS.md'} in {time.perf_counter() - started:.0f} s\n")
     return 0

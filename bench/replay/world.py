@@ -368,7 +368,7 @@ class World:
             for k in s.kernels:
                 if k.intended and k.down_at is None:
                     k.down_at = t  # the server's end took every kernel with it; each restarts when used
-                    k.pod = None
+                    self._release_kernel(k)
 
     def _touch_kernel(self, k: Kernel, t: float) -> None:
         self._touch_server(k.server, t)
