@@ -15,6 +15,7 @@ A cycle has two stages:
 
 from __future__ import annotations
 
+import contextvars
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -83,12 +84,16 @@ def plan(
     """``decide``, plus the ``PolicyState`` the daemon passes to the next cycle and the breaker's status."""
     ordered = sorted(candidates, key=lambda c: (c.key, repr(c)))
     repeated = {k for k, n in Counter(c.key for c in ordered).items() if n > 1}
-    individual = [
-        _unknown(c, None, f"candidate key {c.key} appears more than once (attribution bug?)")
-        if c.key in repeated
-        else _evaluate(c, sampler, settings, now)
-        for c in ordered
-    ]
+    token = _VIEWS.set({})  # many candidates share a GPU (and auto evaluates two plans): read each GPU once
+    try:
+        individual = [
+            _unknown(c, None, f"candidate key {c.key} appears more than once (attribution bug?)")
+            if c.key in repeated
+            else _evaluate(c, sampler, settings, now)
+            for c in ordered
+        ]
+    finally:
+        _VIEWS.reset(token)
     decisions = _guard_shared_targets(individual)
     decisions = _apply_cooldown(decisions, state, settings, now)
     decisions = _one_action_per_target(decisions, settings)
@@ -288,7 +293,7 @@ def _evaluate(
     )
     if problem is not None:
         return _unknown(c, policy.name, problem)
-    views = {uuid: _gpu_view(uuid, sampler, policy, now) for uuid in _held_gpus(c)}
+    views = {uuid: _gpu_view_once(uuid, sampler, policy, now) for uuid in _held_gpus(c)}
     problem = next((v.unknown for v in views.values() if v.unknown is not None), None)
     if problem is None and action is not ActionKind.NONE:
         problem = _action_unknown(c, action)
@@ -530,6 +535,23 @@ def _action_unknown(c: Candidate, action: ActionKind) -> str | None:
     if action is ActionKind.EVICT_POD and c.pod is None:
         return "evict-pod needs the kernel's pod, which is unknown"
     return None
+
+
+# The views read in one ``plan`` call, by (GPU, sampler, now, window, threshold): a view depends on nothing else.
+_VIEWS: contextvars.ContextVar[dict[tuple[str, int, float, float, float], _GpuView] | None] = \
+    contextvars.ContextVar("reclaimer_policy_views", default=None)
+
+
+def _gpu_view_once(uuid: str, sampler: SamplerSnapshot, policy: PolicySettings, now: float) -> _GpuView:
+    """``_gpu_view``, computed once per GPU and window within one ``plan`` call (the sampler outlives the call)."""
+    memo = _VIEWS.get()
+    if memo is None:
+        return _gpu_view(uuid, sampler, policy, now)
+    key = (uuid, id(sampler), now, policy.idle_after, policy.gpu_idle_below)
+    view = memo.get(key)
+    if view is None:
+        view = memo[key] = _gpu_view(uuid, sampler, policy, now)
+    return view
 
 
 def _gpu_view(uuid: str, sampler: SamplerSnapshot, policy: PolicySettings, now: float) -> _GpuView:

@@ -599,3 +599,22 @@ def test_invariant_17_auto_says_its_choice_only_while_idle() -> None:
     assert (d.verdict, d.reason) == (Verdict.KEEP, "kernel busy")
     d = decide_one(replace(kernel(), allocated=True, allocated_gpus=(UUID0,)), evict_settings("auto"))
     assert d.reason.startswith("auto: evict-pod releases the GPU allocation")
+
+
+def test_decide_reads_each_gpu_window_once_even_with_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many candidates share a GPU, and auto evaluates two plans: each GPU's window is still read once per cycle."""
+    from reclaimer import policy as policy_mod
+
+    calls: list[str] = []
+    real = policy_mod._gpu_view
+    monkeypatch.setattr(policy_mod, "_gpu_view", lambda uuid, *a: calls.append(uuid) or real(uuid, *a))
+    cands = [replace(kernel(f"6f1c2a3b-0000-4000-8000-{i:012d}", server=ServerRef(f"u{i}", ""), user=f"u{i}",
+                            pod_info=pod(f"jupyter-u{i}", uid=f"a1b2c3d4-0000-4000-8000-{i:012d}", user=f"u{i}")),
+                     allocated=True, allocated_gpus=(UUID0,)) for i in range(20)]
+    decisions = decide(cands, snapshot(), evict_settings("auto", **{}), NOW, PolicyState())
+    assert calls == [UUID0]
+    assert {d.action for d in decisions} == {ActionKind.STOP_SERVER}
+    calls.clear()
+    planned = replace(decisions[0], verdict=Verdict.RECLAIM)  # the breaker held all 20 back; re-check one anyway
+    recheck(planned, cands[0].activity, snapshot(), evict_settings("auto"), NOW)  # outside plan: read afresh
+    assert calls
