@@ -182,6 +182,11 @@ def run(ns: argparse.Namespace, workdir: Path) -> tuple[list[MeasureResult], dic
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["soak"]:  # python -m bench soak: its own measure, its own section of RESULTS.md
+        from bench import soak
+
+        return soak.main(args[1:])
     ns = parse_args(argv)
     _configure_logging()
     log = structlog.get_logger("bench")

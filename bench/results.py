@@ -38,10 +38,24 @@ def kept_analysis(path: Path) -> str:
     return m.group(1) if m else PLACEHOLDER
 
 
+def kept_soak(path: Path) -> str:
+    """The soak section of an existing RESULTS.md, markers included ("" when there is none): `python -m bench soak`
+    writes it, the full harness keeps it."""
+    from bench.soak import SOAK_BEGIN, SOAK_END
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return ""
+    m = re.search(re.escape(SOAK_BEGIN) + r".*?" + re.escape(SOAK_END) + r"\n?", text, re.S)
+    return m.group(0) if m else ""
+
+
 def write_markdown(path: Path, results: Sequence[MeasureResult], machine: Mapping[str, str], mode: str,
                    command: str, total_seconds: float, plot: str | None) -> None:
     """Write RESULTS.md: machine, headline table, one section per measure, run facts, then the kept analysis."""
     analysis = kept_analysis(path)
+    soak = kept_soak(path)
     rows = [r for res in results for r in res.rows]
     parts = [
         "# gpu-reclaimer benchmark results\n\n",
@@ -59,6 +73,8 @@ def write_markdown(path: Path, results: Sequence[MeasureResult], machine: Mappin
             parts.append(f"\n{plot}\n" if plot else "")
     timing = [(res.title, f"{res.seconds:.1f} s") for res in results] + [("total", f"{total_seconds:.1f} s")]
     parts.append("\n## Run\n\n" + md_table(["measure", "wall time"], timing))
+    if soak:
+        parts.append(f"\n{soak}")
     parts.append(f"\n{ANALYSIS_BEGIN}\n{analysis}{ANALYSIS_END}\n")
     path.write_text("".join(parts), encoding="utf-8")
 

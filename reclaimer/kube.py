@@ -563,6 +563,7 @@ class PodCache:
                 self._bad_kernel_labels.add(pod.uid)
                 log.warning("ignoring non-UUID kernel id label", namespace=pod.namespace, pod=pod.name, label=label,
                             value=kid[:64])
+        self._bad_kernel_labels &= by_uid.keys()  # warned once per live pod; bounded by the pods on this node
         return _PodIndex(by_uid, by_container, kernel_ids)
 
     def pods(self) -> tuple[PodInfo, ...]:

@@ -529,3 +529,12 @@ def test_event_name_for_a_longest_pod_name_is_a_valid_subdomain() -> None:
     name = _event_name("a" * 235 + "-" + "b" * 17)  # the cut lands right after the dash
     assert len(name) <= 253
     assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*", name)
+
+
+def test_item4_pod_cache_warned_set_stays_bounded_by_the_live_pods(api: FakeKube, kube: KubeClient) -> None:
+    cache = PodCache(kube, "node-1", KubernetesSettings())
+    for n in range(200):  # pods with a bad kernel_id label come and go, two at a time
+        api.add_pod(f"bad-{n}", node="node-1", labels={"kernel_id": "not-a-uuid"})
+        api.pods.pop(("default", f"bad-{n - 2}"), None)
+        assert cache.refresh()
+        assert len(cache._bad_kernel_labels) <= 2
