@@ -120,7 +120,7 @@ echo "reclaimer --help: ok"
 run "${ENTRY[@]}" check-config /etc/reclaimer/config.yaml >"$CHECK/check-config.txt" \
   || { cat "$CHECK/check-config.txt" >&2; fail "check-config of deploy/configmap.yaml failed in the image"; }
 grep -q "mode: dry-run" "$CHECK/check-config.txt" || fail "the shipped config is not dry-run"
-echo "reclaimer check-config /etc/reclaimer/config.yaml (deploy/configmap.yaml): ok"
+echo "reclaimer check-config /etc/reclaimer/config.yaml (deploy/base/configmap.yaml): ok"
 
 run "${ENTRY[@]}" report --config /etc/reclaimer/config.yaml -o json --window 2s >"$CHECK/report.json" \
   || fail "reclaimer report -o json failed in the image"
@@ -134,6 +134,13 @@ assert models == ["NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3"], models
 assert [g["utilization"] for g in r["gpus"]] == [0.0, 0.37], [g["utilization"] for g in r["gpus"]]
 print(f"reclaimer report -o json through the fake libnvidia-ml.so.1: ok ({len(r['gpus'])} GPUs: {', '.join(models)})")
 EOF
+
+# The DaemonSet's command, one full cycle (sample, attribute, decide, serve), on a free port of this host's network.
+sed 's|^\(\s*listen:\s*\)[^ ]*|\1127.0.0.1:0|' "$CHECK/etc/config.yaml" >"$CHECK/etc/once.yaml"
+run "${ENTRY[@]}" run --config /etc/reclaimer/once.yaml --once >"$CHECK/once.log" 2>&1 \
+  || { tail -20 "$CHECK/once.log" >&2; fail "reclaimer run --once failed in the image"; }
+grep -q '"event": "cycle"' "$CHECK/once.log" || { tail -20 "$CHECK/once.log" >&2; fail "reclaimer run --once ran no cycle"; }
+echo "reclaimer run --once (the DaemonSet's command, dry-run): ok"
 
 # Nothing to compile with, nothing to install with, in the final image.
 run /bin/sh -c 'for t in gcc cc c++ make ld pip pip3; do command -v $t && exit 1; done; exit 0' >/dev/null \

@@ -229,3 +229,27 @@ def test_cluster_and_from_exclude_each_other(tmp_path: Path) -> None:
     with FakeKube() as api:
         code, _, err = run_cli(tmp_path, api, "--from", "http://127.0.0.1:9400")
     assert code == 2 and "--cluster and --from" in err
+
+
+def test_a_node_answering_something_else_is_named_not_merged(two_nodes: FakeKube, tmp_path: Path) -> None:
+    """Another service on the daemon's port (HTML, or JSON that is not a report) never enters the merged report."""
+    from aiohttp import web
+
+    async def html(_: web.Request) -> web.Response:
+        return web.Response(text="<html>login</html>", content_type="text/html")
+
+    async def other_json(_: web.Request) -> web.Response:
+        return web.json_response({"node": "gpu-node-2", "kernels": "none"})
+
+    for handler, expected in ((html, "not JSON"), (other_json, "report.generated_at: required field is missing")):
+        app = web.Application()
+        app.router.add_get("/report", handler)
+        with serve_in_thread(app) as other:
+            two_nodes.proxy_to(two_nodes.pods[(NS, "gpu-reclaimer-2x")], other)
+            code, out, _ = run_cli(tmp_path, two_nodes, "-o", "json")
+        assert code == 1
+        merged = json.loads(out)
+        (bad,) = merged["unanswered"]
+        assert bad["node"] == "gpu-node-2" and "not a gpu-reclaimer report" in bad["reason"], bad
+        assert expected in bad["reason"]
+        assert {k["node"] for k in merged["kernels"]} == {"gpu-node-1"}
