@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from reclaimer import actionkinds
 from reclaimer.actions import LiveExecutor
@@ -618,3 +620,37 @@ def test_decide_reads_each_gpu_window_once_even_with_auto(monkeypatch: pytest.Mo
     planned = replace(decisions[0], verdict=Verdict.RECLAIM)  # the breaker held all 20 back; re-check one anyway
     recheck(planned, cands[0].activity, snapshot(), evict_settings("auto"), NOW)  # outside plan: read afresh
     assert calls
+
+
+_KINDS = ["ReplicaSet", "StatefulSet", "DaemonSet", "Job", "Notebook", "JupyterKernel", "Node", "ConfigMap"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    owners=st.lists(st.tuples(st.sampled_from(_KINDS), st.booleans()), max_size=3),
+    owners_known=st.booleans(),
+    has_kernel=st.booleans(),
+    allocated=st.booleans(),
+    has_server=st.booleans(),
+    kernel_pod=st.booleans(),
+    action=st.sampled_from(["auto", "evict-pod", "stop-server", "shutdown-kernel"]),
+)
+def test_invariant_17_property_no_planned_action_releases_nothing(
+    owners: list[tuple[str, bool]], owners_known: bool, has_kernel: bool, allocated: bool, has_server: bool,
+    kernel_pod: bool, action: str,
+) -> None:
+    """Whatever the pod's owners, the candidate and the policy: a warn or reclaim always recovers something, and an
+    eviction is only ever planned for a pod no controller recreates."""
+    refs = tuple(OwnerRef(kind, f"o{i}", "v1", ctl) for i, (kind, ctl) in enumerate(owners))
+    info = replace(pod(), owners=refs[:1] + tuple(r for r in refs[1:] if not r.controller), owners_known=owners_known)
+    server = SERVER if has_server else None
+    c = k(info, allocated=allocated, server=server, kernel_pod=kernel_pod and has_kernel) if has_kernel else \
+        p(info, server=server)
+    d = decide_one(c, evict_settings(action))
+    if d.verdict in (Verdict.WARN, Verdict.RECLAIM):
+        assert actionkinds.recovers(d.action, d.candidate) is not Recovers.NONE, d.reason
+        if d.action is ActionKind.EVICT_POD:
+            assert info.owners_known and info.controller is None, d.reason
+    if action == "auto" and d.verdict is Verdict.RECLAIM and allocated and info.owners_known and \
+            info.controller is None:
+        assert actionkinds.recovers(d.action, d.candidate) is Recovers.ALLOCATION, d.reason
