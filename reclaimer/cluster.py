@@ -1,7 +1,8 @@
 """`reclaimer report --cluster`: every daemon's ``/report`` through the API server's pod proxy, merged.
 
 Runs with the caller's own credentials (kubeconfig, or the in-cluster service account): it needs ``list`` on pods and
-``get`` on ``pods/proxy`` in the daemons' namespace, nothing else. Daemon pods are found by label selector; each is
+``get`` on ``pods/proxy`` in the daemons' namespace; with ``list`` on nodes it also names GPU nodes that have no
+daemon pod at all. Daemon pods are found by label selector; each is
 asked once, at most ``concurrency`` at a time, each request bounded by ``timeout`` and the whole by ``deadline``.
 A node that does not answer is named with the reason, never silently left out. Rendering is pure
 (``report.merge_reports`` / ``report.render_cluster_table``).
@@ -165,6 +166,29 @@ class ClusterResult:
     reports: list[dict[str, Any]]
     unanswered: list[Unanswered]
     pods: int
+    notes: list[str]
+
+
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+def gpu_nodes(api: k8s.CoreV1Api, timeout: float) -> tuple[set[str] | None, str | None]:
+    """Names of the nodes with GPUs (``nvidia.com/gpu`` in their capacity), or (None, why) when they cannot be listed
+    (listing nodes is cluster-scoped: an on-call role may lack it)."""
+    try:
+        resp = api.list_node(_request_timeout=timeout, _preload_content=False)
+        items = json.loads(resp.data).get("items") or []
+    except ApiException as exc:
+        return None, f"cannot list nodes ({_api_reason(exc)}): GPU nodes without a daemon pod are not shown"
+    except Exception as exc:
+        return None, f"cannot list nodes ({_cut(str(exc)) or type(exc).__name__}): GPU nodes without a daemon pod " \
+                     "are not shown"
+    names: set[str] = set()
+    for node in items:
+        capacity = (node.get("status") or {}).get("capacity") or {}
+        if str(capacity.get(GPU_RESOURCE, "0")).strip() not in ("", "0"):
+            names.add(str((node.get("metadata") or {}).get("name")))
+    return names, None
 
 
 def collect(api: k8s.CoreV1Api, options: ClusterOptions,
@@ -173,6 +197,14 @@ def collect(api: k8s.CoreV1Api, options: ClusterOptions,
     start = clock()
     pods = list_daemon_pods(api, options)
     unanswered: list[Unanswered] = []
+    notes: list[str] = []
+    with_gpus, why = gpu_nodes(api, options.timeout)
+    if why:
+        notes.append(why)
+    for node in sorted((with_gpus or set()) - {p.node for p in pods}):
+        # A GPU node the DaemonSet does not cover would otherwise be missing from the report without a word.
+        unanswered.append(Unanswered(node, "-", "no gpu-reclaimer pod on this GPU node (DaemonSet nodeSelector or "
+                                                "tolerations do not match it?)"))
     to_ask: list[DaemonPod] = []
     for pod in pods:
         if pod.phase != "Running":
@@ -219,7 +251,7 @@ def collect(api: k8s.CoreV1Api, options: ClusterOptions,
             unanswered.append(Unanswered(pod.node, pod.name, f"no answer within the {options.deadline:g}s deadline"))
     finally:
         pool.shutdown(wait=False, cancel_futures=True)  # a hung request must not hold the command past its deadline
-    return ClusterResult(reports, sorted(unanswered, key=lambda u: (u.node, u.pod)), len(pods))
+    return ClusterResult(reports, sorted(unanswered, key=lambda u: (u.node, u.pod)), len(pods), notes)
 
 
 def core_api(kubeconfig: str | None, timeout: float, token: str | None = None) -> k8s.CoreV1Api:
@@ -255,7 +287,7 @@ def run_cluster_report(args: Any) -> int:
         raise KubeError(f"no daemon pods in namespace {options.namespace} match {options.selector!r}: "
                         "is gpu-reclaimer installed there (kubectl apply -k deploy)?")
     merged = merge_reports(result.reports, [{"node": u.node, "pod": u.pod, "reason": u.reason}
-                                            for u in result.unanswered], time.time())
+                                            for u in result.unanswered], time.time(), result.notes)
     width = None
     if args.output != "json" and sys.stdout.isatty():
         import shutil

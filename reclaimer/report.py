@@ -634,7 +634,8 @@ def held_idle_increments(
 
 
 def merge_reports(
-    reports: Iterable[Mapping[str, Any]], unanswered: Iterable[Mapping[str, str]], generated_at: float
+    reports: Iterable[Mapping[str, Any]], unanswered: Iterable[Mapping[str, str]], generated_at: float,
+    notes: Iterable[str] = (),
 ) -> dict[str, Any]:
     """One report over many nodes' reports (each validated by ``report_from_json``): every kernel and GPU tagged with
     its node, kernels sorted by waste (GPU memory held × idle time, descending), the nodes that did not answer and
@@ -653,7 +654,7 @@ def merge_reports(
     missing = sorted(({"node": u["node"], "pod": u["pod"], "reason": u["reason"]} for u in unanswered),
                      key=lambda u: (u["node"], u["pod"]))
     merged: dict[str, Any] = {"generated_at": rfc3339(generated_at), "nodes": nodes, "unanswered": missing,
-                              "kernels": kernels, "gpus": gpus}
+                              "notes": list(notes), "kernels": kernels, "gpus": gpus}
     merged["summary"] = {**summarize(merged), "nodes_answered": len(nodes), "nodes_unanswered": len(missing)}
     return merged
 
@@ -684,4 +685,6 @@ def render_cluster_table(merged: Mapping[str, Any], width: int | None = None) ->
         lines += ["", f"Nodes that did not answer ({len(merged['unanswered'])}): their kernels are not in this report."]
         lines += _format_table(["NODE", "POD", "REASON"],
                                [[u["node"], u["pod"], u["reason"]] for u in merged["unanswered"]], width, "REASON")
+    if merged.get("notes"):
+        lines += [""] + [_cell(f"Note: {note}") for note in merged["notes"]]
     return "\n".join(lines)

@@ -253,3 +253,25 @@ def test_a_node_answering_something_else_is_named_not_merged(two_nodes: FakeKube
         assert bad["node"] == "gpu-node-2" and "not a gpu-reclaimer report" in bad["reason"], bad
         assert expected in bad["reason"]
         assert {k["node"] for k in merged["kernels"]} == {"gpu-node-1"}
+
+
+def test_a_gpu_node_without_a_daemon_pod_is_named(two_nodes: FakeKube, tmp_path: Path) -> None:
+    """A GPU node the DaemonSet does not cover (a taint, a missing label) must not vanish from the report."""
+    for name, gpus in (("gpu-node-1", 8), ("gpu-node-2", 8), ("gpu-node-9", 4), ("cpu-node-1", 0)):
+        two_nodes.add_node(name, gpus)
+    code, out, _ = run_cli(tmp_path, two_nodes, "-o", "json")
+    assert code == 1
+    merged = json.loads(out)
+    reasons = {u["node"]: u["reason"] for u in merged["unanswered"]}
+    assert set(reasons) == {"gpu-node-2", "gpu-node-9"}  # the CPU node is not expected to run a daemon
+    assert reasons["gpu-node-9"].startswith("no gpu-reclaimer pod on this GPU node")
+    assert merged["notes"] == []
+
+
+def test_without_rights_to_list_nodes_the_report_says_what_it_cannot_see(two_nodes: FakeKube, tmp_path: Path) -> None:
+    two_nodes.node_list_response = Reply(403, status_body(403, "Forbidden", 'nodes is forbidden: User "oncall" cannot '
+                                                          'list resource "nodes" in API group "" at the cluster scope'))
+    code, out, _ = run_cli(tmp_path, two_nodes, "-o", "table")
+    assert code == 1
+    assert "Note: cannot list nodes (HTTP 403: nodes is forbidden" in out
+    assert "GPU nodes without a daemon pod are not shown" in out

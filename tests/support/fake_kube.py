@@ -125,6 +125,8 @@ class FakeKube:
         self.proxy_targets: dict[tuple[str, str], str] = {}  # pod -> base URL that pods/proxy forwards to
         self.proxy_responses: dict[tuple[str, str], Reply] = {}  # pod -> scripted pods/proxy reply (e.g. 403)
         self.proxy_in_flight = 0
+        self.nodes: dict[str, dict[str, Any]] = {}
+        self.node_list_response: Reply | None = None  # None: list the nodes
         self.proxy_max_in_flight = 0
         self.url = ""
         self._lock = threading.Lock()
@@ -193,6 +195,15 @@ class FakeKube:
         with self._lock:
             self.pods[(meta.get("namespace", "default"), meta.get("name", f"raw-{len(self.pods)}"))] = pod
 
+    def add_node(self, name: str, gpus: int = 0) -> dict[str, Any]:
+        """Store a node whose capacity lists ``gpus`` nvidia.com/gpu (none when 0)."""
+        capacity = {"cpu": "16", "memory": "128Gi", **({"nvidia.com/gpu": str(gpus)} if gpus else {})}
+        node = {"kind": "Node", "apiVersion": "v1", "metadata": {"name": name, "uid": str(uuid.uuid4())},
+                "status": {"capacity": capacity, "allocatable": dict(capacity)}}
+        with self._lock:
+            self.nodes[name] = node
+        return node
+
     def proxy_to(self, pod: Mapping[str, Any], base_url: str) -> None:
         """Make pods/proxy of ``pod`` forward to ``base_url`` (a real server; a closed port plays a dead daemon)."""
         meta = pod["metadata"]
@@ -220,6 +231,7 @@ class FakeKube:
     def make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._record])
         app.router.add_get("/api/v1/pods", self._list_pods)
+        app.router.add_get("/api/v1/nodes", self._list_nodes)
         app.router.add_get("/api/v1/namespaces/{ns}/pods", self._list_pods)
         app.router.add_get("/api/v1/namespaces/{ns}/pods/{name}", self._get_pod)
         app.router.add_get("/api/v1/namespaces/{ns}/pods/{name}/proxy/{path:.*}", self._proxy)
@@ -268,6 +280,14 @@ class FakeKube:
             meta["continue"] = str(start + limit)
             meta["remainingItemCount"] = len(rest)
         return web.json_response({"kind": "PodList", "apiVersion": "v1", "metadata": meta, "items": page})
+
+    async def _list_nodes(self, request: web.Request) -> web.Response:
+        if self.node_list_response is not None:
+            return self._reply(self.node_list_response)
+        with self._lock:
+            items = [n for _, n in sorted(self.nodes.items())]
+        return web.json_response({"kind": "NodeList", "apiVersion": "v1",
+                                  "metadata": {"resourceVersion": str(self._resource_version)}, "items": items})
 
     async def _get_pod(self, request: web.Request) -> web.Response:
         key = (request.match_info["ns"], request.match_info["name"])
