@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from reclaimer.model import ActionKind, Candidate, PodInfo, Recovers, Verdict
 
+KUBEFLOW_STOP_ANNOTATION = "kubeflow-resource-stopped"  # on a Notebook: its controller scales it to 0 (Kubeflow's culler)
 KUBEFLOW_NOTEBOOK_LABEL = "notebook-name"  # set by Kubeflow's notebook-controller on the pods of a Notebook
 KUBEFLOW_NOTEBOOK_KIND = "Notebook"  # kubeflow.org Notebook (owns the StatefulSet that owns the pod)
 JUPYTER_KERNEL_KIND = "JupyterKernel"  # elastic-jupyter-operator's kernel custom resource (owns the kernel pod)
@@ -62,6 +63,13 @@ def _stop_server_recovers(c: Candidate) -> Recovers:
     return Recovers.ALLOCATION if _allocated(c) else Recovers.MEMORY
 
 
+def _stop_notebook_recovers(c: Candidate) -> Recovers:
+    # The notebook-controller scales the Notebook's StatefulSet to 0: the pod goes, and its GPU allocation with it.
+    if c.notebook is None:
+        return Recovers.NONE
+    return Recovers.ALLOCATION if _allocated(c) else Recovers.MEMORY
+
+
 def _evict_pod_recovers(c: Candidate) -> Recovers:
     if c.pod is None or not c.pod.owners_known or c.pod.controller is not None:
         return Recovers.NONE  # a controller recreates the pod: the GPU is taken again, the user's state is lost
@@ -79,6 +87,9 @@ KINDS: dict[ActionKind, ActionSpec] = {
         ActionSpec(ActionKind.EVICT_POD, "pod", "pod", "EvictPod", _evict_pod_recovers,
                    "evicts the pod (every process of it): releases its GPU allocation; never planned for a pod "
                    "a controller recreates"),
+        ActionSpec(ActionKind.STOP_NOTEBOOK, "notebook", "notebook", "StopNotebook", _stop_notebook_recovers,
+                   "stops the Kubeflow Notebook (annotation kubeflow-resource-stopped, as Kubeflow's culler does): "
+                   "its controller scales it to 0, releasing the pod's GPU allocation"),
         ActionSpec(ActionKind.NONE, "", "", None, lambda c: Recovers.NONE, "observes only"),
     )
 }
@@ -94,6 +105,11 @@ def recovers(action: ActionKind, c: Candidate) -> Recovers:
 
 
 # --------------------------------------------------------------------------- actions that would release nothing
+
+
+def kubeflow_notebook(pod: PodInfo) -> str | None:
+    """The name of the Kubeflow Notebook whose pod this is (StatefulSet pod labelled ``notebook-name``), or None."""
+    return _is_kubeflow_notebook(pod)
 
 
 def _is_kubeflow_notebook(pod: PodInfo) -> str | None:
@@ -196,6 +212,8 @@ def choose_auto(c: Candidate) -> tuple[ActionKind, str]:
         return ActionKind.SHUTDOWN_KERNEL, f"auto: shutdown-kernel (the gateway deletes the kernel pod) {what}"
     if c.server is not None and allocated:
         return ActionKind.STOP_SERVER, "auto: stop-server releases the GPU allocation"
+    if c.notebook is not None and allocated:
+        return ActionKind.STOP_NOTEBOOK, "auto: stop-notebook releases the GPU allocation (Kubeflow scales it to 0)"
     if pod is not None and allocated and pod.owners_known and pod.controller is None:
         return ActionKind.EVICT_POD, "auto: evict-pod releases the GPU allocation (a pod no controller recreates)"
     if c.kernel_id is not None:

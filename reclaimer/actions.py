@@ -19,6 +19,7 @@ import structlog
 from reclaimer import actionkinds
 from reclaimer.config import format_duration
 from reclaimer.hub import HUB_GATEWAY
+from reclaimer.kubeflow import KUBEFLOW_GATEWAY
 from reclaimer.model import (
     ActionKind,
     ActionResult,
@@ -161,6 +162,7 @@ class LiveExecutor:
     kernels: KernelStopper | None = None
     servers: ServerStopper | None = None
     kube: PodEvicter | None = None
+    notebooks: Any | None = None  # kubeflow.NotebookServers
     clock: Callable[[], float] = field(default=lambda: __import__("time").time())
     verify_within: float = 120.0
     default_backoff: float = 300.0
@@ -289,7 +291,15 @@ class LiveExecutor:
             ActionKind.SHUTDOWN_KERNEL: self._shutdown_kernel,
             ActionKind.STOP_SERVER: self._stop_server,
             ActionKind.EVICT_POD: self._evict_pod,
+            ActionKind.STOP_NOTEBOOK: self._stop_notebook,
         }
+
+    async def _stop_notebook(self, d: Decision) -> tuple[str, str] | ActionResult:
+        c = d.candidate
+        stop = getattr(self.kube, "stop_notebook", None)
+        if stop is None or c.notebook is None:
+            return self._record(d, "skipped", "no Kubeflow Notebook known for this candidate")
+        return await asyncio.to_thread(stop, c.notebook.namespace, c.notebook.name, self.clock())
 
     async def _shutdown_kernel(self, d: Decision) -> tuple[str, str] | ActionResult:
         c = d.candidate
@@ -298,6 +308,9 @@ class LiveExecutor:
         if c.gateway == HUB_GATEWAY and c.server is not None and self.servers is not None:
             # Seen only through the user's server (JupyterHub): shut it down there, not via a gateway.
             return await self.servers.shutdown_server_kernel(c.server, c.kernel_id)
+        if c.gateway == KUBEFLOW_GATEWAY and c.notebook is not None and self.notebooks is not None:
+            # Seen only through its Kubeflow notebook server: shut it down there.
+            return await self.notebooks.shutdown_kernel(c.notebook.namespace, c.notebook.name, c.kernel_id)
         if self.kernels is not None:
             return await self.kernels.shutdown(c.kernel_id)
         return self._record(d, "skipped", "no gateway to shut the kernel down through")

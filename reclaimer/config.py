@@ -175,6 +175,30 @@ class HubSettings(_Strict):
     _token_source = model_validator(mode="after")(_one_token_source)
 
 
+def _check_notebook_url(value: str) -> str:
+    """The template must name the notebook by ``{name}`` and ``{namespace}`` only, and give an http(s) URL."""
+    import string
+
+    fields = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
+    if fields != {"name", "namespace"}:
+        raise ValueError(f"must use exactly the placeholders {{name}} and {{namespace}}, got {sorted(fields)}")
+    return _check_http_url(value.replace("{name}", "nb").replace("{namespace}", "ns")) and value.rstrip("/")
+
+
+class KubeflowSettings(_Strict):
+    """Kubeflow notebooks: where each notebook server answers (built from the Notebook's name and namespace, never
+    read from the pod), and how to reach it."""
+
+    notebook_url: str = "http://{name}.{namespace}.svc/notebook/{namespace}/{name}"
+    token_env: str | None = None
+    token_file: str | None = None
+    timeout: PositiveDuration = 5.0
+
+    _url = field_validator("notebook_url")(_check_notebook_url)
+    _env_name = field_validator("token_env")(_check_env_name)
+    _token_source = model_validator(mode="after")(_one_token_source)
+
+
 class KubernetesSettings(_Strict):
     enabled: Literal["auto", True, False] = "auto"
     pod_resources_socket: str = "/var/lib/kubelet/pod-resources/kubelet.sock"
@@ -212,7 +236,7 @@ class PolicySettings(_Strict):
     gpu_idle_below: Ratio = 0.05
     idle_after: Duration = 1800.0
     warn_before: Duration = 300.0
-    action: Literal["auto", "shutdown-kernel", "stop-server", "evict-pod", "none"] = "shutdown-kernel"
+    action: Literal["auto", "shutdown-kernel", "stop-server", "evict-pod", "stop-notebook", "none"] = "shutdown-kernel"
 
     @model_validator(mode="after")
     def _warn_inside_window(self) -> PolicySettings:
@@ -259,6 +283,7 @@ class Settings(_Strict):
     gateways: tuple[GatewaySettings, ...] = ()
     hub: HubSettings | None = None
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
+    kubeflow: KubeflowSettings | None = None
     policies: tuple[PolicySettings, ...] = (PolicySettings(name="default"),)
     exemptions: ExemptionSettings = Field(default_factory=ExemptionSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)

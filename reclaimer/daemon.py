@@ -18,18 +18,21 @@ from typing import Any
 
 import structlog
 
+from reclaimer import actionkinds
 from reclaimer import candidates as join_mod
 from reclaimer import policy
 from reclaimer.actions import DryRunExecutor, LiveExecutor, executor_for
 from reclaimer.attribution import Attributor
 from reclaimer.config import Settings, format_duration
 from reclaimer.errors import StartupError
+from reclaimer.kubeflow import KUBEFLOW_GATEWAY
 from reclaimer.model import (
     ActionResult,
     AttributedProcess,
     CycleSnapshot,
     Decision,
     KernelActivity,
+    NotebookRef,
     PodGpuAllocation,
     PodInfo,
     PolicyState,
@@ -68,6 +71,7 @@ class Adapters:
     kube: Any | None = None  # kube.KubeClient
     pods: Any | None = None  # kube.PodCache
     pod_resources: Callable[[], Sequence[PodGpuAllocation]] | None = None
+    notebooks: Any | None = None  # kubeflow.NotebookServers
 
 
 @dataclass
@@ -121,6 +125,7 @@ class Daemon:
                 kernels=self.adapters.gateways,
                 servers=self.adapters.hub,
                 kube=self.adapters.kube,
+                notebooks=self.adapters.notebooks,
                 clock=self.clock,
                 verify_within=max(120.0, 4 * s.decide_interval),
             )
@@ -335,6 +340,7 @@ class Daemon:
             found = await self._hub_kernels(joined, activities, servers)
             if found:
                 joined = joined_with(found)
+        joined = await self._notebooks(joined)
         observed_at = self.clock()
         planned = policy.plan(joined.candidates, samp, s, now, self._state)
         decisions, self._state = planned.decisions, planned.state
@@ -371,10 +377,50 @@ class Daemon:
             self.on_cycle(snap, results)
         return snap, results
 
+    async def _notebook_ref(self, namespace: str, name: str) -> NotebookRef:
+        try:
+            return await asyncio.wait_for(self.adapters.notebooks.kernels(namespace, name), self._call_timeout())
+        except Exception as exc:  # unknown, never idle
+            return NotebookRef(namespace, name, None, f"notebook server: {type(exc).__name__}", self.clock())
+
+    async def _notebooks(self, joined: join_mod.JoinResult) -> join_mod.JoinResult:
+        """Kubeflow notebook pods: each notebook server's kernels (stop-notebook's whole target), asked at the URL
+        built from ``kubeflow.notebook_url``; a kernel no configured gateway knows is observed there."""
+        if self.adapters.notebooks is None:
+            return joined
+        wanted = {(c.pod.namespace, nb) for c in joined.candidates
+                  if c.pod is not None and (nb := actionkinds.kubeflow_notebook(c.pod)) is not None}
+        await self.adapters.notebooks.prune(wanted)
+        if not wanted:
+            return joined
+        refs = dict(zip(wanted, await asyncio.gather(*(self._notebook_ref(ns, nb) for ns, nb in wanted))))
+        out = []
+        for c in joined.candidates:
+            nb = actionkinds.kubeflow_notebook(c.pod) if c.pod is not None else None
+            if nb is None:
+                out.append(c)
+                continue
+            ref = refs[(c.pod.namespace, nb)]
+            c = replace(c, notebook=ref)
+            if c.kernel_id is not None and (c.activity is None or c.activity.error is not None):
+                seen = next((k for k in ref.kernels or () if k.kernel_id == c.kernel_id), None)
+                if seen is not None:
+                    c = replace(c, activity=seen, gateway=seen.gateway if seen.error is None else None)
+            out.append(c)
+        return replace(joined, candidates=tuple(out))
+
     async def _recheck(self, d: Decision) -> Decision:
         """Right before acting: fresh gateway view and the newest samples must still say reclaim."""
         assert self.sampler is not None
         fresh: KernelActivity | None = None
+        nb = d.candidate.notebook
+        if nb is not None and self.adapters.notebooks is not None:
+            # The notebook server's kernels again: stop-notebook ends all of them; its own kernel may be seen there.
+            ref = await self._notebook_ref(nb.namespace, nb.name)
+            d = replace(d, candidate=replace(d.candidate, notebook=ref))
+            if d.candidate.kernel_id is not None and d.candidate.gateway == KUBEFLOW_GATEWAY:
+                fresh = next((k for k in ref.kernels or () if k.kernel_id == d.candidate.kernel_id), None)
+                return policy.recheck(d, fresh, self.sampler.snapshot(), self.settings, self.clock())
         if d.candidate.kernel_id is not None:
             # Every gateway is asked again (not only the one cached): two answering for one id is unknown (inv. 14).
             got = await self._observe({d.candidate.kernel_id}, confirm=True)
@@ -503,7 +549,7 @@ class Daemon:
         stopped = await asyncio.to_thread(self.sampler.stop, 2.0)
         for worker in self._stages.values():
             worker.close()
-        for closer in (self.adapters.gateways, self.adapters.hub):
+        for closer in (self.adapters.gateways, self.adapters.hub, self.adapters.notebooks):
             if closer is not None and hasattr(closer, "close"):
                 with contextlib.suppress(Exception):
                     await closer.close()
@@ -537,6 +583,10 @@ def build_adapters(settings: Settings, backend: GpuBackend | None = None) -> Ada
         from reclaimer.hub import HubClient
 
         adapters.hub = HubClient(settings.hub)
+    if settings.kubeflow is not None:
+        from reclaimer.kubeflow import NotebookServers
+
+        adapters.notebooks = NotebookServers(settings.kubeflow)
     k = settings.kubernetes
     if k.enabled is not False:
         from reclaimer.kube import KubeClient, KubeUnavailable, PodCache

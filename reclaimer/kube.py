@@ -31,6 +31,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
 from reclaimer import actionkinds
+from reclaimer.actionkinds import KUBEFLOW_STOP_ANNOTATION
 from reclaimer.config import KubernetesSettings
 from reclaimer.errors import ReclaimerError
 from reclaimer.model import OwnerRef, PodInfo
@@ -39,6 +40,7 @@ from reclaimer.redact import redact_text
 log = structlog.get_logger(__name__)
 
 REPORTING_CONTROLLER = "reclaimer.io/gpu-reclaimer"
+NOTEBOOK_GROUP, NOTEBOOK_VERSION, NOTEBOOK_PLURAL = "kubeflow.org", "v1", "notebooks"  # Kubeflow's Notebook CRD
 EVENT_ACTIONS = frozenset({*actionkinds.EVENT_ACTIONS.values(), "Warn"})
 EVENT_REASONS = frozenset({"GPUIdle", "GPUIdleWarning", "EvictionBlockedByPDB", "GatewayError"})
 EVENT_TYPES = frozenset({"Normal", "Warning"})
@@ -277,6 +279,7 @@ class KubeClient:
         self._api = api_client
         self._core = k8s.CoreV1Api(api_client)
         self._events = k8s.EventsV1Api(api_client)
+        self._custom = k8s.CustomObjectsApi(api_client)
         self._log = log.bind(node=self.node_name)
 
     @classmethod
@@ -417,6 +420,45 @@ class KubeClient:
         if code == 409:
             return EvictionResult("conflict", detail)
         return EvictionResult("failed", detail)  # 500 (several PDBs) and anything unexpected
+
+    # ------------------------------------------------------------------ Kubeflow notebooks
+
+    def stop_notebook(self, namespace: str, name: str, now: float | None = None) -> tuple[str, str]:
+        """Stop a Kubeflow Notebook as Kubeflow's culler does: the ``kubeflow-resource-stopped`` annotation (RFC 3339
+        UTC time) by a merge patch; the notebook-controller then scales it to 0. Never raises.
+
+        ("success" | "already-gone" | "failed", detail): a Notebook that is gone or already carries the annotation is
+        "already-gone" (nothing patched twice); RBAC: ``kubeflow.org notebooks get, patch`` (enforce overlay).
+        """
+        what = f"Notebook {namespace}/{name}"
+        try:
+            notebook = self._custom.get_namespaced_custom_object(
+                NOTEBOOK_GROUP, NOTEBOOK_VERSION, namespace, NOTEBOOK_PLURAL, name, _request_timeout=self._timeout)
+        except ApiException as exc:
+            if exc.status == 404:
+                return "already-gone", f"{what} no longer exists"
+            return "failed", f"reading {what}: {describe_error(exc)}"
+        except Exception as exc:
+            return "failed", f"reading {what}: {describe_error(exc)}"
+        meta = notebook.get("metadata") if isinstance(notebook, Mapping) else None
+        annotations = meta.get("annotations") if isinstance(meta, Mapping) else None
+        if isinstance(annotations, Mapping) and KUBEFLOW_STOP_ANNOTATION in annotations:
+            return "already-gone", f"{what} is already stopped ({KUBEFLOW_STOP_ANNOTATION}=" \
+                                   f"{str(annotations[KUBEFLOW_STOP_ANNOTATION])[:40]})"
+        value = datetime.fromtimestamp(time.time() if now is None else now, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {"metadata": {"annotations": {KUBEFLOW_STOP_ANNOTATION: value}}}
+        try:
+            self._custom.patch_namespaced_custom_object(
+                NOTEBOOK_GROUP, NOTEBOOK_VERSION, namespace, NOTEBOOK_PLURAL, name, body,
+                _request_timeout=self._timeout)
+        except ApiException as exc:
+            if exc.status == 404:
+                return "already-gone", f"{what} no longer exists"
+            return "failed", f"stopping {what}: {describe_error(exc)}"
+        except Exception as exc:
+            return "failed", f"stopping {what}: {describe_error(exc)}"
+        self._log.info("notebook stopped", namespace=namespace, notebook=name, annotation=value)
+        return "success", f"{what} stopped ({KUBEFLOW_STOP_ANNOTATION}={value}); its controller scales it to 0"
 
     # ------------------------------------------------------------------ events
 

@@ -25,6 +25,7 @@ class ActionKind(str, enum.Enum):
     SHUTDOWN_KERNEL = "shutdown-kernel"
     STOP_SERVER = "stop-server"
     EVICT_POD = "evict-pod"
+    STOP_NOTEBOOK = "stop-notebook"  # Kubeflow: the kubeflow-resource-stopped annotation on the Notebook
     AUTO = "auto"  # a policy setting only: the policy resolves it per candidate (reclaimer.actionkinds.choose_auto)
     NONE = "none"
 
@@ -207,6 +208,19 @@ class KernelActivity:
 
 
 @dataclass(frozen=True, slots=True)
+class NotebookRef:
+    """A Kubeflow Notebook (kubeflow.org/v1) whose pod a candidate runs in, and its notebook server's kernels.
+
+    ``kernels`` None: the server's kernels could not be listed (unknown), with ``error`` saying why."""
+
+    namespace: str
+    name: str
+    kernels: tuple[KernelActivity, ...] | None = None
+    error: str | None = None
+    observed_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ServerRef:
     """A JupyterHub user server (``server_name`` "" is the default server)."""
 
@@ -241,6 +255,7 @@ class Candidate:
     allocated_gpus: tuple[str, ...] = ()  # the GPUs pod-resources lists for the candidate's pod (empty: none/unknown)
     shared_gpu: bool = False  # the allocation is a time-slicing / MPS replica (device ids with a ``::N`` suffix)
     kernel_pod: bool = False  # the pod is the kernel's own pod (kernel_id label): ending the kernel ends the pod
+    notebook: NotebookRef | None = None  # the Kubeflow Notebook of the pod (stop-notebook's target), when configured
 
     @property
     def kernel_name(self) -> str | None:

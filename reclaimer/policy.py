@@ -308,6 +308,13 @@ def _evaluate(
         if verdict is Verdict.UNKNOWN:
             return _unknown(c, policy.name, why)
         return Decision(c, verdict, action, f"{why}; {detail}", policy.name, idle)
+    if action is ActionKind.STOP_NOTEBOOK:
+        blocker = _notebook_blocker(c, policy, settings, now)
+        if blocker is not None:
+            verdict, why = blocker
+            if verdict is Verdict.UNKNOWN:
+                return _unknown(c, policy.name, why)
+            return Decision(c, verdict, action, f"{why}; {detail}", policy.name, idle)
     if action is ActionKind.NONE:
         return Decision(c, Verdict.KEEP, action, f"policy {policy.name} observes only; {detail}", policy.name, idle)
     if c.kernel_id is None and action is ActionKind.SHUTDOWN_KERNEL:
@@ -534,6 +541,36 @@ def _action_unknown(c: Candidate, action: ActionKind) -> str | None:
         return "stop-server needs the user's server, but neither the server nor the user is known"
     if action is ActionKind.EVICT_POD and c.pod is None:
         return "evict-pod needs the kernel's pod, which is unknown"
+    if action is ActionKind.STOP_NOTEBOOK:
+        if c.pod is None or actionkinds.kubeflow_notebook(c.pod) is None:
+            return f"stop-notebook needs a Kubeflow Notebook's pod; {_pod_name(c.pod)} is not one"
+        if c.notebook is None:
+            return "stop-notebook needs the notebook server's kernels (configure kubeflow.notebook_url)"
+        if c.notebook.kernels is None:
+            return f"notebook {c.notebook.namespace}/{c.notebook.name} kernels unknown ({_scrub(c.notebook.error or '')})"
+    return None
+
+
+def _notebook_blocker(c: Candidate, policy: PolicySettings, settings: Settings, now: float) -> tuple[Verdict, str] | None:
+    """stop-notebook ends every kernel of the notebook server: each must be idle with last_activity older than the
+    window, and the listing fresh and naming the candidate's own kernel; else (verdict, why)."""
+    nb = c.notebook
+    assert nb is not None and nb.kernels is not None
+    label = f"notebook {nb.namespace}/{nb.name}"
+    age = now - (nb.observed_at if nb.observed_at is not None else -math.inf)
+    if not age <= STALE_FACTOR * settings.decide_interval:
+        return Verdict.UNKNOWN, f"{label} kernel listing stale"
+    listed = {k.kernel_id for k in nb.kernels}
+    if c.kernel_id is not None and c.kernel_id not in listed:
+        return Verdict.UNKNOWN, f"{label} does not list kernel {c.kernel_id} (not this notebook's kernel?)"
+    for k in sorted(nb.kernels, key=lambda k: k.kernel_id):
+        if k.error is not None or k.execution_state is None or k.last_activity is None:
+            return Verdict.UNKNOWN, f"{label}: kernel {k.kernel_id} unknown ({_scrub(k.error or 'missing fields')})"
+        if k.execution_state != "idle":
+            return Verdict.KEEP, f"stop-notebook would also end kernel {k.kernel_id} ({k.execution_state})"
+        active = now - _utc(k.last_activity).timestamp()
+        if active < policy.idle_after:
+            return Verdict.KEEP, f"stop-notebook would also end kernel {k.kernel_id} (active {_dur(active)} ago)"
     return None
 
 
@@ -666,7 +703,8 @@ def _guard_shared_targets(decisions: list[Decision]) -> list[Decision]:
     """An evict-pod / stop-server ends every kernel in that pod or server: all of them must be reclaimable."""
     out = []
     for d in decisions:
-        if d.verdict is Verdict.RECLAIM and d.action in (ActionKind.EVICT_POD, ActionKind.STOP_SERVER):
+        if d.verdict is Verdict.RECLAIM and d.action in (ActionKind.EVICT_POD, ActionKind.STOP_SERVER,
+                                                         ActionKind.STOP_NOTEBOOK):
             blocker = next(
                 (o for o in decisions if o is not d and o.verdict is not Verdict.RECLAIM and _shares_target(d, o)),
                 None,
@@ -854,6 +892,8 @@ def _target(d: Decision) -> str | None:
         return f"pod:{c.pod.uid}"
     if d.action is ActionKind.STOP_SERVER:
         return _server_key(c)
+    if d.action is ActionKind.STOP_NOTEBOOK and c.notebook is not None:
+        return f"notebook:{c.notebook.namespace}/{c.notebook.name}"
     return None
 
 

@@ -177,11 +177,12 @@ def test_invariant_17_what_each_action_recovers(action: ActionKind, candidate: C
 
 
 def test_invariant_17_one_table_of_action_kinds() -> None:
-    executable = {ActionKind.SHUTDOWN_KERNEL, ActionKind.STOP_SERVER, ActionKind.EVICT_POD}
+    executable = {ActionKind.SHUTDOWN_KERNEL, ActionKind.STOP_SERVER, ActionKind.EVICT_POD, ActionKind.STOP_NOTEBOOK}
     assert set(actionkinds.EXECUTABLE) == executable
     assert set(ACTIONS) == {a.value for a in executable}  # metric labels come from the table
     assert actionkinds.EVENT_ACTIONS == {ActionKind.SHUTDOWN_KERNEL: "ShutdownKernel",
-                                         ActionKind.STOP_SERVER: "StopServer", ActionKind.EVICT_POD: "EvictPod"}
+                                         ActionKind.STOP_SERVER: "StopServer", ActionKind.EVICT_POD: "EvictPod",
+                                         ActionKind.STOP_NOTEBOOK: "StopNotebook"}
     assert LiveExecutor()._executors().keys() == executable  # every executable kind has an executor
 
 

@@ -128,6 +128,12 @@ class FakeKube:
         self.nodes: dict[str, dict[str, Any]] = {}
         self.node_list_response: Reply | None = None  # None: list the nodes
         self.proxy_max_in_flight = 0
+        # Kubeflow Notebooks (kubeflow.org/v1), by (namespace, name); ``notebook_response`` scripts the next GET/PATCH.
+        self.notebooks: dict[tuple[str, str], dict[str, Any]] = {}
+        self.notebook_response: Reply | None = None
+        # Like Kubeflow's notebook-controller: a Notebook annotated kubeflow-resource-stopped is scaled to 0 (its pods,
+        # labelled notebook-name, are deleted). False: the annotation is stored and nothing else happens.
+        self.notebook_controller = True
         self.url = ""
         self._lock = threading.Lock()
         self._resource_version = 1
@@ -238,7 +244,57 @@ class FakeKube:
         app.router.add_delete("/api/v1/namespaces/{ns}/pods/{name}", self._delete_pod)
         app.router.add_post("/api/v1/namespaces/{ns}/pods/{name}/eviction", self._evict)
         app.router.add_post("/apis/events.k8s.io/v1/namespaces/{ns}/events", self._create_event)
+        app.router.add_get("/apis/kubeflow.org/v1/namespaces/{ns}/notebooks/{name}", self._get_notebook)
+        app.router.add_patch("/apis/kubeflow.org/v1/namespaces/{ns}/notebooks/{name}", self._patch_notebook)
         return app
+
+    # ------------------------------------------------------------------ Kubeflow notebooks
+
+    def add_notebook(self, name: str, *, namespace: str = "default", annotations: Mapping[str, str] | None = None,
+                     pod: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Store a Notebook; with ``pod`` (from ``add_notebook_pod``) the notebook owns it through its StatefulSet."""
+        nb = {"apiVersion": "kubeflow.org/v1", "kind": "Notebook",
+              "metadata": {"name": name, "namespace": namespace, "uid": str(uuid.uuid4()),
+                           "resourceVersion": str(self._next_rv()), "annotations": dict(annotations or {})},
+              "spec": {"template": {"spec": {"containers": [{"name": name, "image": "kubeflownotebookswg/jupyter"}]}}}}
+        with self._lock:
+            self.notebooks[(namespace, name)] = nb
+        return nb
+
+    def add_notebook_pod(self, name: str, *, namespace: str = "default", **kw: Any) -> dict[str, Any]:
+        """The pod Kubeflow's notebook-controller makes for Notebook ``name``: ``<name>-0`` of StatefulSet ``name``,
+        labelled ``notebook-name`` and ``statefulset``."""
+        labels = {"notebook-name": name, "statefulset": name, "app": name, **kw.pop("labels", {})}
+        return self.add_pod(f"{name}-0", namespace=namespace, owner=("StatefulSet", name), labels=labels, **kw)
+
+    async def _get_notebook(self, request: web.Request) -> web.Response:
+        if self.notebook_response is not None:
+            return self._reply(self.notebook_response)
+        key = (request.match_info["ns"], request.match_info["name"])
+        with self._lock:
+            nb = self.notebooks.get(key)
+        return web.json_response(nb) if nb else self._reply(not_found(key[1]))
+
+    async def _patch_notebook(self, request: web.Request) -> web.Response:
+        if self.notebook_response is not None:
+            return self._reply(self.notebook_response)
+        if request.content_type != "application/merge-patch+json":
+            return self._reply(Reply(415, status_body(415, "UnsupportedMediaType",
+                                                      f"expected a merge patch, got {request.content_type}")))
+        key = (request.match_info["ns"], request.match_info["name"])
+        patch = request["json"]
+        with self._lock:
+            nb = self.notebooks.get(key)
+            if nb is None:
+                return self._reply(not_found(key[1]))
+            annotations = ((patch or {}).get("metadata") or {}).get("annotations") or {}
+            nb["metadata"]["annotations"].update(annotations)
+            nb["metadata"]["resourceVersion"] = str(self._next_rv())
+            if self.notebook_controller and "kubeflow-resource-stopped" in nb["metadata"]["annotations"]:
+                for pod_key, pod in list(self.pods.items()):
+                    if pod_key[0] == key[0] and pod["metadata"]["labels"].get("notebook-name") == key[1]:
+                        del self.pods[pod_key]
+        return web.json_response(nb)
 
     @web.middleware
     async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:

@@ -160,16 +160,19 @@ def start_kernel_gateway(workdir: Path, token: str, list_kernels: bool = True,
 
 
 def start_jupyter_server(workdir: Path, token: str, timeout: float = READY_TIMEOUT,
-                         env: dict[str, str] | None = None) -> JupyterProcess:
+                         env: dict[str, str] | None = None, base_url: str = "/") -> JupyterProcess:
     """A real ``jupyter server`` on a free loopback port, token required, root dir inside ``workdir``; ``env`` adds
-    variables (e.g. ``JUPYTER_PATH`` for extra kernelspecs)."""
+    variables (e.g. ``JUPYTER_PATH`` for extra kernelspecs); ``base_url`` serves it under a path (``url`` includes it,
+    e.g. ``/notebook/<namespace>/<name>/`` as a Kubeflow notebook server)."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "notebooks").mkdir(exist_ok=True)
     port = free_port()
     cmd = [sys.executable, "-m", "jupyter_server", "--allow-root", "--no-browser", "--ServerApp.ip=127.0.0.1",
-           f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--ServerApp.root_dir={workdir / 'notebooks'}"]
+           f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--ServerApp.root_dir={workdir / 'notebooks'}",
+           f"--ServerApp.base_url={base_url}"]
     proc, log_path = _spawn("jupyter-server", cmd, workdir, _env(workdir, JUPYTER_TOKEN=token, **(env or {})))
-    handle = JupyterProcess("jupyter server", f"http://127.0.0.1:{port}", token, proc, workdir, log_path)
+    handle = JupyterProcess("jupyter server", f"http://127.0.0.1:{port}{base_url.rstrip('/')}", token, proc, workdir,
+                            log_path, extra={"port": port})
     wait_http(handle, "/api/kernels", timeout, headers=auth(token))
     return handle
 
