@@ -48,6 +48,8 @@ USER_LABEL = "hub.jupyter.org/username"
 # Inputs the join accepts (main grows them issue by issue): what is not accepted yet is not passed.
 _JOIN_ACCEPTS = frozenset(inspect.signature(join_mod.join).parameters)
 _SERVER_FIELDS = frozenset(f.name for f in dataclasses.fields(ServerRef))
+_POD_FIELDS = frozenset(f.name for f in dataclasses.fields(PodInfo))
+_PROCESS_FIELDS = frozenset(f.name for f in dataclasses.fields(AttributedProcess))
 EG_GATEWAY = "eg"
 RELEASING_ACTION = {"kernel-in-pod": "stop-server", "kernel-pod": "shutdown-kernel"}  # frees the allocation
 
@@ -108,6 +110,7 @@ class NodeDaemon:
     settings: Settings
     sampler: Sampler
     state: PolicyState = field(default_factory=PolicyState)
+    allocation_seen: dict[str, float] = field(default_factory=dict)  # pod uid -> first cycle that saw its allocation
 
 
 class Ours:
@@ -170,7 +173,10 @@ class Ours:
             return  # nothing holds a GPU here: the daemon would find no candidate
         view = self._view(world, d.name, pods, now)
         snapshot = d.sampler.snapshot()
-        optional = {"kernel_pods": view.kernel_pods, "server_kernels": view.server_kernels}
+        # As the daemon: a pod holds its allocation from the first cycle that saw it (invariant 10).
+        d.allocation_seen = {a_uid: d.allocation_seen.get(a_uid, now) for a_uid in view.allocated_pods}
+        optional = {"kernel_pods": view.kernel_pods, "server_kernels": view.server_kernels,
+                    "first_seen": getattr(snapshot, "first_seen", None), "allocation_seen": d.allocation_seen}
         joined = join_mod.join(node=d.name, processes=view.processes, pods_by_uid=view.pods,
                                allocations=view.allocations, activities=view.activities, servers=view.servers,
                                server_name_annotation=self.settings.kubernetes.server_name_annotation,
@@ -227,6 +233,7 @@ class Ours:
         servers: list[ServerRef]
         kernel_pods: dict[str, str]  # pod uid -> kernel id (the kube adapter reads the kernel_id label)
         server_kernels: dict[tuple[str, str], list[KernelActivity]]  # every kernel of each server, as it lists them
+        allocated_pods: list[str]  # uids of the pods pod-resources lists with GPUs
 
     def _view(self, world: World, node: str, pods: Sequence[Pod], now: float) -> Ours._View:
         infos: dict[str, PodInfo] = {}
@@ -251,17 +258,20 @@ class Ours:
                 labels = {USER_LABEL: owner.user, "component": "singleuser-server"}
                 annotations = {USER_LABEL: owner.user}
                 user = owner.user
+            status = {"started_at": pod.created_at, "deleting": False, "containers_running": True}
             infos[pod.uid] = PodInfo(uid=pod.uid, namespace=pod.namespace, name=pod.name, node_name=node,
                                      labels=labels, annotations=annotations, user=user, phase="Running",
-                                     container_ids=(f"c-{pod.uid}",))
+                                     container_ids=(f"c-{pod.uid}",),
+                                     **{k: v for k, v in status.items() if k in _POD_FIELDS})
             if pod.gpu_uuids:
                 allocations.append(PodGpuAllocation(pod.namespace, pod.name, "notebook", pod.gpu_uuids))
             for uuid in pod.gpu_uuids:
                 for k, proc, util, mem in world.gpu_processes(uuid):
+                    started = {"started_at": k.proc_started} if "started_at" in _PROCESS_FIELDS else {}
                     processes.append(AttributedProcess(
                         pid=k.pids[proc], starttime=int(k.proc_started), gpu_uuid=uuid, used_memory_bytes=mem,
                         sm_utilization=util, pod_uid=pod.uid, container_id=f"c-{pod.uid}", kernel_id=k.actual_id,
-                        kernel_pid=k.pids.get("main", k.pids[proc])))
+                        kernel_pid=k.pids.get("main", k.pids[proc]), **started))
                     if k.actual_id not in activities:
                         activities[k.actual_id] = self._activity(k, gateway, now)
         listed = {"listed_at": now} if "listed_at" in _SERVER_FIELDS else {}
@@ -270,7 +280,8 @@ class Ours:
         # What each server's /api/kernels lists (through the hub): every running kernel, GPU or not.
         server_kernels = {(s.user, ""): [self._activity(k, gateway, now) for k in s.live_kernels()]
                           for s in world.servers.values() if s.node == node and s.alive()}
-        return Ours._View(infos, processes, allocations, activities, servers, kernel_pods, server_kernels)
+        return Ours._View(infos, processes, allocations, activities, servers, kernel_pods, server_kernels,
+                          [p.uid for p in pods if p.gpu_uuids and p.uid in infos])
 
     @staticmethod
     def _activity(k: Kernel, gateway: str, now: float) -> KernelActivity:
