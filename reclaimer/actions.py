@@ -184,7 +184,8 @@ class LiveExecutor:
 
     def tracked(self) -> dict[str, int]:
         """Sizes of the per-key structures (for the soak and the bounds tests)."""
-        return {"warned": len(self._warned), "backoff": len(self._backoff), "pending": len(self._pending)}
+        return {"warned": len(self._warned), "backoff": len(self._backoff), "pending": len(self._pending),
+                "allocation_pending": len(self._allocation_pending)}
 
     def _fail(self, key: str, now: float, detail: str) -> None:
         previous = self._backoff.get(key)
@@ -384,8 +385,9 @@ class LiveExecutor:
         """
         done: list[ActionResult] = []
         still: list[_AllocationPending] = []
-        for p in self._allocation_pending:
-            released = await self._pod_gone(p)
+        # One GET per pending pod, all at once: a slow API server costs one timeout per cycle, not one per pod.
+        gone = await asyncio.gather(*(self._pod_gone(p) for p in self._allocation_pending))
+        for p, released in zip(self._allocation_pending, gone, strict=True):
             if released is None and allocations is not None and listed_at is not None and listed_at > p.acted_at:
                 holding = {u for a in allocations if (a.namespace, a.pod) == (p.namespace, p.name)
                            for u in a.gpu_uuids}

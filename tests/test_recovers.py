@@ -655,3 +655,25 @@ def test_invariant_17_property_no_planned_action_releases_nothing(
     if action == "auto" and d.verdict is Verdict.RECLAIM and allocated and info.owners_known and \
             info.controller is None:
         assert actionkinds.recovers(d.action, d.candidate) is Recovers.ALLOCATION, d.reason
+
+
+async def test_invariant_17_allocation_checks_stay_bounded_and_run_at_once(api: FakeKube) -> None:
+    """Pods that never go: each check ends as unreleased at its deadline, so the pending list stays bounded; the
+    GETs of one cycle are made together (one slow API server costs one timeout, not one per pod)."""
+    clock = Clock()
+    ex = LiveExecutor(kube=api.kube_client(node_name=NODE), clock=clock, verify_within=60)
+    api.eviction_response = Reply(201, {"kind": "Status", "status": "Success"})
+    unreleased = 0
+    for cycle in range(20):
+        stored = api.add_pod(f"nb-{cycle}", namespace="team-a", node=NODE)
+        info = pod_info_from_json(stored, "hub.jupyter.org/username")
+        cand = Candidate(key=f"pod:{info.uid}", node=NODE, pod=info, gpu_uuids=(UUID0,), allocated=True)
+        await ex.execute([Decision(cand, Verdict.RECLAIM, ActionKind.EVICT_POD, "idle", "p", 1800, 0)],
+                         recheck=_still)
+        clock.t += 15
+        gets = len(api.requests_to("GET", r"/pods/nb-"))
+        done = await ex.verify_allocations(None, None, clock.t)
+        assert len(api.requests_to("GET", r"/pods/nb-")) - gets == ex.tracked()["allocation_pending"] + len(done)
+        unreleased += sum(r.result == "unreleased" for r in done)
+        assert ex.tracked()["allocation_pending"] <= 60 / 15 + 1
+    assert unreleased >= 15
