@@ -1,10 +1,10 @@
 """Carry out a plan of decisions: record it (dry-run) or act on it (enforce).
 
 The policy always produces the same plan; which executor runs it is the only difference between the modes.
-DryRunExecutor makes zero mutating calls and zero Events. LiveExecutor re-checks right before acting, acts at most
-once per decision, never escalates within a cycle, never forces, and verifies what the action should give back:
-the GPU memory (the processes gone from the samples) and, for an action that ends the pod, the GPU allocation (the
-pod gone, or pod-resources no longer listing its GPUs), each on its own.
+DryRunExecutor makes zero mutating calls and zero Events. LiveExecutor warns in an earlier cycle than it acts,
+re-checks right before acting, acts at most once per decision, never escalates within a cycle, never forces, and
+verifies what the action should give back: the GPU memory (the processes gone from the samples) and, for an action
+that ends the pod, the GPU allocation (the pod gone, or pod-resources no longer listing its GPUs), each on its own.
 """
 
 from __future__ import annotations
@@ -196,24 +196,28 @@ class LiveExecutor:
     async def execute(self, plan: Sequence[Decision], recheck: Recheck | None = None) -> list[ActionResult]:
         now = self.clock()
         out: list[ActionResult] = []
-        warning_keys = {d.candidate.key for d in plan if d.verdict in (Verdict.WARN, Verdict.RECLAIM)}
-        # A candidate that went back to work starts a new idle episode: it will be warned again.
-        self._warned &= warning_keys
+        # An idle episode lasts while the plan carries its warning time (or does not know): a candidate that went back
+        # to work starts a new episode and will be warned again.
+        self._warned &= {d.candidate.key for d in plan
+                         if d.warned_at is not None or d.verdict in (Verdict.WARN, Verdict.RECLAIM, Verdict.UNKNOWN)}
+        warned_before = set(self._warned)
         # A back-off ends with its candidate (gone from the plan) unless it still runs: a target that vanishes for a
         # cycle (an attribution glitch) must not come back to a fresh retry and another Warning Event.
         live = {d.candidate.key for d in plan}
         self._backoff = {k: b for k, b in self._backoff.items() if k in live or b.not_before > now}
         for d in plan:
-            if d.verdict is Verdict.WARN:
+            if d.verdict is Verdict.WARN or (d.warned_at is not None and d.verdict is not Verdict.RECLAIM):
                 await self._warn(d)
             elif d.verdict is Verdict.RECLAIM and d.action is not ActionKind.NONE:
+                if d.candidate.key not in warned_before:
+                    # Invariant 11, defence in depth (the policy already waits): never act in the cycle that warns.
+                    await self._warn(d)
+                    out.append(self._record(d, "skipped", "warned now; acting no earlier than a later cycle"))
+                    continue
                 held = self.hold(d.candidate.key, now)
                 if held is not None:
                     out.append(self._record(d, "skipped", held))
                     continue
-                if d.candidate.key not in self._warned:
-                    # Warn before acting, even when the warning window was never observed (e.g. after a restart).
-                    await self._warn(d)
                 if recheck is not None:
                     try:
                         fresh = await recheck(d)

@@ -273,6 +273,9 @@ class Decision:
     eta_seconds: float | None = None  # seconds until the action would be taken; 0 = now
     requested: ActionKind | None = None  # the policy's action when it differs from ``action`` (``auto``)
     fallback: Decision | None = None  # auto: the milder plan to use when the target of ``action`` is not all idle
+    # When this idle episode's warning went out (invariant 11); None: no warning in this episode (yet). A decision
+    # that warns for the first time carries ``now``.
+    warned_at: float | None = None
 
 
 # Every value ActionResult.result takes: a bounded label set. "verified" / "unverified": whether the GPU memory was
@@ -325,6 +328,8 @@ class PolicyState:
     ``last_action_at``: when each key was last acted upon (cooldowns). ``reclaimable_since``: when each key turned
     reclaimable, continuously since (the breaker lets one through per cycle only after another full window).
     ``breaker_released_at``: when the breaker last let each key through (so a failing action does not hold the slot).
+    ``warned_at``: when each key's current idle episode was warned (invariant 11). All of it is lost on a restart,
+    which is the conservative direction.
     """
 
     last_action_at: Mapping[str, float] = field(default_factory=dict)
@@ -332,6 +337,7 @@ class PolicyState:
     breaker_released_at: Mapping[str, float] = field(default_factory=dict)
     breaker_since: float | None = None
     breaker_cause: str | None = None
+    warned_at: Mapping[str, float] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- what one decide cycle leaves behind

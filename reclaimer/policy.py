@@ -7,7 +7,8 @@ A cycle has two stages:
 
 1. Each candidate on its own (``_evaluate``): exemptions first (they win and fail closed), then the first matching
    policy, then everything that could be unknown (unknown is never idle), then the idle arithmetic:
-   ``idle_seconds = min(GPU continuous idle time, now - last_activity)`` against the policy's window.
+   ``idle_seconds = min(GPU continuous idle time, now - last_activity)`` against the policy's window; a reclaim
+   also needs this idle episode's warning to have gone out ``warn_before`` earlier (``PolicyState.warned_at``).
 2. Blast radius over all of them (``decide``): shared pod/server guard, cooldown, one action per target,
    circuit breaker, rate limit — each can only turn a ``reclaim`` into something milder. The breaker keeps memory
    between cycles in ``PolicyState`` (``plan`` returns the next state; the daemon owns it).
@@ -89,7 +90,7 @@ def plan(
         individual = [
             _unknown(c, None, f"candidate key {c.key} appears more than once (attribution bug?)")
             if c.key in repeated
-            else _evaluate(c, sampler, settings, now)
+            else _evaluate(c, sampler, settings, now, warned_at=state.warned_at.get(c.key))
             for c in ordered
         ]
     finally:
@@ -114,7 +115,25 @@ def plan(
         breaker_since=breaker.since,
         breaker_cause=breaker.cause,
     )
-    return Plan(decisions, next_state, breaker)
+    # The warning clock, the same in dry-run and enforce (invariant 11).
+    return Plan(decisions, remember(next_state, decisions, now), breaker)
+
+
+def remember(state: PolicyState, decisions: Sequence[Decision], now: float) -> PolicyState:
+    """The state for the next cycle: each idle episode's warning time (invariant 11), pruned to live candidates.
+
+    A decision carrying ``warned_at`` continues (or starts) its episode. An unknown verdict keeps the episode it had:
+    not knowing is not being busy, and the idle arithmetic itself restarts wherever the data had a hole. Anything
+    else (busy, below the warning threshold, exempt) ends it, and so does a candidate that is gone.
+    """
+    warned: dict[str, float] = {}
+    for d in decisions:
+        key = d.candidate.key
+        if d.warned_at is not None:
+            warned[key] = d.warned_at
+        elif d.verdict is Verdict.UNKNOWN and key in state.warned_at:
+            warned[key] = state.warned_at[key]
+    return replace(state, warned_at=warned)
 
 
 def select_policy(
@@ -232,7 +251,8 @@ def recheck(
         if fresh is None:
             return _unknown(candidate, decision.policy, "re-check: no fresh answer from the gateway")
         candidate = replace(candidate, activity=fresh)
-    again = _evaluate(candidate, sampler, settings, now)
+    # The warning gate was passed by the plan seconds ago; the re-check asks only whether the candidate is still idle.
+    again = _evaluate(candidate, sampler, settings, now, warned_at=decision.warned_at, gate=False)
     if again.action is not decision.action and again.fallback is not None and \
             again.fallback.action is decision.action:
         again = again.fallback  # auto planned the milder action (the larger target was blocked): re-check that one
@@ -268,9 +288,20 @@ class _GpuView:
 
 
 def _evaluate(
-    c: Candidate, sampler: SamplerSnapshot, settings: Settings, now: float, chosen: ActionKind | None = None
+    c: Candidate,
+    sampler: SamplerSnapshot,
+    settings: Settings,
+    now: float,
+    chosen: ActionKind | None = None,
+    *,
+    warned_at: float | None = None,
+    gate: bool = True,
 ) -> Decision:
-    """The verdict for one candidate, before any blast-radius limit. ``chosen``: the action ``auto`` picked."""
+    """The verdict for one candidate, before any blast-radius limit. ``chosen``: the action ``auto`` picked.
+
+    ``warned_at``: when this candidate's current idle episode was warned (None: not yet). With ``gate`` a reclaim
+    also needs that warning to be at least ``warn_before`` old and from an earlier cycle (invariant 11).
+    """
     gpu_models = {d.uuid: d.model for d in sampler.devices}
     policy, policy_unknown = choose_policy(c, settings, gpu_models)
     policy_name = policy.name if policy else None
@@ -282,7 +313,7 @@ def _evaluate(
     if policy is None:
         return Decision(c, Verdict.KEEP, ActionKind.NONE, "no policy matches")
     if chosen is None and policy.action == ActionKind.AUTO.value:
-        return _evaluate_auto(c, sampler, settings, now)
+        return _evaluate_auto(c, sampler, settings, now, warned_at=warned_at, gate=gate)
     policy, override_note = _with_override(policy, c.pod)
     action = chosen or ActionKind(policy.action)
 
@@ -328,18 +359,27 @@ def _evaluate(
             idle,
         )
     eta = max(0.0, policy.idle_after - idle)
-    # A countdown only means something while the candidate is idle; "kernel busy" stays just that.
-    reason = f"{detail}; {action.value} in {format_duration(eta)}" if idle > 0 else detail
-    if idle >= policy.idle_after:
-        verdict = Verdict.RECLAIM
-    elif idle >= policy.idle_after - policy.warn_before:
-        verdict = Verdict.WARN
+    warning = ""
+    if idle >= policy.idle_after - policy.warn_before:
+        # Warn, then wait (invariant 11): the action comes no earlier than warn_before after this episode's warning,
+        # never in the cycle that warns, even when the idle window itself ran out long ago (e.g. after a restart).
+        if warned_at is None or not warned_at < now:
+            warned_at, warning = now, " (warning now)"
+        else:
+            warning = f" (warned at {_clock(warned_at)})"
+        if gate:
+            eta = max(eta, warned_at + policy.warn_before - now)
+        verdict = Verdict.RECLAIM if eta <= 0 and (warned_at < now or not gate) else Verdict.WARN
     else:
-        verdict = Verdict.KEEP
-    return Decision(c, verdict, action, reason, policy.name, idle, eta)
+        warned_at, verdict = None, Verdict.KEEP
+    # A countdown only means something while the candidate is idle; "kernel busy" stays just that.
+    reason = f"{detail}; {action.value} in {format_duration(eta)}{warning}" if idle > 0 else detail
+    return Decision(c, verdict, action, reason, policy.name, idle, eta, warned_at=warned_at)
 
 
-def _evaluate_auto(c: Candidate, sampler: SamplerSnapshot, settings: Settings, now: float) -> Decision:
+def _evaluate_auto(
+    c: Candidate, sampler: SamplerSnapshot, settings: Settings, now: float, *, warned_at: float | None, gate: bool
+) -> Decision:
     """``action: auto``: the action that releases the GPU allocation where the policy allows it (actionkinds).
 
     When that action's target (the whole server, the whole pod) is not reclaimable but the kernel alone is, the
@@ -347,7 +387,7 @@ def _evaluate_auto(c: Candidate, sampler: SamplerSnapshot, settings: Settings, n
     ``fallback`` so the blast-radius stage can switch to it when another kernel of the target blocks the larger one.
     """
     action, note = actionkinds.choose_auto(c)
-    raw = _evaluate(c, sampler, settings, now, chosen=action)
+    raw = _evaluate(c, sampler, settings, now, chosen=action, warned_at=warned_at, gate=gate)
     if raw.verdict is Verdict.EXEMPT or raw.policy is None:
         return raw
     # The choice is news only while the candidate is idle: "kernel busy" and unknowns stay just that.
@@ -356,7 +396,8 @@ def _evaluate_auto(c: Candidate, sampler: SamplerSnapshot, settings: Settings, n
     if action is ActionKind.SHUTDOWN_KERNEL or c.kernel_id is None:
         return primary
     # The milder plan, reason without its note: _with_fallback says why it is used when it is.
-    fallback = replace(_evaluate(c, sampler, settings, now, chosen=ActionKind.SHUTDOWN_KERNEL),
+    fallback = replace(_evaluate(c, sampler, settings, now, chosen=ActionKind.SHUTDOWN_KERNEL, warned_at=warned_at,
+                                 gate=gate),
                        requested=ActionKind.AUTO)
     if primary.verdict in (Verdict.RECLAIM, Verdict.WARN) or fallback.verdict not in (Verdict.RECLAIM, Verdict.WARN):
         return replace(primary, fallback=fallback)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -17,6 +18,7 @@ from reclaimer.config import GatewaySettings
 from reclaimer.gateway import GatewayClient, GatewayPool
 from reclaimer.model import (
     ActionKind,
+    ActionResult,
     AttributedProcess,
     Candidate,
     Decision,
@@ -26,6 +28,7 @@ from reclaimer.model import (
     SamplerSnapshot,
     Verdict,
 )
+from tests.support import policy_fixtures
 from tests.support.fake_kube import FakeKube, Reply, forbidden, multiple_pdbs, not_found, pdb_blocked, retry_after, \
     server_error
 
@@ -67,6 +70,10 @@ async def still_reclaim(d: Decision) -> Decision:
     return d
 
 
+async def warn_then_execute(ex: LiveExecutor, plan: list[Decision], recheck: Any = still_reclaim) -> list[ActionResult]:
+    return await policy_fixtures.warn_then_execute(ex, plan, recheck)
+
+
 # --------------------------------------------------------------------------- dry-run
 
 
@@ -98,7 +105,7 @@ async def test_invariant_7_no_force_eviction_paths(kube: FakeKube, reply: Reply 
     d = pod_decision(kube)
     kube.eviction_response = reply
     ex = LiveExecutor(kube=kube.kube_client(), clock=Clock())
-    (r,) = await ex.execute([d], recheck=still_reclaim)
+    (r,) = await warn_then_execute(ex, [d], recheck=still_reclaim)
     assert (r.result, r.mode) == (result, "enforce")
     (ev,) = kube.evictions
     assert ev.body["deleteOptions"]["preconditions"]["uid"] == d.candidate.pod.uid
@@ -111,7 +118,7 @@ async def test_invariant_3_identity_binds_eviction_to_the_pod_uid(kube: FakeKube
     """A pod replaced under the same name (new uid) is not evicted: 409 from the uid precondition, no action."""
     d = pod_decision(kube, uid="11111111-2222-4333-8444-555555555555")
     ex = LiveExecutor(kube=kube.kube_client(), clock=Clock())
-    (r,) = await ex.execute([d], recheck=still_reclaim)
+    (r,) = await warn_then_execute(ex, [d], recheck=still_reclaim)
     assert r.result == "failed" and "conflict" in r.detail
     assert ("team-a", "nb-alice") in kube.pods and kube.deletes == []
 
@@ -122,7 +129,7 @@ async def test_429_backs_off_and_retries_after(kube: FakeKube, reply: Reply) -> 
     kube.eviction_response = reply
     clock = Clock()
     ex = LiveExecutor(kube=kube.kube_client(), clock=clock, default_backoff=300)
-    await ex.execute([d], recheck=still_reclaim)
+    await warn_then_execute(ex, [d], recheck=still_reclaim)
     clock.t += 10
     (again,) = await ex.execute([d], recheck=still_reclaim)
     assert again.result == "skipped" and "backing off" in again.detail
@@ -138,7 +145,7 @@ async def test_invariant_7_no_force_failed_eviction_is_retried_never_escalated(k
     kube.eviction_response = multiple_pdbs()
     clock = Clock()
     ex = LiveExecutor(kube=kube.kube_client(), clock=clock)
-    (first,) = await ex.execute([d], recheck=still_reclaim)
+    (first,) = await warn_then_execute(ex, [d], recheck=still_reclaim)
     assert first.result == "failed" and len(kube.evictions) == 1 and kube.deletes == []
     kube.eviction_response = None
     clock.t += ex.failure_backoff
@@ -149,7 +156,7 @@ async def test_invariant_7_no_force_failed_eviction_is_retried_never_escalated(k
 async def test_event_failure_never_changes_the_outcome(kube: FakeKube) -> None:
     d = pod_decision(kube)
     kube.event_response = Reply(500, {"kind": "Status", "code": 500, "message": "boom"})
-    (r,) = await LiveExecutor(kube=kube.kube_client(), clock=Clock()).execute([d], recheck=still_reclaim)
+    (r,) = await warn_then_execute(LiveExecutor(kube=kube.kube_client(), clock=Clock()), [d])
     assert r.result == "success" and kube.events == []
 
 
@@ -175,7 +182,7 @@ async def test_recheck_that_no_longer_says_reclaim_skips_the_action(kube: FakeKu
         raise TimeoutError("gateway timed out")
 
     ex = LiveExecutor(kube=kube.kube_client(), clock=Clock())
-    (r,) = await ex.execute([d], recheck=now_busy)
+    (r,) = await warn_then_execute(ex, [d], recheck=now_busy)
     assert r.result == "skipped" and "kernel busy" in r.detail
     (r2,) = await ex.execute([d], recheck=broken)
     assert r2.result == "skipped" and "re-check failed" in r2.detail
@@ -219,7 +226,7 @@ async def test_invariant_8_idempotent_shutdown_paths(aiohttp_server, status: int
     pool = GatewayPool([GatewayClient(GatewaySettings(name="gw", url=str(server.make_url("")), timeout=2))])
     try:
         ex = LiveExecutor(kernels=pool, clock=Clock())
-        (r,) = await ex.execute([kernel_decision()], recheck=still_reclaim)
+        (r,) = await warn_then_execute(ex, [kernel_decision()], recheck=still_reclaim)
         assert r.result == result and gw.deletes == 1
         if result == "failed":  # retried after the back-off, never escalated to anything else
             (r2,) = await ex.execute([kernel_decision()], recheck=still_reclaim)
@@ -243,7 +250,7 @@ async def test_invariant_8_verified_only_when_the_memory_is_gone(aiohttp_server)
     clock = Clock()
     try:
         ex = LiveExecutor(kernels=pool, clock=clock, verify_within=60)
-        (r,) = await ex.execute([kernel_decision(pid=4242)], recheck=still_reclaim)
+        (r,) = await warn_then_execute(ex, [kernel_decision(pid=4242)], recheck=still_reclaim)
         assert r.result == "success" and ex.pending == 1
         assert ex.verify(_snapshot(clock.t - 1, ()), clock.t) == []  # a sample from before the action proves nothing
         assert ex.verify(_snapshot(clock.t + 1, None), clock.t + 1) == []  # process list unknown: not verified
@@ -260,7 +267,7 @@ async def test_unverified_after_the_deadline(aiohttp_server) -> None:
     clock = Clock()
     try:
         ex = LiveExecutor(kernels=pool, clock=clock, verify_within=60)
-        await ex.execute([kernel_decision(pid=4242)], recheck=still_reclaim)
+        await warn_then_execute(ex, [kernel_decision(pid=4242)], recheck=still_reclaim)
         stuck = _snapshot(clock.t + 61, (ProcessSample(4242, 3 * GIB),))
         (v,) = ex.verify(stuck, clock.t + 61)
         assert v.result == "unverified" and v.reclaimed_bytes == 0
@@ -277,8 +284,7 @@ async def test_server_error_events_do_not_block_kernel_actions(aiohttp_server, k
         d = kernel_decision()
         pod = PodInfo(uid="aaaaaaaa-0000-4000-8000-000000000001", namespace="team-a", name="nb")
         d = replace(d, candidate=replace(d.candidate, pod=pod))
-        (r,) = await LiveExecutor(kernels=pool, kube=kube.kube_client(), clock=Clock()).execute(
-            [d], recheck=still_reclaim)
+        (r,) = await warn_then_execute(LiveExecutor(kernels=pool, kube=kube.kube_client(), clock=Clock()), [d])
         assert r.result == "success"
     finally:
         await pool.close()
@@ -306,6 +312,7 @@ async def test_item4_failed_actions_back_off_exponentially_per_target_with_one_e
                           failure_backoff_max=240)
         attempts: list[float] = []
         details: list[str] = []
+        await ex.execute([replace(d, verdict=Verdict.WARN)], recheck=still_reclaim)  # invariant 11: warned first
         for _ in range(80):  # 20 minutes of 15 s cycles
             (r,) = await ex.execute([d], recheck=still_reclaim)
             if r.result == "failed":
@@ -321,8 +328,9 @@ async def test_item4_failed_actions_back_off_exponentially_per_target_with_one_e
         assert details[0].startswith("backing off after 1 failed attempt (gateway gw: HTTP 500)")
         assert details[0].endswith("next try in 45s")
         assert ex.hold(d.candidate.key, clock.t) is not None and "failed attempts" in ex.hold(d.candidate.key, clock.t)
-        # The back-off is per target: another kernel on the same gateway is tried at once.
+        # The back-off is per target: another kernel on the same gateway is tried at once (once warned).
         other = replace(d, candidate=replace(d.candidate, key="kernel:other"))
+        await ex.execute([replace(d, verdict=Verdict.WARN), replace(other, verdict=Verdict.WARN)], recheck=still_reclaim)
         mine, o = await ex.execute([d, other], recheck=still_reclaim)
         assert mine.result == "skipped" and o.result == "failed"
         # Once the gateway works again, the next attempt succeeds and the back-off is gone.
@@ -330,6 +338,34 @@ async def test_item4_failed_actions_back_off_exponentially_per_target_with_one_e
         clock.t += 240
         (ok,) = [r for r in await ex.execute([d], recheck=still_reclaim) if r.decision.candidate.key == d.candidate.key]
         assert ok.result == "success" and ex.hold(d.candidate.key, clock.t) is None
+    finally:
+        await pool.close()
+
+
+# --------------------------------------------------------------------------- invariant 11: warn, then wait
+
+
+def _event_order(kube: FakeKube) -> list[tuple[str, str]]:
+    return [(e["reason"], e["action"]) for e in kube.events]
+
+
+async def test_invariant_11_warning_precedes_shutdown_kernel(aiohttp_server, kube: FakeKube) -> None:
+    """A reclaim the executor never warned about is warned now and not acted on; the shutdown comes a cycle later,
+    after the warning Event on the kernel's pod."""
+    gw = ScriptedGateway()
+    server = await aiohttp_server(gw.app())
+    pool = GatewayPool([GatewayClient(GatewaySettings(name="gw", url=str(server.make_url("")), timeout=2))])
+    try:
+        d = kernel_decision()
+        pod = PodInfo(uid="aaaaaaaa-0000-4000-8000-000000000002", namespace="team-a", name="nb-bob")
+        d = replace(d, candidate=replace(d.candidate, pod=pod))
+        ex = LiveExecutor(kernels=pool, kube=kube.kube_client(), clock=Clock())
+        (first,) = await ex.execute([d], recheck=still_reclaim)
+        assert (first.result, first.detail) == ("skipped", "warned now; acting no earlier than a later cycle")
+        assert gw.deletes == 0 and _event_order(kube) == [("GPUIdleWarning", "Warn")]
+        (second,) = await ex.execute([d], recheck=still_reclaim)
+        assert second.result == "success" and gw.deletes == 1
+        assert _event_order(kube) == [("GPUIdleWarning", "Warn"), ("GPUIdle", "ShutdownKernel")]
     finally:
         await pool.close()
 
@@ -355,15 +391,61 @@ async def test_item4_live_executor_state_stays_bounded_by_the_live_candidates(ai
         ex = LiveExecutor(kernels=pool, clock=clock, failure_backoff=30, failure_backoff_max=60)
         biggest = 0
         for cycle in range(300):
-            plan = [replace(kernel_decision(), candidate=replace(kernel_decision().candidate, key=f"kernel:{cycle}-{i}"))
-                    for i in range(2)]
+            # Each target is warned in one cycle and acted on (failing) in the next (invariant 11).
+            plan = [replace(kernel_decision(), candidate=replace(kernel_decision().candidate, key=f"kernel:{c}-{i}"),
+                            verdict=Verdict.RECLAIM if c < cycle else Verdict.WARN)
+                    for c in (cycle - 1, cycle) for i in range(2)]
             plan.append(replace(plan[0], verdict=Verdict.WARN,
                                 candidate=replace(plan[0].candidate, key=f"kernel:warn-{cycle}")))
             await ex.execute(plan, recheck=still_reclaim)
             sizes = ex.tracked()
             biggest = max(biggest, sizes["warned"], sizes["backoff"])
             clock.t += 15
-        # Live: 3 per cycle; back-offs also outlive their candidate while they run (60 s = 4 cycles x 2).
-        assert ex.tracked()["warned"] <= 3 and biggest <= 3 + 2 * 5
+        # Live: 5 per cycle; back-offs also outlive their candidate while they run (60 s = 4 cycles x 2).
+        assert ex.tracked()["warned"] <= 5 and biggest <= 5 + 2 * 5 and gw.deletes >= 2 * 299
     finally:
         await pool.close()
+
+
+async def test_invariant_11_warning_precedes_stop_server(aiohttp_server, kube: FakeKube,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same for stop-server, against the fake JupyterHub: no DELETE of the server before the warning went out."""
+    from reclaimer.config import HubSettings
+    from reclaimer.hub import HubClient
+    from reclaimer.model import ServerRef
+    from tests.support.fake_hub import FakeHub
+
+    hub = FakeHub(token="hub-token-for-warn-test")
+    hub.add_server("alice")
+    server = await aiohttp_server(hub.app())
+    monkeypatch.setenv("RECLAIMER_TEST_WARN_HUB_TOKEN", hub.token)
+    client = HubClient(HubSettings(url=str(server.make_url("")).rstrip("/"), token_env="RECLAIMER_TEST_WARN_HUB_TOKEN",
+                                   timeout=2))
+    try:
+        d = pod_decision(kube)
+        d = replace(d, action=ActionKind.STOP_SERVER,
+                    candidate=replace(d.candidate, user="alice", server=ServerRef("alice", "")))
+        ex = LiveExecutor(servers=client, kube=kube.kube_client(), clock=Clock())
+        (first,) = await ex.execute([d], recheck=still_reclaim)
+        assert first.result == "skipped"
+        assert [r.method for r in hub.requests if r.method == "DELETE"] == []
+        assert _event_order(kube) == [("GPUIdleWarning", "Warn")]
+        (second,) = await ex.execute([d], recheck=still_reclaim)
+        assert second.result == "success" and "alice" not in {u for u, s in hub.users.items() if s}
+        assert [r.method for r in hub.requests if r.method == "DELETE"] == ["DELETE"]
+        assert _event_order(kube) == [("GPUIdleWarning", "Warn"), ("GPUIdle", "StopServer")]
+    finally:
+        await client.close()
+
+
+async def test_invariant_11_an_unknown_cycle_keeps_the_episode_a_busy_one_ends_it(kube: FakeKube) -> None:
+    d = pod_decision(kube)
+    ex = LiveExecutor(kube=kube.kube_client(), clock=Clock())
+    await ex.execute([replace(d, verdict=Verdict.WARN)], recheck=still_reclaim)
+    await ex.execute([replace(d, verdict=Verdict.UNKNOWN, action=ActionKind.NONE)], recheck=still_reclaim)
+    (acted,) = await ex.execute([d], recheck=still_reclaim)
+    assert acted.result == "success"
+    await ex.execute([replace(d, verdict=Verdict.KEEP, warned_at=None)], recheck=still_reclaim)  # back to work
+    (again,) = await ex.execute([d], recheck=still_reclaim)
+    assert again.result == "skipped" and "warned now" in again.detail
+    assert [e["reason"] for e in kube.events] == ["GPUIdleWarning", "GPUIdle", "GPUIdleWarning"]

@@ -17,6 +17,7 @@ from reclaimer.config import Settings
 from reclaimer.model import ActionKind, Candidate, Decision, PolicyState, SamplerSnapshot, Verdict
 from reclaimer.policy import IDLE_AFTER_ANNOTATION, decide, plan, recheck
 from tests.support.policy_fixtures import (
+    WARNED,
     GIB,
     KID,
     KID2,
@@ -37,6 +38,7 @@ from tests.support.policy_fixtures import (
     process,
     series,
     snapshot,
+    warned_long_ago,
 )
 
 NO_LIMITS = {"max_actions_per_cycle": 100, "cooldown": "10m", "max_fraction_per_cycle": 1.0, "breaker_min_reclaims": 0}
@@ -44,7 +46,7 @@ ERR_UTIL = ("nvmlDeviceGetUtilizationRates:NOT_SUPPORTED",)
 
 
 def decide_one(c: Candidate, snap: SamplerSnapshot | None = None, settings: Settings | None = None) -> Decision:
-    [d] = decide([c], snap or snapshot(), settings or make_settings(limits=NO_LIMITS), NOW, PolicyState())
+    [d] = decide([c], snap or snapshot(), settings or make_settings(limits=NO_LIMITS), NOW, WARNED)
     return d
 
 
@@ -243,7 +245,7 @@ def test_invariant_3_identity_binds() -> None:
     cands = [kernel(KID), kernel(KID2, gpus=(UUID1,), pod_info=pod("nb-2", uid=pod_uid(2))), pod_candidate()]
     cands[2] = dataclasses.replace(cands[2], key=f"pod:{pod_uid(3)}", pod=pod("nb-3", uid=pod_uid(3)))
     settings = make_settings(limits={"max_actions_per_cycle": 1, "max_fraction_per_cycle": 1.0})
-    decisions = decide(cands, snapshot(series(), series(UUID1, 1)), settings, NOW, PolicyState())
+    decisions = decide(cands, snapshot(series(), series(UUID1, 1)), settings, NOW, WARNED)
     by_key = {d.candidate.key: d for d in decisions}
     assert sorted(by_key) == sorted(c.key for c in cands)
     for c in cands:
@@ -410,7 +412,7 @@ def _limits(**limits: Any) -> Settings:
 def test_invariant_6_blast_radius_limit() -> None:
     memory = [1 * GIB, 8 * GIB, 2 * GIB, 8 * GIB, 4 * GIB, 1 * GIB]
     settings = _limits(max_actions_per_cycle=3)
-    decisions = decide(_idle_kernels(6, memory), snapshot(), settings, NOW, PolicyState())
+    decisions = decide(_idle_kernels(6, memory), snapshot(), settings, NOW, WARNED)
     reclaimed = {d.candidate.key for d in decisions if d.verdict is Verdict.RECLAIM}
     assert reclaimed == {f"kernel:{kernel_uuid(i)}" for i in (1, 3, 4)}  # the most memory x idle time
     for d in decisions:
@@ -420,9 +422,9 @@ def test_invariant_6_blast_radius_limit() -> None:
 
 
 def test_invariant_6_blast_radius_limit_ties_by_key_and_zero_means_none() -> None:
-    decisions = decide(_idle_kernels(4), snapshot(), _limits(max_actions_per_cycle=2), NOW, PolicyState())
+    decisions = decide(_idle_kernels(4), snapshot(), _limits(max_actions_per_cycle=2), NOW, WARNED)
     assert [d.verdict for d in decisions] == [Verdict.RECLAIM] * 2 + [Verdict.WARN] * 2
-    decisions = decide(_idle_kernels(4), snapshot(), _limits(max_actions_per_cycle=0), NOW, PolicyState())
+    decisions = decide(_idle_kernels(4), snapshot(), _limits(max_actions_per_cycle=0), NOW, WARNED)
     assert {d.verdict for d in decisions} == {Verdict.WARN}
 
 
@@ -439,7 +441,7 @@ def test_invariant_6_blast_radius_limit_ties_by_key_and_zero_means_none() -> Non
 def test_invariant_6_blast_radius_cooldown(
     last_action_at: dict[str, float], verdict: Verdict, reason_start: str, eta: float
 ) -> None:
-    [d] = decide([kernel()], snapshot(), _limits(cooldown="10m"), NOW, PolicyState(last_action_at))
+    [d] = decide([kernel()], snapshot(), _limits(cooldown="10m"), NOW, warned_long_ago(last_action_at=last_action_at))
     assert (d.verdict, d.eta_seconds) == (verdict, eta)
     assert d.reason.startswith(reason_start)
 
@@ -459,7 +461,7 @@ def test_invariant_6_blast_radius_breaker_floor_default(idle: int, busy: int, re
     for i in range(idle, idle + busy):
         cands[i] = dataclasses.replace(cands[i], activity=activity(kernel_uuid(i), state="busy"))
     settings = make_settings(limits={"max_actions_per_cycle": 100, "cooldown": "10m"})  # defaults: 0.5, floor 2
-    decisions = decide(cands, snapshot(), settings, NOW, PolicyState())
+    decisions = decide(cands, snapshot(), settings, NOW, WARNED)
     assert sum(d.verdict is Verdict.RECLAIM for d in decisions) == reclaims
 
 
@@ -482,7 +484,7 @@ def test_invariant_6_blast_radius_breaker(
     for i in range(idle, idle + busy):
         cands[i] = dataclasses.replace(cands[i], activity=activity(kernel_uuid(i), state="busy"))
     settings = _limits(max_fraction_per_cycle=fraction, max_actions_per_cycle=max_actions)
-    decisions = decide(cands, snapshot(), settings, NOW, PolicyState())
+    decisions = decide(cands, snapshot(), settings, NOW, WARNED)
     assert sum(d.verdict is Verdict.RECLAIM for d in decisions) == reclaims
     if note:
         warned = [d for d in decisions if d.verdict is Verdict.WARN]
@@ -570,7 +572,7 @@ def test_property_unknown_error_busy_or_exempt_never_reclaims(spoiler: Any, gpus
     kind, value, patch = spoiler
     settings = _h_settings(action)
     clean = _h_kernel(0, gpus=gpus, pod_index=0)
-    assert decide([clean], _h_busy_snapshot(()), settings, NOW, PolicyState())[0].verdict is Verdict.RECLAIM  # control
+    assert decide([clean], _h_busy_snapshot(()), settings, NOW, WARNED)[0].verdict is Verdict.RECLAIM  # control
     snap, cand = _h_busy_snapshot(()), clean
     if kind == "sample":
         snap = _h_snapshot({gpus[-1]: {value: patch}})
@@ -587,7 +589,7 @@ def test_property_unknown_error_busy_or_exempt_never_reclaims(spoiler: Any, gpus
     else:
         cand = _h_kernel(0, gpus=gpus, pod_index=0, namespace=value)
     others = [_h_kernel(i, gpus=gpus, pod_index=i) for i in range(1, 3)]
-    decisions = decide([cand, *others], snap, settings, NOW, PolicyState())
+    decisions = decide([cand, *others], snap, settings, NOW, WARNED)
     [mine] = [d for d in decisions if d.candidate.key == cand.key]
     assert mine.verdict is not Verdict.RECLAIM
 
@@ -625,7 +627,7 @@ def _build_world(
         if ago is not None:
             acted[cands[-1].key] = NOW - ago
     snap = _h_busy_snapshot(tuple((u, t) for u, t in zip(H_UUIDS, busy_at) if t is not None))
-    return cands, snap, _h_settings(action, max_actions, fraction), PolicyState(acted)
+    return cands, snap, _h_settings(action, max_actions, fraction), warned_long_ago(last_action_at=acted)
 
 
 # Random nodes: kernels and bare pods sharing GPUs and pods, in every state, under random limits.
@@ -684,7 +686,7 @@ def _node(idle: int, busy: int) -> list[Candidate]:
 
 def _since(cands: list[Candidate], ago: dict[int, float]) -> PolicyState:
     """A state in which candidate i has been reclaimable for ago[i] seconds (the others are new)."""
-    return PolicyState(reclaimable_since={cands[i].key: NOW - a for i, a in ago.items()})
+    return warned_long_ago(reclaimable_since={cands[i].key: NOW - a for i, a in ago.items()})
 
 
 @pytest.mark.parametrize(
@@ -724,7 +726,7 @@ def test_invariant_18_breaker_cannot_latch(
 def test_invariant_18_breaker_cannot_latch_cause_and_state() -> None:
     cands = _node(3, 1)
     settings = make_settings(limits=BREAKER)
-    first = plan(cands, snapshot(), settings, NOW, PolicyState())
+    first = plan(cands, snapshot(), settings, NOW, WARNED)
     assert (first.breaker.cause, first.breaker.new_trip, first.breaker.since) == ("mass-flip", True, NOW)
     assert first.breaker.reason.startswith("tripped (mass-flip) since 22:13:20 UTC: 3 of 4 would be reclaimed")
     assert "holding all; one per cycle from 22:43:20 UTC if they stay reclaimable" in first.breaker.reason
@@ -761,7 +763,7 @@ def _steady_node(k: int, n: int, fraction: float, floor: int, max_cycles: int) -
     d = settings.decide_interval
     alive = {i for i in range(n)}
     reclaimed_at: list[int] = []
-    state = PolicyState()
+    state = warned_long_ago()
     for cycle in range(max_cycles):
         now = NOW + cycle * d
         snap = _h_breaker_snapshot(now)

@@ -14,6 +14,7 @@ from reclaimer.model import ActionKind, Candidate, Decision, KernelActivity, Pol
 from reclaimer.policy import IDLE_AFTER_ANNOTATION, decide, gpu_idle_seconds, recheck, select_policy
 from reclaimer.sampler import Sampler
 from tests.support.policy_fixtures import (
+    WARNED,
     GIB,
     INTERVAL,
     KID,
@@ -42,7 +43,7 @@ MODELS = {UUID0: "NVIDIA A100-SXM4-80GB", UUID1: "NVIDIA H100 80GB HBM3"}
 def decide_one(c: Candidate, snap: Any = None, settings: Settings | None = None, now: float = NOW) -> Decision:
     """decide() for a single candidate with the blast-radius limits out of the way."""
     settings = settings or make_settings(limits=NO_LIMITS)
-    [d] = decide([c], snap or snapshot(), settings, now, PolicyState())
+    [d] = decide([c], snap or snapshot(), settings, now, WARNED)
     assert d.candidate is c
     return d
 
@@ -270,14 +271,14 @@ def test_naive_last_activity_is_utc() -> None:
             kernel(act=activity(idle_for=47 * 60)),
             None,
             None,
-            "GPU 0 at 0% for 3h and kernel idle since 21:26 UTC; shutdown-kernel in 0s",
+            "GPU 0 at 0% for 3h and kernel idle since 21:26 UTC; shutdown-kernel in 0s (warned at 21:13:20 UTC)",
             id="reclaim",
         ),
         pytest.param(
             kernel(act=activity(idle_for=27 * 60)),
             snapshot(series(util=lambda ts: 0.02 if ts > NOW - 60 else 0.0)),
             None,
-            "GPU 0 at 2% for 3h and kernel idle since 21:46 UTC; shutdown-kernel in 3m",
+            "GPU 0 at 2% for 3h and kernel idle since 21:46 UTC; shutdown-kernel in 3m (warned at 21:13:20 UTC)",
             id="warn-shows-peak-and-countdown",
         ),
         pytest.param(kernel(act=activity(state="busy")), None, None, "kernel busy", id="busy"),
@@ -298,7 +299,7 @@ def test_naive_last_activity_is_utc() -> None:
             kernel(act=activity(idle_for=3 * 86400)),
             snapshot(series(), started_at=STARTED),
             None,
-            "GPU 0 at 0% for 3h and kernel idle since 2023-11-11 22:13 UTC; shutdown-kernel in 0s",
+            "GPU 0 at 0% for 3h and kernel idle since 2023-11-11 22:13 UTC; shutdown-kernel in 0s (warned at 21:13:20 UTC)",
             id="old-activity-shows-date",
         ),
         pytest.param(
@@ -345,7 +346,7 @@ def test_naive_last_activity_is_utc() -> None:
             pod_candidate(),
             None,
             with_policy(action="evict-pod"),
-            "GPU 0 at 0% for 3h with no process in pod team-a/jupyter-alice; evict-pod in 0s",
+            "GPU 0 at 0% for 3h with no process in pod team-a/jupyter-alice; evict-pod in 0s (warned at 21:13:20 UTC)",
             id="pod-candidate",
         ),
     ],
@@ -489,14 +490,14 @@ def _two_kernels_one_pod(second_state: str) -> list[Candidate]:
 
 def test_evict_pod_blocked_when_a_kernel_in_the_same_pod_is_busy() -> None:
     settings = with_policy(action="evict-pod")
-    decisions = decide(_two_kernels_one_pod("busy"), snapshot(series(), series(UUID1, 1)), settings, NOW, PolicyState())
+    decisions = decide(_two_kernels_one_pod("busy"), snapshot(series(), series(UUID1, 1)), settings, NOW, WARNED)
     assert [d.verdict for d in decisions] == [Verdict.KEEP, Verdict.KEEP]
     assert decisions[0].reason.startswith(f"evict-pod would also end kernel:{KID2} (keep: kernel busy)")
 
 
 def test_shutdown_kernel_is_not_blocked_by_a_busy_neighbour() -> None:
     decisions = decide(
-        _two_kernels_one_pod("busy"), snapshot(series(), series(UUID1, 1)), with_policy(), NOW, PolicyState()
+        _two_kernels_one_pod("busy"), snapshot(series(), series(UUID1, 1)), with_policy(), NOW, WARNED
     )
     assert [d.verdict for d in decisions] == [Verdict.RECLAIM, Verdict.KEEP]
 
@@ -504,7 +505,7 @@ def test_shutdown_kernel_is_not_blocked_by_a_busy_neighbour() -> None:
 @pytest.mark.parametrize("action", ["evict-pod", "stop-server"])
 def test_one_action_per_pod_or_server(action: str) -> None:
     settings = with_policy(action=action)
-    decisions = decide(_two_kernels_one_pod("idle"), snapshot(series(), series(UUID1, 1)), settings, NOW, PolicyState())
+    decisions = decide(_two_kernels_one_pod("idle"), snapshot(series(), series(UUID1, 1)), settings, NOW, WARNED)
     assert [d.verdict for d in decisions] == [Verdict.RECLAIM, Verdict.WARN]
     assert decisions[1].reason.startswith(f"covered by the {action} planned for kernel:{KID}")
     assert decisions[1].eta_seconds == settings.decide_interval
@@ -515,21 +516,21 @@ def test_one_action_per_pod_or_server(action: str) -> None:
 
 def test_output_sorted_by_key_and_independent_of_order() -> None:
     cands = [kernel(KID2, act=activity(KID2, state="busy")), pod_candidate(), kernel(KID)]
-    first = decide(cands, snapshot(), make_settings(limits=NO_LIMITS), NOW, PolicyState())
-    second = decide(list(reversed(cands)), snapshot(), make_settings(limits=NO_LIMITS), NOW, PolicyState())
+    first = decide(cands, snapshot(), make_settings(limits=NO_LIMITS), NOW, WARNED)
+    second = decide(list(reversed(cands)), snapshot(), make_settings(limits=NO_LIMITS), NOW, WARNED)
     assert [d.candidate.key for d in first] == sorted(c.key for c in cands)
     assert first == second
 
 
 def test_duplicate_keys_are_unknown() -> None:
     a, b = kernel(), kernel(act=activity(state="busy"))
-    decisions = decide([a, b], snapshot(), make_settings(limits=NO_LIMITS), NOW, PolicyState())
+    decisions = decide([a, b], snapshot(), make_settings(limits=NO_LIMITS), NOW, WARNED)
     assert {d.verdict for d in decisions} == {Verdict.UNKNOWN}
     assert all(f"candidate key kernel:{KID} appears more than once" in d.reason for d in decisions)
 
 
 def test_no_candidates_no_decisions() -> None:
-    assert decide([], snapshot(), make_settings(), NOW, PolicyState()) == []
+    assert decide([], snapshot(), make_settings(), NOW, WARNED) == []
 
 
 # --------------------------------------------------------------------------- recheck
@@ -640,7 +641,7 @@ def _driven(idle_after_override: str, events: Mapping[float, Callable[[Simulated
         sampler.tick()
         if elapsed % decide_every == 0:
             act = KernelActivity(KID, "eg", clock[0], "python3", "idle", utc(NOW - 86400), 0)
-            (d,) = decide([kernel(pod_info=annotated, act=act)], sampler.snapshot(), settings, clock[0], PolicyState())
+            (d,) = decide([kernel(pod_info=annotated, act=act)], sampler.snapshot(), settings, clock[0], WARNED)
             out.append((elapsed, d))
         clock[0] += INTERVAL
         elapsed += INTERVAL

@@ -42,6 +42,8 @@ from tests.support.fake_kubelet import FakeKubelet
 from tests.support.fake_kubelet import pod as fk_pod
 from tests.support.nvml_fixtures import FakeGpu, FakeNvml, fake_nvml, fake_nvml_libs, gpu_uuid  # noqa: F401
 from tests.support.policy_fixtures import (
+    WARNED,
+    warn_then_execute,
     KID,
     KID2,
     NODE,
@@ -194,7 +196,7 @@ def evict_settings(action: str = "evict-pod", **extra: Any):
 
 
 def decide_one(c: Candidate, settings) -> Decision:
-    (d,) = decide([c], snapshot(), settings, NOW, PolicyState())
+    (d,) = decide([c], snapshot(), settings, NOW, WARNED)
     return d
 
 
@@ -296,7 +298,7 @@ def test_invariant_17_auto_falls_back_to_the_kernel_when_its_server_is_not_idle(
     busy = replace(kernel(KID2, server=SERVER, act=activity(KID2, state="busy"),
                           processes=(process(5555, kernel_id=KID2),)), allocated=True, allocated_gpus=(UUID0,))
     decisions = {d.candidate.kernel_id: d for d in
-                 decide([idle, busy], snapshot(), evict_settings("auto"), NOW, PolicyState())}
+                 decide([idle, busy], snapshot(), evict_settings("auto"), NOW, WARNED)}
     d = decisions[KID]
     assert (d.verdict, d.action) == (Verdict.RECLAIM, ActionKind.SHUTDOWN_KERNEL), d.reason
     assert d.reason.startswith("auto: shutdown-kernel frees GPU memory only, the pod keeps its GPU allocation "
@@ -311,7 +313,7 @@ def test_invariant_17_auto_positive_control_whole_server_idle_stops_it() -> None
     other = replace(kernel(KID2, server=SERVER, processes=(process(5555, kernel_id=KID2),)), allocated=True,
                     allocated_gpus=(UUID0,))
     decisions = decide([k(server=SERVER), other], snapshot(), evict_settings("auto", **{}),
-                       NOW, PolicyState())
+                       NOW, WARNED)
     actions = {d.action for d in decisions if d.verdict is Verdict.RECLAIM}
     assert actions == {ActionKind.STOP_SERVER}
 
@@ -360,7 +362,7 @@ async def _still(d: Decision) -> Decision:
 
 async def test_invariant_17_executor_refuses_a_controller_pod_even_if_planned(api: FakeKube) -> None:
     ex = LiveExecutor(kube=api.kube_client(node_name=NODE), clock=Clock())
-    (r,) = await ex.execute([live_pod_decision(api, owner=("ReplicaSet", "rs"))], recheck=_still)
+    (r,) = await warn_then_execute(ex, [live_pod_decision(api, owner=("ReplicaSet", "rs"))], recheck=_still)
     assert r.result == "skipped" and "would release nothing" in r.detail
     assert api.evictions == [] and api.deletes == []
 
@@ -372,7 +374,7 @@ def alloc(name: str = "nb-alice", uuid: str = UUID0) -> PodGpuAllocation:
 async def test_invariant_17_allocation_released_when_the_pod_is_gone(api: FakeKube) -> None:
     clock = Clock()
     ex = LiveExecutor(kube=api.kube_client(node_name=NODE), clock=clock, verify_within=60)
-    (r,) = await ex.execute([live_pod_decision(api)], recheck=_still)
+    (r,) = await warn_then_execute(ex, [live_pod_decision(api)], recheck=_still)
     assert r.result == "success" and ex.pending == 1
     clock.t += 5
     (done,) = await ex.verify_allocations([alloc()], clock.t, clock.t)  # the kubelet still lists it; the GET says 404
@@ -384,7 +386,7 @@ async def test_invariant_17_allocation_not_counted_while_the_pod_is_still_there(
     clock = Clock()
     ex = LiveExecutor(kube=api.kube_client(node_name=NODE), clock=clock, verify_within=60)
     api.eviction_response = Reply(201, {"kind": "Status", "status": "Success"})  # accepted; the pod lingers
-    (r,) = await ex.execute([live_pod_decision(api)], recheck=_still)
+    (r,) = await warn_then_execute(ex, [live_pod_decision(api)], recheck=_still)
     assert r.result == "success"
     clock.t += 5
     assert await ex.verify_allocations([alloc()], clock.t, clock.t) == []  # still there, still listed: wait
@@ -400,7 +402,7 @@ async def test_invariant_17_allocation_released_when_pod_resources_drops_the_gpu
     clock = Clock()
     ex = LiveExecutor(kube=api.kube_client(node_name=NODE), clock=clock, verify_within=60)
     api.eviction_response = Reply(201, {"kind": "Status", "status": "Success"})
-    await ex.execute([live_pod_decision(api)], recheck=_still)
+    await warn_then_execute(ex, [live_pod_decision(api)], recheck=_still)
     clock.t += 5
     (done,) = await ex.verify_allocations([alloc("someone-else")], clock.t, clock.t)
     assert (done.result, done.released_gpus) == ("released", 1) and "pod-resources" in done.detail
@@ -410,7 +412,7 @@ async def test_invariant_17_replaced_pod_counts_as_released(api: FakeKube) -> No
     clock = Clock()
     ex = LiveExecutor(kube=api.kube_client(node_name=NODE), clock=clock, verify_within=60)
     d = live_pod_decision(api)
-    await ex.execute([d], recheck=_still)
+    await warn_then_execute(ex, [d], recheck=_still)
     api.add_pod("nb-alice", namespace="team-a", node=NODE)  # the user started a new server under the same name
     clock.t += 5
     (done,) = await ex.verify_allocations([alloc()], clock.t, clock.t)
@@ -427,7 +429,7 @@ async def test_invariant_17_memory_only_action_never_counts_an_allocation(api: F
     clock = Clock()
     ex = LiveExecutor(kernels=Gateway(), kube=api.kube_client(node_name=NODE), clock=clock)
     c = k()
-    (r,) = await ex.execute([Decision(c, Verdict.RECLAIM, ActionKind.SHUTDOWN_KERNEL, "idle", "p", 1800, 0)],
+    (r,) = await warn_then_execute(ex, [Decision(c, Verdict.RECLAIM, ActionKind.SHUTDOWN_KERNEL, "idle", "p", 1800, 0)],
                             recheck=_still)
     assert r.result == "success" and ex.pending == 1  # the memory check only
     clock.t += 500

@@ -20,6 +20,7 @@ from reclaimer.model import (
     GpuSample,
     KernelActivity,
     PodInfo,
+    PolicyState,
     ProcessSample,
     SamplerSnapshot,
     ServerRef,
@@ -233,3 +234,39 @@ def kernel_uuid(i: int) -> str:
 
 def pod_uid(i: int) -> str:
     return f"a1b2c3d4-0000-4000-8000-{i:012d}"
+
+
+class _WarnedAt(Mapping[str, float]):
+    """``PolicyState.warned_at`` for a world where every candidate's idle episode was warned at ``at``."""
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+
+    def __getitem__(self, key: str) -> float:
+        return self.at
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+def warned_long_ago(at: float = NOW - 3600, **state: Any) -> PolicyState:
+    """A policy state in which every candidate was warned long ago: the warn-then-wait gate (invariant 11) is open,
+    so a test sees the verdict the idle arithmetic gives. Keyword arguments are other PolicyState fields."""
+    return PolicyState(warned_at=_WarnedAt(at), **state)
+
+
+WARNED = warned_long_ago()
+
+
+async def warn_then_execute(ex: Any, plan: list[Any], recheck: Any = None) -> list[Any]:
+    """Invariant 11 for executor tests: the plan's warning goes out in one cycle, its action in a later one; returns
+    the later cycle's results (``ex`` a LiveExecutor, ``plan`` Decisions)."""
+    from dataclasses import replace
+
+    from reclaimer.model import Verdict
+
+    assert await ex.execute([replace(d, verdict=Verdict.WARN) for d in plan], recheck=recheck) == []
+    return await ex.execute(plan, recheck=recheck)
