@@ -45,6 +45,36 @@ def server_for_pod(pod: PodInfo | None, servers: Sequence[ServerRef], server_nam
     return None
 
 
+def allocated_gpus_by_pod(
+    pods_by_uid: Mapping[str, PodInfo], allocations: Sequence[PodGpuAllocation] | None
+) -> dict[str, set[str]]:
+    """pod uid -> the GPU uuids the kubelet says it holds (pods the API does not know are left out)."""
+    pods_by_name = {(pod.namespace, pod.name): pod for pod in pods_by_uid.values()}
+    out: dict[str, set[str]] = {}
+    for a in allocations or ():
+        pod = pods_by_name.get((a.namespace, a.pod))
+        if pod is not None:
+            out.setdefault(pod.uid, set()).update(a.gpu_uuids)
+    return out
+
+
+def _kernel_held_since(
+    procs: Iterable[AttributedProcess], first_seen: Mapping[str, Mapping[int, float]] | None
+) -> float | None:
+    """The latest first sighting among a kernel's GPU processes (never before the process started); None: unknown."""
+    if first_seen is None:
+        return None
+    held: float | None = None
+    for p in procs:
+        seen = first_seen.get(p.gpu_uuid, {}).get(p.pid)
+        if seen is None:
+            return None
+        if p.started_at is not None:
+            seen = max(seen, p.started_at)
+        held = seen if held is None else max(held, seen)
+    return held
+
+
 def join(
     *,
     node: str,
@@ -56,12 +86,16 @@ def join(
     kernel_servers: Mapping[str, ServerRef] | None = None,
     server_name_annotation: str = "hub.jupyter.org/servername",
     kernel_pods: Mapping[str, str] | None = None,
+    first_seen: Mapping[str, Mapping[int, float]] | None = None,
+    allocation_seen: Mapping[str, float] | None = None,
 ) -> JoinResult:
     """Group GPU processes by kernel; add pods that hold allocated GPUs with no process on them.
 
     ``allocations`` None means the kubelet could not be asked: then no pod candidate is made (unknown is never idle).
     ``kernel_servers``: the JupyterHub server found holding a kernel (plain hosts, where no pod names it).
     ``kernel_pods``: pod uid -> the kernel id its kernel-id label names (the pod is that kernel's own pod).
+    ``first_seen`` (the sampler's, per GPU: pid -> first sample of its presence) and ``allocation_seen`` (pod uid ->
+    when the daemon first saw its allocation) give each candidate its ``held_since`` (invariant 10).
     """
     by_kernel: dict[str, list[AttributedProcess]] = {}
     unattributed: list[AttributedProcess] = []
@@ -110,6 +144,7 @@ def join(
                 allocated_gpus=tuple(sorted(allocated_gpus.get(pod.uid, ()))) if pod else (),
                 shared_gpu=bool(pod and pod.uid in shared),
                 kernel_pod=bool(pod and (kernel_pods or {}).get(pod.uid) == kid),
+                held_since=_kernel_held_since(procs, first_seen),
             )
         )
 
@@ -131,9 +166,17 @@ def join(
                     # A kernel pod (EG / elastic-jupyter-operator) whose kernel holds no GPU process: still the
                     # kernel's own pod, which only its gateway may end.
                     kernel_pod=uid in (kernel_pods or {}),
+                    held_since=_pod_held_since(pod, (allocation_seen or {}).get(uid)),
                 )
             )
 
     candidates.sort(key=lambda c: c.key)
     unattributed.sort(key=lambda p: (p.gpu_uuid, p.pid))
     return JoinResult(tuple(candidates), tuple(unattributed))
+
+
+def _pod_held_since(pod: PodInfo, allocation_seen: float | None) -> float | None:
+    """When the daemon first saw the pod's allocation, never before the pod started; None: unknown."""
+    if allocation_seen is None:
+        return None
+    return max(allocation_seen, pod.started_at) if pod.started_at is not None else allocation_seen

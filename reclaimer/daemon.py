@@ -95,6 +95,7 @@ class Daemon:
     _kernel_server: dict[str, tuple[str, str]] = field(default_factory=dict)  # kernel id -> (user, server name)
     # One thread per blocking stage: a /proc read or API call that never returns stalls its stage, nothing else.
     _stages: dict[str, StageWorker] = field(default_factory=dict)
+    _allocation_seen: dict[str, float] = field(default_factory=dict)  # pod uid -> first cycle that saw its allocation
     metrics: Any | None = None
     on_cycle: Callable[[CycleSnapshot, Sequence[ActionResult]], None] | None = None
 
@@ -324,11 +325,16 @@ class Daemon:
         want_servers = any(pod.user for pod in pods_by_uid.values())
         activities, servers = await asyncio.gather(self._observe(kernel_ids), self._servers(want_servers))
 
+        if allocations is not None:  # invariant 10: a pod holds its allocation from the first cycle that saw it
+            held = join_mod.allocated_gpus_by_pod(pods_by_uid, allocations)
+            self._allocation_seen = {uid: self._allocation_seen.get(uid, now) for uid in held}
+
         def joined_with(kernel_servers: Mapping[str, ServerRef]) -> join_mod.JoinResult:
             return join_mod.join(
                 node=s.node_name, processes=attributed, pods_by_uid=pods_by_uid, allocations=allocations,
                 activities=activities, servers=servers, kernel_servers=kernel_servers,
                 server_name_annotation=s.kubernetes.server_name_annotation, kernel_pods=pod_kernel_ids,
+                first_seen=samp.first_seen, allocation_seen=self._allocation_seen,
             )
 
         joined = joined_with({})

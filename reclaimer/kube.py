@@ -106,6 +106,9 @@ def pod_info_from_json(obj: Mapping[str, Any], user_label: str) -> PodInfo:
                 if bare and bare not in container_ids:
                     container_ids.append(bare)
     return PodInfo(
+        started_at=_timestamp(status.get("startTime")),
+        deleting=meta.get("deletionTimestamp") is not None,
+        containers_running=_containers_running(status.get("containerStatuses")),
         uid=str(uid),
         namespace=str(namespace),
         name=str(name),
@@ -143,6 +146,30 @@ def _owners(raw: Any) -> tuple[tuple[OwnerRef, ...], bool]:
             controller = True  # fail closed: a controller we cannot rule out
         owners.append(OwnerRef(str(ref["kind"]), str(ref["name"]), str(ref.get("apiVersion") or ""), controller))
     return tuple(owners), known
+
+
+def _timestamp(value: Any) -> float | None:
+    """An RFC 3339 API timestamp (``2026-01-02T03:04:05Z``) as POSIX seconds; None when absent or unparsable."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment.timestamp() if moment.tzinfo is not None else None
+
+
+def _containers_running(statuses: Any) -> bool | None:
+    """Whether every (non-init) container is running and not marked ``started: false``; None when not reported."""
+    if not isinstance(statuses, list):
+        return None
+    if not statuses:
+        return False
+    for cs in statuses:
+        state = cs.get("state") if isinstance(cs, Mapping) else None
+        if not isinstance(state, Mapping) or "running" not in state or cs.get("started") is False:
+            return False
+    return True
 
 
 def _page_parts(page: Any) -> tuple[list[Any] | None, str | None]:

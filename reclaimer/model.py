@@ -101,6 +101,10 @@ class SamplerSnapshot:
     sample_interval: float
     last_sample_at: float | None = None
     history: Mapping[str, GpuHistory] = field(default_factory=dict)  # per GPU uuid, since started_at
+    # Per GPU uuid: pid -> timestamp of the first sample of that pid's current unbroken presence on the GPU (an unknown
+    # process list, a down GPU or a sampling gap breaks it). Kept by the sampler beyond the ring, pruned every tick to
+    # the pids listed; empty after a restart (invariant 10 counts holding time from here, never from process start).
+    first_seen: Mapping[str, Mapping[int, float]] = field(default_factory=dict)
 
     def latest(self, uuid: str) -> GpuSample | None:
         s = self.samples.get(uuid)
@@ -137,6 +141,7 @@ class AttributedProcess:
     kernel_id: str | None = None
     kernel_pid: int | None = None  # the ancestor (or self) whose cmdline names the connection file
     reason: str = ""
+    started_at: float | None = None  # wall-clock start (POSIX seconds) from starttime and the boot time; None: unknown
 
 
 # --------------------------------------------------------------------------- Kubernetes (kube.py / podresources.py)
@@ -167,6 +172,9 @@ class PodInfo:
     container_ids: tuple[str, ...] = ()  # bare ids, runtime prefix ("containerd://") stripped
     owners: tuple[OwnerRef, ...] = ()
     owners_known: bool = True  # False: metadata.ownerReferences could not be read (who recreates the pod is unknown)
+    started_at: float | None = None  # status.startTime (POSIX seconds); None: not started or unknown
+    deleting: bool = False  # metadata.deletionTimestamp is set: the pod is terminating
+    containers_running: bool | None = None  # every container's state is running (and not started=false); None: unknown
 
     @property
     def controller(self) -> OwnerRef | None:
@@ -256,6 +264,10 @@ class Candidate:
     shared_gpu: bool = False  # the allocation is a time-slicing / MPS replica (device ids with a ``::N`` suffix)
     kernel_pod: bool = False  # the pod is the kernel's own pod (kernel_id label): ending the kernel ends the pod
     notebook: NotebookRef | None = None  # the Kubeflow Notebook of the pod (stop-notebook's target), when configured
+    # Invariant 10: since when the candidate has held its GPUs as far as this daemon saw: the latest first sighting
+    # of its GPU processes (kernel), or the first sighting of the pod's allocation, never before the pod started (pod).
+    # None: unknown, and unknown is never idle.
+    held_since: float | None = None
 
     @property
     def kernel_name(self) -> str | None:

@@ -321,6 +321,7 @@ def _evaluate(
         _identity_problem(c)
         or (_activity_problem(c, settings, now) if c.kernel_id is not None else None)
         or _process_problem(c)
+        or _holding_problem(c)
     )
     if problem is not None:
         return _unknown(c, policy.name, problem)
@@ -332,6 +333,7 @@ def _evaluate(
         return _unknown(c, policy.name, problem)
 
     idle, detail = _idle_and_detail(c, views, policy, now)
+    idle, detail = _bounded_by_holding(c, idle, detail, now)
     detail += override_note
     refused = actionkinds.refusal(action, c)
     if refused is not None:  # an action that would release nothing is never planned (invariant 17)
@@ -358,6 +360,9 @@ def _evaluate(
             policy.name,
             idle,
         )
+    not_ready = _pod_not_ready(c, action)
+    if not_ready is not None:
+        return Decision(c, Verdict.KEEP, action, f"{not_ready}; {detail}", policy.name, idle)
     eta = max(0.0, policy.idle_after - idle)
     warning = ""
     if idle >= policy.idle_after - policy.warn_before:
@@ -545,6 +550,47 @@ def _identity_problem(c: Candidate) -> str | None:
             return f"pod {p.pod_uid} of process {p.pid} unknown (exemptions cannot be checked)"
         if p.pod_uid is not None and c.pod is not None and p.pod_uid != c.pod.uid:
             return f"process {p.pid} runs in pod {p.pod_uid}, not {c.pod.uid}"
+    return None
+
+
+def _holding_problem(c: Candidate) -> str | None:
+    """Invariant 10: without knowing since when the candidate holds its GPUs, its idle time has no bound."""
+    if c.held_since is not None and math.isfinite(c.held_since):
+        return None
+    if c.kernel_id is not None:
+        return "when the kernel's GPU processes first appeared is unknown (not in the sampler's record)"
+    return f"when {_pod_name(c.pod)} was first seen holding its GPU allocation is unknown"
+
+
+def _bounded_by_holding(c: Candidate, idle: float, detail: str, now: float) -> tuple[float, str]:
+    """Invariant 10: idle time never exceeds how long the candidate has held its GPUs (as this daemon saw it)."""
+    assert c.held_since is not None
+    held = max(0.0, now - c.held_since)
+    if held >= idle:
+        return idle, detail
+    if c.kernel_id is not None:
+        what = "its GPU process first seen"
+    elif c.pod is not None and c.pod.started_at is not None and c.held_since <= c.pod.started_at:
+        what = f"{_pod_name(c.pod)} started"
+    else:
+        what = f"{_pod_name(c.pod)} first seen holding the GPU"
+    return held, f"{detail}; {what} at {_clock(c.held_since)}"
+
+
+def _pod_not_ready(c: Candidate, action: ActionKind) -> str | None:
+    """Invariant 10: a pod candidate is judged only while Running with its containers started, and no pod is acted on
+    while it is terminating. In words for the reason, or None."""
+    pod = c.pod
+    if pod is None:
+        return None
+    if pod.deleting and (c.kernel_id is None or action in (ActionKind.EVICT_POD, ActionKind.STOP_SERVER)):
+        return f"{_pod_name(pod)} is terminating (deletionTimestamp set): it gives its GPUs back by itself"
+    if c.kernel_id is not None:
+        return None
+    if pod.phase != "Running":
+        return f"{_pod_name(pod)} is {_quote(pod.phase) if pod.phase else 'in an unknown phase'}, not Running"
+    if not pod.containers_running:
+        return f"{_pod_name(pod)} has containers that have not started"
     return None
 
 

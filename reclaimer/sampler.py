@@ -10,7 +10,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 import structlog
@@ -60,6 +60,28 @@ def open_backend(gpu: GpuSettings) -> GpuBackend:
     raise ValueError(f"unknown gpu.backend {gpu.backend!r} (use nvml or simulated)")
 
 
+def fold_presence(
+    previous: tuple[float, Mapping[int, float]] | None, sample: GpuSample, interval: float
+) -> tuple[float, Mapping[int, float]]:
+    """(sample time, pid -> first sample of its current unbroken presence on this GPU) after one more sample.
+
+    A process counts from the first sample that listed it, not from when it started (an old kernel that just
+    created a GPU context is doing something new). An unknown process list, a down GPU or a gap longer than
+    ``WEDGED_AFTER_INTERVALS`` intervals breaks every presence: whoever is listed next counts from that sample.
+    The mapping is replaced, never changed in place, so snapshots can share it.
+    """
+    ts = sample.timestamp
+    if not sample.up or sample.processes is None:
+        return ts, {}
+    seen: Mapping[int, float] = {}
+    if previous is not None and 0 < ts - previous[0] <= WEDGED_AFTER_INTERVALS * interval:
+        seen = previous[1]
+    procs = sample.processes
+    if previous is not None and seen is previous[1] and len(procs) == len(seen) and all(p.pid in seen for p in procs):
+        return ts, seen
+    return ts, {p.pid: seen.get(p.pid, ts) for p in procs}
+
+
 def ring_size(window_seconds: float, interval: float) -> int:
     """Slots needed to hold ``window_seconds`` of samples taken every ``interval`` seconds."""
     return max(1, math.ceil(window_seconds / interval)) + RING_MARGIN
@@ -102,6 +124,8 @@ class Sampler:
         # still counts down (policy._gpu_view_beyond_ring). Constant size per GPU.
         self._thresholds = tuple(sorted(set(idle_thresholds)))
         self._history: dict[str, GpuHistory] = {}
+        # Per GPU: (timestamp of its last sample, pid -> first sample of the pid's current unbroken presence).
+        self._presence: dict[str, tuple[float, Mapping[int, float]]] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._started_at: float | None = None
@@ -170,6 +194,7 @@ class Sampler:
             samples = {uuid: tuple(ring) for uuid, ring in self._rings.items()}
             last = self._last_sample_at
             history = dict(self._history)
+            first_seen = {uuid: seen for uuid, (_, seen) in self._presence.items()}
         return SamplerSnapshot(
             devices=self._devices,
             samples=samples,
@@ -177,6 +202,7 @@ class Sampler:
             sample_interval=self.interval,
             last_sample_at=last,
             history=history,
+            first_seen=first_seen,
         )
 
     # ------------------------------------------------------------------ the thread
@@ -224,6 +250,7 @@ class Sampler:
                 ring.append(s)
                 if self._thresholds:
                     self._history[s.uuid] = fold_sample(self._history.get(s.uuid), s, self._thresholds, self.interval)
+                self._presence[s.uuid] = fold_presence(self._presence.get(s.uuid), s, self.interval)
             self._last_sample_at = started
         self.ticks += 1
         self.last_tick_at = self._clock()

@@ -159,6 +159,9 @@ def test_pod_info_mapping(api: FakeKube, kube: KubeClient) -> None:
         phase="Running",
         container_ids=("init444", "aaa111", "bbb222", "ccc333", "dbg555"),
         owners=(OwnerRef("StatefulSet", "alice-set", "v1", controller=True),),
+        started_at=1767225600.0,  # status.startTime 2026-01-01T00:00:00Z
+        deleting=False,
+        containers_running=True,
     )
 
 

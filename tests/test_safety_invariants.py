@@ -10,15 +10,37 @@ import dataclasses
 import pytest
 from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
 
-from reclaimer.model import ActionKind, Candidate, Decision, PolicyState, SamplerSnapshot, Verdict
+from reclaimer.candidates import join
+from reclaimer.model import (
+    ActionKind,
+    Candidate,
+    Decision,
+    GpuSample,
+    PodGpuAllocation,
+    PolicyState,
+    ProcessSample,
+    SamplerSnapshot,
+    Verdict,
+)
 from reclaimer.policy import decide, remember
+from reclaimer.sampler import fold_presence
 from tests.support.policy_fixtures import (
+    GIB,
+    KID,
+    NODE,
     NOW,
+    POD_UID,
+    STARTED,
+    UUID0,
+    UUID1,
     WARNED,
     activity,
     kernel,
     make_settings,
+    pod,
+    pod_candidate,
     policy,
+    process,
     series,
     snapshot,
     utc,
@@ -148,3 +170,181 @@ def test_invariant_11_property_reclaim_only_warn_before_after_a_warning_of_the_s
         elif d.warned_at is None and d.verdict is not Verdict.UNKNOWN:
             warnings = []
         state = remember(state, [d], t)
+
+
+# --------------------------------------------------------------------------- 10. idle time is bounded by holding time
+
+
+EVICT = {"policies": [policy("p", action="evict-pod")]}
+
+
+@pytest.mark.parametrize(
+    "candidate, top, verdict, idle, reason_part",
+    [
+        pytest.param(kernel(held_since=NOW - 5), {}, Verdict.KEEP, 5.0,
+                     "kernel idle since 20:13 UTC; its GPU process first seen at 22:13:15 UTC; shutdown-kernel in 29m55s",
+                     id="kernel-idle-for-hours-whose-process-appeared-one-sample-ago"),
+        pytest.param(kernel(held_since=NOW - 26 * 60), {}, Verdict.WARN, 26 * 60.0,
+                     "its GPU process first seen at 21:47:20 UTC; shutdown-kernel in 4m", id="kernel-held-26m-warns"),
+        pytest.param(kernel(held_since=NOW - 30 * 60), {}, Verdict.RECLAIM, 30 * 60.0,
+                     "its GPU process first seen at 21:43:20 UTC; shutdown-kernel in 0s", id="kernel-held-the-whole-window"),
+        pytest.param(kernel(held_since=STARTED - 3600), {}, Verdict.RECLAIM, 2 * 3600.0,
+                     "kernel idle since 20:13 UTC; shutdown-kernel in 0s", id="held-longer-than-idle-changes-nothing"),
+        pytest.param(kernel(held_since=None), {}, Verdict.UNKNOWN, None,
+                     "when the kernel's GPU processes first appeared is unknown (not in the sampler's record)",
+                     id="kernel-holding-time-unknown"),
+        pytest.param(pod_candidate(held_since=NOW - 60), EVICT, Verdict.KEEP, 60.0,
+                     "pod team-a/jupyter-alice first seen holding the GPU at 22:12:20 UTC; evict-pod in 29m",
+                     id="pod-just-allocated-a-long-free-gpu"),
+        pytest.param(pod_candidate(dataclasses.replace(pod(), started_at=NOW - 120), held_since=NOW - 120), EVICT,
+                     Verdict.KEEP, 120.0, "pod team-a/jupyter-alice started at 22:11:20 UTC", id="pod-started-2m-ago"),
+        pytest.param(pod_candidate(held_since=None), EVICT, Verdict.UNKNOWN, None,
+                     "when pod team-a/jupyter-alice was first seen holding its GPU allocation is unknown",
+                     id="pod-holding-time-unknown"),
+        pytest.param(pod_candidate(dataclasses.replace(pod(), phase="Pending", started_at=None)), EVICT, Verdict.KEEP,
+                     None, "pod team-a/jupyter-alice is 'Pending', not Running", id="pending-pod"),
+        pytest.param(pod_candidate(dataclasses.replace(pod(), phase=None)), EVICT, Verdict.KEEP, None,
+                     "pod team-a/jupyter-alice is in an unknown phase, not Running", id="pod-phase-unknown"),
+        pytest.param(pod_candidate(dataclasses.replace(pod(), deleting=True)), EVICT, Verdict.KEEP, None,
+                     "pod team-a/jupyter-alice is terminating (deletionTimestamp set)", id="terminating-pod"),
+        pytest.param(pod_candidate(dataclasses.replace(pod(), containers_running=False)), EVICT, Verdict.KEEP, None,
+                     "pod team-a/jupyter-alice has containers that have not started", id="containers-not-started"),
+        pytest.param(pod_candidate(dataclasses.replace(pod(), containers_running=None)), EVICT, Verdict.KEEP, None,
+                     "has containers that have not started", id="container-state-unknown"),
+        pytest.param(kernel(pod_info=dataclasses.replace(pod(), deleting=True)), EVICT, Verdict.KEEP, None,
+                     "is terminating", id="kernel-in-terminating-pod-is-not-evicted"),
+        pytest.param(kernel(pod_info=dataclasses.replace(pod(), deleting=True)), {}, Verdict.RECLAIM, 7200.0,
+                     "shutdown-kernel in 0s", id="kernel-in-terminating-pod-may-still-be-shut-down"),
+    ],
+)
+def test_invariant_10_idle_bounded_by_holding_time(candidate: Candidate, top: dict, verdict: Verdict,
+                                                   idle: float | None, reason_part: str) -> None:
+    d = decide_one(candidate, **top)
+    assert d.verdict is verdict, d.reason
+    assert reason_part in d.reason, d.reason
+    if idle is not None:
+        assert d.idle_seconds == idle
+
+
+def _gs(ts: float, pids: tuple[int, ...] | None = (), up: bool = True) -> GpuSample:
+    procs = None if pids is None else tuple(ProcessSample(p, GIB) for p in pids)
+    return GpuSample(ts, 0, UUID0, up, 0.0 if up else None, GIB, 80 * GIB, procs)
+
+
+@pytest.mark.parametrize(
+    "samples, first_seen",
+    [
+        pytest.param([_gs(0, (1,)), _gs(5, (1,)), _gs(10, (1, 2))], {1: 0, 2: 10}, id="counted-from-the-first-sample"),
+        pytest.param([_gs(0, (1,)), _gs(5, ()), _gs(10, (1,))], {1: 10}, id="gone-and-back-starts-again"),
+        pytest.param([_gs(0, (1,)), _gs(5, None), _gs(10, (1,))], {1: 10}, id="unknown-process-list-breaks-presence"),
+        pytest.param([_gs(0, (1,)), _gs(5, (1,), up=False), _gs(10, (1,))], {1: 10}, id="gpu-down-breaks-presence"),
+        pytest.param([_gs(0, (1,)), _gs(20, (1,))], {1: 20}, id="sampling-gap-breaks-presence"),
+        pytest.param([_gs(0, (1,)), _gs(15, (1,))], {1: 0}, id="three-intervals-is-not-a-gap"),
+        pytest.param([_gs(10, (1,)), _gs(5, (1,))], {1: 5}, id="clock-stepped-back"),
+        pytest.param([_gs(0, (1, 2)), _gs(5, (2,))], {2: 0}, id="pruned-to-the-pids-listed"),
+    ],
+)
+def test_invariant_10_first_sighting_per_gpu(samples: list[GpuSample], first_seen: dict[int, float]) -> None:
+    state = None
+    for s in samples:
+        state = fold_presence(state, s, interval=5.0)
+    assert state is not None and dict(state[1]) == first_seen
+
+
+def test_invariant_10_first_sighting_is_shared_while_the_pids_do_not_change() -> None:
+    a = fold_presence(None, _gs(0, (1, 2)), 5.0)
+    b = fold_presence(a, _gs(5, (2, 1)), 5.0)
+    assert b[1] is a[1]  # no new mapping per tick while nothing changes (cheap at 1 Hz x 64 processes)
+
+
+@pytest.mark.parametrize(
+    "first_seen, started_at, held_since",
+    [
+        pytest.param({UUID0: {4242: NOW - 600}, UUID1: {4243: NOW - 60}}, None, NOW - 60, id="newest-process-bounds"),
+        pytest.param({UUID0: {4242: NOW - 600}, UUID1: {4243: NOW - 60}}, NOW - 30, NOW - 30,
+                     id="a-process-that-started-after-its-pid-was-listed-counts-from-its-start"),
+        pytest.param({UUID0: {4242: NOW - 600}}, None, None, id="a-process-not-in-the-record-is-unknown"),
+        pytest.param(None, None, None, id="no-record-is-unknown"),
+    ],
+)
+def test_invariant_10_join_kernel_held_since(first_seen: dict | None, started_at: float | None,
+                                             held_since: float | None) -> None:
+    procs = [process(4242, UUID0), dataclasses.replace(process(4243, UUID1), started_at=started_at)]
+    (c,) = join(node=NODE, processes=procs, pods_by_uid={POD_UID: pod()}, allocations=None,
+                activities={KID: activity()}, first_seen=first_seen).candidates
+    assert c.held_since == held_since
+
+
+@pytest.mark.parametrize(
+    "seen, started_at, held_since",
+    [
+        pytest.param({POD_UID: NOW - 60}, STARTED, NOW - 60, id="first-cycle-that-saw-the-allocation"),
+        pytest.param({POD_UID: STARTED}, NOW - 30, NOW - 30, id="never-before-the-pod-started"),
+        pytest.param({}, STARTED, None, id="allocation-not-seen-yet"),
+    ],
+)
+def test_invariant_10_join_pod_held_since(seen: dict, started_at: float, held_since: float | None) -> None:
+    alloc = [PodGpuAllocation("team-a", "jupyter-alice", "notebook", (UUID0,))]
+    p = dataclasses.replace(pod(), started_at=started_at)
+    (c,) = join(node=NODE, processes=[], pods_by_uid={POD_UID: p}, allocations=alloc, activities={},
+                allocation_seen=seen).candidates
+    assert (c.key, c.held_since) == (f"pod:{POD_UID}", held_since)
+
+
+# One sample of GPU 0's history: (kernel process listed?, process list readable?, GPU utilisation, gap before it?)
+_sample = st.tuples(st.booleans(), st.booleans(), st.sampled_from([0.0, 0.0, 0.0, 0.01, 0.5]), st.booleans())
+
+
+@hyp_settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    before=st.lists(_sample, max_size=30),
+    quiet=st.integers(0, 300),
+    held=st.integers(1, 250),
+    after=st.lists(_sample, max_size=4),
+    kernel_idle_for=st.floats(0, 6 * 3600),
+    process_age=st.floats(0, 24 * 3600),
+)
+def test_invariant_10_property_no_reclaim_before_idle_after_since_the_candidate_first_held_the_gpu(
+    before: list[tuple[bool, bool, float, bool]], quiet: int, held: int, after: list[tuple[bool, bool, float, bool]],
+    kernel_idle_for: float, process_age: float,
+) -> None:
+    """Whatever GPU 0 did before (busy, unreadable, gaps, the process coming and going, then a quiet stretch with no
+    process) and however old the kernel's process is: through the real sampler fold, join and policy, a reclaim needs
+    idle_after since the first sample of the process's current unbroken presence on the GPU."""
+    history = [*before, *[(False, True, 0.0, False)] * quiet, *[(True, True, 0.0, False)] * held, *after]
+    _check_holding_bound(history, kernel_idle_for, process_age)
+
+
+def _check_holding_bound(
+    history: list[tuple[bool, bool, float, bool]], kernel_idle_for: float, process_age: float
+) -> None:
+    """Whatever GPU 0 did before (idle for hours, busy, unreadable, gaps) and however old the kernel's process is:
+    through the real sampler fold, join and policy, a reclaim needs idle_after since the first sample of the
+    process's current unbroken presence on the GPU."""
+    settings = make_settings(policies=[policy("p", idle_after="10m", warn_before="2m")], limits=NO_LIMITS)
+    interval = 5.0
+    t = NOW - 3 * 3600
+    samples: list[GpuSample] = []
+    presence = None
+    held_from: float | None = None  # the first sample of the process's current unbroken presence
+    for listed, readable, util, gap in history:
+        t += interval * (5 if gap else 1)
+        procs = None if not readable else ((ProcessSample(4242, GIB),) if listed else ())
+        s = GpuSample(t, 0, UUID0, True, util, GIB, 80 * GIB, procs)
+        samples.append(s)
+        presence = fold_presence(presence, s, interval)
+        held_from = (held_from if held_from is not None and not gap else t) if listed and readable else None
+    now = t + 1
+    if held_from is None:
+        return  # the process is not on the GPU now: no kernel candidate
+    snap = snapshot(tuple(samples), interval=interval, started_at=NOW - 3 * 3600 - interval)
+    snap = dataclasses.replace(snap, first_seen={UUID0: presence[1]})
+    proc = dataclasses.replace(process(4242, UUID0), started_at=now - process_age)
+    act = activity(observed_at=now - 1, idle_for=None)
+    act = dataclasses.replace(act, last_activity=utc(now - kernel_idle_for))
+    joined = join(node=NODE, processes=[proc], pods_by_uid={POD_UID: pod()}, allocations=None,
+                  activities={KID: act}, first_seen=snap.first_seen)
+    [d] = decide(joined.candidates, snap, settings, now, WARNED)
+    if d.verdict is Verdict.RECLAIM:
+        assert now - held_from >= 600.0, (now - held_from, d.reason)
+    assert d.idle_seconds is None or d.idle_seconds <= now - held_from

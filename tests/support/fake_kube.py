@@ -154,6 +154,8 @@ class FakeKube:
         annotations: Mapping[str, str] | None = None,
         owner: tuple[str, str] | None = None,
         phase: str = "Running",
+        start_time: str | None = "2026-01-01T00:00:00Z",
+        deletion_timestamp: str | None = None,
         container_ids: Sequence[str] = (),
         init_container_ids: Sequence[str] = (),
         ephemeral_container_ids: Sequence[str] = (),
@@ -166,6 +168,8 @@ class FakeKube:
         meta: dict[str, Any] = {"name": name, "namespace": namespace, "uid": uid,
                                 "resourceVersion": str(self._next_rv()), "labels": dict(labels or {}),
                                 "annotations": dict(annotations or {})}
+        if deletion_timestamp:
+            meta["deletionTimestamp"] = deletion_timestamp
         if owner:
             meta["ownerReferences"] = [{"apiVersion": "v1", "kind": owner[0], "name": owner[1],
                                         "uid": str(uuid.uuid4()), "controller": True}]
@@ -187,7 +191,12 @@ class FakeKube:
                        **({"podIP": pod_ip} if pod_ip else {}),
                        **({"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}
                           if ready is not None else {}),
-                       "containerStatuses": statuses(container_ids, "c"),
+                       **({"startTime": start_time} if start_time and phase != "Pending" else {}),
+                       # A running pod always reports its containers; one without ids still shows them running.
+                       "containerStatuses": statuses(container_ids, "c") or (
+                           [{"name": "notebook", "ready": True, "started": True, "restartCount": 0,
+                             "image": "jupyter/base-notebook", "imageID": "", "state": {"running": {}}}]
+                           if phase == "Running" else []),
                        "initContainerStatuses": statuses(init_container_ids, "init"),
                        "ephemeralContainerStatuses": statuses(ephemeral_container_ids, "debug")},
         }

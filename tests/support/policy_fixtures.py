@@ -132,6 +132,8 @@ def pod(
         annotations=dict(annotations or {}),
         user=user,
         phase="Running",
+        started_at=STARTED - 3600,
+        containers_running=True,
     )
 
 
@@ -193,8 +195,10 @@ def kernel(
     server: ServerRef | None = None,
     user: str | None = "alice",
     gateway: str | None = "eg",
+    held_since: float | None = STARTED,
 ) -> Candidate:
-    """A kernel candidate; by default idle for 2h, in pod team-a/jupyter-alice, one 2 GiB process per GPU."""
+    """A kernel candidate; by default idle for 2h, in pod team-a/jupyter-alice, one 2 GiB process per GPU, its
+    processes on their GPUs since the sampler started (``held_since``)."""
     pod_value = pod() if pod_info is _UNSET else pod_info
     if processes is None:
         pod_uid = pod_value.uid if pod_value is not None else None
@@ -212,11 +216,14 @@ def kernel(
         user=user,
         gpu_uuids=gpus,
         processes=processes,
+        held_since=held_since,
     )
 
 
-def pod_candidate(pod_info: PodInfo | None = None, *, gpus: tuple[str, ...] = (UUID0,)) -> Candidate:
-    """A pod holding allocated GPUs with no process on them."""
+def pod_candidate(
+    pod_info: PodInfo | None = None, *, gpus: tuple[str, ...] = (UUID0,), held_since: float | None = STARTED
+) -> Candidate:
+    """A pod holding allocated GPUs with no process on them (allocation seen since the sampler started)."""
     pod_value = pod_info or pod()
     return Candidate(
         key=f"pod:{pod_value.uid}",
@@ -225,6 +232,7 @@ def pod_candidate(pod_info: PodInfo | None = None, *, gpus: tuple[str, ...] = (U
         user=pod_value.user,
         gpu_uuids=gpus,
         allocated=True,
+        held_since=held_since,
     )
 
 
