@@ -1,0 +1,179 @@
+"""Invariants 10 onwards end to end: the real daemon against a real Kernel Gateway kernel, real pynvml over the
+fake NVML library, the real kubernetes client against the fake API server and a real gRPC kubelet pod-resources.
+
+Each test drives one daemon through a scenario that tries to make it act wrongly, and the positive control that it
+still acts when it should. The Kernel Gateway (module-scoped, from tests/test_e2e.py) is shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from reclaimer.config import Settings, parse_settings
+from reclaimer.daemon import Daemon, build_adapters
+from reclaimer.demo import KernelGatewayProcess, free_port
+from reclaimer.kernelclient import GatewayRest
+from reclaimer.model import ActionResult, CycleSnapshot, Decision, Verdict
+from tests.support.fake_kube import FakeKube
+from tests.support.fake_kubelet import FakeKubelet, pod
+from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, fake_nvml, fake_nvml_libs, gpu_uuid  # noqa: F401
+from tests.test_e2e import gateway  # noqa: F401  (the module-scoped real Kernel Gateway)
+
+GIB = 1024**3
+IDLE_AFTER = 6.0
+WARN_BEFORE = 3.0
+NODE = "safety-node"
+TOKEN_ENV = "SAFETY_E2E_GATEWAY_TOKEN"
+
+
+@dataclass
+class World:
+    kg: KernelGatewayProcess
+    rest: GatewayRest
+    kernel: str
+    pid: int
+    fake_nvml: FakeNvml
+    kube: FakeKube
+    kubelet: FakeKubelet
+    cycles: list[tuple[CycleSnapshot, list[ActionResult]]] = field(default_factory=list)
+
+    def decisions(self, key: str) -> list[tuple[float, Decision]]:
+        return [(snap.generated_at, d) for snap, _ in self.cycles for d in snap.decisions if d.candidate.key == key]
+
+    def results(self, key: str) -> list[tuple[float, ActionResult]]:
+        return [(snap.generated_at, r) for snap, rs in self.cycles for r in rs if r.decision.candidate.key == key]
+
+
+@pytest.fixture
+async def world(gateway: KernelGatewayProcess, fake_nvml: FakeNvml, tmp_path: Path,  # noqa: F811
+                monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[World]:
+    monkeypatch.setenv(TOKEN_ENV, gateway.token)
+    rest = GatewayRest(gateway.url, gateway.token)
+    kid = await rest.start_kernel("python3")
+    pid = await rest.pid(kid)
+    kube = FakeKube().start()
+    kubelet = FakeKubelet(tmp_path / "kubelet.sock").start()
+    fake_nvml.write(gpus=[FakeGpu(uuid=gpu_uuid(i), util=0) for i in range(4)], processes=[])
+    try:
+        yield World(gateway, rest, kid, pid, fake_nvml, kube, kubelet)
+    finally:
+        await rest.shutdown(kid)
+        kubelet.stop()
+        kube.stop()
+
+
+def settings_for(w: World, tmp_path: Path, *, extra: str = "") -> Settings:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(w.kube.kubeconfig())
+    return parse_settings(f"""
+mode: enforce
+node_name: {NODE}
+listen: 127.0.0.1:{free_port()}
+sample_interval: 200ms
+decide_interval: 500ms
+gpu: {{backend: nvml, library_path: "{w.fake_nvml.lib_path}"}}
+gateways:
+  - {{name: kg, url: "{w.kg.url}", kind: kernel-gateway, token_env: {TOKEN_ENV}, timeout: 2s}}
+kubernetes: {{enabled: true, kubeconfig: "{kubeconfig}", pod_resources_socket: "{w.kubelet.socket_path}",
+              resync_interval: 1s, timeout: 2s}}
+policies:
+  - {{name: pods, match: {{namespaces: [team-a]}}, idle_after: {IDLE_AFTER}s, warn_before: {WARN_BEFORE}s,
+      action: evict-pod}}
+  - {{name: kernels, idle_after: {IDLE_AFTER}s, warn_before: {WARN_BEFORE}s, action: shutdown-kernel}}
+limits: {{max_actions_per_cycle: 5, cooldown: 1m, max_fraction_per_cycle: 1.0}}
+{extra}""", "<safety-e2e>")
+
+
+async def drive(w: World, settings: Settings, until: Callable[[], bool], timeout: float,
+                on_cycle: Callable[[CycleSnapshot, list[ActionResult]], None] | None = None) -> Daemon:
+    daemon = Daemon(settings, build_adapters(settings))
+
+    def record(snap: CycleSnapshot, results) -> None:
+        w.cycles.append((snap, list(results)))
+        if on_cycle is not None:
+            on_cycle(snap, list(results))
+
+    daemon.on_cycle = record
+    task = asyncio.create_task(daemon.run())
+    try:
+        deadline = time.monotonic() + timeout
+        while not until():
+            assert not task.done(), "daemon stopped early"
+            assert time.monotonic() < deadline, "timed out waiting for the daemon"
+            await asyncio.sleep(0.1)
+    finally:
+        daemon.stop()
+        assert await asyncio.wait_for(task, 10) == 0
+    return daemon
+
+
+def pod_key(kube: FakeKube, name: str) -> str:
+    return f"pod:{kube.pods[('team-a', name)]['metadata']['uid']}"
+
+
+# --------------------------------------------------------------------------- invariants 10 and 11
+
+
+async def test_invariant_10_and_11_e2e_holding_time_and_warn_then_wait(world: World, tmp_path: Path) -> None:
+    """A kernel idle at its gateway for longer than the window, whose GPU process appears only now on a GPU idle for
+    the whole window, is warned and shut down no earlier than idle_after after the first sample that showed it, the
+    action at least warn_before after a warning given in an earlier cycle. Pods: a Pending one and a terminating one
+    holding long-free GPUs are never touched; one whose allocation appears now is evicted only idle_after later."""
+    w = world
+    pending = w.kube.add_pod("pending-nb", namespace="team-a", node=NODE, phase="Pending")
+    w.kube.add_pod("leaving-nb", namespace="team-a", node=NODE, deletion_timestamp="2026-01-01T00:00:00Z")
+    fresh = w.kube.add_pod("fresh-nb", namespace="team-a", node=NODE)
+    w.kubelet.pods = [pod("pending-nb", "team-a", {"main": [("nvidia.com/gpu", [gpu_uuid(1)])]}),
+                      pod("leaving-nb", "team-a", {"main": [("nvidia.com/gpu", [gpu_uuid(2)])]})]
+    kernel_key, fresh_key = f"kernel:{w.kernel}", f"pod:{fresh['metadata']['uid']}"
+    appeared: list[float] = []
+
+    def on_cycle(snap: CycleSnapshot, results: list[ActionResult]) -> None:
+        # Once the GPUs have been idle (and the kernel silent) for longer than the window, the kernel's process
+        # appears on GPU 0 and the fresh pod's allocation of GPU 3 shows up.
+        if not appeared and snap.generated_at - snap.sampler.started_at > IDLE_AFTER + 1:
+            appeared.append(time.time())
+            w.fake_nvml.write(gpus=[FakeGpu(uuid=gpu_uuid(i), util=0) for i in range(4)],
+                              processes=[FakeProcess(pid=w.pid, gpu=0, memory=GIB)])
+            w.kubelet.pods = [*w.kubelet.pods, pod("fresh-nb", "team-a", {"main": [("nvidia.com/gpu", [gpu_uuid(3)])]})]
+        if any(r.result == "success" and r.decision.candidate.key == kernel_key for r in results):
+            w.fake_nvml.write(gpus=[FakeGpu(uuid=gpu_uuid(i), util=0) for i in range(4)], processes=[])
+
+    def done() -> bool:
+        acted = {r.decision.candidate.key for _, rs in w.cycles for r in rs if r.result == "success"}
+        return {kernel_key, fresh_key} <= acted
+
+    await drive(w, settings_for(w, tmp_path), done, timeout=90, on_cycle=on_cycle)
+    t_appear = appeared[0]
+
+    for key in (kernel_key, fresh_key):
+        (acted_at, result), = [(t, r) for t, r in w.results(key) if r.result == "success"]
+        # Invariant 10: not before idle_after since it first held the GPU, whatever the GPU did before.
+        assert acted_at >= t_appear + IDLE_AFTER, (key, acted_at - t_appear)
+        for t, d in w.decisions(key):
+            if d.verdict is Verdict.RECLAIM:
+                assert t >= t_appear + IDLE_AFTER
+        # Invariant 11: warned in an earlier cycle, at least warn_before before the action.
+        warned_at = result.decision.warned_at
+        assert warned_at is not None and acted_at - warned_at >= WARN_BEFORE
+        assert any(t == warned_at and d.verdict is Verdict.WARN and d.reason.endswith("(warning now)")
+                   for t, d in w.decisions(key)), key
+    bounded = [d.reason for _, d in w.decisions(kernel_key) if "its GPU process first seen at" in d.reason]
+    assert bounded, [d.reason for _, d in w.decisions(kernel_key)]
+    assert any("first seen holding the GPU at" in d.reason or "started at" in d.reason
+               for _, d in w.decisions(fresh_key))
+    # The Pending and the terminating pod: kept, with the reason, never evicted.
+    pending_reasons = {d.reason.split(";")[0] for _, d in w.decisions(pod_key(w.kube, "pending-nb"))}
+    assert pending_reasons == {"pod team-a/pending-nb is 'Pending', not Running"}, pending_reasons
+    leaving = {d.verdict for _, d in w.decisions(pod_key(w.kube, "leaving-nb"))}
+    assert leaving == {Verdict.KEEP}
+    assert all("is terminating (deletionTimestamp set)" in d.reason
+               for _, d in w.decisions(pod_key(w.kube, "leaving-nb")))
+    assert [e.path.rsplit("/", 2)[-2] for e in w.kube.evictions] == ["fresh-nb"]
+    assert pending["metadata"]["name"] == "pending-nb"
