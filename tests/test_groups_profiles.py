@@ -4,6 +4,8 @@ JupyterHub with groups and a server started with a profile, end to end through t
 
 from __future__ import annotations
 
+import dataclasses
+
 import asyncio
 import time
 from pathlib import Path
@@ -29,7 +31,7 @@ from tests.support.jupyter_fixtures import (  # noqa: F401  (session fixtures us
     start_kernel,
 )
 from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, fake_nvml, fake_nvml_libs, gpu_uuid  # noqa: F401
-from tests.support.policy_fixtures import NOW, activity, kernel, make_settings, pod, series, snapshot
+from tests.support.policy_fixtures import NOW, WARNED, activity, kernel, make_settings, pod, series, snapshot
 
 GIB = 1024**3
 
@@ -56,7 +58,8 @@ def verdict_of(c: Candidate, idle_minutes: float) -> Any:
     settings = make_settings(policies=ONE_CONFIG, limits={"max_fraction_per_cycle": 1.0})
     start = NOW - 6 * 3600
     snap = snapshot(series(start=start, processes=(ProcessSample(4242, 2 * GIB),)), started_at=start)
-    (d,) = decide([c], snap, settings, NOW, PolicyState())
+    c = dataclasses.replace(c, held_since=start)  # invariant 10: on its GPU since sampling began
+    (d,) = decide([c], snap, settings, NOW, WARNED)  # invariant 11: warned long ago
     return d
 
 

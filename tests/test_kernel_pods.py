@@ -7,6 +7,8 @@ through the real kubernetes client; processes from a fake /proc tree."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from reclaimer.kube import PodCache
 from reclaimer.model import ActionKind, Candidate, PodGpuAllocation, PolicyState, ProcessSample, Recovers, Verdict
 from reclaimer.policy import decide
 from tests.support.fake_kube import FakeKube
-from tests.support.policy_fixtures import NOW, UUID0, activity, make_settings, policy, series, snapshot
+from tests.support.policy_fixtures import NOW, UUID0, WARNED, activity, make_settings, policy, series, snapshot
 from tests.support.procfs_fixtures import SAMPLES, FakeProc, pod_cgroup
 
 EG_KID = "3f2a1b0c-9d8e-4f7a-8b6c-5d4e3f2a1b0c"
@@ -76,8 +78,9 @@ def _decide(c: Candidate, action: str) -> Any:
     start = NOW - 6 * 3600
     procs = (ProcessSample(4242, GIB),) if c.kernel_id else ()  # a pod candidate holds GPUs with no process on them
     sampled = [series(u, i, start=start, processes=procs) for i, u in enumerate(UUIDS.values())]
+    c = dataclasses.replace(c, held_since=start)  # invariant 10: on its GPU since sampling began
     (d,) = decide([c], snapshot(*sampled, started_at=start), make_settings(policies=[policy(action=action)]), NOW,
-                  PolicyState())
+                  WARNED)  # invariant 11: warned long ago
     return d
 
 
