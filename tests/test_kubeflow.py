@@ -36,7 +36,9 @@ from tests.support.jupyter_fixtures import (
     wait_for_state,
 )
 from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, fake_nvml, fake_nvml_libs, gpu_uuid  # noqa: F401
-from tests.support.policy_fixtures import KID, KID2, NOW, activity, kernel, make_settings, policy, series, snapshot, utc
+from tests.support.policy_fixtures import (
+    KID, KID2, NOW, WARNED, activity, kernel, make_settings, policy, series, snapshot, utc,
+)
 from tests.support.procfs_fixtures import FakeProc, kernel_cmdline, pod_cgroup
 
 NS, NB = "team-a", "nb-alice"
@@ -142,7 +144,7 @@ def ref(*kernels: Any, error: str | None = None, at: float = NOW - 1) -> Noteboo
 def decide_nb(c: Candidate, action: str = "stop-notebook") -> Any:
     start = NOW - 6 * 3600
     snap = snapshot(series(start=start, processes=(ProcessSample(4242, 2 * GIB),)), started_at=start)
-    (d,) = decide([c], snap, make_settings(policies=[policy(action=action)]), NOW, PolicyState())
+    (d,) = decide([c], snap, make_settings(policies=[policy(action=action)]), NOW, WARNED)  # invariant 11
     return d
 
 
