@@ -126,7 +126,8 @@ def join(
         # A kernel whose processes sit in several pods is inconsistent: keep no pod so no pod action can bind to it.
         pod = pods_by_uid.get(next(iter(pod_uids))) if len(pod_uids) == 1 else None
         activity = activities.get(kid)
-        server = server_for_pod(pod, servers, server_name_annotation) or (kernel_servers or {}).get(kid)
+        # A server located for this kernel (with its direct address) first; it is the one the pod names, if any.
+        server = (kernel_servers or {}).get(kid) or server_for_pod(pod, servers, server_name_annotation)
         gpus = tuple(sorted({p.gpu_uuid for p in procs}))
         candidates.append(
             Candidate(

@@ -169,6 +169,9 @@ class HubSettings(_Strict):
     ca_file: str | None = None
     verify_tls: bool = True
     timeout: PositiveDuration = 5.0
+    cache_ttl: Duration = 60.0  # the server listing is reused this long (asked only when a candidate needs it)
+    server_token_ttl: Annotated[float, BeforeValidator(parse_duration), Field(ge=60.0)] = 3600.0
+    server_port: int = Field(default=8888, ge=1, le=65535)  # a pod's server port when no container port is named
 
     _http_url = field_validator("url")(_check_http_url)
     _env_name = field_validator("token_env")(_check_env_name)

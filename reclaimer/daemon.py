@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import signal
 import sys
 import time
@@ -25,10 +26,12 @@ from reclaimer.actions import DryRunExecutor, LiveExecutor, executor_for
 from reclaimer.attribution import Attributor
 from reclaimer.config import Settings, format_duration
 from reclaimer.errors import StartupError
+from reclaimer.hub import locate_servers
 from reclaimer.kubeflow import KUBEFLOW_GATEWAY
 from reclaimer.model import (
     ActionResult,
     AttributedProcess,
+    Candidate,
     CycleSnapshot,
     Decision,
     KernelActivity,
@@ -44,7 +47,7 @@ from reclaimer.sampler import GpuBackend, Sampler, open_backend
 from reclaimer.stall import STAGES, CallTimedOut, StageState, StageWorker, Stalled
 
 log = structlog.get_logger(__name__)
-MAX_HUB_SERVERS_SCANNED = 64  # servers asked for their kernels in one cycle when a kernel's server is unknown
+MAX_CACHED_SERVERS = 20_000  # a larger hub listing is used for the cycle but not kept
 
 
 def create_guarded_task(coro: Coroutine[Any, Any, Any], name: str, tasks: set[asyncio.Task[Any]]) -> asyncio.Task[Any]:
@@ -92,10 +95,11 @@ class Daemon:
     _kube_ok: bool | None = None
     _podres_ok: bool | None = None
     _hub_ok: bool | None = None
-    _kernel_server: dict[str, tuple[str, str]] = field(default_factory=dict)  # kernel id -> (user, server name)
     # One thread per blocking stage: a /proc read or API call that never returns stalls its stage, nothing else.
     _stages: dict[str, StageWorker] = field(default_factory=dict)
     _allocation_seen: dict[str, float] = field(default_factory=dict)  # pod uid -> first cycle that saw its allocation
+    _hub_servers: list[ServerRef] | None = None  # the hub's last listing (bounded: MAX_CACHED_SERVERS)
+    _hub_listed_at: float | None = None
     metrics: Any | None = None
     on_cycle: Callable[[CycleSnapshot, Sequence[ActionResult]], None] | None = None
 
@@ -207,17 +211,32 @@ class Daemon:
             log.warning("pod-resources unavailable", error=_describe(exc))
             return None
 
-    async def _servers(self, wanted: bool) -> list[ServerRef]:
-        if self.adapters.hub is None or not wanted:
+    async def _servers(self, wanted: bool, missing: frozenset[tuple[str, str]] = frozenset()) -> list[ServerRef]:
+        """The hub's user servers, asked only when a candidate needs them, from a listing at most ``hub.cache_ttl``
+        old; a server a candidate names that the cached listing lacks makes one fresh listing (at most one per decide
+        interval). A failed listing leaves no cache: unknown, never "no servers"."""
+        hub = self.adapters.hub
+        if hub is None or not wanted:
             return []
+        now = self.clock()
+        age = now - self._hub_listed_at if self._hub_listed_at is not None else math.inf
+        cached = self._hub_servers
+        if cached is not None and age < self.settings.hub.cache_ttl:
+            known = {(s.user, s.server_name) for s in cached}
+            if not (missing - known) or age < self.settings.decide_interval:
+                return list(cached)
         try:
-            servers = await asyncio.wait_for(self.adapters.hub.list_servers(), self._call_timeout())
+            servers = await asyncio.wait_for(hub.list_servers(), self._call_timeout())
             self._hub_ok = servers is not None
-            return list(servers or [])
         except Exception as exc:
             self._hub_ok = False
+            servers = None
             log.warning("hub unavailable", error=_describe(exc, "hub server list", self._call_timeout()))
-            return []
+        if servers is None or len(servers) > MAX_CACHED_SERVERS:
+            self._hub_servers, self._hub_listed_at = None, None
+            return list(servers or [])
+        self._hub_servers, self._hub_listed_at = list(servers), now
+        return list(servers)
 
     async def _observe(self, kernel_ids: set[str], confirm: bool = False) -> dict[str, KernelActivity]:
         gateways = self.adapters.gateways
@@ -246,46 +265,39 @@ class Daemon:
 
     async def _hub_kernels(self, result: join_mod.JoinResult, activities: dict[str, KernelActivity],
                            servers: list[ServerRef]) -> dict[str, ServerRef]:
-        """Kernels of JupyterHub user servers are observed through the hub when no configured gateway knows them.
+        """Kernels of JupyterHub user servers are observed in their server when no configured gateway knows them.
 
-        A candidate whose pod names its server is looked up there; the rest (a plain host running JupyterHub, no
-        pods) in the server last seen holding the kernel, else in every ready server (bounded). Returns the server
-        of each kernel found, and puts its activity into ``activities``.
+        Each kernel's server is located exactly (``hub.locate_servers``) and listed directly with a token that opens only
+        that server. Returns the server of each kernel found (with its direct address), and puts its activity into
+        ``activities``.
         """
         hub = self.adapters.hub
         missing = [c for c in result.candidates
                    if c.kernel_id and (activities.get(c.kernel_id) is None or activities[c.kernel_id].error)]
         if hub is None or not missing:
             return {}
-        by_key = {(s.user, s.server_name): s for s in servers}
-        wanted: dict[tuple[str, str], ServerRef] = {}
-        for c in missing:
-            if c.server is not None:
-                wanted[(c.server.user, c.server.server_name)] = c.server
-            elif c.kernel_id in self._kernel_server and self._kernel_server[c.kernel_id] in by_key:
-                key = self._kernel_server[c.kernel_id]
-                wanted[key] = by_key[key]
-            else:
-                wanted.update({k: s for k, s in list(by_key.items())[:MAX_HUB_SERVERS_SCANNED] if s.ready is not False})
+        try:
+            located = await self._in_stage("procfs", locate_servers, missing, servers, self.settings.procfs_root,
+                                           self.settings.hub.server_port, what="/proc reads locating user servers")
+        except Exception as exc:
+            log.warning("cannot locate the servers of hub kernels", error=_describe(exc))
+            return {}
+        wanted = {(s.user, s.server_name, s.origin): s for s in located.values()}
 
         async def listed(server: ServerRef) -> tuple[ServerRef, list[KernelActivity]]:
             try:
                 return server, list(await asyncio.wait_for(hub.server_kernels(server), self._call_timeout()) or ())
             except Exception as exc:
-                log.warning("hub kernel listing failed", user=server.user,
-                            error=_describe(exc, "hub kernel listing", self._call_timeout()))
+                log.warning("server kernel listing failed", user=server.user,
+                            error=_describe(exc, "server kernel listing", self._call_timeout()))
                 return server, []
 
         found: dict[str, ServerRef] = {}
-        missing_ids = {c.kernel_id for c in missing}
         for server, kernels in await asyncio.gather(*(listed(s) for s in wanted.values())):
             for ka in kernels:
-                if ka.kernel_id in missing_ids:
+                if located.get(ka.kernel_id) == server:
                     activities[ka.kernel_id] = ka
                     found[ka.kernel_id] = server
-                    self._kernel_server[ka.kernel_id] = (server.user, server.server_name)
-        live = {c.kernel_id for c in result.candidates}
-        self._kernel_server = {k: v for k, v in self._kernel_server.items() if k in live}
         return found
 
     async def _attribute(self, procs: list[tuple[str, Any]], pod_kernel_ids: Mapping[str, str]) -> list[AttributedProcess]:
@@ -322,8 +334,8 @@ class Daemon:
         (pods_by_uid, pod_kernel_ids), allocations = await asyncio.gather(self._pods(), self._allocations())
         attributed = await self._attribute(procs, pod_kernel_ids)
         kernel_ids = {p.kernel_id for p in attributed if p.kernel_id}
-        want_servers = any(pod.user for pod in pods_by_uid.values())
-        activities, servers = await asyncio.gather(self._observe(kernel_ids), self._servers(want_servers))
+        activities = await self._observe(kernel_ids)
+        servers: list[ServerRef] = []
 
         if allocations is not None:  # invariant 10: a pod holds its allocation from the first cycle that saw it
             held = join_mod.allocated_gpus_by_pod(pods_by_uid, allocations)
@@ -338,14 +350,20 @@ class Daemon:
             )
 
         joined = joined_with({})
-        unobserved = any(c.kernel_id and (activities.get(c.kernel_id) is None or activities[c.kernel_id].error)
-                         for c in joined.candidates)
-        if self.adapters.hub is not None and unobserved:
-            if not servers:
-                servers = await self._servers(True)
-            found = await self._hub_kernels(joined, activities, servers)
-            if found:
-                joined = joined_with(found)
+        if self.adapters.hub is not None:
+            # The hub is asked only for candidates that need it: a kernel no gateway could tell about, or a
+            # candidate whose pod names a user (its server is part of what a decision covers).
+            unobserved = any(c.kernel_id and (activities.get(c.kernel_id) is None or activities[c.kernel_id].error)
+                             for c in joined.candidates)
+            named = frozenset((c.pod.user, c.pod.annotations.get(s.kubernetes.server_name_annotation, ""))
+                              for c in joined.candidates if c.pod is not None and c.pod.user)
+            if unobserved or named:
+                servers = await self._servers(True, named)
+                joined = joined_with({})
+            if unobserved:
+                found = await self._hub_kernels(joined, activities, servers)
+                if found:
+                    joined = joined_with(found)
         joined = await self._notebooks(joined)
         observed_at = self.clock()
         planned = policy.plan(joined.candidates, samp, s, now, self._state)

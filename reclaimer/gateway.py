@@ -153,27 +153,7 @@ def parse_kernel_listing(body: object, gateway: str, observed_at: float) -> list
 # --------------------------------------------------------------------------- tokens and TLS
 
 
-def read_token(token_env: str | None, token_file: str | None, owner: str) -> str | None:
-    """The token from an environment variable or a file, read once. None when no source is configured.
-
-    Raises TokenError naming the source (never the value) when it is missing, empty or not header-safe.
-    """
-    if token_env:
-        token = os.environ.get(token_env)
-        where = f"{owner}: environment variable {token_env}"
-        if token is None:
-            raise TokenError(f"{where} is not set")
-    elif token_file:
-        where = f"{owner}: token file {token_file}"
-        try:
-            with open(token_file, encoding="utf-8") as fh:
-                token = fh.read(64 * 1024)
-        except OSError as exc:
-            raise TokenError(f"{where} cannot be read: {exc.strerror or type(exc).__name__}") from None
-        except UnicodeDecodeError:
-            raise TokenError(f"{where} is not UTF-8 text") from None
-    else:
-        return None
+def _check_token(token: str, where: str) -> str:
     token = token.strip()
     if not token:
         raise TokenError(f"{where} is empty")
@@ -181,6 +161,126 @@ def read_token(token_env: str | None, token_file: str | None, owner: str) -> str
         # A newline would let the value inject a second header.
         raise TokenError(f"{where} holds characters that cannot go in an HTTP header")
     return token
+
+
+def _read_token_file(path: str, where: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return _check_token(fh.read(64 * 1024), where)
+    except OSError as exc:
+        raise TokenError(f"{where} cannot be read: {exc.strerror or type(exc).__name__}") from None
+    except UnicodeDecodeError:
+        raise TokenError(f"{where} is not UTF-8 text") from None
+
+
+def read_token(token_env: str | None, token_file: str | None, owner: str) -> str | None:
+    """The token from an environment variable or a file, read once. None when no source is configured.
+
+    Raises TokenError naming the source (never the value) when it is missing, empty or not header-safe.
+    """
+    source = TokenSource.from_settings(token_env, token_file, owner)
+    return source.current() if source is not None else None
+
+
+class TokenSource:
+    """A token from an environment variable (fixed for the process's life) or a file (a mounted Secret, a projected
+    service-account token), re-read when the file changes.
+
+    ``current()`` stats the file (inode, size, mtime: one syscall) and reads it again only when that changed; a file
+    that becomes unreadable or empty keeps the last good token (a Secret update swaps a symlink) and logs once.
+    ``reread()`` is the 401 path: read again now, say whether the value changed. ``rejected`` is set (with the
+    reason, never the value) when the server refused the token and re-reading did not help; it clears once a request
+    with the token is accepted again.
+    """
+
+    def __init__(self, owner: str, *, env: str | None = None, file: str | None = None, value: str | None = None):
+        if sum(x is not None for x in (env, file, value)) != 1:
+            raise ValueError("a token source is exactly one of env, file or value")
+        self.owner = owner
+        self.file = file
+        self.rejected: str | None = None
+        self.rereads = 0  # times the file was read again because it changed or a request was refused
+        self._stamp: tuple[int, int, int] | None = None
+        self._failing = False
+        if env is not None:
+            self.where = f"{owner}: environment variable {env}"
+            raw = os.environ.get(env)
+            if raw is None:
+                raise TokenError(f"{self.where} is not set")
+            self._token = _check_token(raw, self.where)
+        elif file is not None:
+            self.where = f"{owner}: token file {file}"
+            self._stamp = self._stat()
+            self._token = _read_token_file(file, self.where)
+        else:
+            self.where = f"{owner}: token"
+            self._token = _check_token(str(value), self.where)
+
+    @classmethod
+    def from_settings(cls, token_env: str | None, token_file: str | None, owner: str) -> TokenSource | None:
+        if token_env:
+            return cls(owner, env=token_env)
+        if token_file:
+            return cls(owner, file=token_file)
+        return None
+
+    def __repr__(self) -> str:
+        return f"TokenSource({self.where!r})"
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        assert self.file is not None
+        try:
+            st = os.stat(self.file)
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def current(self) -> str:
+        """The token now (the file is read again when it changed since the last read)."""
+        if self.file is not None:
+            stamp = self._stat()
+            if stamp is not None and stamp != self._stamp:
+                self._load(stamp)
+        return self._token
+
+    def reread(self) -> bool:
+        """Read the file again now (after a 401); True when the token changed. Always False for env and values."""
+        if self.file is None:
+            return False
+        before = self._token
+        self._load(self._stat())
+        return self._token != before
+
+    def _load(self, stamp: tuple[int, int, int] | None) -> None:
+        assert self.file is not None
+        try:
+            token = _read_token_file(self.file, self.where)
+        except TokenError as exc:
+            if not self._failing:
+                log.warning("token file unusable; keeping the last good token", owner=self.owner, error=str(exc))
+            self._failing = True
+            return
+        if self._failing:
+            log.info("token file usable again", owner=self.owner, file=self.file)
+        self._failing = False
+        self._stamp = stamp
+        if token != self._token:
+            self.rereads += 1
+            log.info("token file changed; using the new token", owner=self.owner, file=self.file)
+        self._token = token
+
+    def accepted(self) -> None:
+        if self.rejected is not None:
+            log.info("token accepted again", owner=self.owner)
+        self.rejected = None
+
+    def refused(self, status: int) -> None:
+        reason = f"{self.where} was refused (HTTP {status})" + (
+            " and re-reading the file did not help" if self.file is not None else "; an environment token cannot be "
+            "re-read: restart with a valid one")
+        if self.rejected != reason:
+            log.error("credential refused; actions halted until it is accepted", owner=self.owner, reason=reason)
+        self.rejected = reason
 
 
 def tls_context(url: str, ca_file: str | None, verify_tls: bool, owner: str) -> ssl.SSLContext | None:
@@ -245,18 +345,23 @@ class RestEndpoint:
         self,
         name: str,
         base_url: str,
-        token: str | None,
+        token: str | TokenSource | None,
         *,
         timeout: float,
         tls: ssl.SSLContext | None = None,
         concurrency: int = MAX_CONCURRENCY,
         session_factory: SessionFactory | None = None,
         on_request: Callable[[float], None] | None = None,
+        untracked: bool = False,
     ):
         self.name = name
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
-        self._token = token
+        # A plain string is a fixed token (tests, the demo); a TokenSource follows its file and handles 401s.
+        self.token_source = TokenSource(name, value=token) if isinstance(token, str) else token
+        # Jupyter servers count every authenticated API request as user activity unless it carries
+        # ``no_track_activity`` (jupyter_server APIHandler.update_api_activity): watching is not using.
+        self._untracked = untracked
         self._tls = tls
         self._concurrency = concurrency
         self._session_factory = session_factory
@@ -291,22 +396,60 @@ class RestEndpoint:
         timeout: float | None = None,
         params: Mapping[str, str] | None = None,
         accept: str = "application/json",
+        token: str | None = None,
+        body: Any = None,
     ) -> HttpAnswer:
-        """``method`` on base URL + ``path`` (already quoted). Never raises for a network or protocol failure."""
+        """``method`` on base URL + ``path`` (already quoted). Never raises for a network or protocol failure.
+
+        ``token`` replaces the endpoint's own token for this request. A 401 for the endpoint's token re-reads its file
+        once and retries when the token changed; a 401 that stays marks the token ``rejected``.
+        """
+        source = self.token_source if token is None else None
+        answer = await self._request_once(method, path, limit=limit, timeout=timeout, params=params, accept=accept,
+                                          token=token if token is not None else (source.current() if source else None),
+                                          body=body)
+        if source is None:
+            return answer
+        if answer.status == 401:
+            if source.reread():
+                answer = await self._request_once(method, path, limit=limit, timeout=timeout, params=params,
+                                                  accept=accept, token=source.current(), body=body)
+            if answer.status == 401:
+                source.refused(401)
+                return answer
+        if answer.status is not None and answer.status != 403 and answer.status < 500:
+            source.accepted()
+        return answer
+
+    async def _request_once(
+        self,
+        method: str,
+        path: str,
+        *,
+        limit: int,
+        timeout: float | None,
+        params: Mapping[str, str] | None,
+        accept: str,
+        token: str | None,
+        body: Any,
+    ) -> HttpAnswer:
         session = self._client_session()
         assert self._semaphore is not None
         seconds = timeout or self.timeout
         url = yarl.URL(self.base_url + path, encoded=True)
-        if params:
-            url = url.with_query(params)
+        query = dict(params or {})
+        if self._untracked:
+            query["no_track_activity"] = "1"
+        if query:
+            url = url.with_query(query)
         headers = {"Accept": accept}
-        if self._token is not None:
-            headers["Authorization"] = f"token {self._token}"
+        if token is not None:
+            headers["Authorization"] = f"token {token}"
         async with self._semaphore:
             started = time.perf_counter()
             async def exchange() -> HttpAnswer:
                 async with session.request(
-                    method, url, headers=headers, allow_redirects=False,
+                    method, url, headers=headers, allow_redirects=False, json=body,
                     timeout=aiohttp.ClientTimeout(total=seconds, connect=seconds),
                 ) as resp:
                     return await self._answer(resp, limit)
@@ -410,11 +553,12 @@ class GatewayClient:
         self._http = RestEndpoint(
             settings.name,
             settings.url,
-            read_token(settings.token_env, settings.token_file, owner),
+            TokenSource.from_settings(settings.token_env, settings.token_file, owner),
             timeout=settings.timeout,
             tls=tls_context(settings.url, settings.ca_file, settings.verify_tls, owner),
             session_factory=session_factory,
             on_request=self._hook,
+            untracked=True,
         )
         self._log = log.bind(gateway=settings.name)
 

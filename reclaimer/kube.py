@@ -105,6 +105,12 @@ def pod_info_from_json(obj: Mapping[str, Any], user_label: str) -> PodInfo:
                 bare = strip_runtime_prefix(str(cid))
                 if bare and bare not in container_ids:
                     container_ids.append(bare)
+    ports: list[tuple[str, int]] = []
+    for container in spec.get("containers") or ():
+        for port in (container.get("ports") or ()) if isinstance(container, Mapping) else ():
+            if isinstance(port, Mapping) and type(port.get("containerPort")) is int and port.get("name"):
+                ports.append((str(port["name"]), port["containerPort"]))
+    pod_ip = status.get("podIP")
     return PodInfo(
         started_at=_timestamp(status.get("startTime")),
         deleting=meta.get("deletionTimestamp") is not None,
@@ -122,6 +128,8 @@ def pod_info_from_json(obj: Mapping[str, Any], user_label: str) -> PodInfo:
         container_ids=tuple(container_ids),
         owners=owners,
         owners_known=owners_known,
+        ip=pod_ip if isinstance(pod_ip, str) and pod_ip else None,
+        ports=tuple(ports),
     )
 
 

@@ -175,6 +175,8 @@ class PodInfo:
     started_at: float | None = None  # status.startTime (POSIX seconds); None: not started or unknown
     deleting: bool = False  # metadata.deletionTimestamp is set: the pod is terminating
     containers_running: bool | None = None  # every container's state is running (and not started=false); None: unknown
+    ip: str | None = None  # status.podIP
+    ports: tuple[tuple[str, int], ...] = ()  # named container ports: (name, containerPort)
 
     @property
     def controller(self) -> OwnerRef | None:
@@ -240,6 +242,8 @@ class ServerRef:
     groups: tuple[str, ...] | None = None  # the user's JupyterHub groups; None: unknown (token lacks read:users:groups)
     profile: str | None = None  # KubeSpawner profile slug (the server's user_options.profile); None: none chosen
     options_known: bool = False  # whether the hub showed the server's user_options (so ``profile`` None means none)
+    pid: int | None = None  # the server process (LocalProcessSpawner state; needs admin:server_state)
+    origin: str | None = None  # where the daemon reaches it directly (http://<pod IP or loopback>:<port>), not the proxy
 
 
 # --------------------------------------------------------------------------- policy input / output

@@ -442,3 +442,88 @@ def in_initial_pid_namespace(root: str | Path) -> bool | None:
         return os.readlink(os.path.join(root, "self", "ns", "pid")) == INITIAL_PID_NAMESPACE
     except OSError:
         return None
+
+
+# --------------------------------------------------------------------------- listening sockets (JupyterHub servers)
+
+_TCP_LISTEN = "0A"
+
+
+def parse_listening_sockets(text: str, ipv6: bool) -> dict[int, tuple[str, int]]:
+    """``/proc/<pid>/net/tcp`` (or ``tcp6``) text -> {socket inode: (IP, port)} of the sockets in LISTEN state."""
+    import ipaddress
+
+    out: dict[int, tuple[str, int]] = {}
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 10 or fields[3] != _TCP_LISTEN:
+            continue
+        try:
+            hex_ip, hex_port = fields[1].split(":")
+            raw = bytes.fromhex(hex_ip)
+            # The kernel prints the address as 32-bit words in host (little-endian) order.
+            packed = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            ip = ipaddress.ip_address(packed) if len(packed) in (4, 16) else None
+            inode = int(fields[9])
+            port = int(hex_port, 16)
+        except ValueError:
+            continue
+        if ip is None or inode <= 0 or (ip.version == 6) != ipv6:
+            continue
+        out[inode] = (str(ip), port)
+    return out
+
+
+def listening_addresses(root: str | Path, pid: int) -> list[tuple[str, int]]:
+    """The TCP (IP, port) pairs process ``pid`` itself listens on, seen in its own network namespace.
+
+    Raises ``ProcessGone`` / ``ProcessUnreadable``; [] when it listens on nothing.
+    """
+    _check_pid(pid)
+    base = os.path.join(root, str(pid))
+    try:
+        fds = os.listdir(os.path.join(base, "fd"))
+    except OSError as exc:
+        raise _classify(pid, "fd", exc) from None
+    inodes: set[int] = set()
+    for fd in fds[:65536]:
+        try:
+            target = os.readlink(os.path.join(base, "fd", fd))
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:[") and target.endswith("]"):
+            inodes.add(int(target[8:-1]))
+    found: dict[int, tuple[str, int]] = {}
+    for name, ipv6 in (("tcp", False), ("tcp6", True)):
+        try:
+            with open(os.path.join(base, "net", name), encoding="ascii", errors="replace") as fh:
+                found.update(parse_listening_sockets(fh.read(4 * 1024 * 1024), ipv6))
+        except FileNotFoundError:
+            continue  # no IPv6
+        except OSError as exc:
+            raise _classify(pid, f"net/{name}", exc) from None
+    return sorted({found[i] for i in inodes if i in found})
+
+
+def same_network_namespace(root: str | Path, pid: int) -> bool:
+    """Whether ``pid`` shares this process's network namespace (so its loopback address is ours)."""
+    try:
+        return os.readlink(os.path.join(root, str(pid), "ns", "net")) == os.readlink("/proc/self/ns/net")
+    except OSError:
+        return False
+
+
+def ancestors(root: str | Path, pid: int, depth: int) -> list[int]:
+    """``pid``'s parent, grandparent, ... (at most ``depth``), stopping at init or at a process that is gone."""
+    out: list[int] = []
+    current = pid
+    for _ in range(depth):
+        try:
+            ppid = load_stat(root, current).ppid
+        except ProcfsError:
+            break
+        if ppid <= 1:
+            break
+        out.append(ppid)
+        current = ppid
+    return out

@@ -218,7 +218,7 @@ async def test_enforce_reclaims_only_the_idle_kernel_and_the_idle_pod(node: Node
     assert "GPU 3 busy" in reasons[n.kernels["gpubusy"]]
 
     # The only mutating gateway call was the one shutdown.
-    assert n.proxy.mutating() == [("DELETE", f"/api/kernels/{n.kernels['idle']}")]
+    assert n.proxy.mutating() == [("DELETE", f"/api/kernels/{n.kernels['idle']}?no_track_activity=1")]
     # The pod: warned by Event, then evicted with its uid precondition, never deleted, then an action Event.
     (ev,) = n.kube.evictions
     assert ev.body["deleteOptions"]["preconditions"]["uid"] == n.pod_uid
@@ -380,7 +380,7 @@ limits: {{max_actions_per_cycle: 5, cooldown: 1m, max_fraction_per_cycle: 0.5, b
     assert "this one goes now" in acted[0][2] and acted[1][0] > acted[0][0]
     # The busy kernel: alive, never acted upon; the only mutating calls were the three shutdowns.
     assert busy_state == "busy"
-    assert sorted(proxy.mutating()) == sorted(("DELETE", f"/api/kernels/{k}") for k in ids[:3])
+    assert sorted(proxy.mutating()) == sorted(("DELETE", f"/api/kernels/{k}?no_track_activity=1") for k in ids[:3])
     # /metrics: one trip, by a mass flip; the breaker is no longer tripped once the idle kernels are gone.
     assert 'reclaimer_breaker_trips_total{cause="mass-flip"} 1.0' in exposition
     assert 'reclaimer_breaker_trips_total{cause="sustained"} 0.0' in exposition

@@ -205,7 +205,7 @@ async def test_token_file_is_sent_as_header_only(aiohttp_server: Any, tmp_path: 
     assert got.error is None and got.execution_state == "idle"
     first = gw.requests[0]
     assert first.headers["Authorization"] == f"token {gw.token}"
-    assert first.query == "" and gw.token not in first.path
+    assert first.query == "no_track_activity=1" and gw.token not in first.path + first.query
     assert gw.token not in repr(client) and gw.token not in repr(logs)
     assert any(e.get("gateway") == "fake" and e["log_level"] == "warning" for e in logs)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -13,7 +14,7 @@ import structlog
 
 from reclaimer.config import HubSettings
 from reclaimer.gateway import LIST_BODY_LIMIT, TokenError
-from reclaimer.hub import HUB_GATEWAY, PAGINATION_ACCEPT, HubClient, safe_server_path
+from reclaimer.hub import HUB_GATEWAY, PAGINATION_ACCEPT, HubClient, loopback_origin, safe_origin, safe_server_path
 from reclaimer.model import ServerRef
 from tests.support.fake_gateway import hang, html, json_body, raw, redirect, status
 from tests.support.fake_hub import FakeHub
@@ -193,11 +194,11 @@ async def test_bad_user_listings_are_unknown(make_hub: Make, fault: Any, expecte
 
 
 async def test_hub_timeout_is_unknown(make_hub: Make) -> None:
-    hub, client, _ = await make_hub(timeout=0.3)
+    hub, client, origin = await make_hub(timeout=0.3)
     hub.add_server("alice")
     hub.fault = hang(hub.release)
     assert await client.list_servers() is None
-    assert await client.server_kernels(ServerRef("alice", url="/user/alice/")) is None
+    assert await client.server_kernels(ServerRef("alice", url="/user/alice/", origin=origin)) is None
 
 
 # --------------------------------------------------------------------------- stopping servers (fake hub)
@@ -270,44 +271,140 @@ async def test_stop_server_fake_semantics(make_hub: Make) -> None:
     assert _keys(await client.list_servers()) == {("alice", "")}
 
 
-# --------------------------------------------------------------------------- kernels through the proxy (fake hub)
+# --------------------------------------------------------------------------- kernels in a server, directly (fake hub)
 
 
-async def test_server_kernels_through_the_proxy(make_hub: Make) -> None:
-    hub, client, _ = await make_hub()
+async def test_server_kernels_directly_with_a_token_for_that_server_only(make_hub: Make) -> None:
+    hub, client, origin = await make_hub()
     hub.add_server("alice", "gpu")
     kid = hub.add_kernel("alice", "gpu", state="busy")
-    got = await client.server_kernels(ServerRef("alice", "gpu", url="/user/alice/gpu/"))
+    server = ServerRef("alice", "gpu", url="/user/alice/gpu/", origin=origin)
+    got = await client.server_kernels(server)
     assert got is not None and [(k.kernel_id, k.execution_state, k.gateway) for k in got] == [
         (kid, "busy", HUB_GATEWAY)]
-    assert [r.path for r in hub.requests] == ["/user/alice/gpu/api/kernels"]
-    assert hub.requests[0].headers["Authorization"] == f"token {hub.token}" and hub.requests[0].query == ""
+    mint, listing = hub.requests
+    assert (mint.method, mint.path) == ("POST", "/hub/api/users/alice/tokens")
+    assert mint.headers["Authorization"] == f"token {hub.token}"
+    (token, held), = hub.minted.items()
+    assert held["scopes"] == ["access:servers!server=alice/gpu"] and held["expires_in"] == 3600
+    assert held["note"].startswith("Server at /user/alice/gpu/")  # the hub does not count its use as alice's activity
+    assert (listing.method, listing.path, listing.query) == ("GET", "/user/alice/gpu/api/kernels", "no_track_activity=1")
+    assert listing.headers["Authorization"] == f"token {token}"
+    # The token is reused until most of its life is gone: no mint per request.
+    assert await client.server_kernels(server) is not None
+    assert [r.method for r in hub.requests] == ["POST", "GET", "GET"]
+    assert all(hub.token not in str(r.headers) for r in hub.requests if "/hub/api/" not in r.path)
 
 
-async def test_shutdown_server_kernel_through_the_proxy(make_hub: Make) -> None:
-    hub, client, _ = await make_hub()
+async def test_server_tokens_are_renewed_revoked_and_bounded(make_hub: Make) -> None:
+    now = [1000.0]
+    hub, client, origin = await make_hub()
+    client._clock = lambda: now[0]
+    hub.add_server("alice")
+    hub.add_server("bob")
+    alice = ServerRef("alice", url="/user/alice/", origin=origin)
+    assert await client.server_kernels(alice) == []
+    (first_id,) = [m["id"] for m in hub.minted.values()]
+    now[0] += 3600 * 0.8  # less than a quarter of its life left: replaced, and the old one revoked
+    assert await client.server_kernels(alice) == []
+    assert hub.revoked == [first_id] and len(hub.minted) == 1
+    # A server gone from the hub's listing has its token revoked.
+    del hub.users["alice"]
+    assert _keys(await client.list_servers()) == {("bob", "")}
+    assert hub.minted == {} and len(hub.revoked) == 2
+    # At shutdown every token still held is revoked.
+    assert await client.server_kernels(ServerRef("bob", url="/user/bob/", origin=origin)) == []
+    await client.close()
+    assert hub.minted == {} and client.tokens_minted == 3 and client.tokens_revoked == 3
+
+
+async def test_a_token_wider_than_one_server_is_revoked_and_never_sent(make_hub: Make) -> None:
+    hub, client, origin = await make_hub()
+    hub.add_server("alice")
+    hub.mint_answer = (201, {"token": "wide-token", "id": "a1", "scopes": ["access:servers"]})
+    with structlog.testing.capture_logs() as logs:
+        assert await client.server_kernels(ServerRef("alice", url="/user/alice/", origin=origin)) is None
+    assert [(r.method, r.path) for r in hub.requests] == [("POST", "/hub/api/users/alice/tokens"),
+                                                          ("DELETE", "/hub/api/users/alice/tokens/a1")]
+    assert any("other than asked" in e["event"] for e in logs) and "wide-token" not in repr(logs)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param((403, {"status": 403, "message": "no permissions to generate tokens"}), id="no-tokens-scope"),
+        pytest.param((400, {"status": 400, "message": "token expires_in: 3600 must not exceed 600"}), id="too-long"),
+        pytest.param((201, {"token": "t", "id": "../x"}), id="bad-id"),
+        pytest.param((201, ["not", "a", "model"]), id="not-an-object"),
+    ],
+)
+async def test_no_server_token_means_unknown_and_no_server_request(make_hub: Make, answer: tuple[int, Any]) -> None:
+    hub, client, origin = await make_hub()
+    hub.add_server("alice")
+    hub.mint_answer = answer
+    assert await client.server_kernels(ServerRef("alice", url="/user/alice/", origin=origin)) is None
+    assert all("/hub/api/" in r.path for r in hub.requests)
+
+
+async def test_a_refused_server_token_is_replaced_next_time(make_hub: Make) -> None:
+    hub, client, origin = await make_hub()
+    hub.add_server("alice")
+    server = ServerRef("alice", url="/user/alice/", origin=origin)
+    assert await client.server_kernels(server) == []
+    hub.minted.clear()  # the user revoked it
+    assert await client.server_kernels(server) is None
+    assert await client.server_kernels(server) == []
+    assert [r.method for r in hub.requests] == ["POST", "GET", "GET", "POST", "GET"]
+
+
+async def test_shutdown_server_kernel_directly(make_hub: Make) -> None:
+    hub, client, origin = await make_hub()
     hub.add_server("alice", "gpu")
     kid = hub.add_kernel("alice", "gpu")
-    server = ServerRef("alice", "gpu", url="/user/alice/gpu/")
+    server = ServerRef("alice", "gpu", url="/user/alice/gpu/", origin=origin)
     assert (await client.shutdown_server_kernel(server, kid))[0] == "success"
     assert (await client.shutdown_server_kernel(server, kid))[0] == "already-gone"
-    assert [(r.method, r.path) for r in hub.requests] == [("DELETE", f"/user/alice/gpu/api/kernels/{kid}")] * 2
+    deletes = [r for r in hub.requests if r.method == "DELETE"]
+    assert [(r.path, r.query) for r in deletes] == [(f"/user/alice/gpu/api/kernels/{kid}", "no_track_activity=1")] * 2
     hub.fault = status(502)
     result, detail = await client.shutdown_server_kernel(server, kid)
     assert result == "failed" and "HTTP 502" in detail
 
 
 @pytest.mark.parametrize(
-    "url, kernel_id",
+    "url, origin, kernel_id",
     [
-        pytest.param("//evil.example/user/alice/", "0b6e2c61-8f7c-4b1a-9d3e-5a4f2e1c7b90", id="unsafe-url"),
-        pytest.param("/user/alice/", "../../hub/api/users", id="bad-kernel-id"),
+        pytest.param("//evil.example/user/alice/", None, "0b6e2c61-8f7c-4b1a-9d3e-5a4f2e1c7b90", id="unsafe-url"),
+        pytest.param("/user/alice/", None, "../../hub/api/users", id="bad-kernel-id"),
+        pytest.param("/user/alice/", "http://evil.example:80", "0b6e2c61-8f7c-4b1a-9d3e-5a4f2e1c7b90",
+                     id="origin-not-an-ip"),
+        pytest.param("/user/alice/", None, "0b6e2c61-8f7c-4b1a-9d3e-5a4f2e1c7b90", id="no-direct-address"),
     ],
 )
-async def test_shutdown_server_kernel_refuses_bad_input(make_hub: Make, url: str, kernel_id: str) -> None:
-    hub, client, _ = await make_hub()
-    result, detail = await client.shutdown_server_kernel(ServerRef("alice", url=url), kernel_id)
+async def test_shutdown_server_kernel_refuses_bad_input(make_hub: Make, url: str, origin: str | None,
+                                                        kernel_id: str) -> None:
+    hub, client, fake_origin = await make_hub()
+    result, detail = await client.shutdown_server_kernel(ServerRef("alice", url=url, origin=origin), kernel_id)
     assert result == "failed" and "no request made" in detail and hub.requests == []
+
+
+@pytest.mark.parametrize(
+    "origin, expected",
+    [
+        pytest.param("http://127.0.0.1:8888", "http://127.0.0.1:8888", id="loopback"),
+        pytest.param("http://10.1.2.3:8888", "http://10.1.2.3:8888", id="pod-ip"),
+        pytest.param("http://[fd00::1]:8888", "http://[fd00::1]:8888", id="ipv6"),
+        pytest.param("http://hub.example:8888", None, id="hostname"),
+        pytest.param("https://10.1.2.3:8888", None, id="https"),
+        pytest.param("http://10.1.2.3", None, id="no-port"),
+        pytest.param("http://10.1.2.3:8888/user/", None, id="path"),
+        pytest.param("http://u:p@10.1.2.3:8888", None, id="userinfo"),
+        pytest.param("http://0.0.0.0:8888", None, id="unspecified"),
+        pytest.param(None, None, id="none"),
+    ],
+)
+def test_safe_origin(origin: Any, expected: str | None) -> None:
+    assert safe_origin(origin) == expected
 
 
 @pytest.mark.parametrize(
@@ -320,8 +417,8 @@ async def test_shutdown_server_kernel_refuses_bad_input(make_hub: Make, url: str
     ],
 )
 async def test_server_kernels_refuses_unsafe_urls(make_hub: Make, url: str | None) -> None:
-    hub, client, _ = await make_hub()
-    assert await client.server_kernels(ServerRef("alice", url=url)) is None
+    hub, client, origin = await make_hub()
+    assert await client.server_kernels(ServerRef("alice", url=url, origin=origin)) is None
     assert hub.requests == []
 
 
@@ -336,24 +433,34 @@ async def test_server_kernels_refuses_unsafe_urls(make_hub: Make, url: str | Non
     ],
 )
 async def test_server_kernels_faults_are_unknown(make_hub: Make, fault: Any) -> None:
-    hub, client, _ = await make_hub()
+    hub, client, origin = await make_hub()
     hub.add_server("alice")
+    server = ServerRef("alice", url="/user/alice/", origin=origin)
+    assert await client.server_token(server) is not None
     hub.fault = fault
-    assert await client.server_kernels(ServerRef("alice", url="/user/alice/")) is None
+    assert await client.server_kernels(server) is None
+
+
+def test_the_hub_token_goes_to_the_hub_api_only() -> None:
+    import asyncio
+
+    client = HubClient(HubSettings(url="http://127.0.0.1:1", timeout=1.0))
+    with pytest.raises(ValueError, match="/hub/api/ only"):
+        asyncio.run(client._api("GET", "/user/alice/api/kernels", limit=1))
 
 
 async def test_hub_under_a_base_path(make_hub: Make) -> None:
-    hub, client, _ = await make_hub(prefix="/jhub")
+    hub, client, origin = await make_hub(prefix="/jhub")
     hub.add_server("alice")
     kid = hub.add_kernel("alice")
     servers = await client.list_servers()
     assert servers is not None and servers[0].url == "/jhub/user/alice/"
-    kernels = await client.server_kernels(servers[0])
+    kernels = await client.server_kernels(replace(servers[0], origin=origin))
     assert kernels is not None and kernels[0].kernel_id == kid
-    assert await client.server_kernels(ServerRef("alice", url="/user/alice/")) is None  # outside the base path
+    assert await client.server_kernels(ServerRef("alice", url="/user/alice/", origin=origin)) is None  # outside
     assert (await client.stop_server("alice"))[0] == "success"
-    assert [r.path for r in hub.requests] == ["/jhub/hub/api/users", "/jhub/user/alice/api/kernels",
-                                              "/jhub/hub/api/users/alice/server"]
+    assert [r.path for r in hub.requests] == ["/jhub/hub/api/users", "/jhub/hub/api/users/alice/tokens",
+                                              "/jhub/user/alice/api/kernels", "/jhub/hub/api/users/alice/server"]
 
 
 # --------------------------------------------------------------------------- a real JupyterHub
@@ -375,22 +482,30 @@ async def real_hub(hub_with_servers: JupyterProcess, monkeypatch: pytest.MonkeyP
     await client.close()
 
 
+def _direct(servers: list[ServerRef] | None, user: str, name: str = "") -> ServerRef:
+    """The listed server with its direct address (its process's loopback port, as the daemon finds it)."""
+    server = next(s for s in servers or [] if (s.user, s.server_name) == (user, name))
+    assert server.pid is not None, "the reclaimer's hub token has admin:server_state, so the pid is listed"
+    origin = loopback_origin("/proc", server.pid)
+    assert origin is not None and origin.startswith("http://127.0.0.1:")
+    return replace(server, origin=origin)
+
+
 async def test_real_hub_lists_servers_across_pages(real_hub: HubClient) -> None:
     servers = await real_hub.list_servers()
     assert {("alice", ""), ("bob", "")} <= _keys(servers)  # the hub pages one user at a time here
     alice = next(s for s in servers or [] if (s.user, s.server_name) == ("alice", ""))
-    assert alice.url == "/user/alice/" and alice.ready is True
+    assert alice.url == "/user/alice/" and alice.ready is True and alice.pid is not None
     assert alice.last_activity is not None and alice.last_activity.tzinfo is not None
     assert real_hub.up is True
 
 
-async def test_real_hub_server_kernels_through_the_proxy(real_hub: HubClient,
-                                                         hub_with_servers: JupyterProcess) -> None:
+async def test_real_hub_server_kernels_directly(real_hub: HubClient, hub_with_servers: JupyterProcess) -> None:
     server_url = hub_with_servers.url + "/user/alice"
     admin = hub_with_servers.extra["admin_token"]
     kid = await start_kernel(server_url, admin)
     await wake_kernel(server_url, admin, kid)
-    alice = next(s for s in await real_hub.list_servers() or [] if (s.user, s.server_name) == ("alice", ""))
+    alice = _direct(await real_hub.list_servers(), "alice")
     kernels = await real_hub.server_kernels(alice)
     assert kernels is not None
     mine = next(k for k in kernels if k.kernel_id == kid)
@@ -402,8 +517,7 @@ async def test_real_hub_server_kernels_through_the_proxy(real_hub: HubClient,
 
 
 async def test_real_hub_stop_server_lifecycle(real_hub: HubClient, hub_with_servers: JupyterProcess) -> None:
-    before = await real_hub.list_servers()
-    scratch = next(s for s in before or [] if (s.user, s.server_name) == ("alice", "scratch"))
+    scratch = _direct(await real_hub.list_servers(), "alice", "scratch")
     assert scratch.url == "/user/alice/scratch/"
     assert await real_hub.server_kernels(scratch) == []
 
@@ -411,7 +525,7 @@ async def test_real_hub_stop_server_lifecycle(real_hub: HubClient, hub_with_serv
     assert result == "success", detail
     after = await real_hub.list_servers()
     assert ("alice", "scratch") not in _keys(after) and ("alice", "") in _keys(after)
-    assert await real_hub.server_kernels(scratch) is None  # gone from the proxy: unknown, never "no kernels"
+    assert await real_hub.server_kernels(scratch) is None  # gone: unknown, never "no kernels"
     assert (await real_hub.stop_server("alice", "no-such-server"))[0] == "already-gone"
     assert (await real_hub.stop_server("nobody-" + secrets.token_hex(4)))[0] == "already-gone"
 
@@ -421,8 +535,98 @@ async def test_real_hub_wrong_token(hub_with_servers: JupyterProcess, monkeypatc
     client = HubClient(hub_settings(hub_with_servers.url, "RECLAIMER_TEST_WRONG_HUB_TOKEN"))
     try:
         assert await client.list_servers() is None
-        assert await client.server_kernels(ServerRef("alice", url="/user/alice/")) is None
+        assert await client.server_kernels(ServerRef("alice", url="/user/alice/", origin="http://127.0.0.1:1")) is None
         assert (await client.stop_server("alice"))[0] == "failed"
     finally:
         await client.close()
     assert client.up is False
+
+
+# --------------------------------------------------------------------------- issue 10 item 4: the hub is not listed every cycle
+
+
+async def test_item4_hub_listing_is_asked_only_when_needed_and_cached(make_hub: Make) -> None:
+    from reclaimer.config import parse_settings
+    from reclaimer.daemon import Adapters, Daemon
+    from reclaimer.gpusim import SimulatedBackend
+
+    hub, client, origin = await make_hub()
+    hub.add_server("alice")
+    now = [1000.0]
+    settings = parse_settings(f"hub: {{url: '{origin}', token_env: X, cache_ttl: 60s}}\ndecide_interval: 15s\n"
+                              "kubernetes: {enabled: false}\n")
+    daemon = Daemon(settings, Adapters(backend=SimulatedBackend({"gpus": [{"uuid": "GPU-1", "model": "X", "memory_total": 1 << 30}]}), hub=client), clock=lambda: now[0])
+    listings = lambda: sum(r.path == "/hub/api/users" for r in hub.requests)  # noqa: E731
+
+    # No candidate needs the hub: no request at all, however many cycles.
+    for _ in range(3):
+        await daemon.cycle()
+        now[0] += 15
+    assert hub.requests == []
+    assert await daemon._servers(False) == [] and listings() == 0
+
+    assert _keys(await daemon._servers(True)) == {("alice", "")} and listings() == 1
+    now[0] += 30
+    assert _keys(await daemon._servers(True, frozenset({("alice", "")}))) == {("alice", "")}
+    assert listings() == 1  # fresh enough, and it has what is needed
+    # A server a candidate names that the listing lacks: re-listed, but not more than once per decide interval.
+    hub.add_server("bob")
+    now[0] += 5
+    await daemon._servers(True, frozenset({("bob", "")}))
+    assert listings() == 2
+    now[0] += 5
+    assert ("bob", "") in _keys(await daemon._servers(True, frozenset({("bob", "")}))) and listings() == 2
+    # Older than cache_ttl: asked again.
+    now[0] += 61
+    await daemon._servers(True)
+    assert listings() == 3
+    # A failed listing keeps nothing: unknown now, asked again next time.
+    hub.fault = status(500)
+    now[0] += 61
+    assert await daemon._servers(True) == [] and listings() == 4
+    hub.fault = None
+    assert _keys(await daemon._servers(True)) == {("alice", ""), ("bob", "")} and listings() == 5
+
+
+# --------------------------------------------------------------------------- where a kernel's server is
+
+
+def test_locate_servers_in_pods_uses_the_pod_ip_and_notebook_port() -> None:
+    from reclaimer.hub import locate_servers
+    from reclaimer.model import AttributedProcess, Candidate, PodInfo
+
+    server = ServerRef("alice", "gpu", url="/user/alice/gpu/")
+
+    def cand(kid: str, pod: PodInfo | None, srv: ServerRef | None) -> Candidate:
+        proc = AttributedProcess(pid=4242, starttime=1, gpu_uuid="GPU-1", used_memory_bytes=1, sm_utilization=0.0,
+                                 kernel_id=kid, kernel_pid=4242)
+        return Candidate(key=f"kernel:{kid}", node="n", kernel_id=kid, pod=pod, server=srv, processes=(proc,))
+
+    named = PodInfo(uid="u1", namespace="jhub", name="jupyter-alice--gpu", ip="10.1.2.3",
+                    ports=(("notebook-port", 8890),))
+    unnamed_port = PodInfo(uid="u2", namespace="jhub", name="p2", ip="fd00::7")
+    no_ip = PodInfo(uid="u3", namespace="jhub", name="p3")
+    k1, k2, k3, k4 = (f"0b6e2c61-8f7c-4b1a-9d3e-5a4f2e1c7b9{i}" for i in range(4))
+    out = locate_servers([cand(k1, named, server), cand(k2, unnamed_port, server), cand(k3, no_ip, server),
+                          cand(k4, named, None)], [server], "/proc", default_port=8888)
+    assert out[k1].origin == "http://10.1.2.3:8890" and (out[k1].user, out[k1].server_name) == ("alice", "gpu")
+    assert out[k2].origin == "http://[fd00::7]:8888"
+    assert k3 not in out and k4 not in out  # no address, or no server the pod's labels name: unknown
+
+
+def test_locate_servers_on_a_host_needs_the_server_pid_among_the_kernels_ancestors() -> None:
+    import os
+
+    from reclaimer.hub import locate_servers
+    from reclaimer.model import AttributedProcess, Candidate
+
+    kid = "0b6e2c61-8f7c-4b1a-9d3e-5a4f2e1c7b90"
+    me = os.getpid()
+    proc = AttributedProcess(pid=me, starttime=1, gpu_uuid="GPU-1", used_memory_bytes=1, sm_utilization=0.0,
+                             kernel_id=kid, kernel_pid=me)
+    c = Candidate(key=f"kernel:{kid}", node="n", kernel_id=kid, processes=(proc,))
+    stranger = ServerRef("bob", url="/user/bob/", pid=1)  # init is nobody's kernel ancestor here
+    assert locate_servers([c], [stranger], "/proc") == {}
+    # Our parent (pytest's launcher) plays the server: it is an ancestor, but listens on no loopback port.
+    parent = ServerRef("alice", url="/user/alice/", pid=os.getppid())
+    assert locate_servers([c], [parent], "/proc") == {}

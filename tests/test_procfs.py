@@ -419,3 +419,23 @@ def test_kill_if_same_never_kills_a_reused_pid(sleeper: subprocess.Popen[bytes])
     assert sleeper.poll() is None
     kill_if_same(sleeper.pid, starttime)
     assert sleeper.wait(timeout=10) == -9
+
+
+def test_parse_listening_sockets_ipv4_and_ipv6() -> None:
+    from reclaimer.procfs import parse_listening_sockets
+
+    tcp = (
+        "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+        "   0: 0100007F:22B8 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 111 1 0 100 0 0 10 0\n"
+        "   1: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 222 1 0 100 0 0 10 0\n"
+        "   2: 0100007F:22B8 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 333 1 0 20 4 30 10 -1\n"
+    )
+    assert parse_listening_sockets(tcp, ipv6=False) == {111: ("127.0.0.1", 8888), 222: ("0.0.0.0", 8080)}
+    tcp6 = (
+        "  sl  local_address                         remote_address                        st tx_queue rx_queue tr "
+        "tm->when retrnsmt   uid  timeout inode\n"
+        "   0: 00000000000000000000000001000000:22B8 00000000000000000000000000000000:0000 0A 00000000:00000000 "
+        "00:00000000 00000000     0        0 444 1 0 100 0 0 10 0\n"
+    )
+    assert parse_listening_sockets(tcp6, ipv6=True) == {444: ("::1", 8888)}
+    assert parse_listening_sockets("header\ngarbage line\n", ipv6=False) == {}

@@ -8,7 +8,11 @@ bodies and a base path. Semantics copied from JupyterHub 5/6 ``apihandlers/users
   without it, a plain list (the first ``limit`` users). ``state=active`` keeps users with a running server.
 - ``DELETE /hub/api/users/{user}/server`` and ``.../servers/{name}``: 204 stopped, 202 stop pending, 404 no such user
   or named server.
-- ``GET <prefix>/user/{user}/[{server}/]api/kernels`` stands in for the proxy's route to a single-user server.
+- ``POST /hub/api/users/{user}/tokens`` mints a token owned by the user with the scopes asked for (201, with "token",
+  "id", "scopes"); ``DELETE /hub/api/users/{user}/tokens/{id}`` revokes it (204; 404 when unknown).
+- ``<prefix>/user/{user}/[{server}/]api/kernels`` stands in for the single-user server itself, reached directly at
+  this app's origin: it accepts only a minted token whose scope is ``access:servers!server=<user>/<server>`` (403
+  otherwise, the hub token included), as jupyterhub-singleuser does.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ class FakeHub:
     users: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # user -> server name -> model
     kernels: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)
     delete_answer: tuple[int, Any] | None = None  # forced (status, JSON body) for DELETE
+    mint_answer: tuple[int, Any] | None = None  # forced (status, JSON body) for POST .../tokens
+    minted: dict[str, dict[str, Any]] = field(default_factory=dict)  # token -> {"id", "user", "scopes"}
+    revoked: list[str] = field(default_factory=list)  # token ids
     requests: list[Recorded] = field(default_factory=list)
     fault: Fault | None = None
     release: asyncio.Event = field(default_factory=asyncio.Event)
@@ -67,6 +74,8 @@ class FakeHub:
         app.router.add_get(f"{p}/hub/api/users", self._list_users)
         app.router.add_delete(f"{p}/hub/api/users/{{user}}/server", self._delete)
         app.router.add_delete(f"{p}/hub/api/users/{{user}}/servers/{{name}}", self._delete)
+        app.router.add_post(f"{p}/hub/api/users/{{user}}/tokens", self._mint)
+        app.router.add_delete(f"{p}/hub/api/users/{{user}}/tokens/{{token_id}}", self._revoke)
         app.router.add_get(f"{p}/user/{{user}}/api/kernels", self._kernels)
         app.router.add_get(f"{p}/user/{{user}}/{{name}}/api/kernels", self._kernels)
         app.router.add_delete(f"{p}/user/{{user}}/api/kernels/{{kernel_id}}", self._delete_kernel)
@@ -81,9 +90,41 @@ class FakeHub:
             answer = await self.fault(request)
             if answer is not None:
                 return answer
+        if "/hub/api/" not in request.path:
+            return await handler(request)  # a user's server checks its own tokens
         if request.headers.get("Authorization") != f"token {self.token}":
             return web.json_response({"status": 403, "message": "Forbidden"}, status=403)
         return await handler(request)
+
+    def server_token_ok(self, request: web.Request, user: str, name: str) -> bool:
+        header = request.headers.get("Authorization", "")
+        held = self.minted.get(header.removeprefix("token "))
+        return held is not None and held["scopes"] == [f"access:servers!server={user}/{name}"]
+
+    async def _mint(self, request: web.Request) -> web.StreamResponse:
+        import secrets
+
+        if self.mint_answer is not None:
+            code, body = self.mint_answer
+            return web.json_response(body, status=code)
+        user = unquote(request.match_info["user"])
+        if user not in self.users:
+            return web.json_response({"status": 403, "message": f"User {user} not found"}, status=403)
+        body = await request.json()
+        token, token_id = secrets.token_hex(16), "a" + secrets.token_hex(4)
+        self.minted[token] = {"id": token_id, "user": user, "scopes": list(body.get("scopes") or []),
+                              "note": body.get("note"), "expires_in": body.get("expires_in")}
+        return web.json_response({"token": token, "id": token_id, "user": user, "scopes": body.get("scopes")},
+                                 status=201)
+
+    async def _revoke(self, request: web.Request) -> web.StreamResponse:
+        token_id = request.match_info["token_id"]
+        for token, held in list(self.minted.items()):
+            if held["id"] == token_id and held["user"] == unquote(request.match_info["user"]):
+                del self.minted[token]
+                self.revoked.append(token_id)
+                return web.Response(status=204)
+        return web.json_response({"status": 404, "message": "no such token"}, status=404)
 
     def _user_model(self, name: str) -> dict[str, Any]:
         servers = self.users[name]
@@ -124,12 +165,16 @@ class FakeHub:
 
     async def _kernels(self, request: web.Request) -> web.StreamResponse:
         key = (request.match_info["user"], request.match_info.get("name", ""))
+        if not self.server_token_ok(request, *key):
+            return web.json_response({"status": 403, "message": "Forbidden"}, status=403)
         if key[1] not in self.users.get(key[0], {}):
             return web.Response(status=503, text="<html>Service Unavailable</html>", content_type="text/html")
         return web.json_response(self.kernels.get(key, []))
 
     async def _delete_kernel(self, request: web.Request) -> web.StreamResponse:
         key = (request.match_info["user"], request.match_info.get("name", ""))
+        if not self.server_token_ok(request, *key):
+            return web.json_response({"status": 403, "message": "Forbidden"}, status=403)
         kernels = self.kernels.get(key, [])
         kept = [k for k in kernels if k["id"] != request.match_info["kernel_id"]]
         if len(kept) == len(kernels):

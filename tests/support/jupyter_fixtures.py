@@ -259,10 +259,19 @@ c.JupyterHub.cookie_secret_file = {cookie_secret!r}
 c.JupyterHub.pid_file = {pid_file!r}
 c.Authenticator.allowed_users = set({users!r})
 c.JupyterHub.load_groups = {groups!r}
+# Activity reaches the hub within a second (defaults: 300 s), so a test can see whether a request counted as activity.
+c.JupyterHub.last_activity_interval = 1
+c.JupyterHub.activity_resolution = 0  # every use of a token counts at once (default: at most every 30 s)
+c.Spawner.environment = {{
+    "JUPYTERHUB_ACTIVITY_INTERVAL": "1",
+    "JUPYTER_CONFIG_DIR": {singleuser_config!r},  # records every request's headers (see _SINGLEUSER_CONFIG)
+    "RECLAIMER_TEST_HEADER_LOG": {header_log!r},
+}}
 c.JupyterHub.load_roles = [
-    # What the reclaimer needs: list user servers (and their users' groups), stop them, read kernels through the proxy.
+    # What the reclaimer needs (docs/tokens.md): list user servers with their state, stop them, and mint tokens
+    # that open one server each. No access:servers: the hub token never goes to a user's server.
     {{"name": "reclaimer", "scopes": ["list:users", "read:users:name", "read:users:groups", "read:servers",
-                                      "delete:servers", "access:servers"], "services": ["reclaimer"]}},
+                                      "delete:servers", "admin:server_state", "tokens"], "services": ["reclaimer"]}},
     {{"name": "test-admin", "scopes": ["admin:users", "admin:servers", "access:servers"], "services": ["test-admin"]}},
 ]
 c.JupyterHub.services = [
@@ -270,6 +279,32 @@ c.JupyterHub.services = [
     {{"name": "test-admin", "api_token": os.environ["RECLAIMER_TEST_HUB_ADMIN_TOKEN"]}},
 ]
 """
+
+
+# A single-user server that writes down every request it gets, headers included: what a user who logs their own
+# server's requests would see.
+_SINGLEUSER_CONFIG = """\
+import json, os
+
+
+def _record(handler):
+    with open(os.environ["RECLAIMER_TEST_HEADER_LOG"], "a") as fh:
+        fh.write(json.dumps({"server": handler.settings.get("base_url"), "method": handler.request.method,
+                             "uri": handler.request.uri, "status": handler.get_status(),
+                             "headers": dict(handler.request.headers)}) + "\\n")
+
+
+c = get_config()
+c.ServerApp.tornado_settings = {"log_function": _record}
+"""
+
+
+def header_log(hub: JupyterProcess) -> list[dict[str, Any]]:
+    """Every request the hub's single-user servers got so far: {"server", "method", "uri", "status", "headers"}."""
+    path = Path(hub.extra["header_log"])
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def hub_available() -> bool:
@@ -304,16 +339,22 @@ def start_jupyterhub(workdir: Path, token: str, users: tuple[str, ...] = ("alice
     secret.chmod(0o600)
     admin_token = secrets.token_hex(24)
     singleuser = shutil.which("jupyterhub-singleuser") or "jupyterhub-singleuser"
+    singleuser_config = workdir / "singleuser-config"
+    singleuser_config.mkdir(exist_ok=True)
+    (singleuser_config / "jupyter_server_config.py").write_text(_SINGLEUSER_CONFIG)
+    headers = workdir / "singleuser-headers.jsonl"
     (workdir / "jupyterhub_config.py").write_text(_HUB_CONFIG.format(
         proxy_port=proxy_port, hub_port=hub_port, proxy_api_port=api_port, home=str(workdir / "users"),
         singleuser=singleuser, page_limit=page_limit, cookie_secret=str(secret), users=tuple(users),
         pid_file=str(workdir / "jupyterhub.pid"), groups=HUB_GROUPS if groups is None else groups,
+        singleuser_config=str(singleuser_config), header_log=str(headers),
     ))
     env = _env(workdir, RECLAIMER_TEST_HUB_TOKEN=token, RECLAIMER_TEST_HUB_ADMIN_TOKEN=admin_token)
     cmd = [sys.executable, "-m", "jupyterhub", "-f", str(workdir / "jupyterhub_config.py")]
     proc, log_path = _spawn("jupyterhub", cmd, workdir, env)
     handle = JupyterProcess("jupyterhub", f"http://127.0.0.1:{proxy_port}", token, proc, workdir, log_path,
-                            extra={"admin_token": admin_token, "hub_url": f"http://127.0.0.1:{hub_port}"})
+                            extra={"admin_token": admin_token, "hub_url": f"http://127.0.0.1:{hub_port}",
+                                   "header_log": str(headers)})
     wait_http(handle, "/hub/api/", timeout, headers=auth(admin_token))
     return handle
 
@@ -338,6 +379,9 @@ def spawn_servers(hub: JupyterProcess, *servers: tuple[str, str], timeout: float
     hub says each is ready; returns their models. ``options``: a server's user_options (e.g. ``{"profile": "gpu"}``,
     what KubeSpawner's profile form sends)."""
     for user, server_name in servers:
+        _, model = hub_request(hub, "GET", f"/hub/api/users/{user}")
+        if ((model or {}).get("servers", {}).get(server_name) or {}).get("ready"):
+            continue  # already running (another test module of this session started it)
         path = f"/hub/api/users/{user}/" + (f"servers/{server_name}" if server_name else "server")
         status, body = hub_request(hub, "POST", path, (options or {}).get((user, server_name), {}))
         if status not in (201, 202):
@@ -463,7 +507,7 @@ def jupyterhub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterProc
 
 __all__ = [
     "EG_USER", "JupyterProcess", "JupyterTestError", "auth", "enterprise_gateway",
-    "enterprise_gateway_venv", "free_port", "hub_available", "hub_request", "interrupt_kernel",
+    "enterprise_gateway_venv", "free_port", "header_log", "hub_available", "hub_request", "interrupt_kernel",
     "jupyter_server", "jupyterhub", "kernel_gateway", "kernel_gateway_unlisted", "kernel_model", "kernel_pid",
     "run_code", "shutdown_kernel", "spawn_servers", "start_enterprise_gateway", "start_jupyter_server",
     "start_jupyter_server_with_gateway", "start_jupyterhub", "start_kernel",
