@@ -24,11 +24,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import math
 import os
 import random
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -364,19 +364,19 @@ def _tracked(daemon: Any, pool: Any, pods: Any) -> dict[str, int]:
     }
 
 
-async def run_soak(mode: str, sizes: SoakSizes, workdir: Path) -> SoakResult:
+async def run_soak(mode: str, sizes: SoakSizes, workdir: Path, progress: bool = False) -> SoakResult:
     """One soak in ``mode`` (enforce | dry-run) over ``sizes.hours`` simulated hours."""
     import structlog
 
     saved = structlog.get_config()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))  # errors only: a day is many lines
     try:
-        return await _run_soak(mode, sizes, workdir)
+        return await _run_soak(mode, sizes, workdir, progress)
     finally:
         structlog.configure(**saved)
 
 
-async def _run_soak(mode: str, sizes: SoakSizes, workdir: Path) -> SoakResult:
+async def _run_soak(mode: str, sizes: SoakSizes, workdir: Path, progress: bool) -> SoakResult:
     import aiohttp
 
     from reclaimer.config import parse_settings
@@ -456,6 +456,10 @@ limits: {{max_actions_per_cycle: 5, cooldown: 10m, max_fraction_per_cycle: 0.5}}
                     cp = Checkpoint(round((clock[0] - T0) / 3600, 2), process_figures(), series, candidates,
                                     len(world.kernels), _tracked(daemon, pool, pods))
                     checkpoints.append(cp)
+                    if progress:
+                        print(f"soak {mode}: {cp.hour:g} h simulated, {time.perf_counter() - started:.0f} s, RSS "
+                              f"{_mib(cp.figures['rss_bytes'])}, {cp.series} series, {cp.live_kernels} kernels live",
+                              file=sys.stderr, flush=True)
                 clock[0] += sizes.sample_interval
         finally:
             await session.close()
@@ -604,7 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = ns.out or (Path(tempfile.mkdtemp(prefix="reclaimer-soak-")) if ns.smoke else BENCH_DIR)
     work = Path(tempfile.mkdtemp(prefix="reclaimer-soak-work-"))
     try:
-        results = [asyncio.run(run_soak(mode, sizes, work)) for mode in modes]
+        results = [asyncio.run(run_soak(mode, sizes, work, progress=True)) for mode in modes]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     command = "python -m bench soak" + (" " + " ".join(argv) if argv else "")
