@@ -465,11 +465,11 @@ class Daemon:
 
     def _remember(self, results: Sequence[ActionResult], now: float) -> None:
         acted = {r.decision.candidate.key for r in results if r.result in ("success", "already-gone", "blocked")}
-        if acted:
-            last = dict(self._state.last_action_at)
-            last.update({k: now for k in acted})
-            # Forget cooldowns that ended long ago so the state stays bounded.
-            horizon = now - 2 * self.settings.limits.cooldown
+        last = dict(self._state.last_action_at)
+        last.update({k: now for k in acted})
+        # Forget cooldowns that ended long ago: bounded by the actions of the last two cooldowns, not by history.
+        horizon = now - 2 * self.settings.limits.cooldown
+        if acted or any(v < horizon for v in last.values()):
             self._state = replace(self._state, last_action_at={k: v for k, v in last.items() if v >= horizon})
 
     def _threshold(self, d: Decision) -> float:

@@ -398,3 +398,21 @@ def test_item5_real_daemon_survives_a_blocking_proc_read_and_a_wedged_nvml_call(
     stalls = [(e.get("stage"), e.get("what")) for e in events if e.get("event") == "call stalled"]
     assert ("procfs", "/proc reads for 1 GPU process(es)") in stalls and ("nvml", "NVML sampling tick") in stalls
     assert any(e.get("event") == "stalled call returned" and e.get("stage") == "procfs" for e in events)
+
+
+def test_item4_cooldowns_stay_bounded_by_the_recent_actions() -> None:
+    """Five actions every cycle for a simulated day: the cooldown map keeps only the last two cooldowns' keys."""
+    from reclaimer.model import ActionKind, ActionResult, Candidate, Decision
+
+    settings = parse_settings("gpu: {backend: simulated}\nkubernetes: {enabled: false}\ndecide_interval: 15s\n"
+                              "limits: {cooldown: 10m, max_actions_per_cycle: 5}\n")
+    daemon = Daemon(settings, Adapters(backend=SimulatedBackend()))
+    now = 1_000_000.0
+    for cycle in range(24 * 240):
+        results = [ActionResult(Decision(Candidate(key=f"kernel:{cycle}-{i}", node="n"), Verdict.RECLAIM,
+                                         ActionKind.SHUTDOWN_KERNEL, "idle"), "success", "done", mode="enforce")
+                   for i in range(5)] if cycle < 24 * 240 - 100 else []
+        daemon._remember(results, now)
+        assert len(daemon._state.last_action_at) <= 5 * (2 * 600 / 15 + 1)
+        now += 15
+    assert daemon._state.last_action_at == {}  # 25 minutes without actions: every cooldown is over and forgotten
