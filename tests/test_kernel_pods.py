@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +19,23 @@ import pytest
 from reclaimer import actionkinds
 from reclaimer.attribution import Attributor
 from reclaimer.candidates import join
-from reclaimer.config import KubernetesSettings
+from reclaimer.config import KubernetesSettings, parse_settings
+from reclaimer.daemon import Daemon, build_adapters
+from reclaimer.demo import free_port
 from reclaimer.kube import PodCache
 from reclaimer.model import ActionKind, Candidate, PodGpuAllocation, PolicyState, ProcessSample, Recovers, Verdict
 from reclaimer.policy import decide
 from tests.support.fake_kube import FakeKube
+from tests.support.fake_kubelet import FakeKubelet
+from tests.support.fake_kubelet import pod as kubelet_pod
+from tests.support.jupyter_fixtures import (  # noqa: F401  (session fixtures used by name)
+    JupyterProcess,
+    auth,
+    enterprise_gateway,
+    start_kernel,
+    wake_kernel,
+)
+from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, fake_nvml, fake_nvml_libs, gpu_uuid  # noqa: F401
 from tests.support.policy_fixtures import NOW, UUID0, WARNED, activity, make_settings, policy, series, snapshot
 from tests.support.procfs_fixtures import SAMPLES, FakeProc, pod_cgroup
 
@@ -137,3 +151,83 @@ def test_positive_control_a_bare_pod_that_is_no_kernel_pod_may_be_evicted(world:
     plain = Candidate(key=c.key, node=c.node, pod=c.pod, user=c.user, gpu_uuids=c.gpu_uuids, allocated=True)
     d = _decide(plain, "evict-pod")
     assert d.verdict is Verdict.RECLAIM and d.action is ActionKind.EVICT_POD, d.reason
+
+
+# --------------------------------------------------------------------------- end to end: a real EG, its kernel "in a pod"
+
+
+async def test_eg_kernel_pod_reclaimed_through_the_real_enterprise_gateway_e2e(
+    enterprise_gateway: JupyterProcess, fake_nvml: FakeNvml, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The daemon in enforce mode with action auto, against a real Enterprise Gateway whose kernel the node sees in
+    an EG-labelled kernel pod (fake API server, real client; the kernel's process in the pod's cgroup through a fake
+    /proc). auto picks shutdown-kernel through EG (the pod is the kernel's own: recovers the allocation), never an
+    eviction; the kernel is gone from EG; the pod's removal (EG deletes it in a cluster) is verified as released."""
+    eg = enterprise_gateway
+    kid = await start_kernel(eg.url, eg.token, env=eg.extra["kernel_env"])
+    await wake_kernel(eg.url, eg.token, kid)
+    with FakeKube() as api:
+        pod = _eg_pod(api, f"alice-{kid}", kid, CID["eg"])
+        kubelet = FakeKubelet(tmp_path / "kubelet.sock").start()
+        try:
+            kubelet.pods = [kubelet_pod(f"alice-{kid}", "eg-kernels", {"kernel": [("nvidia.com/gpu", [gpu_uuid(0)])]})]
+            proc = FakeProc(tmp_path / "proc")
+            launcher = (SAMPLES / "cmdline" / "enterprise-gateway-launcher.bin").read_bytes().rstrip(b"\0")
+            proc.add(8001, cmdline=[a.decode() for a in launcher.split(b"\0")],
+                     cgroup=pod_cgroup(pod["metadata"]["uid"], CID["eg"]))
+            fake_nvml.write(gpus=[FakeGpu(uuid=gpu_uuid(0), util=0)],
+                            processes=[FakeProcess(pid=8001, gpu=0, memory=5 * GIB)])
+            kubeconfig = tmp_path / "kubeconfig"
+            kubeconfig.write_text(api.kubeconfig())
+            monkeypatch.setenv("EG_POD_TOKEN", eg.token)
+            settings = parse_settings(f"""
+mode: enforce
+node_name: {NODE}
+listen: 127.0.0.1:{free_port()}
+sample_interval: 200ms
+decide_interval: 500ms
+procfs_root: "{proc.root}"
+gpu: {{backend: nvml, library_path: "{fake_nvml.lib_path}"}}
+gateways: [{{name: eg, url: "{eg.url}", kind: enterprise-gateway, token_env: EG_POD_TOKEN}}]
+kubernetes: {{enabled: true, kubeconfig: "{kubeconfig}", pod_resources_socket: "{kubelet.socket_path}",
+              resync_interval: 1s, timeout: 2s, user_label: kernel_username}}
+policies: [{{name: eg-pods, idle_after: 3s, warn_before: 1s, action: auto}}]
+limits: {{max_fraction_per_cycle: 1.0}}
+""")
+            daemon = Daemon(settings, build_adapters(settings))
+            seen: list[Any] = []
+            daemon.on_cycle = lambda snap, results: seen.append((snap, list(results)))
+            task = asyncio.create_task(daemon.run(serve=False))
+            try:
+                deadline = time.monotonic() + 60
+                while not any(r.result == "released" for _, rs in seen for r in rs):
+                    if any(r.result == "success" for _, rs in seen for r in rs):  # what EG does in a cluster
+                        with api._lock:
+                            api.pods.pop(("eg-kernels", f"alice-{kid}"), None)
+                        kubelet.pods = []
+                        fake_nvml.write(gpus=[FakeGpu(uuid=gpu_uuid(0), util=0)], processes=[])
+                    assert time.monotonic() < deadline and not task.done(), [d.reason for s, _ in seen[-1:]
+                                                                              for d in s.decisions]
+                    await asyncio.sleep(0.1)
+            finally:
+                daemon.stop()
+                await asyncio.wait_for(task, 20)
+        finally:
+            kubelet.stop()
+        (done,) = [r for _, rs in seen for r in rs if r.result == "success"]
+        c = done.decision.candidate
+        assert done.decision.action is ActionKind.SHUTDOWN_KERNEL and c.kernel_id == kid and c.kernel_pod
+        assert c.user == "alice" and c.gateway == "eg" and "gateway eg" in done.detail
+        assert actionkinds.recovers(done.decision.action, c) is Recovers.ALLOCATION
+        assert "auto: shutdown-kernel (the gateway deletes the kernel pod) releases the GPU allocation" in \
+            done.decision.reason
+        assert api.evictions == [] and api.deletes == []
+    status = await _eg_status(eg, kid)
+    assert status == 404  # ended through EG itself
+
+
+async def _eg_status(eg: JupyterProcess, kid: str) -> int:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s, s.get(f"{eg.url}/api/kernels/{kid}", headers=auth(eg.token)) as r:
+        return r.status
