@@ -358,7 +358,6 @@ def _tracked(daemon: Any, pool: Any, pods: Any) -> dict[str, int]:
         "cooldowns": len(daemon._state.last_action_at),
         "reclaimable_since": len(daemon._state.reclaimable_since),
         "breaker_released": len(daemon._state.breaker_released_at),
-        "kernel_servers": len(daemon._kernel_server),
         "gpu_history": len(snap.history),
         "bad_label_pods": len(pods._bad_kernel_labels),
     }
@@ -505,7 +504,7 @@ def check_bounds(r: SoakResult) -> list[str]:
         "homes": live + 2 * arrivals_per_hour * 0.25 + 2, "absent": live + 1,
         "attribution_cache": 2 * live + 1, "namespaces_seen": 60, "namespace_children": 60,
         "cooldowns": 5 * (2 * 600 / r.sizes.decide_interval), "reclaimable_since": live, "breaker_released": live,
-        "kernel_servers": live, "gpu_history": r.sizes.gpus, "bad_label_pods": live,
+"gpu_history": r.sizes.gpus, "bad_label_pods": live,
     }
     for key, value in r.end.tracked.items():
         bound = per_key.get(key)
