@@ -670,8 +670,8 @@ async def test_invariant_17_allocation_checks_stay_bounded_and_run_at_once(api: 
         stored = api.add_pod(f"nb-{cycle}", namespace="team-a", node=NODE)
         info = pod_info_from_json(stored, "hub.jupyter.org/username")
         cand = Candidate(key=f"pod:{info.uid}", node=NODE, pod=info, gpu_uuids=(UUID0,), allocated=True)
-        await ex.execute([Decision(cand, Verdict.RECLAIM, ActionKind.EVICT_POD, "idle", "p", 1800, 0)],
-                         recheck=_still)
+        await warn_then_execute(ex, [Decision(cand, Verdict.RECLAIM, ActionKind.EVICT_POD, "idle", "p", 1800, 0)],
+                                recheck=_still)
         clock.t += 15
         gets = len(api.requests_to("GET", r"/pods/nb-"))
         done = await ex.verify_allocations(None, None, clock.t)
