@@ -8,7 +8,7 @@ the reason, and is never a candidate: unknown is never idle.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from reclaimer.model import (
     AttributedProcess,
@@ -171,9 +171,23 @@ def join(
                 )
             )
 
-    candidates.sort(key=lambda c: c.key)
     unattributed.sort(key=lambda p: (p.gpu_uuid, p.pid))
+    candidates = [_with_strangers(c, unattributed) for c in candidates] if unattributed else candidates
+    candidates.sort(key=lambda c: c.key)
     return JoinResult(tuple(candidates), tuple(unattributed))
+
+
+def _with_strangers(c: Candidate, unattributed: Sequence[AttributedProcess]) -> Candidate:
+    """Invariant 15: the unattributed GPU processes in the candidate's own pod, or (a kernel without a pod) in one of
+    its processes' containers. Such a process may be the kernel's own work (re-parented, or its walk failed)."""
+    if c.kernel_id is None:
+        return c  # a pod candidate exists only while no process at all runs in its pod
+    if c.pod is not None:
+        mine = tuple(p for p in unattributed if p.pod_uid == c.pod.uid)
+    else:
+        containers = {p.container_id for p in c.processes if p.container_id}
+        mine = tuple(p for p in unattributed if p.container_id is not None and p.container_id in containers)
+    return replace(c, unattributed=mine) if mine else c
 
 
 def _pod_held_since(pod: PodInfo, allocation_seen: float | None) -> float | None:

@@ -92,6 +92,21 @@ class GpuHistory:
 
 
 @dataclass(frozen=True, slots=True)
+class GpuPresence:
+    """One GPU's processes over time, folded sample by sample (``policy.fold_presence``), beyond the ring.
+
+    ``first_seen``: pid -> the first sample of its current unbroken presence (invariant 10). ``unreadable_at``: the
+    newest moment this GPU could have hidden a process: a sample whose process list was unknown, the GPU down, or the
+    sample after a sampling gap (invariant 15); ``unreadable`` says which, in words.
+    """
+
+    through: float  # timestamp of the newest sample folded in
+    first_seen: Mapping[int, float]
+    unreadable_at: float | None = None
+    unreadable: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class SamplerSnapshot:
     """What the sampler holds: devices and, per GPU uuid, the samples in its ring buffer (oldest first)."""
 
@@ -105,6 +120,9 @@ class SamplerSnapshot:
     # process list, a down GPU or a sampling gap breaks it). Kept by the sampler beyond the ring, pruned every tick to
     # the pids listed; empty after a restart (invariant 10 counts holding time from here, never from process start).
     first_seen: Mapping[str, Mapping[int, float]] = field(default_factory=dict)
+    # Per GPU uuid: (when, what) of the newest moment its process list could not be read (GpuPresence.unreadable_at).
+    # A GPU missing here has been readable since sampling began (invariant 15).
+    unreadable: Mapping[str, tuple[float, str]] = field(default_factory=dict)
 
     def latest(self, uuid: str) -> GpuSample | None:
         s = self.samples.get(uuid)
@@ -272,6 +290,8 @@ class Candidate:
     # of its GPU processes (kernel), or the first sighting of the pod's allocation, never before the pod started (pod).
     # None: unknown, and unknown is never idle.
     held_since: float | None = None
+    # Invariant 15: GPU processes in the candidate's own pod (or container, without a pod) that belong to no kernel.
+    unattributed: tuple[AttributedProcess, ...] = ()
 
     @property
     def kernel_name(self) -> str | None:

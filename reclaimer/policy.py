@@ -33,6 +33,7 @@ from reclaimer.model import (
     Candidate,
     Decision,
     GpuHistory,
+    GpuPresence,
     GpuSample,
     KernelActivity,
     PodInfo,
@@ -232,6 +233,36 @@ def fold_sample(
     return GpuHistory(ts, runs, problem_at, problem, gap_end, gap, seen)
 
 
+def fold_presence(previous: GpuPresence | None, sample: GpuSample, sample_interval: float) -> GpuPresence:
+    """``previous`` with one more sample of its GPU folded in (the sampler calls this for every sample it takes).
+
+    A process counts from the first sample that listed it, not from when it started (an old kernel that just created
+    a GPU context is doing something new: invariant 10). An unknown process list, a down GPU or a gap longer than 3
+    intervals breaks every presence (whoever is listed next counts from that sample) and is remembered as the GPU's
+    newest unreadable moment (invariant 15). The first-seen mapping is replaced, never changed in place, so snapshots
+    can share it; while the pids do not change it is the same object.
+    """
+    ts = sample.timestamp
+    unreadable_at = previous.unreadable_at if previous is not None else None
+    unreadable = previous.unreadable if previous is not None else ""
+    seen: Mapping[int, float] = {}
+    if previous is not None:
+        if 0 < ts - previous.through <= STALE_FACTOR * sample_interval:
+            seen = previous.first_seen
+        else:
+            gap = ts - previous.through
+            unreadable_at = ts
+            unreadable = f"had no samples for {_dur(gap)}" if gap > 0 else "clock stepped back"
+    if not sample.up or sample.processes is None:
+        problem = _sample_problem(sample, sample.uuid) or "process list unknown"
+        return GpuPresence(ts, {}, ts, problem)
+    procs = sample.processes
+    if previous is not None and seen is previous.first_seen and len(procs) == len(seen) and \
+            all(p.pid in seen for p in procs):
+        return GpuPresence(ts, seen, unreadable_at, unreadable)
+    return GpuPresence(ts, {p.pid: seen.get(p.pid, ts) for p in procs}, unreadable_at, unreadable)
+
+
 def recheck(
     decision: Decision,
     fresh: KernelActivity | None,
@@ -327,6 +358,8 @@ def _evaluate(
         return _unknown(c, policy.name, problem)
     views = {uuid: _gpu_view_once(uuid, sampler, policy, now) for uuid in _held_gpus(c)}
     problem = next((v.unknown for v in views.values() if v.unknown is not None), None)
+    if problem is None:
+        problem = _taint(c, sampler, policy, now)
     if problem is None and action is not ActionKind.NONE:
         problem = _action_unknown(c, action)
     if problem is not None:
@@ -575,6 +608,46 @@ def _bounded_by_holding(c: Candidate, idle: float, detail: str, now: float) -> t
     else:
         what = f"{_pod_name(c.pod)} first seen holding the GPU"
     return held, f"{detail}; {what} at {_clock(c.held_since)}"
+
+
+def _taint(c: Candidate, sampler: SamplerSnapshot, policy: PolicySettings, now: float) -> str | None:
+    """Invariant 15: what the candidate may be doing that the daemon cannot see, in words, or None.
+
+    An unattributed GPU process in its own pod or container may be its work. A GPU it could have a process on (its
+    pod's allocation when pod-resources narrows it down, else every GPU of the node) whose process list could not be
+    read inside the window may hide one. (Its own GPUs are judged sample by sample in ``_gpu_view``; unknown
+    utilisation alone does not taint another GPU: a readable process list shows the candidate has no process there.)
+    """
+    what = "this kernel" if c.kernel_id is not None else _pod_name(c.pod)
+    for p in c.unattributed:
+        where = "pod" if p.pod_uid is not None else "container"
+        why = _scrub(p.reason) if p.reason else "not attributed"
+        return (f"GPU process {p.pid} on {_gpu_label(p.gpu_uuid, sampler)} in the same {where} belongs to no kernel "
+                f"({why}): it may be {what}'s work")
+    if not sampler.unreadable:
+        return None
+    held = set(_held_gpus(c))
+    could = _could_use(c, held)
+    window_start = max(now - policy.idle_after, sampler.started_at)
+    worst: tuple[float, str] | None = None
+    for uuid, (at, why) in sampler.unreadable.items():
+        if uuid in held or at < window_start or (could is not None and uuid not in could):
+            continue
+        if worst is None or at > worst[0]:
+            worst = (at, f"{_gpu_label(uuid, sampler)} {why} at {_clock(at)}")
+    if worst is None:
+        return None
+    scope = "its pod is allocated that GPU" if could is not None else "which GPUs it can use is unknown"
+    return f"{worst[1]}: a process of {what} could have been there ({scope})"
+
+
+def _could_use(c: Candidate, held: set[str]) -> set[str] | None:
+    """The GPUs the candidate could have a process on: its pod's allocation when pod-resources lists one that covers
+    every GPU it is seen on; None (any GPU of the node) when that cannot be narrowed down."""
+    if c.pod is None or not c.allocated:
+        return None
+    allocation = set(c.allocated_gpus) | (set(c.gpu_uuids) if c.kernel_id is None else set())
+    return allocation if allocation and held <= allocation else None
 
 
 def _pod_not_ready(c: Candidate, action: ActionKind) -> str | None:

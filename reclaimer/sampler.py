@@ -10,13 +10,13 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
-from reclaimer.model import GpuDevice, GpuHistory, GpuSample, SamplerSnapshot
-from reclaimer.policy import fold_sample
+from reclaimer.model import GpuDevice, GpuHistory, GpuPresence, GpuSample, SamplerSnapshot
+from reclaimer.policy import fold_presence, fold_sample
 from reclaimer.stall import StageState
 
 if TYPE_CHECKING:
@@ -58,28 +58,6 @@ def open_backend(gpu: GpuSettings) -> GpuBackend:
 
         return SimulatedBackend.from_file(gpu.scenario) if gpu.scenario else SimulatedBackend()
     raise ValueError(f"unknown gpu.backend {gpu.backend!r} (use nvml or simulated)")
-
-
-def fold_presence(
-    previous: tuple[float, Mapping[int, float]] | None, sample: GpuSample, interval: float
-) -> tuple[float, Mapping[int, float]]:
-    """(sample time, pid -> first sample of its current unbroken presence on this GPU) after one more sample.
-
-    A process counts from the first sample that listed it, not from when it started (an old kernel that just
-    created a GPU context is doing something new). An unknown process list, a down GPU or a gap longer than
-    ``WEDGED_AFTER_INTERVALS`` intervals breaks every presence: whoever is listed next counts from that sample.
-    The mapping is replaced, never changed in place, so snapshots can share it.
-    """
-    ts = sample.timestamp
-    if not sample.up or sample.processes is None:
-        return ts, {}
-    seen: Mapping[int, float] = {}
-    if previous is not None and 0 < ts - previous[0] <= WEDGED_AFTER_INTERVALS * interval:
-        seen = previous[1]
-    procs = sample.processes
-    if previous is not None and seen is previous[1] and len(procs) == len(seen) and all(p.pid in seen for p in procs):
-        return ts, seen
-    return ts, {p.pid: seen.get(p.pid, ts) for p in procs}
 
 
 def ring_size(window_seconds: float, interval: float) -> int:
@@ -125,7 +103,7 @@ class Sampler:
         self._thresholds = tuple(sorted(set(idle_thresholds)))
         self._history: dict[str, GpuHistory] = {}
         # Per GPU: (timestamp of its last sample, pid -> first sample of the pid's current unbroken presence).
-        self._presence: dict[str, tuple[float, Mapping[int, float]]] = {}
+        self._presence: dict[str, GpuPresence] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._started_at: float | None = None
@@ -194,7 +172,9 @@ class Sampler:
             samples = {uuid: tuple(ring) for uuid, ring in self._rings.items()}
             last = self._last_sample_at
             history = dict(self._history)
-            first_seen = {uuid: seen for uuid, (_, seen) in self._presence.items()}
+            first_seen = {uuid: p.first_seen for uuid, p in self._presence.items()}
+            unreadable = {uuid: (p.unreadable_at, p.unreadable) for uuid, p in self._presence.items()
+                          if p.unreadable_at is not None}
         return SamplerSnapshot(
             devices=self._devices,
             samples=samples,
@@ -203,6 +183,7 @@ class Sampler:
             last_sample_at=last,
             history=history,
             first_seen=first_seen,
+            unreadable=unreadable,
         )
 
     # ------------------------------------------------------------------ the thread

@@ -177,3 +177,41 @@ async def test_invariant_10_and_11_e2e_holding_time_and_warn_then_wait(world: Wo
                for _, d in w.decisions(pod_key(w.kube, "leaving-nb")))
     assert [e.path.rsplit("/", 2)[-2] for e in w.kube.evictions] == ["fresh-nb"]
     assert pending["metadata"]["name"] == "pending-nb"
+
+
+# --------------------------------------------------------------------------- invariant 15
+
+
+async def test_invariant_15_e2e_one_failing_process_list_on_another_gpu_taints_a_host_kernel(
+        world: World, tmp_path: Path) -> None:
+    """The kernel's process sits on GPU 0 (idle); only GPU 2's process-list call fails. The kernel runs on the host
+    (no pod, so which GPUs it can use is unknown): while the failure is inside the window it is unknown, with the
+    reason, and never shut down. Positive control: once the call works again and its last failure has left the
+    window, the kernel is warned and shut down."""
+    from tests.support.nvml_fixtures import FakeError
+
+    w = world
+    gpus = [FakeGpu(uuid=gpu_uuid(i), util=0) for i in range(4)]
+    procs = [FakeProcess(pid=w.pid, gpu=0, memory=GIB)]
+    w.fake_nvml.write(gpus=gpus, processes=procs,
+                      errors=[FakeError("nvmlDeviceGetComputeRunningProcesses_v3", "UNKNOWN", gpu=2)])
+    key = f"kernel:{w.kernel}"
+    cleared: list[float] = []
+
+    def on_cycle(snap: CycleSnapshot, results: list[ActionResult]) -> None:
+        if not cleared and snap.generated_at - snap.sampler.started_at > IDLE_AFTER + WARN_BEFORE + 2:
+            cleared.append(time.time())
+            w.fake_nvml.write(gpus=gpus, processes=procs)  # the call on GPU 2 works again
+        if any(r.result == "success" and r.decision.candidate.key == key for r in results):
+            w.fake_nvml.write(gpus=gpus, processes=[])
+
+    await drive(w, settings_for(w, tmp_path), lambda: any(r.result == "success" for _, r in w.results(key)),
+                timeout=90, on_cycle=on_cycle)
+    t_clear = cleared[0]
+    while_failing = [d for t, d in w.decisions(key) if t < t_clear]
+    assert while_failing and {d.verdict for d in while_failing} == {Verdict.UNKNOWN}
+    tainted = [d.reason for d in while_failing if d.reason.startswith("GPU 2 process list unknown")]
+    assert tainted and "a process of this kernel could have been there (which GPUs it can use is unknown)" in tainted[-1]
+    (acted_at, _), = [(t, r) for t, r in w.results(key) if r.result == "success"]
+    assert acted_at >= t_clear + IDLE_AFTER  # the last failure had to leave the window first
+    assert all(d.verdict is not Verdict.RECLAIM for t, d in w.decisions(key) if t < t_clear + IDLE_AFTER)

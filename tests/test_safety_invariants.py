@@ -22,8 +22,7 @@ from reclaimer.model import (
     SamplerSnapshot,
     Verdict,
 )
-from reclaimer.policy import decide, remember
-from reclaimer.sampler import fold_presence
+from reclaimer.policy import decide, fold_presence, remember
 from tests.support.policy_fixtures import (
     GIB,
     KID,
@@ -247,14 +246,14 @@ def _gs(ts: float, pids: tuple[int, ...] | None = (), up: bool = True) -> GpuSam
 def test_invariant_10_first_sighting_per_gpu(samples: list[GpuSample], first_seen: dict[int, float]) -> None:
     state = None
     for s in samples:
-        state = fold_presence(state, s, interval=5.0)
-    assert state is not None and dict(state[1]) == first_seen
+        state = fold_presence(state, s, 5.0)
+    assert state is not None and dict(state.first_seen) == first_seen
 
 
 def test_invariant_10_first_sighting_is_shared_while_the_pids_do_not_change() -> None:
     a = fold_presence(None, _gs(0, (1, 2)), 5.0)
     b = fold_presence(a, _gs(5, (2, 1)), 5.0)
-    assert b[1] is a[1]  # no new mapping per tick while nothing changes (cheap at 1 Hz x 64 processes)
+    assert b.first_seen is a.first_seen  # no new mapping per tick while nothing changes (cheap at 1 Hz x 64 processes)
 
 
 @pytest.mark.parametrize(
@@ -338,7 +337,7 @@ def _check_holding_bound(
     if held_from is None:
         return  # the process is not on the GPU now: no kernel candidate
     snap = snapshot(tuple(samples), interval=interval, started_at=NOW - 3 * 3600 - interval)
-    snap = dataclasses.replace(snap, first_seen={UUID0: presence[1]})
+    snap = dataclasses.replace(snap, first_seen={UUID0: presence.first_seen})
     proc = dataclasses.replace(process(4242, UUID0), started_at=now - process_age)
     act = activity(observed_at=now - 1, idle_for=None)
     act = dataclasses.replace(act, last_activity=utc(now - kernel_idle_for))
@@ -348,3 +347,84 @@ def _check_holding_bound(
     if d.verdict is Verdict.RECLAIM:
         assert now - held_from >= 600.0, (now - held_from, d.reason)
     assert d.idle_seconds is None or d.idle_seconds <= now - held_from
+
+
+# --------------------------------------------------------------------------- 15. an unreadable GPU taints
+
+LIST_ERR = ("nvmlDeviceGetComputeRunningProcesses_v3:UNKNOWN",)
+
+
+def _gpu1(**patch_at: dict) -> tuple[GpuSample, ...]:
+    return series(UUID1, 1, patch={ts: fields for ts, fields in patch_at.get("p", {}).items()})
+
+
+def _in_pod(allocated: tuple[str, ...] | None) -> Candidate:
+    c = kernel()
+    if allocated is None:
+        return c
+    return dataclasses.replace(c, allocated=True, allocated_gpus=allocated)
+
+
+@pytest.mark.parametrize(
+    "candidate, gpu1, verdict, reason",
+    [
+        pytest.param(kernel(pod_info=None), {NOW - 600: {"processes": None, "errors": LIST_ERR}}, Verdict.UNKNOWN,
+                     "GPU 1 process list unknown (UNKNOWN) at 22:03:20 UTC: a process of this kernel could have been "
+                     "there (which GPUs it can use is unknown)", id="host-kernel-another-gpu-list-failed"),
+        pytest.param(kernel(pod_info=None), {NOW - 300: {"up": False, "errors": ("nvmlDeviceGetHandleByIndex:GPU_IS_LOST",)}},
+                     Verdict.UNKNOWN, "GPU 1 down (GPU_IS_LOST) at 22:08:20 UTC: a process of this kernel could have "
+                     "been there", id="host-kernel-another-gpu-down"),
+        pytest.param(kernel(pod_info=None), {NOW - 3600: {"processes": None}}, Verdict.RECLAIM, "shutdown-kernel in 0s",
+                     id="unreadable-before-the-window-no-longer-taints"),
+        pytest.param(_in_pod(None), {NOW - 600: {"processes": None}}, Verdict.UNKNOWN,
+                     "(which GPUs it can use is unknown)", id="pod-without-allocation-info-cannot-be-narrowed"),
+        pytest.param(_in_pod((UUID0,)), {NOW - 600: {"processes": None}}, Verdict.RECLAIM, "shutdown-kernel in 0s",
+                     id="pod-allocated-another-gpu-only-is-narrowed"),
+        pytest.param(_in_pod((UUID0, UUID1)), {NOW - 600: {"processes": None}}, Verdict.UNKNOWN,
+                     "GPU 1 process list unknown (no value) at 22:03:20 UTC: a process of this kernel could have been "
+                     "there (its pod is allocated that GPU)", id="pod-allocated-the-unreadable-gpu"),
+        pytest.param(kernel(pod_info=None), {NOW - 600: {"utilization": None, "errors": ("x:NOT_SUPPORTED",)}},
+                     Verdict.RECLAIM, "shutdown-kernel in 0s", id="unknown-utilisation-alone-elsewhere-does-not-taint"),
+        pytest.param(pod_candidate(), {NOW - 600: {"processes": None}}, Verdict.RECLAIM, "evict-pod in 0s",
+                     id="pod-candidate-narrowed-to-its-allocation"),
+    ],
+)
+def test_invariant_15_unreadable_gpu_taints(candidate: Candidate, gpu1: dict, verdict: Verdict, reason: str) -> None:
+    snap = snapshot(series(), series(UUID1, 1, patch=gpu1))
+    top = {"policies": [policy("p", action="evict-pod")]} if candidate.kernel_id is None else {}
+    d = decide_one(candidate, snap, **top)
+    assert d.verdict is verdict, d.reason
+    assert reason in d.reason, d.reason
+
+
+def test_invariant_15_unreadable_gpu_taints_an_unattributed_process_in_the_same_pod() -> None:
+    stranger = dataclasses.replace(process(777, UUID1, kernel_id=None),
+                                   reason="no kernel connection file among 3 ancestors")
+    joined = join(node=NODE, processes=[process(), stranger], pods_by_uid={POD_UID: pod()}, allocations=None,
+                  activities={KID: activity()}, first_seen={UUID0: {4242: STARTED}})
+    (c,) = joined.candidates
+    assert c.unattributed == (stranger,) and joined.unattributed == (stranger,)
+    d = decide_one(c, snapshot(series(), series(UUID1, 1)))
+    assert d.verdict is Verdict.UNKNOWN
+    assert d.reason == ("GPU process 777 on GPU 1 in the same pod belongs to no kernel (no kernel connection file "
+                        "among 3 ancestors): it may be this kernel's work")
+
+
+@pytest.mark.parametrize(
+    "stranger, attached",
+    [
+        pytest.param(dict(pod_uid="b0b0b0b0-0000-4000-8000-00000000bbbb", container_id="0ther"), False,
+                     id="another-pod"),
+        pytest.param(dict(pod_uid=None, container_id="c0ffee"), True, id="host-kernel-same-container"),
+        pytest.param(dict(pod_uid=None, container_id="deadbeef"), False, id="host-kernel-other-container"),
+        pytest.param(dict(pod_uid=None, container_id=None), False, id="no-container-no-pod"),
+    ],
+)
+def test_invariant_15_unattributed_process_binds_only_to_its_own_pod_or_container(stranger: dict,
+                                                                                   attached: bool) -> None:
+    other = dataclasses.replace(process(777, UUID1, kernel_id=None), reason="process exited", **stranger)
+    mine = dataclasses.replace(process(), pod_uid=None)
+    pods = {POD_UID: pod()} if stranger.get("pod_uid") else {}
+    (c,) = join(node=NODE, processes=[mine, other], pods_by_uid=pods, allocations=None,
+                activities={KID: activity()}).candidates
+    assert c.unattributed == ((other,) if attached else ())

@@ -13,10 +13,12 @@ from typing import Any
 import yaml
 
 from reclaimer.config import Settings, parse_settings
+from reclaimer.policy import fold_presence
 from reclaimer.model import (
     AttributedProcess,
     Candidate,
     GpuDevice,
+    GpuPresence,
     GpuSample,
     KernelActivity,
     PodInfo,
@@ -104,7 +106,15 @@ def snapshot(
     if devices is None:
         devices = [device(s[0].uuid, s[0].index) for s in all_series if s]
     newest = max((s[-1].timestamp for s in all_series if s), default=None)
+    # As the sampler: each GPU's presence folded sample by sample (first sightings, unreadable moments).
+    presence: dict[str, GpuPresence] = {}
+    for uuid, samples in by_uuid.items():
+        for s in samples:
+            if s.timestamp >= started_at:
+                presence[uuid] = fold_presence(presence.get(uuid), s, interval)
     return SamplerSnapshot(
+        first_seen={u: p.first_seen for u, p in presence.items()},
+        unreadable={u: (p.unreadable_at, p.unreadable) for u, p in presence.items() if p.unreadable_at is not None},
         devices=tuple(devices),
         samples=by_uuid,
         started_at=started_at,
