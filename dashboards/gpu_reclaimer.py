@@ -216,6 +216,15 @@ def build() -> dashboard.Dashboard:
         "Seconds since last GPU sample", "A growing line: a wedged NVML call or a stopped sampler.",
         query(f"max by (node) (time() - reclaimer_last_sample_timestamp_seconds{{{NODE}}})", "{{node}}"),
         unit="s", pos=grid(12, 60, 12, 8)))
+    d = d.with_panel(series(
+        "Stalled calls", "1 while a blocking call of the stage (NVML sampling, /proc reads, pod list, pod-resources) "
+        "runs past its timeout: what it feeds is unknown, so nothing it feeds is reclaimed (alert ReclaimerCallStalled).",
+        query(f"max by (node, stage) (reclaimer_stalled{{{NODE}}})", "{{node}} {{stage}}"), unit="short",
+        pos=grid(0, 68, 12, 8)))
+    d = d.with_panel(series(
+        "Calls that outlived their timeout", "Blocking calls that did not return in time, by stage.",
+        query(f"sum by (stage) (increase(reclaimer_stalled_calls_total{{{NODE}}}[$__rate_interval]))", "{{stage}}"),
+        unit="short", pos=grid(12, 68, 12, 8)))
     return d
 
 

@@ -17,6 +17,7 @@ from reclaimer.metrics import BREAKER_CAUSES, RESULTS, Metrics
 from reclaimer.model import ActionResult, CycleSnapshot
 from reclaimer.report import allocation_holdings, held_idle_increments
 from reclaimer.server import make_app
+from reclaimer.stall import STAGES
 from tests.support.export_fixtures import GIB, K_ALICE, node_snapshot, serve_in_thread
 from tests.support.prometheus_fixtures import (
     NODE,
@@ -103,6 +104,8 @@ PANEL_EXPECTATIONS: dict[str, tuple[str, set[str]] | float] = {
     "Sample duration p99 / B": ("__name__", {""}),
     "Gateway request duration p99 / A": ("gateway", {"eg"}),
     "Seconds since last GPU sample / A": ("node", {NODE}),  # the shipped relabelling's node label
+    "Stalled calls / A": ("stage", set(STAGES)),  # 0 per stage while nothing is stalled
+    "Calls that outlived their timeout / A": ("stage", set(STAGES)),
 }
 # What each dashboard variable lists for the fixture node.
 VARIABLE_VALUES = {"node": {NODE}, "namespace": {"ml-team", "research", "-"}, "gateway": {"eg", "lab", ""},
