@@ -65,6 +65,7 @@ class NotebookServers:
             self._endpoints[key] = RestEndpoint(
                 f"notebook {namespace}/{name}", url, self._token, timeout=self.settings.timeout,
                 tls=tls_context(url, None, True, "kubeflow"), session_factory=self._session_factory,
+                untracked=True,  # watching is not using: Kubeflow's own culler reads the same activity
             )
         return self._endpoints[key]
 

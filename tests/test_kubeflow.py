@@ -34,6 +34,7 @@ from tests.support.jupyter_fixtures import (
     start_jupyter_server,
     start_kernel,
     wait_for_state,
+    wake_kernel,
 )
 from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, fake_nvml, fake_nvml_libs, gpu_uuid  # noqa: F401
 from tests.support.policy_fixtures import (
@@ -218,16 +219,28 @@ async def test_notebook_server_kernels_from_a_real_server(notebook_server: Jupyt
     servers = NotebookServers(KubeflowSettings(notebook_url=f"http://127.0.0.1:{port}/notebook/{{namespace}}/{{name}}",
                                                token_env="KF_TOKEN"))
     try:
+        await wake_kernel(js.url, js.token, kid)  # settle what starting the kernel counted as activity
+        before = await _server_activity(js)
         got = await servers.kernels(NS, NB)
+        after = await _server_activity(js)
         other = await servers.kernels(NS, "nb-bob")  # no such notebook path: unknown, never "no kernels"
         refused = await servers.kernels(NS, "nb.bob")  # not a DNS label: not contacted
     finally:
         await servers.close()
         await shutdown_kernel(js.url, js.token, kid)
     assert got.error is None and [k.kernel_id for k in got.kernels] == [kid]
+    assert after == before  # reading the notebook server is not activity (no_track_activity)
     assert got.kernels[0].gateway == KUBEFLOW_GATEWAY
     assert other.kernels is None and "HTTP 404" in str(other.error)
     assert refused.kernels is None and "not contacted" in str(refused.error)
+
+
+async def _server_activity(js: JupyterProcess) -> str:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s, s.get(f"{js.url}/api/status", params={"no_track_activity": "1"},
+                                                   headers={"Authorization": f"token {js.token}"}) as r:
+        return (await r.json())["last_activity"]
 
 
 async def test_stop_notebook_e2e(notebook_server: JupyterProcess, fake_nvml: FakeNvml,
