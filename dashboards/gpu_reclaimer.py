@@ -2,8 +2,8 @@
 dashboards/gpu-reclaimer.json from it; tests/test_dashboard.py fails when the two differ, and tests/test_prometheus.py
 evaluates every query against a real Prometheus.
 
-Conventions (dcgm-exporter's dashboard): a `${datasource}` variable, the GPU node as `node` (the scrape configs copy the
-pod's node name into it, like dcgm-exporter's Hostname) and `gpu` for the GPU index; variables for node, namespace,
+Conventions (dcgm-exporter's dashboard): a `${datasource}` variable, the GPU node in the label `Hostname` (the scrape
+configs copy the pod's node name into it, as dcgm-exporter names it) and `gpu` for the GPU index; variables for node, namespace,
 gateway and user; a $/GPU-hour variable for cost. Allocation held idle (a GPU nobody else can be scheduled on) and
 memory held idle (an idle kernel's VRAM; the pod may keep the allocation) are shown apart.
 """
@@ -22,9 +22,9 @@ DS = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
 DEFAULT_COST_PER_GPU_HOUR = "2.50"
 
 # Filters every query carries: the node everywhere, the kernel's labels where kernels are joined.
-NODE = 'node=~"$node"'
-KERNEL = 'node=~"$node", namespace=~"$namespace", gateway=~"$gateway", user=~"$user"'
-NS = 'node=~"$node", namespace=~"$namespace"'
+NODE = 'Hostname=~"$node"'
+KERNEL = 'Hostname=~"$node", namespace=~"$namespace", gateway=~"$gateway", user=~"$user"'
+NS = 'Hostname=~"$node", namespace=~"$namespace"'
 
 
 def query(expr: str, legend: str, ref: str = "A", instant: bool = False) -> prometheus.Dataquery:
@@ -89,7 +89,7 @@ def build() -> dashboard.Dashboard:
          .tags(["gpu", "jupyter", "gpu-reclaimer"]).timezone("browser").editable()
          .tooltip(model.DashboardCursorSync.CROSSHAIR).refresh("1m").time("now-24h", "now")
          .with_variable(dashboard.DatasourceVariable("datasource").label("Data source").type("prometheus"))
-         .with_variable(variable("node", "Node", "reclaimer_build_info", "node"))
+         .with_variable(variable("node", "Node", "reclaimer_build_info", "Hostname"))
          .with_variable(variable("namespace", "Namespace", "reclaimer_kernel_info", "namespace"))
          .with_variable(variable("gateway", "Gateway", "reclaimer_kernel_info", "gateway"))
          .with_variable(variable("user", "User", "reclaimer_kernel_info", "user"))
@@ -161,8 +161,8 @@ def build() -> dashboard.Dashboard:
         "What enforce would have reclaimed (dry-run nodes)",
         "GPU-hours held by kernels whose verdict was 'reclaim' on nodes running dry-run: what enforce would have "
         "given back over the selected range, by node.",
-        query(f"sort_desc(sum by (node) (sum_over_time(({would})[$__range:$__interval])) * $__interval_ms / 3600000)",
-              "{{node}}", instant=True), pos=grid(0, 27, 8, 8)))
+        query(f"sort_desc(sum by (Hostname) (sum_over_time(({would})[$__range:$__interval])) * $__interval_ms / 3600000)",
+              "{{Hostname}}", instant=True), pos=grid(0, 27, 8, 8)))
     d = d.with_panel(series(
         "Kernels by verdict", "Kernels and GPU pods by this cycle's verdict.",
         query(f"sum by (verdict) (reclaimer_kernels{{{NODE}}})", "{{verdict}}"), unit="short",
@@ -189,11 +189,11 @@ def build() -> dashboard.Dashboard:
     d = d.with_row(dashboard.Row("GPUs and reclaimer health").grid_pos(grid(0, 43, 24, 1)))
     d = d.with_panel(series(
         "GPU utilization", "Per GPU, as dcgm-exporter's GPU utilization panel (ratio; absent when unknown).",
-        query(f"reclaimer_gpu_utilization_ratio{{{NODE}}}", "{{node}} GPU {{gpu}}"), unit="percentunit",
+        query(f"reclaimer_gpu_utilization_ratio{{{NODE}}}", "{{Hostname}} GPU {{gpu}}"), unit="percentunit",
         pos=grid(0, 44, 12, 8)))
     d = d.with_panel(series(
         "GPU memory used", "Per GPU, as dcgm-exporter's framebuffer panel.",
-        query(f"reclaimer_gpu_memory_used_bytes{{{NODE}}}", "{{node}} GPU {{gpu}}"), unit="bytes",
+        query(f"reclaimer_gpu_memory_used_bytes{{{NODE}}}", "{{Hostname}} GPU {{gpu}}"), unit="bytes",
         pos=grid(12, 44, 12, 8)))
     d = d.with_panel(single("Gateway up", "1: the gateway answered the last observation.",
                             query(f"min by (gateway) (reclaimer_gateway_up{{{NODE}}})", "{{gateway}}", instant=True),
@@ -214,12 +214,12 @@ def build() -> dashboard.Dashboard:
               f"{{{NODE}}}[$__rate_interval])))", "{{gateway}}"), unit="s", pos=grid(0, 60, 12, 8)))
     d = d.with_panel(series(
         "Seconds since last GPU sample", "A growing line: a wedged NVML call or a stopped sampler.",
-        query(f"max by (node) (time() - reclaimer_last_sample_timestamp_seconds{{{NODE}}})", "{{node}}"),
+        query(f"max by (Hostname) (time() - reclaimer_last_sample_timestamp_seconds{{{NODE}}})", "{{Hostname}}"),
         unit="s", pos=grid(12, 60, 12, 8)))
     d = d.with_panel(series(
         "Stalled calls", "1 while a blocking call of the stage (NVML sampling, /proc reads, pod list, pod-resources) "
         "runs past its timeout: what it feeds is unknown, so nothing it feeds is reclaimed (alert ReclaimerCallStalled).",
-        query(f"max by (node, stage) (reclaimer_stalled{{{NODE}}})", "{{node}} {{stage}}"), unit="short",
+        query(f"max by (Hostname, stage) (reclaimer_stalled{{{NODE}}})", "{{Hostname}} {{stage}}"), unit="short",
         pos=grid(0, 68, 12, 8)))
     d = d.with_panel(series(
         "Calls that outlived their timeout", "Blocking calls that did not return in time, by stage.",

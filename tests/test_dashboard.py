@@ -52,14 +52,15 @@ def test_datasource_variable_and_every_query_uses_it() -> None:
 def test_node_namespace_gateway_user_variables_filter_the_queries() -> None:
     variables = {v["name"]: v for v in board()["templating"]["list"]}
     exprs = " ".join(t["expr"] for _, t in targets())
-    for name in ("node", "namespace", "gateway", "user"):
+    for name, label in (("node", "Hostname"), ("namespace", "namespace"), ("gateway", "gateway"), ("user", "user")):
         v = variables[name]
         assert v["type"] == "query" and v["multi"] and v["includeAll"] and v["allValue"] == ".*", name
-        assert f'{name}=~"${name}"' in exprs, f"no query filters on ${name}"
-    assert variables["node"]["query"]["query"] == "label_values(reclaimer_build_info, node)"
+        assert f'{label}=~"${name}"' in exprs, f"no query filters on ${name}"
+    # dcgm-exporter's name for the node, so its series and ours join on (Hostname, gpu).
+    assert variables["node"]["query"]["query"] == "label_values(reclaimer_build_info, Hostname)"
     # Every query filters on the node (dcgm-exporter's dashboards filter every panel on the host).
     for title, t in targets():
-        assert 'node=~"$node"' in t["expr"], title
+        assert 'Hostname=~"$node"' in t["expr"], title
 
 
 def test_cost_variable_prices_the_idle_gpu_hours() -> None:

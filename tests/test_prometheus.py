@@ -90,7 +90,7 @@ PANEL_EXPECTATIONS: dict[str, tuple[str, set[str]] | float] = {
     "Reclaim actions by result / A": ("result", set(RESULTS)),  # pre-initialised at 0
     "Upcoming reclaims / A": ("pod", {"jupyter-alice", "jupyter-bob", "train-x"}),
     # The fixture node runs dry-run and alice's kernel is 'reclaim': enforce would have given her GPU back.
-    "What enforce would have reclaimed (dry-run nodes) / A": ("node", {NODE}),
+    "What enforce would have reclaimed (dry-run nodes) / A": ("Hostname", {NODE}),
     "Kernels by verdict / A": ("verdict", {"keep", "warn", "reclaim", "exempt", "unknown"}),
     "GPU memory reclaimed / A": ("__name__", {""}),
     "GPU allocations released / A": ("__name__", {""}),
@@ -103,7 +103,7 @@ PANEL_EXPECTATIONS: dict[str, tuple[str, set[str]] | float] = {
     "Sample duration p99 / A": ("__name__", {""}),
     "Sample duration p99 / B": ("__name__", {""}),
     "Gateway request duration p99 / A": ("gateway", {"eg"}),
-    "Seconds since last GPU sample / A": ("node", {NODE}),  # the shipped relabelling's node label
+    "Seconds since last GPU sample / A": ("Hostname", {NODE}),  # the shipped relabelling's node label
     "Stalled calls / A": ("stage", set(STAGES)),  # 0 per stage while nothing is stalled
     "Calls that outlived their timeout / A": ("stage", set(STAGES)),
 }

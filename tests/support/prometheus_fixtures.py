@@ -86,7 +86,7 @@ NODE = "gpu-node-1"  # the node label the shipped relabelling gives the test tar
 def shipped_job(targets: Sequence[str], node: str = NODE) -> dict[str, Any]:
     """The job of deploy/monitoring/scrape-config.yaml with static targets in place of Kubernetes discovery: the
     targets carry the __meta_kubernetes_* labels pod discovery would set, so the shipped relabelling (keep the daemon
-    pods' metrics port, copy the node name into `node`) runs for real; scraped every second."""
+    pods' metrics port, copy the node name into `Hostname`) runs for real; scraped every second."""
     (job,) = yaml.safe_load(SCRAPE_CONFIG.read_text())["scrape_configs"]
     del job["kubernetes_sd_configs"]
     meta = {"__meta_kubernetes_pod_label_app_kubernetes_io_name": "gpu-reclaimer",
