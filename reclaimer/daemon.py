@@ -27,6 +27,7 @@ from reclaimer.attribution import Attributor
 from reclaimer.config import Settings, format_duration
 from reclaimer.errors import StartupError
 from reclaimer.hub import locate_servers
+from reclaimer.gateway import claimed_by_a_gateway
 from reclaimer.kubeflow import KUBEFLOW_GATEWAY
 from reclaimer.model import (
     ActionResult,
@@ -273,7 +274,8 @@ class Daemon:
         """
         hub = self.adapters.hub
         missing = [c for c in result.candidates
-                   if c.kernel_id and (activities.get(c.kernel_id) is None or activities[c.kernel_id].error)]
+                   if c.kernel_id and (activities.get(c.kernel_id) is None or activities[c.kernel_id].error)
+                   and not claimed_by_a_gateway(activities.get(c.kernel_id))]  # invariant 14: no third source
         if hub is None or not missing:
             return {}
         try:
@@ -426,7 +428,7 @@ class Daemon:
                 continue
             ref = refs[(c.pod.namespace, nb)]
             c = replace(c, notebook=ref)
-            if c.kernel_id is not None and (c.activity is None or c.activity.error is not None):
+            if c.kernel_id is not None and not claimed_by_a_gateway(c.activity):
                 seen = next((k for k in ref.kernels or () if k.kernel_id == c.kernel_id), None)
                 if seen is not None:
                     c = replace(c, activity=seen, gateway=seen.gateway if seen.error is None else None)

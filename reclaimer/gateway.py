@@ -42,6 +42,15 @@ KNOWN_KERNELS_LIMIT = 10_000  # kernel -> gateway cache entries kept (LRU)
 
 NOT_KNOWN_ANYWHERE = "no configured gateway knows this kernel"
 CONFLICTING_GATEWAYS = "conflicting sources: several gateways answer for this kernel id"
+POSSIBLE_SECOND_GATEWAY = "cannot rule out a second gateway serving it"
+
+
+def claimed_by_a_gateway(activity: KernelActivity | None) -> bool:
+    """Whether a configured gateway claimed the kernel (alone, or with others: a conflict). Such a kernel is never
+    looked up through another source (the hub, a notebook server): a conflict is not settled by a third answer."""
+    if activity is None:
+        return False
+    return activity.error is None or CONFLICTING_GATEWAYS in activity.error or POSSIBLE_SECOND_GATEWAY in activity.error
 
 _KERNEL_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _TIMESTAMP_RE = re.compile(
@@ -843,8 +852,8 @@ class GatewayPool:
                 self._forget(kid)
                 detail = "; ".join(f"{c.name}: {a.activity.error}" for c, a in failed)
                 return KernelActivity(kid, client.name, now,
-                                      error=f"served by gateway {client.name}, but cannot rule out a second "
-                                            f"gateway serving it ({detail})")
+                                      error=f"served by gateway {client.name}, but {POSSIBLE_SECOND_GATEWAY} "
+                                            f"({detail})")
             self._remember(kid, client)
             return lookup.activity
         failed = [(c, a) for c, a in answers if not a.not_found]

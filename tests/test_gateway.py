@@ -28,6 +28,7 @@ from reclaimer.gateway import (
     GatewayClient,
     GatewayPool,
     TokenError,
+    claimed_by_a_gateway,
     is_kernel_id,
     parse_last_activity,
 )
@@ -687,6 +688,21 @@ async def test_invariant_14_a_gateway_that_cannot_answer_leaves_the_kernel_unkno
     assert got.error is None and got.gateway == "a" and pool.client_for(KID) is ca
     assert (await pool.observe([KID], confirm=True))[KID].error is None and pool.client_for(KID) is ca
     assert (await pool.shutdown(KID))[0] == "success" and a.count("DELETE", f"/api/kernels/{KID}") == 1
+
+
+async def test_invariant_14_a_claimed_kernel_is_never_settled_by_a_third_source(make_gateway: Make) -> None:
+    """The hub and Kubeflow fallbacks look up only kernels no configured gateway claimed (claimed_by_a_gateway)."""
+    a, ca = await make_gateway(name="a")
+    b, cb = await make_gateway(name="b")
+    both, alone, partial, nobody = KID, a.add_kernel(), a.add_kernel(), "5d2f1a7c-3b8e-4c9d-a0f1-2e3d4c5b6a78"
+    a.add_kernel(both)
+    b.add_kernel(both)
+    got = await GatewayPool([ca, cb]).observe([both, alone, nobody])
+    assert [claimed_by_a_gateway(got[k]) for k in (both, alone, nobody)] == [True, True, False]
+    assert claimed_by_a_gateway(None) is False
+    b.fault = status(503)
+    half = (await GatewayPool([ca, cb]).observe([partial]))[partial]
+    assert half.error is not None and claimed_by_a_gateway(half)  # a might share it with b: still claimed
 
 
 # --------------------------------------------------------------------------- kernels no gateway knows: backoff
