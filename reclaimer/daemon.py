@@ -43,6 +43,7 @@ from reclaimer.model import (
     SamplerSnapshot,
     ServerRef,
     Verdict,
+    halted_reason,
 )
 from reclaimer.sampler import GpuBackend, Sampler, open_backend
 from reclaimer.stall import STAGES, CallTimedOut, StageState, StageWorker, Stalled
@@ -176,8 +177,28 @@ class Daemon:
             "cycles": self._cycles,
             "stalled": stalled,  # stage -> what has not returned: its part of the pipeline is unknown meanwhile
         }
-        ready = details["sampler"] == "ok" and details["observation"] == "ok" and not stalled
+        refused = {k: v for k, v in self._credentials().items() if v}
+        details["credentials"] = {k: (f"refused: {v}" if v else "ok") for k, v in self._credentials().items()}
+        if refused:
+            details["actions"] = f"halted: {halted_reason(refused)}"
+        ready = details["sampler"] == "ok" and details["observation"] == "ok" and not stalled and not refused
         return ready, details
+
+    # ------------------------------------------------------------------ credentials (issue 10 item 6)
+
+    def _credentials(self) -> dict[str, str | None]:
+        """Every credential the daemon holds -> why it was refused (None: not refused)."""
+        out: dict[str, str | None] = {}
+        for client in getattr(self.adapters.gateways, "clients", ()):
+            source = getattr(client, "credential", None)
+            if source is not None:
+                out[f"gateway:{client.name}"] = source.rejected
+        hub_source = getattr(self.adapters.hub, "credential", None)
+        if hub_source is not None:
+            out["hub"] = hub_source.rejected
+        if self.adapters.kube is not None and hasattr(self.adapters.kube, "rejected"):
+            out["kubernetes"] = self.adapters.kube.rejected
+        return out
 
     # ------------------------------------------------------------------ one cycle
 
@@ -372,6 +393,13 @@ class Daemon:
         decisions, self._state = planned.decisions, planned.state
         if planned.breaker.new_trip:
             log.warning("circuit breaker tripped", cause=planned.breaker.cause, reason=planned.breaker.reason)
+        credentials = self._credentials()
+        halted = halted_reason(credentials)
+        if halted:
+            # A credential the other side refused even after re-reading its file: what the daemon sees may be
+            # partial and what it would do may fail half-way. Nothing is acted on until it is accepted again.
+            decisions = [replace(d, verdict=Verdict.UNKNOWN, reason=f"actions halted ({halted}); was: {d.reason}")
+                         if d.verdict is Verdict.RECLAIM else d for d in decisions]
         results = await self.executor.execute(decisions, recheck=self._recheck)
         results += self.executor.verify(self.sampler.snapshot(), self.clock())
         results += await self.executor.verify_allocations(allocations, allocations_at, self.clock())
@@ -382,7 +410,7 @@ class Daemon:
         snap = CycleSnapshot(
             node=s.node_name, mode=s.mode, generated_at=now, sampler=samp, decisions=tuple(decisions),
             unattributed=joined.unattributed, gpu_idle_seconds=gpu_idle, gateway_up=gw_up, observed_at=observed_at,
-            breaker=planned.breaker,
+            breaker=planned.breaker, credentials=credentials,
         )
         self._account(snap, results)
         self._snapshot = snap

@@ -362,6 +362,7 @@ class RestEndpoint:
         session_factory: SessionFactory | None = None,
         on_request: Callable[[float], None] | None = None,
         untracked: bool = False,
+        refusal: Callable[[HttpAnswer], bool] | None = None,
     ):
         self.name = name
         self.base_url = base_url.rstrip("/")
@@ -371,6 +372,8 @@ class RestEndpoint:
         # Jupyter servers count every authenticated API request as user activity unless it carries
         # ``no_track_activity`` (jupyter_server APIHandler.update_api_activity): watching is not using.
         self._untracked = untracked
+        # How this server says "that token is not valid" (401 by default; JupyterHub answers 403 with a message).
+        self._refusal = refusal or (lambda answer: answer.status == 401)
         self._tls = tls
         self._concurrency = concurrency
         self._session_factory = session_factory
@@ -419,12 +422,12 @@ class RestEndpoint:
                                           body=body)
         if source is None:
             return answer
-        if answer.status == 401:
+        if self._refusal(answer):
             if source.reread():
                 answer = await self._request_once(method, path, limit=limit, timeout=timeout, params=params,
                                                   accept=accept, token=source.current(), body=body)
-            if answer.status == 401:
-                source.refused(401)
+            if self._refusal(answer):
+                source.refused(answer.status or 0)
                 return answer
         if answer.status is not None and answer.status != 403 and answer.status < 500:
             source.accepted()
@@ -577,6 +580,11 @@ class GatewayClient:
     @property
     def timeout(self) -> float:
         return self.settings.timeout
+
+    @property
+    def credential(self) -> TokenSource | None:
+        """This gateway's token source (its ``rejected`` says whether the gateway refused it)."""
+        return self._http.token_source
 
     def _hook(self, seconds: float) -> None:
         self.last_request_at = self._clock()
@@ -898,7 +906,9 @@ class GatewayPool:
     async def probe_quiet(self, older_than: float) -> None:
         """Probe each gateway not contacted for ``older_than`` seconds, concurrently (see ``GatewayClient.probe``)."""
         now = self._clock()
-        quiet = [c for c in self.clients if c.last_request_at is None or now - c.last_request_at >= older_than]
+        # A gateway that refused its token is asked every time: its token file may have been fixed since.
+        quiet = [c for c in self.clients if c.last_request_at is None or now - c.last_request_at >= older_than
+                 or (c.credential is not None and c.credential.rejected is not None)]
         await asyncio.gather(*(c.probe() for c in quiet))
 
     async def shutdown(self, kernel_id: str) -> tuple[str, str]:

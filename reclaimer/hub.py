@@ -113,6 +113,12 @@ def safe_origin(origin: object) -> str | None:
     return f"http://[{ip}]:{port}" if ip.version == 6 else f"http://{ip}:{port}"
 
 
+def _hub_refused(answer: Any) -> bool:
+    """JupyterHub answers an unknown or expired token with 403 "Missing or invalid credentials." (scopes.needs_scope),
+    a token that lacks a scope with another 403 message."""
+    return bool(answer.status == 401 or (answer.status == 403 and answer.message.startswith("Missing or invalid")))
+
+
 @dataclass(slots=True)
 class _ServerToken:
     token: str
@@ -145,6 +151,7 @@ class HubClient:
             timeout=settings.timeout,
             tls=tls_context(settings.url, settings.ca_file, settings.verify_tls, "hub"),
             session_factory=session_factory,
+            refusal=_hub_refused,
         )
         self._servers: OrderedDict[str, RestEndpoint] = OrderedDict()  # origin -> endpoint without any token
         self._tokens: OrderedDict[tuple[str, str], _ServerToken] = OrderedDict()

@@ -114,6 +114,11 @@ _GAUGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         "1 while the circuit breaker holds reclaims back (too many at once; one per cycle after another window).",
         (),
     ),
+    (
+        "reclaimer_credential_rejected",
+        "1 while the credential was refused (HTTP 401) even after re-reading its file; actions are halted meanwhile.",
+        ("source",),
+    ),
     ("reclaimer_last_sample_timestamp_seconds", "When the sampler last sampled the GPUs.", ()),
     ("reclaimer_snapshot_timestamp_seconds", "When the last decide cycle finished.", ()),
 )
@@ -212,6 +217,8 @@ class SnapshotCollector(Collector):
         for gateway, up in sorted(snap.gateway_up.items()):
             f.add("reclaimer_gateway_up", (gateway,), None if up is None else int(up))
         f.add("reclaimer_breaker_tripped", (), 1 if snap.breaker.tripped else 0)
+        for source, refused in sorted(snap.credentials.items()):
+            f.add("reclaimer_credential_rejected", (source,), 1 if refused else 0)
         f.add("reclaimer_last_sample_timestamp_seconds", (), snap.sampler.last_sample_at)
         f.add("reclaimer_snapshot_timestamp_seconds", (), snap.generated_at)
 

@@ -399,3 +399,17 @@ class CycleSnapshot:
     gateway_up: Mapping[str, bool | None] = field(default_factory=dict)  # by configured gateway name; None: not contacted yet
     observed_at: float | None = None  # when the last gateway observation finished (None: not yet)
     breaker: BreakerStatus = field(default_factory=BreakerStatus)
+    # Each credential the daemon holds ("hub", "gateway:<name>", "kubernetes") -> why it was refused (None: not
+    # refused). While any was refused after a re-read, no action is taken (issue 10 item 6).
+    credentials: Mapping[str, str | None] = field(default_factory=dict)
+
+    @property
+    def halted(self) -> str | None:
+        """Why actions are halted this cycle (a refused credential), or None."""
+        return halted_reason(self.credentials)
+
+
+def halted_reason(credentials: Mapping[str, str | None]) -> str | None:
+    """Why no action may be taken with these credentials (some were refused), or None."""
+    refused = [f"{source}: {reason}" for source, reason in sorted(credentials.items()) if reason]
+    return "credentials refused: " + "; ".join(refused) if refused else None

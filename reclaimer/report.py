@@ -250,6 +250,8 @@ def build_report(snap: CycleSnapshot) -> dict[str, Any]:
         "observed_at": rfc3339(snap.observed_at),
         "gateways": [{"name": name, "up": up} for name, up in sorted(snap.gateway_up.items())],
         "breaker": breaker_entry(snap.breaker),
+        "halted": snap.halted,  # why no action is taken at all now (a refused credential), or null
+        "credentials": [{"source": source, "rejected": reason} for source, reason in sorted(snap.credentials.items())],
         "gpus": gpus,
         "kernels": [_kernel_entry(d, snap.sampler) for d in snap.decisions],
         "unattributed": [
@@ -549,6 +551,8 @@ def render_table(report: Mapping[str, Any], width: int | None = None) -> str:
     breaker = report.get("breaker")
     if breaker and breaker.get("tripped"):
         lines.append(_cell(f"Circuit breaker {breaker['reason']}"))
+    if report.get("halted"):
+        lines.append(_cell(f"Actions halted: {report['halted']}"))
     lines.append("")
     gpu_rows = [
         [

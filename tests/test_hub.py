@@ -630,3 +630,37 @@ def test_locate_servers_on_a_host_needs_the_server_pid_among_the_kernels_ancesto
     # Our parent (pytest's launcher) plays the server: it is an ancestor, but listens on no loopback port.
     parent = ServerRef("alice", url="/user/alice/", pid=os.getppid())
     assert locate_servers([c], [parent], "/proc") == {}
+
+
+# --------------------------------------------------------------------------- issue 10 item 6: the hub token rotates
+
+
+async def test_item6_hub_token_file_is_reread_and_a_refusal_is_reported(
+    aiohttp_server: Any, tmp_path: Any
+) -> None:
+    hub = FakeHub(token="hub-1")
+    hub.add_server("alice")
+    server = await aiohttp_server(hub.app())
+    token_file = tmp_path / "hub-token"
+    token_file.write_text("hub-1\n")
+    client = HubClient(HubSettings(url=str(server.make_url("")).rstrip("/"), token_file=str(token_file), timeout=2.0))
+    try:
+        assert await client.list_servers() is not None and client.credential.rejected is None
+        # The hub's token was rotated, the file not yet: one re-read, then the credential is marked refused.
+        hub.token = "hub-2"
+        with structlog.testing.capture_logs() as logs:
+            assert await client.list_servers() is None
+        assert client.credential.rejected is not None and "re-reading the file did not help" in client.credential.rejected
+        assert any(e["event"].startswith("credential refused") for e in logs)
+        assert "hub-1" not in repr(logs) and "hub-2" not in repr(logs)
+        # The file is updated (a new inode, as a Secret update): picked up before the next request, accepted again.
+        tmp = tmp_path / "hub-token.new"
+        tmp.write_text("hub-2\n")
+        tmp.replace(token_file)
+        assert await client.list_servers() is not None and client.credential.rejected is None
+        assert hub.requests[-1].headers["Authorization"] == "token hub-2"
+        # A 403 for a missing scope is not a refused credential.
+        hub.delete_answer = (403, {"status": 403, "message": "Action is not authorized with current scopes"})
+        assert (await client.stop_server("alice"))[0] == "failed" and client.credential.rejected is None
+    finally:
+        await client.close()

@@ -41,6 +41,7 @@ def kernel_model(kernel_id: str, state: str = "idle", last_activity: str = "2026
 @dataclass
 class FakeGateway:
     token: str = "fake-gateway-token"
+    auth_status: int = 403  # what a wrong token gets: Jupyter Server answers 403, Kernel Gateway 401
     list_kernels: bool = True
     kernels: dict[str, dict[str, Any]] = field(default_factory=dict)
     requests: list[Recorded] = field(default_factory=list)
@@ -63,6 +64,7 @@ class FakeGateway:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware])
+        app.router.add_get("/api", self._version)
         app.router.add_get("/api/kernels", self._list)
         app.router.add_get("/api/kernels/{kernel_id}", self._get)
         app.router.add_delete("/api/kernels/{kernel_id}", self._delete)
@@ -81,10 +83,14 @@ class FakeGateway:
                 if answer is not None:
                     return answer
             if request.headers.get("Authorization") != f"token {self.token}":
-                return web.json_response({"message": "Forbidden"}, status=403)
+                message = "Forbidden" if self.auth_status == 403 else "Invalid auth token"
+                return web.json_response({"message": message}, status=self.auth_status)
             return await handler(request)
         finally:
             self.in_flight -= 1
+
+    async def _version(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"version": "fake"})
 
     async def _list(self, request: web.Request) -> web.StreamResponse:
         if not self.list_kernels:

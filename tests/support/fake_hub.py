@@ -93,7 +93,8 @@ class FakeHub:
         if "/hub/api/" not in request.path:
             return await handler(request)  # a user's server checks its own tokens
         if request.headers.get("Authorization") != f"token {self.token}":
-            return web.json_response({"status": 403, "message": "Forbidden"}, status=403)
+            # JupyterHub's answer to an unknown or expired token (scopes.needs_scope).
+            return web.json_response({"status": 403, "message": "Missing or invalid credentials."}, status=403)
         return await handler(request)
 
     def server_token_ok(self, request: web.Request, user: str, name: str) -> bool:
