@@ -679,3 +679,66 @@ async def test_invariant_17_allocation_checks_stay_bounded_and_run_at_once(api: 
         unreleased += sum(r.result == "unreleased" for r in done)
         assert ex.tracked()["allocation_pending"] <= 60 / 15 + 1
     assert unreleased >= 15
+
+
+async def test_invariant_17_daemon_counts_a_release_only_once_the_pod_is_gone(
+    fake_nvml: FakeNvml, tmp_path: Path
+) -> None:
+    """Through the real daemon: the eviction is accepted but the pod lingers (terminating, still listed by the
+    kubelet): cycle after cycle nothing is counted released. Once the pod is gone, the release is counted, once."""
+    from reclaimer.daemon import Daemon, build_adapters
+    from reclaimer.demo import free_port
+
+    fake_nvml.write(gpus=[FakeGpu(uuid=gpu_uuid(0), util=0)], processes=[])
+    with FakeKube() as api, FakeKubelet(tmp_path / "kubelet.sock") as kubelet:
+        api.add_pod("scratch", namespace="team-b", node="e2e")
+        kubelet.pods = [fk_pod("scratch", "team-b", {"main": [("nvidia.com/gpu", [gpu_uuid(0)])]})]
+        api.eviction_response = Reply(201, {"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 201})
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(api.kubeconfig())
+        settings = parse_settings(f"""
+mode: enforce
+node_name: e2e
+listen: 127.0.0.1:{free_port()}
+sample_interval: 200ms
+decide_interval: 500ms
+gpu: {{backend: nvml, library_path: "{fake_nvml.lib_path}"}}
+kubernetes: {{enabled: true, kubeconfig: "{kubeconfig}", pod_resources_socket: "{kubelet.socket_path}",
+              resync_interval: 1s, timeout: 2s}}
+policies:
+  - {{name: all, idle_after: 3s, warn_before: 1s, action: auto}}
+limits: {{max_actions_per_cycle: 5, cooldown: 1m, max_fraction_per_cycle: 1.0}}
+""", "<e2e>")
+        daemon = Daemon(settings, build_adapters(settings))
+        cycles: list[list[ActionResult]] = []
+        daemon.on_cycle = lambda snap, results: cycles.append(list(results))
+        task = asyncio.create_task(daemon.run())
+
+        def results() -> list[str]:
+            return [r.result for rs in cycles for r in rs]
+
+        try:
+            deadline = time.monotonic() + 60
+            while "success" not in results():
+                assert not task.done() and time.monotonic() < deadline, results()
+                await asyncio.sleep(0.1)
+            evicted_at = len(cycles)
+            while len(cycles) < evicted_at + 4:  # four cycles with the pod still there
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+            lingering = daemon.metrics.render()[0].decode()
+            assert "released" not in results() and "unreleased" not in results()
+            with api._lock:  # the pod's termination finishes; the kubelet forgets its devices
+                del api.pods[("team-b", "scratch")]
+            kubelet.pods = []
+            while "released" not in results():
+                assert time.monotonic() < deadline, results()
+                await asyncio.sleep(0.1)
+            done = daemon.metrics.render()[0].decode()
+        finally:
+            daemon.stop()
+            assert await asyncio.wait_for(task, 10) == 0
+
+    assert "reclaimer_released_gpus_total 0.0" in lingering
+    assert "reclaimer_released_gpus_total 1.0" in done
+    assert results().count("released") == 1 and len(api.evictions) == 1
