@@ -88,6 +88,7 @@ def join(
     kernel_pods: Mapping[str, str] | None = None,
     first_seen: Mapping[str, Mapping[int, float]] | None = None,
     allocation_seen: Mapping[str, float] | None = None,
+    pods_listed_at: float | None = None,
 ) -> JoinResult:
     """Group GPU processes by kernel; add pods that hold allocated GPUs with no process on them.
 
@@ -96,6 +97,7 @@ def join(
     ``kernel_pods``: pod uid -> the kernel id its kernel-id label names (the pod is that kernel's own pod).
     ``first_seen`` (the sampler's, per GPU: pid -> first sample of its presence) and ``allocation_seen`` (pod uid ->
     when the daemon first saw its allocation) give each candidate its ``held_since`` (invariant 10).
+    ``pods_listed_at``: when ``pods_by_uid`` was listed; carried by every candidate with a pod (invariant 16).
     """
     by_kernel: dict[str, list[AttributedProcess]] = {}
     unattributed: list[AttributedProcess] = []
@@ -173,6 +175,8 @@ def join(
 
     unattributed.sort(key=lambda p: (p.gpu_uuid, p.pid))
     candidates = [_with_strangers(c, unattributed) for c in candidates] if unattributed else candidates
+    if pods_listed_at is not None:
+        candidates = [replace(c, pod_listed_at=pods_listed_at) if c.pod is not None else c for c in candidates]
     candidates.sort(key=lambda c: c.key)
     return JoinResult(tuple(candidates), tuple(unattributed))
 

@@ -370,6 +370,7 @@ class Daemon:
                 activities=activities, servers=servers, kernel_servers=kernel_servers,
                 server_name_annotation=s.kubernetes.server_name_annotation, kernel_pods=pod_kernel_ids,
                 first_seen=samp.first_seen, allocation_seen=self._allocation_seen,
+                pods_listed_at=getattr(self.adapters.pods, "last_success_at", None),
             )
 
         joined = joined_with({})

@@ -292,6 +292,8 @@ class Candidate:
     held_since: float | None = None
     # Invariant 15: GPU processes in the candidate's own pod (or container, without a pod) that belong to no kernel.
     unattributed: tuple[AttributedProcess, ...] = ()
+    # Invariant 16: when the pod data the candidate carries was listed (POSIX seconds); None: unknown.
+    pod_listed_at: float | None = None
 
     @property
     def kernel_name(self) -> str | None:

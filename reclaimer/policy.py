@@ -353,6 +353,7 @@ def _evaluate(
         or (_activity_problem(c, settings, now) if c.kernel_id is not None else None)
         or _process_problem(c)
         or _holding_problem(c)
+        or _pod_data_problem(c, settings, now)
     )
     if problem is not None:
         return _unknown(c, policy.name, problem)
@@ -583,6 +584,25 @@ def _identity_problem(c: Candidate) -> str | None:
             return f"pod {p.pod_uid} of process {p.pid} unknown (exemptions cannot be checked)"
         if p.pod_uid is not None and c.pod is not None and p.pod_uid != c.pod.uid:
             return f"process {p.pid} runs in pod {p.pod_uid}, not {c.pod.uid}"
+    return None
+
+
+def pod_data_limit(settings: Settings) -> float:
+    """Pod data older than this cannot vouch for anything (invariant 16): a few resyncs (the list runs at most once
+    per decide cycle, so never less than a few of those)."""
+    return STALE_FACTOR * max(settings.kubernetes.resync_interval, settings.decide_interval)
+
+
+def _pod_data_problem(c: Candidate, settings: Settings, now: float) -> str | None:
+    """Invariant 16: stale pod data cannot vouch for exemptions, the pod's state or its identity."""
+    if c.pod is None:
+        return None
+    if c.pod_listed_at is None or not math.isfinite(c.pod_listed_at):
+        return f"when the data of {_pod_name(c.pod)} was listed is unknown (exemptions cannot be vouched for)"
+    age = now - c.pod_listed_at
+    if age > pod_data_limit(settings):
+        return (f"data of {_pod_name(c.pod)} is {_dur(age)} old (the pod list keeps failing): an exemption added "
+                f"since would not be seen")
     return None
 
 

@@ -215,3 +215,66 @@ async def test_invariant_15_e2e_one_failing_process_list_on_another_gpu_taints_a
     (acted_at, _), = [(t, r) for t, r in w.results(key) if r.result == "success"]
     assert acted_at >= t_clear + IDLE_AFTER  # the last failure had to leave the window first
     assert all(d.verdict is not Verdict.RECLAIM for t, d in w.decisions(key) if t < t_clear + IDLE_AFTER)
+
+
+# --------------------------------------------------------------------------- invariant 16
+
+
+async def test_invariant_16_e2e_stale_pod_list_vouches_for_nothing(world: World, tmp_path: Path) -> None:
+    """A pod holding a long-free GPU: right after the first pod list, every later list fails. Once the data is older
+    than three resyncs the pod is unknown, with the reason, and never evicted however long it stays idle. Positive
+    control: when the list works again, it is warned and evicted."""
+    from tests.support.fake_kube import server_error
+
+    w = world
+    stale = w.kube.add_pod("stale-nb", namespace="team-a", node=NODE)
+    w.kubelet.pods = [pod("stale-nb", "team-a", {"main": [("nvidia.com/gpu", [gpu_uuid(1)])]})]
+    key = f"pod:{stale['metadata']['uid']}"
+    failing_since: list[float] = []
+    restored: list[float] = []
+
+    def on_cycle(snap: CycleSnapshot, results: list[ActionResult]) -> None:
+        if not failing_since and any(d.candidate.key == key for d in snap.decisions):
+            failing_since.append(time.time())
+            w.kube.list_response = server_error()  # every pod list from now on fails
+        elif failing_since and not restored and time.time() - failing_since[0] > 3 + IDLE_AFTER + WARN_BEFORE + 2:
+            restored.append(time.time())
+            w.kube.list_response = None
+
+    await drive(w, settings_for(w, tmp_path), lambda: any(r.result == "success" for _, r in w.results(key)),
+                timeout=90, on_cycle=on_cycle)
+    limit = 3 * 1.0  # 3 x max(resync 1s, decide 500ms)
+    during = [(t, d) for t, d in w.decisions(key) if failing_since[0] + limit + 1.0 < t < restored[0]]
+    assert during and {d.verdict for _, d in during} == {Verdict.UNKNOWN}, {d.reason for _, d in during}
+    assert all(d.reason.startswith("data of pod team-a/stale-nb is ") and "the pod list keeps failing" in d.reason
+               for _, d in during)
+    (evicted_at, _), = [(t, r) for t, r in w.results(key) if r.result == "success"]
+    assert evicted_at > restored[0]
+    assert len(w.kube.evictions) == 1
+
+
+# --------------------------------------------------------------------------- invariant 6: the cooldown, armed through the daemon
+
+
+@pytest.mark.parametrize("outcome", [pytest.param("blocked", id="pdb-429"), pytest.param("already-gone", id="404")])
+async def test_invariant_6_e2e_blocked_or_gone_arms_the_cooldown(world: World, tmp_path: Path, outcome: str) -> None:
+    """An eviction that a PodDisruptionBudget blocks (429) or that finds the pod already gone (404) counts as acted
+    upon: the following cycles say 'cooldown' and make no second eviction within the cooldown."""
+    from tests.support.fake_kube import not_found, pdb_blocked
+
+    w = world
+    target = w.kube.add_pod("cool-nb", namespace="team-a", node=NODE)
+    w.kubelet.pods = [pod("cool-nb", "team-a", {"main": [("nvidia.com/gpu", [gpu_uuid(1)])]})]
+    w.kube.eviction_response = pdb_blocked() if outcome == "blocked" else not_found("cool-nb")
+    key = f"pod:{target['metadata']['uid']}"
+
+    def settled() -> bool:
+        acted = [t for t, r in w.results(key) if r.result == outcome]
+        return bool(acted) and sum(1 for t, _ in w.decisions(key) if t > acted[0]) >= 6
+
+    await drive(w, settings_for(w, tmp_path), settled, timeout=90)
+    (acted_at, _), = [(t, r) for t, r in w.results(key) if r.result == outcome]
+    after = [d for t, d in w.decisions(key) if t > acted_at]
+    assert after and all(d.verdict is Verdict.WARN and d.reason.startswith("cooldown: acted ") for d in after), \
+        [d.reason for d in after]
+    assert len(w.kube.evictions) == 1

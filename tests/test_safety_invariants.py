@@ -26,6 +26,7 @@ from reclaimer.policy import decide, fold_presence, remember
 from tests.support.policy_fixtures import (
     GIB,
     KID,
+    KID2,
     NODE,
     NOW,
     POD_UID,
@@ -401,7 +402,7 @@ def test_invariant_15_unreadable_gpu_taints_an_unattributed_process_in_the_same_
     stranger = dataclasses.replace(process(777, UUID1, kernel_id=None),
                                    reason="no kernel connection file among 3 ancestors")
     joined = join(node=NODE, processes=[process(), stranger], pods_by_uid={POD_UID: pod()}, allocations=None,
-                  activities={KID: activity()}, first_seen={UUID0: {4242: STARTED}})
+                  activities={KID: activity()}, first_seen={UUID0: {4242: STARTED}}, pods_listed_at=NOW - 1)
     (c,) = joined.candidates
     assert c.unattributed == (stranger,) and joined.unattributed == (stranger,)
     d = decide_one(c, snapshot(series(), series(UUID1, 1)))
@@ -428,3 +429,43 @@ def test_invariant_15_unattributed_process_binds_only_to_its_own_pod_or_containe
     (c,) = join(node=NODE, processes=[mine, other], pods_by_uid=pods, allocations=None,
                 activities={KID: activity()}).candidates
     assert c.unattributed == ((other,) if attached else ())
+
+
+# --------------------------------------------------------------------------- 16. stale pod metadata is unknown
+
+
+@pytest.mark.parametrize(
+    "candidate, listed_ago, verdict, reason",
+    [
+        pytest.param(kernel(), 1.0, Verdict.RECLAIM, "shutdown-kernel in 0s", id="fresh-pod-data"),
+        pytest.param(kernel(), 45.0, Verdict.RECLAIM, "shutdown-kernel in 0s", id="three-resyncs-old-is-still-fresh"),
+        pytest.param(kernel(), 46.0, Verdict.UNKNOWN, "data of pod team-a/jupyter-alice is 46s old (the pod list keeps "
+                     "failing): an exemption added since would not be seen", id="kernel-in-pod-stale-data"),
+        pytest.param(pod_candidate(), 600.0, Verdict.UNKNOWN, "data of pod team-a/jupyter-alice is 10m old",
+                     id="pod-candidate-stale-data"),
+        pytest.param(kernel(), None, Verdict.UNKNOWN, "when the data of pod team-a/jupyter-alice was listed is unknown",
+                     id="listing-time-unknown"),
+        pytest.param(kernel(pod_info=None), 600.0, Verdict.RECLAIM, "shutdown-kernel in 0s",
+                     id="host-kernel-needs-no-pod-data"),
+        pytest.param(kernel(pod_info=pod(annotations={"reclaimer.io/exempt": "true"})), 600.0, Verdict.EXEMPT,
+                     "exempt: annotation", id="stale-data-that-exempts-still-exempts"),
+    ],
+)
+def test_invariant_16_stale_pod_metadata_is_unknown(candidate: Candidate, listed_ago: float | None,
+                                                    verdict: Verdict, reason: str) -> None:
+    """decide_interval 15s (the default) and resync 15s: pod data older than 3 x 15s vouches for nothing."""
+    c = dataclasses.replace(candidate, pod_listed_at=None if listed_ago is None else NOW - listed_ago)
+    top = {"policies": [policy("p", action="evict-pod")]} if c.kernel_id is None else {}
+    d = decide_one(c, kubernetes={"resync_interval": "15s"}, **top)
+    assert d.verdict is verdict, d.reason
+    assert reason in d.reason, d.reason
+
+
+def test_invariant_16_join_carries_the_listing_time_to_pod_bound_candidates_only() -> None:
+    host = dataclasses.replace(process(5151, UUID1, kernel_id=KID2, pod_uid=None), container_id=None)
+    alloc = [PodGpuAllocation("team-a", "other", "main", (UUID0,))]
+    other = dataclasses.replace(pod("other"), uid="0b0b0b0b-0000-4000-8000-00000000cccc")
+    joined = join(node=NODE, processes=[process(), host], pods_by_uid={POD_UID: pod(), other.uid: other},
+                  allocations=alloc, activities={}, pods_listed_at=NOW - 7)
+    listed = {c.key: c.pod_listed_at for c in joined.candidates}
+    assert listed == {f"kernel:{KID}": NOW - 7, f"kernel:{KID2}": None, f"pod:{other.uid}": NOW - 7}

@@ -176,7 +176,8 @@ class Ours:
         # As the daemon: a pod holds its allocation from the first cycle that saw it (invariant 10).
         d.allocation_seen = {a_uid: d.allocation_seen.get(a_uid, now) for a_uid in view.allocated_pods}
         optional = {"kernel_pods": view.kernel_pods, "server_kernels": view.server_kernels,
-                    "first_seen": getattr(snapshot, "first_seen", None), "allocation_seen": d.allocation_seen}
+                    "first_seen": getattr(snapshot, "first_seen", None), "allocation_seen": d.allocation_seen,
+                    "pods_listed_at": now}  # the replay's pod list never fails (invariant 16)
         joined = join_mod.join(node=d.name, processes=view.processes, pods_by_uid=view.pods,
                                allocations=view.allocations, activities=view.activities, servers=view.servers,
                                server_name_annotation=self.settings.kubernetes.server_name_annotation,

@@ -38,6 +38,8 @@ UUID1 = "GPU-11111111-1111-1111-1111-111111111111"
 KID = "6f1c2a3b-0000-4000-8000-000000000001"
 KID2 = "6f1c2a3b-0000-4000-8000-000000000002"
 POD_UID = "a1b2c3d4-0000-4000-8000-00000000aaaa"
+# Candidates' pod data is "listed" here: fresh whatever ``now`` a test decides at (invariant 16 is tested on its own).
+FRESH_LISTING = 4_000_000_000.0
 
 Util = float | None | Callable[[float], float | None]
 
@@ -227,6 +229,7 @@ def kernel(
         gpu_uuids=gpus,
         processes=processes,
         held_since=held_since,
+        pod_listed_at=FRESH_LISTING if pod_value is not None else None,
     )
 
 
@@ -243,6 +246,7 @@ def pod_candidate(
         gpu_uuids=gpus,
         allocated=True,
         held_since=held_since,
+        pod_listed_at=FRESH_LISTING,
     )
 
 
