@@ -110,20 +110,21 @@ def plot(path: Path, figs: Sequence[Figures]) -> None:
     import matplotlib.pyplot as plt
 
     shapes = list(dict.fromkeys(f.shape for f in figs))
-    fig, axes = plt.subplots(2, len(shapes), figsize=(6.5 * len(shapes), 8), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(2, len(shapes), figsize=(6.5 * len(shapes), 8.5), dpi=100, squeeze=False)
     for col, shape in enumerate(shapes):
         mine = [f for f in figs if f.shape == shape]
         names = [f.strategy for f in mine]
         ys = range(len(mine))
         top = axes[0][col]
         top.barh([y - 0.2 for y in ys], [100 * (f.share or 0) for f in mine], height=0.4, label="allocation-hours")
-        top.barh([y + 0.2 for y in ys], [100 * (f.mem_share or 0) for f in mine], height=0.4, label="memory-hours")
+        top.barh([y + 0.2 for y in ys], [100 * (f.mem_share or 0) for f in mine], height=0.4, color="C2",
+                 label="memory-hours")
         top.set_yticks(list(ys), names, fontsize=8)
         top.invert_yaxis()
         top.set_xlim(0, 100)
         top.set_xlabel("% of reclaimable given back")
         top.set_title(shape, fontsize=10)
-        top.legend(fontsize=8, loc="lower right")
+        top.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
         bottom = axes[1][col]
         bottom.barh([y - 0.2 for y in ys], [f.false_reclaims for f in mine], height=0.4, color="C3",
                     label="false reclaims")
@@ -132,7 +133,7 @@ def plot(path: Path, figs: Sequence[Figures]) -> None:
         bottom.set_yticks(list(ys), names, fontsize=8)
         bottom.invert_yaxis()
         bottom.set_xlabel("count over the replay")
-        bottom.legend(fontsize=8, loc="lower right")
+        bottom.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
         for ax in (top, bottom):
             ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
