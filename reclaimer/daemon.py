@@ -518,7 +518,7 @@ class Daemon:
         return {
             dev.uuid: policy.gpu_idle_seconds(
                 samp.samples.get(dev.uuid, ()), holder_threshold.get(dev.uuid, default), now, samp.started_at,
-                samp.sample_interval,
+                samp.sample_interval, samp.history.get(dev.uuid),
             )
             for dev in samp.devices
         }

@@ -188,15 +188,22 @@ def _hub_facts_unknown(policy: PolicySettings, c: Candidate) -> str | None:
 
 
 def gpu_idle_seconds(
-    samples: Sequence[GpuSample], threshold: float, now: float, started_at: float, sample_interval: float
+    samples: Sequence[GpuSample], threshold: float, now: float, started_at: float, sample_interval: float,
+    history: GpuHistory | None = None,
 ) -> float | None:
     """Seconds the GPU has been continuously below ``threshold`` at the end of the series; None when unknown.
 
     Unknown: no sample since ``started_at``, the newest sample is stale (older than 3 intervals), down, or has
     no utilisation. The run stops (counting starts after it) at a busy or unknown sample or a gap longer than
-    3 intervals, and never reaches before ``started_at``. 0.0 when the newest sample is busy.
+    3 intervals, and never reaches before ``started_at``. 0.0 when the newest sample is busy. With the GPU's
+    ``history`` (the sampler's), a run that began before the oldest sample still held counts from its real start.
     """
-    return _idle_run(samples, threshold, now, started_at, sample_interval)[0]
+    idle = _idle_run(samples, threshold, now, started_at, sample_interval)[0]
+    run = history.runs.get(threshold) if history is not None else None
+    if idle is not None and run is not None and samples and history is not None \
+            and history.through == max(s.timestamp for s in samples):
+        idle = max(idle, now - run[0])
+    return idle
 
 
 def fold_sample(

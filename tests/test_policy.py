@@ -675,3 +675,21 @@ def test_item4_unknown_sample_beyond_the_ring_is_unknown_until_it_leaves_the_win
     at = seen[3600 + 1800]  # 1 h after the lost sample: out of the ring, inside the 2 h window
     assert at.verdict is Verdict.UNKNOWN and "GPU 0 down (GPU_IS_LOST) at" in at.reason
     assert seen[1800 + 2 * 3600 + 300].verdict is Verdict.RECLAIM  # once it left the window, idle since 1805 s
+
+
+def test_item4_gpu_idle_seconds_counts_beyond_the_ring_with_the_history() -> None:
+    """reclaimer_gpu_idle_seconds does not stop at the ring's length either: 2 h idle reads 2 h, not ~30 min."""
+    backend = SimulatedBackend({"gpus": [{"uuid": UUID0, "model": "A100", "memory_total": 80 * GIB,
+                                          "utilization": [[0, 0.9], [600, 0.0]]}]})
+    clock = [NOW]
+    sampler = Sampler(backend, interval=INTERVAL, window_seconds=1800, clock=lambda: clock[0], idle_thresholds=(0.05,))
+    sampler.start(thread=False)
+    for _ in range(int(3 * 3600 / INTERVAL)):  # busy for 10 minutes, then idle
+        sampler.tick()
+        clock[0] += INTERVAL
+    snap = sampler.snapshot()
+    now = clock[0] - INTERVAL
+    ring_only = gpu_idle_seconds(snap.samples[UUID0], 0.05, now, snap.started_at, INTERVAL)
+    with_history = gpu_idle_seconds(snap.samples[UUID0], 0.05, now, snap.started_at, INTERVAL, snap.history[UUID0])
+    assert ring_only is not None and ring_only < 1900  # what the ring alone can see
+    assert with_history == 3 * 3600 - 600 - INTERVAL
