@@ -537,7 +537,7 @@ def markdown(results: Sequence[SoakResult], machine: dict[str, str], command: st
         f"~{sizes.user_lifetime / 60:.0f} min, busy ~5 min / idle ~15 min phases, "
         f"samples every {sizes.sample_interval:g} s, decisions every {sizes.decide_interval:g} s, policy idle_after "
         "30m; the gateway answers 503 for 10 minutes every 3 hours and 15% of kernels refuse their first two "
-        "DELETEs.\n",
+        "DELETEs. RSS, fds and threads are the whole process's: the daemon's parts and the two fakes' threads.\n",
     ]
     rows = []
     for r in results:
