@@ -316,6 +316,11 @@ class KubeClient:
         self._events = k8s.EventsV1Api(api_client)
         self._custom = k8s.CustomObjectsApi(api_client)
         self._log = log.bind(node=self.node_name)
+        # Why the API server refused our credential even after re-reading it (None: not refused). The daemon halts
+        # every action while it is set (docs/tokens.md, Rotation).
+        self.rejected: str | None = None
+        self._reload: Callable[[], bool] | None = None
+        self._guard_credentials()
 
     @classmethod
     def from_settings(cls, k: KubernetesSettings, *, node_name: str | None = None) -> KubeClient:
@@ -323,7 +328,52 @@ class KubeClient:
         if k.enabled is False:
             raise KubeUnavailable("kubernetes.enabled is false")
         cfg = _prepare(_load_configuration(k))
-        return cls(k8s.ApiClient(cfg), k, node_name=node_name)
+        client = cls(k8s.ApiClient(cfg), k, node_name=node_name)
+
+        def reload() -> bool:
+            """Read the credential again (the service-account token or the kubeconfig); True when it changed."""
+            try:
+                fresh = _load_configuration(k)
+            except KubeUnavailable as exc:
+                log.warning("kubernetes credential could not be read again", error=str(exc))
+                return False
+            changed = fresh.api_key != cfg.api_key
+            cfg.api_key = fresh.api_key
+            cfg.api_key_prefix = fresh.api_key_prefix
+            # The loaders install a hook that refreshes the key from their own copy of the credential: take the new one.
+            cfg.refresh_api_key_hook = getattr(fresh, "refresh_api_key_hook", None)
+            return bool(changed)
+
+        client._reload = reload
+        return client
+
+    def _guard_credentials(self) -> None:
+        """Every API call: a 401 re-reads the credential once (the next call uses it if it changed); a 401 that
+        re-reading does not answer sets ``rejected``; any call that succeeds clears it."""
+        # kubernetes-client >= 32 raises for an HTTP error in _call_with_legacy_options, older ones in call_api.
+        name = "_call_with_legacy_options" if hasattr(self._api, "_call_with_legacy_options") else "call_api"
+        call = getattr(self._api, name)
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                result = call(*args, **kwargs)
+            except ApiException as exc:
+                if exc.status == 401 and (self._reload is None or not self._reload()):
+                    self._refused()
+                raise
+            if self.rejected is not None:
+                self._log.info("kubernetes credential accepted again")
+            self.rejected = None
+            return result
+
+        setattr(self._api, name, guarded)
+
+    def _refused(self) -> None:
+        reason = "the API server refused the service-account credential (HTTP 401) and re-reading it did not help"
+        if self.rejected is None:
+            self._log.error("credential refused; actions halted until it is accepted", owner="kubernetes",
+                            reason=reason)
+        self.rejected = reason
 
     @classmethod
     def for_configuration(

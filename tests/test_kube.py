@@ -425,6 +425,35 @@ def test_from_settings_with_a_kubeconfig(api: FakeKube, tmp_path: Path) -> None:
     assert "fake-token" not in repr(kube)
 
 
+def test_item6_a_401_rereads_the_credential_once_then_marks_it_refused(api: FakeKube, tmp_path: Path) -> None:
+    """Issue 10 item 6: the API server refuses the token (rotated, expired): one re-read of the credential, which
+    the next call uses; a refusal re-reading does not answer marks the client ``rejected`` (the daemon halts
+    actions) until a call succeeds."""
+    path = tmp_path / "kubeconfig"
+    path.write_text(api.kubeconfig(token="sa-1"))
+    api.add_pod("nb", node="node-7")
+    api.required_token = "sa-1"
+    kube = KubeClient.from_settings(KubernetesSettings(kubeconfig=str(path), timeout=3.0), node_name="node-7")
+    assert [p.name for p in kube.list_pods_on_node()] == ["nb"] and kube.rejected is None
+    # Rotated on both sides: the first call gets 401 and re-reads the file; not refused, the next call succeeds.
+    path.write_text(api.kubeconfig(token="sa-2"))
+    api.required_token = "sa-2"
+    with pytest.raises(KubeError, match="401"):
+        kube.list_pods_on_node()
+    assert kube.rejected is None
+    assert [p.name for p in kube.list_pods_on_node()] == ["nb"] and kube.rejected is None
+    # Rotated at the API server only: re-reading does not help; refused, with a reason that holds no token.
+    api.required_token = "sa-3"
+    with pytest.raises(KubeError, match="401"):
+        kube.list_pods_on_node()
+    assert kube.rejected is not None and "sa-" not in kube.rejected
+    # The file catches up: read again at the next 401, and the call after it is accepted; the mark is cleared.
+    path.write_text(api.kubeconfig(token="sa-3"))
+    with pytest.raises(KubeError, match="401"):
+        kube.list_pods_on_node()
+    assert [p.name for p in kube.list_pods_on_node()] == ["nb"] and kube.rejected is None
+
+
 def _no_cluster(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
     for var in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT", "KUBECONFIG"):
         monkeypatch.delenv(var, raising=False)

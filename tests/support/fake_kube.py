@@ -134,6 +134,9 @@ class FakeKube:
         # Like Kubeflow's notebook-controller: a Notebook annotated kubeflow-resource-stopped is scaled to 0 (its pods,
         # labelled notebook-name, are deleted). False: the annotation is stored and nothing else happens.
         self.notebook_controller = True
+        # When set, a request without "Authorization: Bearer <required_token>" gets 401 Unauthorized, as a real API
+        # server answers a token it does not know (or an expired projected token).
+        self.required_token: str | None = None
         self.url = ""
         self._lock = threading.Lock()
         self._resource_version = 1
@@ -315,6 +318,8 @@ class FakeKube:
         with self._lock:
             self.requests.append(Recorded(request.method, request.path, dict(request.query), body))
         request["json"] = body
+        if self.required_token is not None and request.headers.get("Authorization") != f"Bearer {self.required_token}":
+            return self._reply(Reply(401, status_body(401, "Unauthorized", "Unauthorized")))
         return await handler(request)
 
     @staticmethod
@@ -492,12 +497,12 @@ class FakeKube:
         return KubeClient.for_configuration(self.configuration(), settings or KubernetesSettings(timeout=5.0),
                                             node_name=node_name, page_size=page_size)
 
-    def kubeconfig(self) -> str:
+    def kubeconfig(self, token: str = "fake-token-not-a-secret") -> str:
         """A kubeconfig YAML document pointing at this server (for ``KubeClient.from_settings``)."""
         return (
             "apiVersion: v1\nkind: Config\ncurrent-context: fake\n"
             f"clusters:\n- name: fake\n  cluster: {{server: '{self.url}'}}\n"
-            "users:\n- name: fake\n  user: {token: fake-token-not-a-secret}\n"
+            f"users:\n- name: fake\n  user: {{token: {token}}}\n"
             "contexts:\n- name: fake\n  context: {cluster: fake, user: fake}\n"
         )
 
