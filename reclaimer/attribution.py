@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import structlog
@@ -27,6 +29,10 @@ from reclaimer.model import AttributedProcess, ProcessInfo, ProcessSample
 log = structlog.get_logger(__name__)
 
 Identity = tuple[int, int]  # (pid, starttime)
+# A process that started this much after the sample that listed its pid is another process (the pid was reused).
+# Boot time from /proc/uptime (10 ms) and starttime (1 tick) are both that precise; a real GPU process needs far longer
+# than this between starting and being listed (it must first create a CUDA context).
+PID_REUSE_TOLERANCE = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +71,7 @@ class Attributor:
         max_depth: int = 32,
         *,
         evict_after_calls: int = 3,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 1:
             raise ValueError(f"max_depth must be a positive integer, got {max_depth!r}")
@@ -83,6 +90,8 @@ class Attributor:
         self._warn = procfs.LogOnce()
         self._initial_pid_ns: bool | None = procfs.in_initial_pid_namespace(self.procfs_root)
         self._log = log.bind(procfs_root=self.procfs_root)
+        self._clock = clock
+        self._ticks = _clock_ticks()
 
     @property
     def cache_size(self) -> int:
@@ -92,19 +101,22 @@ class Attributor:
         self,
         processes: Iterable[tuple[str, ProcessSample]],
         pod_kernel_ids: Mapping[str, str] | None = None,
+        listed_at: Mapping[str, float] | None = None,
     ) -> list[AttributedProcess]:
         """One ``AttributedProcess`` per (gpu_uuid, ProcessSample) input, in input order.
 
         ``pod_kernel_ids`` maps pod uid -> the pod's ``kernel_id`` label; it names the kernel of a process in
         that pod when no connection file is found up its chain (a conflicting connection file wins nothing:
-        the process stays unattributed). Raises TypeError naming the culprit for malformed input.
+        the process stays unattributed). ``listed_at`` maps GPU uuid -> when the sample listing its processes was
+        taken: a process that started after that is not the one listed (its pid was reused in between) and stays
+        unattributed (invariant 19). Raises TypeError naming the culprit for malformed input.
         """
         items = _validated(processes)
         labels = dict(pod_kernel_ids or {})
         with self._lock:
             self._calls += 1
-            call = _Call(self)
-            out = [call.attribute_one(uuid, sample, labels) for uuid, sample in items]
+            call = _Call(self, self._boot_time())
+            out = [call.attribute_one(uuid, sample, labels, (listed_at or {}).get(uuid)) for uuid, sample in items]
             self._evict()
         self._log.debug(
             "attributed GPU processes",
@@ -115,6 +127,18 @@ class Attributor:
             cache_size=self.cache_size,
         )
         return out
+
+    def _boot_time(self) -> float | None:
+        """When this procfs root's machine booted, on our clock (now minus ``uptime``), to turn starttime ticks into
+        wall-clock time; None (logged once) when unreadable."""
+        try:
+            with open(os.path.join(self.procfs_root, "uptime"), encoding="ascii") as fh:
+                uptime = float(fh.read(64).split()[0])
+        except (OSError, ValueError, IndexError) as exc:
+            self._warn.warning("uptime", "cannot read uptime: process start times (pid reuse) are not checked",
+                               error=str(exc))
+            return None
+        return self._clock() - uptime if self._ticks else None
 
     # ------------------------------------------------------------------ cache
 
@@ -159,8 +183,9 @@ class Attributor:
 class _Call:
     """State of one ``attribute`` call: each pid is read once, each identity's chain is walked once."""
 
-    def __init__(self, attributor: Attributor) -> None:
+    def __init__(self, attributor: Attributor, boot_time: float | None = None) -> None:
         self.a = attributor
+        self.boot_time = boot_time
         self.infos: dict[int, ProcessInfo | _Failure] = {}
         self.chains: dict[Identity, _Chain] = {}
 
@@ -169,7 +194,8 @@ class _Call:
             self.infos[pid] = self.a._lookup(pid)
         return self.infos[pid]
 
-    def attribute_one(self, gpu_uuid: str, sample: ProcessSample, labels: Mapping[str, str]) -> AttributedProcess:
+    def attribute_one(self, gpu_uuid: str, sample: ProcessSample, labels: Mapping[str, str],
+                      listed_at: float | None = None) -> AttributedProcess:
         base = AttributedProcess(
             pid=sample.pid,
             starttime=None,
@@ -183,7 +209,15 @@ class _Call:
         if isinstance(info, _Failure):
             reason = self.a._missing_reason() if info.gone else f"process unreadable ({info.kind}: {info.detail})"
             return replace(base, reason=reason)
-        base = replace(base, starttime=info.starttime, pod_uid=info.pod_uid, container_id=info.container_id)
+        started_at = None  # dated only where the caller asks for the pid-reuse check
+        if listed_at is not None and self.boot_time is not None and self.a._ticks:
+            started_at = self.boot_time + info.starttime / self.a._ticks
+        base = replace(base, starttime=info.starttime, pod_uid=info.pod_uid, container_id=info.container_id,
+                       started_at=started_at)
+        if started_at is not None and listed_at is not None and started_at > listed_at + PID_REUSE_TOLERANCE:
+            return replace(base, reason=f"pid {sample.pid} was reused: the process there now started at "
+                                        f"{_clock_text(started_at)}, after the GPU sample of {_clock_text(listed_at)} "
+                                        f"listed that pid")
         identity = (info.pid, info.starttime)
         if identity not in self.chains:
             self.chains[identity] = self.walk(info)
@@ -230,6 +264,19 @@ class _Call:
         return _Chain(
             None, None, f"no kernel connection file among {self.a.max_depth} ancestors (max_depth reached)"
         )
+
+
+def _clock_ticks() -> int | None:
+    """Clock ticks per second (``starttime``'s unit); None when the system will not say."""
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return ticks if ticks > 0 else None
+
+
+def _clock_text(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%H:%M:%S.%f")[:-4] + " UTC"
 
 
 def _with_pod_label(chain: _Chain, info: ProcessInfo, labels: Mapping[str, str]) -> _Chain:

@@ -268,6 +268,9 @@ class LimitSettings(_Strict):
     # The breaker never trips while at most this many would be reclaimed: one idle kernel on a quiet node is not
     # a mass event, and without a floor a node with a single GPU kernel could never reclaim at all.
     breaker_min_reclaims: int = Field(default=2, ge=0)
+    # Invariant 19: a gateway whose clock (its HTTP Date header) is further than this from ours, or whose
+    # last_activity lies further than this in the future, cannot vouch for idle time.
+    max_clock_skew: Duration = 60.0
 
 
 def _default_node_name() -> str:

@@ -323,15 +323,17 @@ class Daemon:
                     found[ka.kernel_id] = server
         return found
 
-    async def _attribute(self, procs: list[tuple[str, Any]], pod_kernel_ids: Mapping[str, str]) -> list[AttributedProcess]:
+    async def _attribute(self, procs: list[tuple[str, Any]], pod_kernel_ids: Mapping[str, str],
+                         listed_at: Mapping[str, float] | None = None) -> list[AttributedProcess]:
         """GPU processes -> kernels through /proc on the procfs stage's thread. A read that blocks (a process stuck in
         the driver) leaves every process unattributed with the reason (unknown, never idle) and stalls only this
         stage: the cycle, the metrics and the report go on."""
         assert self._attributor is not None
         attributor = self._attributor
         try:
-            return list(await self._in_stage("procfs", lambda: attributor.attribute(procs, pod_kernel_ids=pod_kernel_ids),
-                                             what=f"/proc reads for {len(procs)} GPU process(es)"))
+            return list(await self._in_stage(
+                "procfs", lambda: attributor.attribute(procs, pod_kernel_ids=pod_kernel_ids, listed_at=listed_at),
+                what=f"/proc reads for {len(procs)} GPU process(es)"))
         except (Stalled, CallTimedOut) as exc:
             reason = f"attribution unknown: {exc}"
             if isinstance(exc, Stalled):
@@ -355,7 +357,9 @@ class Daemon:
         ]
         allocations_at = self.clock()
         (pods_by_uid, pod_kernel_ids), allocations = await asyncio.gather(self._pods(), self._allocations())
-        attributed = await self._attribute(procs, pod_kernel_ids)
+        # When each GPU's process list was read: a process started after that is not the one listed (invariant 19).
+        listed_at = {uuid: series[-1].timestamp for uuid, series in samp.samples.items() if series}
+        attributed = await self._attribute(procs, pod_kernel_ids, listed_at)
         kernel_ids = {p.kernel_id for p in attributed if p.kernel_id}
         activities = await self._observe(kernel_ids)
         servers: list[ServerRef] = []

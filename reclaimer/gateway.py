@@ -9,6 +9,7 @@ are read with a size cap; every request has a connect and total timeout; concurr
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import math
 import os
@@ -100,6 +101,11 @@ def parse_last_activity(value: object) -> datetime | None:
         return None
 
 
+def _skew(answer: HttpAnswer, received_at: float) -> float | None:
+    """The gateway's clock minus ours when its answer arrived (invariant 19); None without a Date header."""
+    return None if answer.date is None else answer.date - received_at
+
+
 class BadAnswer(Exception):
     """A gateway's answer that cannot be trusted as a whole (not a kernel model, not a listing)."""
 
@@ -108,7 +114,26 @@ def _type_name(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def parse_kernel_model(model: object, gateway: str, observed_at: float) -> KernelActivity:
+def http_date(value: str | None) -> float | None:
+    """An HTTP ``Date`` header (RFC 9110 IMF-fixdate, always GMT) as POSIX seconds; None when absent or unparsable."""
+    if not value or len(value) > 64:
+        return None
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)  # RFC 850 / asctime forms are GMT too
+    return moment.timestamp()
+
+
+def _has_zone(value: object) -> bool:
+    m = _TIMESTAMP_RE.fullmatch(value.strip()) if isinstance(value, str) else None
+    return m is not None and (m.group(8) is not None or m.group(9) is not None)
+
+
+def parse_kernel_model(model: object, gateway: str, observed_at: float,
+                       clock_skew: float | None = None) -> KernelActivity:
     """One kernel model (``{"id", "name", "execution_state", "last_activity", "connections"}``) as an activity.
 
     Raises BadAnswer when it is not an object with a canonical ``id`` (there is no kernel to attach an error to).
@@ -132,6 +157,9 @@ def parse_kernel_model(model: object, gateway: str, observed_at: float) -> Kerne
     last_activity = parse_last_activity(raw_activity)
     if last_activity is None:
         problems.append("'last_activity' missing" if raw_activity is None else "'last_activity' is not a timestamp")
+    elif not _has_zone(raw_activity):
+        # Invariant 19: naive local time west of UTC would make the kernel look idle for hours longer than it is.
+        problems.append("'last_activity' has no time zone (local time could shorten the idle window)")
     connections = model.get("connections")
     if connections is not None and (type(connections) is not int or connections < 0):
         problems.append(f"'connections' must be a non-negative integer, got {_type_name(connections)}")
@@ -145,15 +173,17 @@ def parse_kernel_model(model: object, gateway: str, observed_at: float) -> Kerne
         last_activity=last_activity,
         connections=connections,
         error="; ".join(problems) or None,
+        clock_skew=clock_skew,
     )
 
 
-def parse_kernel_listing(body: object, gateway: str, observed_at: float) -> list[KernelActivity]:
+def parse_kernel_listing(body: object, gateway: str, observed_at: float,
+                         clock_skew: float | None = None) -> list[KernelActivity]:
     """A ``GET /api/kernels`` body as activities. Raises BadAnswer unless it is a list of kernel objects with
     distinct canonical ids: a garbled listing is unknown as a whole, never "no kernels"."""
     if not isinstance(body, list):
         raise BadAnswer(f"expected a list of kernels, got {_type_name(body)}")
-    out = [parse_kernel_model(item, gateway, observed_at) for item in body]
+    out = [parse_kernel_model(item, gateway, observed_at, clock_skew) for item in body]
     if len({a.kernel_id for a in out}) != len(out):
         raise BadAnswer("listing names the same kernel twice")
     return out
@@ -317,6 +347,7 @@ class HttpAnswer:
     status: int | None
     body: Any = None
     error: str | None = None
+    date: float | None = None  # the answer's HTTP Date header (POSIX seconds); None: absent or unparsable
 
     @property
     def message(self) -> str:
@@ -513,7 +544,7 @@ class RestEndpoint:
             if "html" in (resp.content_type or ""):
                 return HttpAnswer(status, error=f"answered an HTML page, not JSON (HTTP {status})")
             return HttpAnswer(status, error=f"answer is not valid JSON (HTTP {status})")
-        return HttpAnswer(status, body)
+        return HttpAnswer(status, body, date=http_date(resp.headers.get("Date")))
 
     async def close(self) -> None:
         if self._session is not None and not self._session.closed:
@@ -624,7 +655,7 @@ class GatewayClient:
             self._mark(False, answer.error)
             return KernelLookup(self.unknown_activity(kernel_id, answer.error), unreachable=answer.status is None)
         try:
-            activity = parse_kernel_model(answer.body, self.name, now)
+            activity = parse_kernel_model(answer.body, self.name, now, _skew(answer, now))
         except BadAnswer as exc:
             self._mark(False, str(exc))
             return KernelLookup(self.unknown_activity(kernel_id, str(exc)))
@@ -648,7 +679,8 @@ class GatewayClient:
             self._mark(False, answer.error)
             return KernelListing(None, answer.error)
         try:
-            kernels = parse_kernel_listing(answer.body, self.name, self._clock())
+            now = self._clock()
+            kernels = parse_kernel_listing(answer.body, self.name, now, _skew(answer, now))
         except BadAnswer as exc:
             self._mark(False, str(exc))
             return KernelListing(None, str(exc))

@@ -233,6 +233,9 @@ class KernelActivity:
     last_activity: datetime | None = None  # timezone-aware UTC
     connections: int | None = None
     error: str | None = None
+    # Invariant 19: the gateway's clock minus ours (its HTTP Date header against our clock when the answer came);
+    # None: not known (no Date header).
+    clock_skew: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

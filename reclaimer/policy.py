@@ -713,12 +713,23 @@ def _activity_problem(c: Candidate, settings: Settings, now: float) -> str | Non
     age = now - a.observed_at
     if not math.isfinite(age) or age > STALE_FACTOR * settings.decide_interval:
         return f"kernel activity stale (observed {_dur(age)} ago)"
+    skew_limit = settings.limits.max_clock_skew
+    if a.clock_skew is not None and not abs(a.clock_skew) <= skew_limit:  # invariant 19 (NaN fails too)
+        direction = "ahead of" if a.clock_skew > 0 else "behind"
+        return (f"gateway {a.gateway} clock is {_dur(abs(a.clock_skew))} {direction} ours (its Date header; "
+                f"limits.max_clock_skew {format_duration(skew_limit)}): its last_activity cannot be trusted")
     if a.execution_state is None:
         return "kernel execution_state unknown"
     if a.last_activity is None:
         return "kernel last_activity unknown"
     if not isinstance(a.last_activity, datetime):
         return f"kernel last_activity unparsable ({_quote(a.last_activity)})"
+    if a.last_activity.tzinfo is None:
+        return "kernel last_activity has no time zone (local time could shorten the idle window)"
+    ahead = a.last_activity.timestamp() - now
+    if ahead > skew_limit:
+        return (f"kernel last_activity is {_dur(ahead)} in the future (the gateway writes local time or its clock "
+                f"is off)")
     return None
 
 

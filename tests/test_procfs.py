@@ -331,7 +331,7 @@ def test_read_process_rejects_invalid_pids(fake: FakeProc, pid: object) -> None:
 
 
 def test_in_initial_pid_namespace(fake: FakeProc) -> None:
-    fake.root.mkdir(parents=True)
+    fake.root.mkdir(parents=True, exist_ok=True)
     assert procfs.in_initial_pid_namespace(fake.root) is None
     fake.set_pid_namespace("pid:[4026532555]")
     assert procfs.in_initial_pid_namespace(fake.root) is False

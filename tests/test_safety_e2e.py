@@ -68,7 +68,7 @@ async def world(gateway: KernelGatewayProcess, fake_nvml: FakeNvml, tmp_path: Pa
         kube.stop()
 
 
-def settings_for(w: World, tmp_path: Path, *, extra: str = "") -> Settings:
+def settings_for(w: World, tmp_path: Path, *, extra: str = "", gateway_url: str | None = None) -> Settings:
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(w.kube.kubeconfig())
     return parse_settings(f"""
@@ -79,7 +79,7 @@ sample_interval: 200ms
 decide_interval: 500ms
 gpu: {{backend: nvml, library_path: "{w.fake_nvml.lib_path}"}}
 gateways:
-  - {{name: kg, url: "{w.kg.url}", kind: kernel-gateway, token_env: {TOKEN_ENV}, timeout: 2s}}
+  - {{name: kg, url: "{gateway_url or w.kg.url}", kind: kernel-gateway, token_env: {TOKEN_ENV}, timeout: 2s}}
 kubernetes: {{enabled: true, kubeconfig: "{kubeconfig}", pod_resources_socket: "{w.kubelet.socket_path}",
               resync_interval: 1s, timeout: 2s}}
 policies:
@@ -278,3 +278,55 @@ async def test_invariant_6_e2e_blocked_or_gone_arms_the_cooldown(world: World, t
     assert after and all(d.verdict is Verdict.WARN and d.reason.startswith("cooldown: acted ") for d in after), \
         [d.reason for d in after]
     assert len(w.kube.evictions) == 1
+
+
+# --------------------------------------------------------------------------- invariant 19
+
+
+async def test_invariant_19_e2e_a_gateway_clock_behind_ours_vouches_for_nothing(world: World, tmp_path: Path) -> None:
+    """The Kernel Gateway answers through a proxy that stamps its answers 10 minutes behind our clock (so its
+    last_activity would look 10 minutes older than it is): the kernel is unknown, with the reason, and never shut
+    down. Positive control: once the gateway's clock agrees again, the kernel is warned and shut down."""
+    import email.utils
+
+    from aiohttp import web
+
+    from tests.support.recording_proxy import RecordingProxy
+
+    class SkewedProxy(RecordingProxy):
+        skew = -600.0
+
+        async def handle(self, request: web.Request) -> web.StreamResponse:
+            resp = await super().handle(request)
+            resp.headers["Date"] = email.utils.formatdate(time.time() + self.skew, usegmt=True)
+            return resp
+
+    w = world
+    proxy = SkewedProxy(w.kg.url)
+    runner = web.AppRunner(proxy.app())
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    gpus = [FakeGpu(uuid=gpu_uuid(i), util=0) for i in range(4)]
+    w.fake_nvml.write(gpus=gpus, processes=[FakeProcess(pid=w.pid, gpu=0, memory=GIB)])
+    key = f"kernel:{w.kernel}"
+    fixed: list[float] = []
+
+    def on_cycle(snap: CycleSnapshot, results: list[ActionResult]) -> None:
+        if not fixed and snap.generated_at - snap.sampler.started_at > IDLE_AFTER + WARN_BEFORE + 2:
+            fixed.append(time.time())
+            proxy.skew = 0.0
+        if any(r.result == "success" and r.decision.candidate.key == key for r in results):
+            w.fake_nvml.write(gpus=gpus, processes=[])
+
+    try:
+        await drive(w, settings_for(w, tmp_path, gateway_url=f"http://127.0.0.1:{port}"),
+                    lambda: any(r.result == "success" for _, r in w.results(key)), timeout=90, on_cycle=on_cycle)
+    finally:
+        await runner.cleanup()
+    skewed = [d for t, d in w.decisions(key) if t < fixed[0]]
+    assert skewed and {d.verdict for d in skewed} == {Verdict.UNKNOWN}
+    assert any(d.reason.startswith("gateway kg clock is 10m behind ours (its Date header") for d in skewed), \
+        {d.reason for d in skewed}
+    (acted_at, _), = [(t, r) for t, r in w.results(key) if r.result == "success"]
+    assert acted_at > fixed[0]

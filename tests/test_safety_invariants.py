@@ -469,3 +469,107 @@ def test_invariant_16_join_carries_the_listing_time_to_pod_bound_candidates_only
                   allocations=alloc, activities={}, pods_listed_at=NOW - 7)
     listed = {c.key: c.pod_listed_at for c in joined.candidates}
     assert listed == {f"kernel:{KID}": NOW - 7, f"kernel:{KID2}": None, f"pod:{other.uid}": NOW - 7}
+
+
+# --------------------------------------------------------------------------- 19. clocks and identity
+
+
+@pytest.mark.parametrize(
+    "skew, limit, last_ahead, verdict, reason",
+    [
+        pytest.param(None, None, None, Verdict.RECLAIM, "shutdown-kernel in 0s", id="no-date-header"),
+        pytest.param(-0.8, None, None, Verdict.RECLAIM, "shutdown-kernel in 0s", id="date-header-second-resolution"),
+        pytest.param(59.0, None, None, Verdict.RECLAIM, "shutdown-kernel in 0s", id="within-tolerance"),
+        pytest.param(-120.0, None, None, Verdict.UNKNOWN, "gateway eg clock is 2m behind ours (its Date header; "
+                     "limits.max_clock_skew 1m): its last_activity cannot be trusted", id="gateway-clock-behind"),
+        pytest.param(3600.0, None, None, Verdict.UNKNOWN, "gateway eg clock is 1h ahead of ours",
+                     id="gateway-clock-ahead"),
+        pytest.param(float("nan"), None, None, Verdict.UNKNOWN, "clock is", id="skew-not-a-number"),
+        pytest.param(-120.0, "5m", None, Verdict.RECLAIM, "shutdown-kernel in 0s", id="configured-tolerance"),
+        pytest.param(None, None, 120.0, Verdict.UNKNOWN, "kernel last_activity is 2m in the future (the gateway writes "
+                     "local time or its clock is off)", id="last-activity-in-the-future"),
+        pytest.param(None, None, 30.0, Verdict.KEEP, "kernel idle since", id="last-activity-just-ahead-is-not-idle"),
+    ],
+)
+def test_invariant_19_clock_skew_is_unknown(skew: float | None, limit: str | None, last_ahead: float | None,
+                                            verdict: Verdict, reason: str) -> None:
+    act = dataclasses.replace(activity(), clock_skew=skew)
+    if last_ahead is not None:
+        act = dataclasses.replace(act, last_activity=utc(NOW + last_ahead))
+    limits = dict(NO_LIMITS, **({"max_clock_skew": limit} if limit else {}))
+    [d] = decide([kernel(act=act)], snapshot(), make_settings(limits=limits), NOW, WARNED)
+    assert d.verdict is verdict, d.reason
+    assert reason in d.reason, d.reason
+
+
+@pytest.mark.parametrize(
+    "raw, error",
+    [
+        pytest.param("2026-11-23T19:13:42.25Z", None, id="utc"),
+        pytest.param("2026-11-23T19:13:42+02:00", None, id="offset"),
+        pytest.param("2026-11-23T19:13:42.25", "'last_activity' has no time zone (local time could shorten the idle "
+                     "window)", id="naive-local-time"),
+    ],
+)
+def test_invariant_19_naive_last_activity_is_unknown(raw: str, error: str | None) -> None:
+    from reclaimer.gateway import parse_kernel_model
+
+    a = parse_kernel_model({"id": KID, "name": "python3", "execution_state": "idle", "last_activity": raw,
+                            "connections": 0}, "eg", NOW, clock_skew=-0.5)
+    assert a.error == error and a.clock_skew == -0.5
+
+
+async def test_invariant_19_gateway_date_header_gives_the_skew(aiohttp_server) -> None:
+    """A real GatewayClient against a gateway whose Date header is 10 minutes ahead of our clock."""
+    import email.utils
+    import time as _time
+
+    from aiohttp import web
+
+    from reclaimer.config import GatewaySettings
+    from reclaimer.gateway import GatewayClient
+
+    async def kernel_model(request: web.Request) -> web.Response:
+        body = {"id": KID, "name": "python3", "execution_state": "idle", "last_activity": "2026-01-01T00:00:00Z",
+                "connections": 0}
+        return web.json_response(body, headers={"Date": email.utils.formatdate(_time.time() + 600, usegmt=True)})
+
+    app = web.Application()
+    app.router.add_get("/api/kernels/{id}", kernel_model)
+    server = await aiohttp_server(app)
+    client = GatewayClient(GatewaySettings(name="skewed", url=str(server.make_url("")), timeout=2))
+    try:
+        a = await client.get_kernel(KID)
+    finally:
+        await client.close()
+    assert a.error is None and a.clock_skew is not None and 597 <= a.clock_skew <= 601
+
+
+@pytest.mark.parametrize(
+    "listed_ago, attributed",
+    [
+        pytest.param(60.0, False, id="started-after-the-sample-listed-its-pid"),
+        pytest.param(40.0, True, id="started-before-the-sample"),
+        pytest.param(50.02, True, id="within-the-clock-resolution"),
+    ],
+)
+def test_invariant_19_a_reused_pid_is_not_the_process_listed(tmp_path, listed_ago: float, attributed: bool) -> None:
+    """The process now at the pid started 50 s ago (boot 1000 s ago + 950 s of ticks); the GPU sample listing the pid
+    was taken ``listed_ago`` seconds ago."""
+    from reclaimer.attribution import Attributor
+    from tests.support.procfs_fixtures import FakeProc, kernel_cmdline
+
+    fake = FakeProc(tmp_path / "proc")
+    fake.host_init()
+    fake.set_uptime(1000.0)
+    fake.add(200, ppid=1, cmdline=kernel_cmdline(KID), starttime=95_000)  # CLK_TCK 100: 950 s after boot
+    t = NOW
+    (p,) = Attributor(fake.root, clock=lambda: t).attribute([(UUID0, ProcessSample(200, GIB))],
+                                                            listed_at={UUID0: t - listed_ago})
+    assert p.started_at == pytest.approx(t - 50.0)
+    if attributed:
+        assert (p.kernel_id, p.reason) == (KID, "")
+    else:
+        assert p.kernel_id is None
+        assert p.reason == ("pid 200 was reused: the process there now started at 22:12:30.00 UTC, after the GPU "
+                            "sample of 22:12:20.00 UTC listed that pid")

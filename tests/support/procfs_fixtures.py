@@ -56,6 +56,15 @@ class FakeProc:
     root: Path
     pids: set[int] = field(default_factory=set)
 
+    def __post_init__(self) -> None:
+        # A machine up for ~11.6 days: process start times (boot time + starttime ticks) lie in the past.
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.set_uptime(1_000_000.0)
+
+    def set_uptime(self, seconds: float) -> None:
+        """``/proc/uptime``: with the clock, it dates each process's start (pid reuse is checked against it)."""
+        (self.root / "uptime").write_text(f"{seconds:.2f} 0.00\n")
+
     def add(
         self,
         pid: int,
