@@ -225,7 +225,8 @@ class LiveExecutor:
                         out.append(self._record(d, "skipped", f"re-check failed: {exc}"))
                         continue
                     if fresh.verdict is not Verdict.RECLAIM:
-                        out.append(self._record(d, "skipped", f"re-check: {fresh.reason}"))
+                        reason = fresh.reason if fresh.reason.startswith("re-check:") else f"re-check: {fresh.reason}"
+                        out.append(self._record(d, "skipped", reason))
                         continue
                 out.append(await self._act(d))
         return out
@@ -322,10 +323,10 @@ class LiveExecutor:
 
     async def _stop_server(self, d: Decision) -> tuple[str, str] | ActionResult:
         c = d.candidate
-        user = (c.server.user if c.server else None) or c.user
-        if self.servers is None or not user:
-            return self._record(d, "skipped", "no JupyterHub server known for this candidate")
-        return await self.servers.stop_server(user, c.server.server_name if c.server else "")
+        # Only the server the hub listed: never the user's default server as a fallback (invariant 13).
+        if self.servers is None or c.server is None or not c.server.user:
+            return self._record(d, "skipped", "no JupyterHub server listed for this candidate")
+        return await self.servers.stop_server(c.server.user, c.server.server_name)
 
     async def _evict_pod(self, d: Decision) -> tuple[str, str] | ActionResult:
         c = d.candidate

@@ -20,6 +20,12 @@ from reclaimer.model import (
 )
 
 
+# How Candidate.target_source starts, by where the target's kernels were listed (the re-check lists them again there).
+SERVER_TARGET = "server "
+KERNEL_POD_TARGET = "kernel pod "
+GATEWAY_TARGET = "gateway "
+
+
 @dataclass(frozen=True, slots=True)
 class JoinResult:
     candidates: tuple[Candidate, ...]
@@ -82,22 +88,29 @@ def join(
     pods_by_uid: Mapping[str, PodInfo],
     allocations: Sequence[PodGpuAllocation] | None,
     activities: Mapping[str, KernelActivity],
-    servers: Sequence[ServerRef] = (),
+    servers: Sequence[ServerRef] | None = (),
     kernel_servers: Mapping[str, ServerRef] | None = None,
     server_name_annotation: str = "hub.jupyter.org/servername",
+    server_kernels: Mapping[tuple[str, str], Sequence[KernelActivity] | None] | None = None,
+    gateway_kernels: Mapping[str, tuple[Sequence[KernelActivity] | None, str | None]] | None = None,
     kernel_pods: Mapping[str, str] | None = None,
     first_seen: Mapping[str, Mapping[int, float]] | None = None,
     allocation_seen: Mapping[str, float] | None = None,
     pods_listed_at: float | None = None,
+    hub_error: str | None = None,
 ) -> JoinResult:
     """Group GPU processes by kernel; add pods that hold allocated GPUs with no process on them.
 
     ``allocations`` None means the kubelet could not be asked: then no pod candidate is made (unknown is never idle).
+    ``servers`` None means the hub's listing failed or was partial (``hub_error`` says how): unknown, not empty.
     ``kernel_servers``: the JupyterHub server found holding a kernel (plain hosts, where no pod names it).
     ``kernel_pods``: pod uid -> the kernel id its kernel-id label names (the pod is that kernel's own pod).
     ``first_seen`` (the sampler's, per GPU: pid -> first sample of its presence) and ``allocation_seen`` (pod uid ->
     when the daemon first saw its allocation) give each candidate its ``held_since`` (invariant 10).
     ``pods_listed_at``: when ``pods_by_uid`` was listed; carried by every candidate with a pod (invariant 16).
+    The whole target of each candidate (``Candidate.target_kernels``) comes from ``server_kernels`` (by (user,
+    server name); None: the server's kernels could not be read), the kernel itself for a kernel pod
+    (``kernel_pods``: pod uid -> kernel id label), or ``gateway_kernels`` (by gateway name: (kernels, error)).
     """
     by_kernel: dict[str, list[AttributedProcess]] = {}
     unattributed: list[AttributedProcess] = []
@@ -122,6 +135,14 @@ def join(
             if a.shared:
                 shared.add(pod.uid)
 
+    listed = servers if servers is not None else ()
+    server_problem = None if servers is not None else (
+        f"the hub's server list is unknown this cycle ({hub_error or 'failed or partial'})")
+
+    def target(kid: str | None, pod: PodInfo | None, server: ServerRef | None,
+               activity: KernelActivity | None) -> dict[str, object]:
+        return _target(kid, pod, server, activity, server_kernels or {}, gateway_kernels or {}, kernel_pods or {})
+
     candidates: list[Candidate] = []
     for kid, procs in by_kernel.items():
         pod_uids = {p.pod_uid for p in procs if p.pod_uid}
@@ -129,7 +150,7 @@ def join(
         pod = pods_by_uid.get(next(iter(pod_uids))) if len(pod_uids) == 1 else None
         activity = activities.get(kid)
         # A server located for this kernel (with its direct address) first; it is the one the pod names, if any.
-        server = (kernel_servers or {}).get(kid) or server_for_pod(pod, servers, server_name_annotation)
+        server = (kernel_servers or {}).get(kid) or server_for_pod(pod, listed, server_name_annotation)
         gpus = tuple(sorted({p.gpu_uuid for p in procs}))
         candidates.append(
             Candidate(
@@ -148,6 +169,8 @@ def join(
                 shared_gpu=bool(pod and pod.uid in shared),
                 kernel_pod=bool(pod and (kernel_pods or {}).get(pod.uid) == kid),
                 held_since=_kernel_held_since(procs, first_seen),
+                server_error=server_problem if server is None and (pod is None or pod.user) else None,
+                **target(kid, pod, server, activity),  # type: ignore[arg-type]
             )
         )
 
@@ -156,7 +179,7 @@ def join(
             if uid in busy_pods:
                 continue
             pod = pods_by_uid[uid]
-            server = server_for_pod(pod, servers, server_name_annotation)
+            server = server_for_pod(pod, listed, server_name_annotation)
             candidates.append(
                 Candidate(
                     key=pod_key(uid),
@@ -170,6 +193,8 @@ def join(
                     # kernel's own pod, which only its gateway may end.
                     kernel_pod=uid in (kernel_pods or {}),
                     held_since=_pod_held_since(pod, (allocation_seen or {}).get(uid)),
+                    server_error=server_problem if server is None and pod.user else None,
+                    **target(None, pod, server, None),  # type: ignore[arg-type]
                 )
             )
 
@@ -199,3 +224,40 @@ def _pod_held_since(pod: PodInfo, allocation_seen: float | None) -> float | None
     if allocation_seen is None:
         return None
     return max(allocation_seen, pod.started_at) if pod.started_at is not None else allocation_seen
+
+
+def _target(
+    kid: str | None,
+    pod: PodInfo | None,
+    server: ServerRef | None,
+    activity: KernelActivity | None,
+    server_kernels: Mapping[tuple[str, str], Sequence[KernelActivity] | None],
+    gateway_kernels: Mapping[str, tuple[Sequence[KernelActivity] | None, str | None]],
+    kernel_pods: Mapping[str, str],
+) -> dict[str, object]:
+    """Every kernel that stopping the candidate's server or evicting its pod would end (Candidate.target_*)."""
+    if server is not None:
+        source = f"{SERVER_TARGET}{server.label}"
+        key = (server.user, server.server_name)
+        if key not in server_kernels:
+            return {"target_source": source, "target_error": "its kernels were not listed this cycle"}
+        listing = server_kernels[key]
+        if listing is None:
+            return {"target_source": source, "target_error": "its kernel list could not be read"}
+        return {"target_source": source, "target_kernels": tuple(listing)}
+    if pod is not None and kid is not None and kernel_pods.get(pod.uid) == kid:
+        # A kernel pod (Enterprise Gateway, elastic-jupyter-operator) runs that one kernel and nothing else.
+        source = f"{KERNEL_POD_TARGET}{pod.namespace}/{pod.name}"
+        if activity is None or activity.error is not None:
+            return {"target_source": source, "target_error": "its kernel's state is unknown"}
+        return {"target_source": source, "target_kernels": (activity,)}
+    gateway = activity.gateway if activity is not None and activity.error is None else None
+    if pod is not None and kid is not None and gateway is not None and gateway in gateway_kernels:
+        # A server in a pod configured as a gateway: whatever that gateway lists may run in the pod.
+        listing, error = gateway_kernels[gateway]
+        source = f"{GATEWAY_TARGET}{gateway}"
+        if listing is None:
+            return {"target_source": source, "target_error": f"the gateway does not list its kernels ({error})"}
+        return {"target_source": source, "target_kernels": tuple(listing)}
+    what = f"pod {pod.namespace}/{pod.name}" if pod is not None else "this candidate"
+    return {"target_source": what, "target_error": "no JupyterHub server, kernel pod or gateway listing names its kernels"}

@@ -240,6 +240,9 @@ class PolicySettings(_Strict):
     idle_after: Duration = 1800.0
     warn_before: Duration = 300.0
     action: Literal["auto", "shutdown-kernel", "stop-server", "evict-pod", "stop-notebook", "none"] = "shutdown-kernel"
+    # A pod holding an allocated GPU with no process and no kernel or server to vouch that it is unused is acted on
+    # only when a policy opts in: its idle GPU says nothing about the CPU work the pod may be doing.
+    reclaim_bare_allocations: bool = False
 
     @model_validator(mode="after")
     def _warn_inside_window(self) -> PolicySettings:

@@ -30,6 +30,7 @@ from reclaimer.hub import locate_servers
 from reclaimer.gateway import claimed_by_a_gateway
 from reclaimer.kubeflow import KUBEFLOW_GATEWAY
 from reclaimer.model import (
+    ActionKind,
     ActionResult,
     AttributedProcess,
     Candidate,
@@ -97,6 +98,7 @@ class Daemon:
     _kube_ok: bool | None = None
     _podres_ok: bool | None = None
     _hub_ok: bool | None = None
+    _hub_error: str | None = None  # why the hub listing is unknown this cycle (None: listed, or not asked)
     # One thread per blocking stage: a /proc read or API call that never returns stalls its stage, nothing else.
     _stages: dict[str, StageWorker] = field(default_factory=dict)
     _allocation_seen: dict[str, float] = field(default_factory=dict)  # pod uid -> first cycle that saw its allocation
@@ -233,10 +235,12 @@ class Daemon:
             log.warning("pod-resources unavailable", error=_describe(exc))
             return None
 
-    async def _servers(self, wanted: bool, missing: frozenset[tuple[str, str]] = frozenset()) -> list[ServerRef]:
+    async def _servers(self, wanted: bool,
+                       missing: frozenset[tuple[str, str]] = frozenset()) -> list[ServerRef] | None:
         """The hub's user servers, asked only when a candidate needs them, from a listing at most ``hub.cache_ttl``
         old; a server a candidate names that the cached listing lacks makes one fresh listing (at most one per decide
-        interval). A failed listing leaves no cache: unknown, never "no servers"."""
+        interval). A failed or partial listing leaves no cache and is None: unknown, never "no servers"
+        (``_hub_error`` says why). Each server keeps the time it was listed (``listed_at``)."""
         hub = self.adapters.hub
         if hub is None or not wanted:
             return []
@@ -250,13 +254,15 @@ class Daemon:
         try:
             servers = await asyncio.wait_for(hub.list_servers(), self._call_timeout())
             self._hub_ok = servers is not None
+            self._hub_error = None if servers is not None else "the hub did not answer every page usably"
         except Exception as exc:
             self._hub_ok = False
             servers = None
+            self._hub_error = f"hub listing failed: {type(exc).__name__}"
             log.warning("hub unavailable", error=_describe(exc, "hub server list", self._call_timeout()))
         if servers is None or len(servers) > MAX_CACHED_SERVERS:
             self._hub_servers, self._hub_listed_at = None, None
-            return list(servers or [])
+            return None if servers is None else list(servers)
         self._hub_servers, self._hub_listed_at = list(servers), now
         return list(servers)
 
@@ -285,13 +291,25 @@ class Daemon:
             log.warning("gateway observation failed", error=error, kernels=len(kernel_ids))
             return {k: KernelActivity(k, "", now, error=error) for k in kernel_ids}
 
+    async def _server_kernels(self, server: ServerRef) -> list[KernelActivity] | None:
+        """Every kernel of one user server (through the hub); None when it could not be listed."""
+        assert self.adapters.hub is not None
+        try:
+            got = await asyncio.wait_for(self.adapters.hub.server_kernels(server), self._call_timeout())
+            return list(got) if got is not None else None
+        except Exception as exc:
+            log.warning("hub kernel listing failed", user=server.user, server_name=server.server_name,
+                        error=_describe(exc, "hub kernel listing", self._call_timeout()))
+            return None
+
     async def _hub_kernels(self, result: join_mod.JoinResult, activities: dict[str, KernelActivity],
-                           servers: list[ServerRef]) -> dict[str, ServerRef]:
+                           servers: list[ServerRef],
+                           listings: dict[tuple[str, str], list[KernelActivity] | None]) -> dict[str, ServerRef]:
         """Kernels of JupyterHub user servers are observed in their server when no configured gateway knows them.
 
         Each kernel's server is located exactly (``hub.locate_servers``) and listed directly with a token that opens only
         that server. Returns the server of each kernel found (with its direct address), and puts its activity into
-        ``activities``.
+        ``activities``; every listing made lands in ``listings`` (the whole target of a stop-server / evict-pod).
         """
         hub = self.adapters.hub
         missing = [c for c in result.candidates
@@ -307,17 +325,13 @@ class Daemon:
             return {}
         wanted = {(s.user, s.server_name, s.origin): s for s in located.values()}
 
-        async def listed(server: ServerRef) -> tuple[ServerRef, list[KernelActivity]]:
-            try:
-                return server, list(await asyncio.wait_for(hub.server_kernels(server), self._call_timeout()) or ())
-            except Exception as exc:
-                log.warning("server kernel listing failed", user=server.user,
-                            error=_describe(exc, "server kernel listing", self._call_timeout()))
-                return server, []
+        async def listed(server: ServerRef) -> tuple[ServerRef, list[KernelActivity] | None]:
+            return server, await self._server_kernels(server)
 
         found: dict[str, ServerRef] = {}
         for server, kernels in await asyncio.gather(*(listed(s) for s in wanted.values())):
-            for ka in kernels:
+            listings[(server.user, server.server_name)] = kernels
+            for ka in kernels or ():
                 if located.get(ka.kernel_id) == server:
                     activities[ka.kernel_id] = ka
                     found[ka.kernel_id] = server
@@ -341,6 +355,49 @@ class Daemon:
             return [AttributedProcess(pid=p.pid, starttime=None, gpu_uuid=uuid, used_memory_bytes=p.used_memory_bytes,
                                       sm_utilization=p.sm_utilization, reason=reason) for uuid, p in procs]
 
+    async def _list_targets(
+        self,
+        result: join_mod.JoinResult,
+        samp: SamplerSnapshot,
+        pod_kernel_ids: Mapping[str, str],
+        server_lists: dict[tuple[str, str], list[KernelActivity] | None],
+        gateway_lists: dict[str, tuple[list[KernelActivity] | None, str | None]],
+    ) -> bool:
+        """List the whole target (every kernel) of each candidate whose policy stops its server or evicts its pod:
+        the server's kernels through the hub, or the listing of the gateway that serves the pod's kernels. Returns
+        whether anything new was listed."""
+        models = {d.uuid: d.model for d in samp.devices}
+        servers: dict[tuple[str, str], ServerRef] = {}
+        gateways: set[str] = set()
+        for c in result.candidates:
+            chosen = policy.select_policy(c, self.settings, models)
+            if chosen is None or chosen.action not in ("stop-server", "evict-pod", "auto"):
+                continue
+            if c.server is not None:
+                key = (c.server.user, c.server.server_name)
+                if key not in server_lists and self.adapters.hub is not None:
+                    servers[key] = c.server
+            elif c.pod is not None and c.kernel_id and pod_kernel_ids.get(c.pod.uid) != c.kernel_id:
+                gw = c.activity.gateway if c.activity is not None and c.activity.error is None else None
+                if gw and gw not in gateway_lists and self.adapters.gateways is not None:
+                    gateways.add(gw)
+        if not servers and not gateways:
+            return False
+
+        async def server_listing(key: tuple[str, str], server: ServerRef) -> None:
+            server_lists[key] = await self._server_kernels(server)
+
+        async def gateway_listing(name: str) -> None:
+            try:
+                got = await asyncio.wait_for(self.adapters.gateways.listing(name), self._call_timeout())
+                gateway_lists[name] = (got.kernels, got.error)
+            except Exception as exc:
+                gateway_lists[name] = (None, f"listing failed: {type(exc).__name__}")
+
+        await asyncio.gather(*(server_listing(k, v) for k, v in servers.items()),
+                             *(gateway_listing(g) for g in sorted(gateways)))
+        return True
+
     async def cycle(self) -> tuple[CycleSnapshot, list[ActionResult]]:
         """One decide cycle over the samples held now. Never raises for a dependency's failure."""
         assert self.sampler is not None and self._attributor is not None and self.executor is not None
@@ -362,22 +419,26 @@ class Daemon:
         attributed = await self._attribute(procs, pod_kernel_ids, listed_at)
         kernel_ids = {p.kernel_id for p in attributed if p.kernel_id}
         activities = await self._observe(kernel_ids)
-        servers: list[ServerRef] = []
+        servers: list[ServerRef] | None = []
+        kernel_servers: dict[str, ServerRef] = {}
+        server_lists: dict[tuple[str, str], list[KernelActivity] | None] = {}
+        gateway_lists: dict[str, tuple[list[KernelActivity] | None, str | None]] = {}
 
         if allocations is not None:  # invariant 10: a pod holds its allocation from the first cycle that saw it
             held = join_mod.allocated_gpus_by_pod(pods_by_uid, allocations)
             self._allocation_seen = {uid: self._allocation_seen.get(uid, now) for uid in held}
 
-        def joined_with(kernel_servers: Mapping[str, ServerRef]) -> join_mod.JoinResult:
+        def joined_with() -> join_mod.JoinResult:
             return join_mod.join(
                 node=s.node_name, processes=attributed, pods_by_uid=pods_by_uid, allocations=allocations,
                 activities=activities, servers=servers, kernel_servers=kernel_servers,
-                server_name_annotation=s.kubernetes.server_name_annotation, kernel_pods=pod_kernel_ids,
-                first_seen=samp.first_seen, allocation_seen=self._allocation_seen,
+                server_name_annotation=s.kubernetes.server_name_annotation, server_kernels=server_lists,
+                gateway_kernels=gateway_lists, kernel_pods=pod_kernel_ids, first_seen=samp.first_seen,
+                allocation_seen=self._allocation_seen, hub_error=self._hub_error,
                 pods_listed_at=getattr(self.adapters.pods, "last_success_at", None),
             )
 
-        joined = joined_with({})
+        joined = joined_with()
         if self.adapters.hub is not None:
             # The hub is asked only for candidates that need it: a kernel no gateway could tell about, or a
             # candidate whose pod names a user (its server is part of what a decision covers).
@@ -387,11 +448,12 @@ class Daemon:
                               for c in joined.candidates if c.pod is not None and c.pod.user)
             if unobserved or named:
                 servers = await self._servers(True, named)
-                joined = joined_with({})
-            if unobserved:
-                found = await self._hub_kernels(joined, activities, servers)
-                if found:
-                    joined = joined_with(found)
+                joined = joined_with()
+            if unobserved and servers:
+                kernel_servers.update(await self._hub_kernels(joined, activities, servers, server_lists))
+                joined = joined_with()
+        if await self._list_targets(joined, samp, pod_kernel_ids, server_lists, gateway_lists):
+            joined = joined_with()
         joined = await self._notebooks(joined)
         observed_at = self.clock()
         planned = policy.plan(joined.candidates, samp, s, now, self._state)
@@ -469,25 +531,81 @@ class Daemon:
         return replace(joined, candidates=tuple(out))
 
     async def _recheck(self, d: Decision) -> Decision:
-        """Right before acting: fresh gateway view and the newest samples must still say reclaim."""
+        """Right before acting: fresh gateway view and the newest samples must still say reclaim. For a pod-bound
+        candidate the pod itself is read again (a GET, not the cached list: an exemption added after the warning
+        wins); for stop-server / evict-pod the server is asked of the hub again and every kernel of the target is
+        listed again."""
         assert self.sampler is not None
+        c = d.candidate
         fresh: KernelActivity | None = None
-        nb = d.candidate.notebook
+        notebook_kernel = False
+        nb = c.notebook
         if nb is not None and self.adapters.notebooks is not None:
             # The notebook server's kernels again: stop-notebook ends all of them; its own kernel may be seen there.
             ref = await self._notebook_ref(nb.namespace, nb.name)
-            d = replace(d, candidate=replace(d.candidate, notebook=ref))
-            if d.candidate.kernel_id is not None and d.candidate.gateway == KUBEFLOW_GATEWAY:
-                fresh = next((k for k in ref.kernels or () if k.kernel_id == d.candidate.kernel_id), None)
-                return policy.recheck(d, fresh, self.sampler.snapshot(), self.settings, self.clock())
-        if d.candidate.kernel_id is not None:
+            d = replace(d, candidate=replace(c, notebook=ref))
+            c = d.candidate
+            if c.kernel_id is not None and c.gateway == KUBEFLOW_GATEWAY:
+                fresh = next((k for k in ref.kernels or () if k.kernel_id == c.kernel_id), None)
+                notebook_kernel = True
+        if c.kernel_id is not None and not notebook_kernel:
             # Every gateway is asked again (not only the one cached): two answering for one id is unknown (inv. 14).
-            got = await self._observe({d.candidate.kernel_id}, confirm=True)
-            fresh = got.get(d.candidate.kernel_id)
-            if (fresh is None or fresh.error) and d.candidate.server is not None and self.adapters.hub is not None:
-                listed = await asyncio.wait_for(self.adapters.hub.server_kernels(d.candidate.server), self._call_timeout())
-                fresh = next((k for k in listed or () if k.kernel_id == d.candidate.kernel_id), fresh)
-        return policy.recheck(d, fresh, self.sampler.snapshot(), self.settings, self.clock())
+            got = await self._observe({c.kernel_id}, confirm=True)
+            fresh = got.get(c.kernel_id)
+            if (fresh is None or fresh.error) and c.server is not None and self.adapters.hub is not None:
+                listed = await asyncio.wait_for(self.adapters.hub.server_kernels(c.server), self._call_timeout())
+                fresh = next((k for k in listed or () if k.kernel_id == c.kernel_id), fresh)
+        refreshed, problem = await self._reread_target(d, fresh)
+        if problem is not None:
+            return policy.recheck_failed(d, problem)
+        return policy.recheck(d, fresh, self.sampler.snapshot(), self.settings, self.clock(), refreshed=refreshed)
+
+    async def _reread_target(self, d: Decision, fresh: KernelActivity | None) -> tuple[Candidate, str | None]:
+        """The candidate with its pod, server and whole target read again now; or the reason they cannot be."""
+        c = d.candidate
+        kube = self.adapters.kube
+        if c.pod is not None and kube is not None:
+            try:
+                pod = await self._to_thread(kube.get_pod, c.pod.namespace, c.pod.name, timeout=self._call_timeout())
+            except Exception as exc:
+                return c, f"cannot read pod {c.pod.namespace}/{c.pod.name} again ({exc})"
+            if pod is None:
+                return c, f"pod {c.pod.namespace}/{c.pod.name} is gone"
+            if pod.uid != c.pod.uid:
+                return c, f"pod {c.pod.namespace}/{c.pod.name} was replaced (uid {pod.uid}, planned for {c.pod.uid})"
+            c = replace(c, pod=pod)
+        if d.action not in (ActionKind.STOP_SERVER, ActionKind.EVICT_POD):
+            return c, None
+        hub = self.adapters.hub
+        if c.server is not None:
+            if hub is None:
+                return c, "no hub to ask for the server again"
+            try:
+                servers = await asyncio.wait_for(hub.user_servers(c.server.user), self._call_timeout())
+            except Exception as exc:
+                servers = None
+                log.warning("hub user lookup failed", user=c.server.user, error=str(exc))
+            if servers is None:
+                return c, f"cannot ask the hub for {c.server.user}'s servers again"
+            server = next((s for s in servers if s.server_name == c.server.server_name), None)
+            if server is None:
+                return c, f"the hub no longer lists server {c.server.label}"
+            kernels = await self._server_kernels(server)
+            return replace(c, server=server, target_kernels=tuple(kernels) if kernels is not None else None,
+                           target_error=None if kernels is not None else "its kernel list could not be read"), None
+        if c.target_source.startswith(join_mod.KERNEL_POD_TARGET):
+            return replace(c, target_kernels=(fresh,) if fresh is not None and fresh.error is None else None,
+                           target_error="its kernel's state is unknown"), None
+        if c.target_source.startswith(join_mod.GATEWAY_TARGET) and self.adapters.gateways is not None:
+            name = c.target_source.removeprefix(join_mod.GATEWAY_TARGET)
+            try:
+                got = await asyncio.wait_for(self.adapters.gateways.listing(name), self._call_timeout())
+                kernels, error = got.kernels, got.error
+            except Exception as exc:
+                kernels, error = None, f"listing failed: {type(exc).__name__}"
+            return replace(c, target_kernels=tuple(kernels) if kernels is not None else None,
+                           target_error=error), None
+        return c, None
 
     def _with_holds(self, decisions: Sequence[Decision], now: float) -> list[Decision]:
         """A reclaim the executor is backing off from says so in its reason (the report and the logs show it)."""

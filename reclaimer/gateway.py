@@ -935,6 +935,14 @@ class GatewayPool:
                 got[kid] = KernelLookup(client.unknown_activity(kid, late))
         return got
 
+    async def listing(self, name: str) -> KernelListing:
+        """Every kernel the gateway called ``name`` lists: the whole target of an evict-pod when the kernel's pod runs
+        that server (e.g. a Jupyter Server in a pod configured as a gateway). Unknown (kernels None) when refused."""
+        client = next((c for c in self.clients if c.name == name), None)
+        if client is None:
+            return KernelListing(None, f"no configured gateway named {name!r}")
+        return await client.listing()
+
     async def probe_quiet(self, older_than: float) -> None:
         """Probe each gateway not contacted for ``older_than`` seconds, concurrently (see ``GatewayClient.probe``)."""
         now = self._clock()

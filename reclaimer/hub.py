@@ -200,7 +200,8 @@ class HubClient:
                 return None
             try:
                 users, next_offset = _users_page(answer.body, offset)
-                servers += [s for user in users for s in _servers_of(user)]
+                listed_at = self._clock()
+                servers += [s for user in users for s in _servers_of(user, listed_at)]
             except BadAnswer as exc:
                 self._mark(False, str(exc))
                 return None
@@ -211,6 +212,31 @@ class HubClient:
             offset = next_offset
         self._mark(False, "too many pages")
         return None
+
+    async def user_servers(self, user: str) -> list[ServerRef] | None:
+        """The active servers of one user, asked now (``GET /hub/api/users/{name}``); None when unknown.
+
+        The re-check before stop-server / evict-pod reads this instead of trusting the cycle's listing.
+        """
+        try:
+            _check_name(user, "user name")
+        except ValueError as exc:
+            self._log.warning("user name refused; hub not asked", error=str(exc))
+            return None
+        answer = await self._api("GET", f"/hub/api/users/{quote(user, safe='')}", limit=LIST_BODY_LIMIT)
+        if answer.status == 404:
+            self._mark(True, None)
+            return []
+        if answer.error is not None:
+            self._mark(False, answer.error)
+            return None
+        try:
+            servers = _servers_of(answer.body, self._clock())
+        except BadAnswer as exc:
+            self._mark(False, str(exc))
+            return None
+        self._mark(True, None)
+        return servers  # the hub lists only active servers unless asked with include_stopped_servers
 
     async def stop_server(self, user: str, server_name: str = "") -> tuple[str, str]:
         """Stop a user's server (``""``: the default one): ("success" | "already-gone" | "failed", detail)."""
@@ -457,7 +483,7 @@ def _profile_of(model: dict[str, Any]) -> tuple[str | None, bool]:
     return None, False  # a profile we cannot read: which policy applies is unknown
 
 
-def _servers_of(user: Any) -> list[ServerRef]:
+def _servers_of(user: Any, listed_at: float | None = None) -> list[ServerRef]:
     if not isinstance(user, dict):
         raise BadAnswer(f"expected a user object, got {_type_name(user)}")
     name = user.get("name")
@@ -488,6 +514,7 @@ def _servers_of(user: Any) -> list[ServerRef]:
             profile=profile,
             options_known=options_known,
             pid=pid if type(pid) is int and pid > 0 else None,
+            listed_at=listed_at,
         ))
     return out
 

@@ -265,6 +265,12 @@ class ServerRef:
     options_known: bool = False  # whether the hub showed the server's user_options (so ``profile`` None means none)
     pid: int | None = None  # the server process (LocalProcessSpawner state; needs admin:server_state)
     origin: str | None = None  # where the daemon reaches it directly (http://<pod IP or loopback>:<port>), not the proxy
+    listed_at: float | None = None  # when the hub listed it (stop-server needs this cycle's listing)
+
+    @property
+    def label(self) -> str:
+        """``alice`` (default server) or ``alice/gpu``, as reasons name it."""
+        return f"{self.user}/{self.server_name}" if self.server_name else self.user
 
 
 # --------------------------------------------------------------------------- policy input / output
@@ -297,6 +303,12 @@ class Candidate:
     unattributed: tuple[AttributedProcess, ...] = ()
     # Invariant 16: when the pod data the candidate carries was listed (POSIX seconds); None: unknown.
     pod_listed_at: float | None = None
+    # The whole target of stop-server / evict-pod: every kernel of the candidate's server (or pod), as listed this
+    # cycle. None: they could not be listed (``target_error`` says why), and then those actions are unknown.
+    target_kernels: tuple[KernelActivity, ...] | None = None
+    target_source: str = ""  # who listed them: "server alice/gpu", "kernel pod team-a/nb-1", "gateway eg"
+    target_error: str | None = None
+    server_error: str | None = None  # why the candidate's JupyterHub server is unknown (e.g. the hub's list failed)
 
     @property
     def kernel_name(self) -> str | None:

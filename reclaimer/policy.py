@@ -276,15 +276,23 @@ def recheck(
     sampler: SamplerSnapshot,
     settings: Settings,
     now: float,
+    *,
+    refreshed: Candidate | None = None,
 ) -> Decision:
     """Re-evaluate a planned reclaim with the gateway's fresh answer and the newest samples, just before acting.
 
+    ``refreshed``: the candidate with its pod read again from the API server, its server asked of the hub again and
+    every kernel of its target listed again (stop-server / evict-pod); it must carry the same key.
     Returns ``decision`` itself only when it is still a reclaim with the same policy and action; otherwise a
     non-reclaim decision whose reason starts with ``re-check:``. A non-reclaim decision is returned unchanged.
     """
     if decision.verdict is not Verdict.RECLAIM:
         return decision
     candidate = decision.candidate
+    if refreshed is not None:
+        if refreshed.key != candidate.key:
+            return _unknown(candidate, decision.policy, f"re-check: got {refreshed.key}, not {candidate.key}")
+        candidate = refreshed
     if candidate.kernel_id is not None:
         if fresh is None:
             return _unknown(candidate, decision.policy, "re-check: no fresh answer from the gateway")
@@ -308,6 +316,11 @@ def recheck(
             None,
         )
     return replace(again, reason=f"re-check: {again.reason}")
+
+
+def recheck_failed(decision: Decision, problem: str) -> Decision:
+    """A planned reclaim whose target could not be read again right before acting: unknown, never acted on."""
+    return _unknown(decision.candidate, decision.policy, f"re-check: {problem}")
 
 
 # --------------------------------------------------------------------------- one candidate
@@ -369,7 +382,7 @@ def _evaluate(
     if problem is None:
         problem = _taint(c, sampler, policy, now)
     if problem is None and action is not ActionKind.NONE:
-        problem = _action_unknown(c, action)
+        problem = _action_unknown(c, action, settings)
     if problem is not None:
         return _unknown(c, policy.name, problem)
 
@@ -404,6 +417,14 @@ def _evaluate(
     not_ready = _pod_not_ready(c, action)
     if not_ready is not None:
         return Decision(c, Verdict.KEEP, action, f"{not_ready}; {detail}", policy.name, idle)
+    if action in (ActionKind.STOP_SERVER, ActionKind.EVICT_POD):
+        whole = _whole_target(c, action, policy, settings, now)
+        if whole.unknown is not None:
+            return _unknown(c, policy.name, whole.unknown)
+        if whole.keep is not None:
+            return Decision(c, Verdict.KEEP, action, f"{whole.keep}; {detail}", policy.name, idle)
+        if whole.idle is not None and whole.idle < idle:  # the rest of the target was active more recently
+            idle, detail = whole.idle, f"{whole.note}; {detail}"
     eta = max(0.0, policy.idle_after - idle)
     warning = ""
     if idle >= policy.idle_after - policy.warn_before:
@@ -733,10 +754,19 @@ def _activity_problem(c: Candidate, settings: Settings, now: float) -> str | Non
     return None
 
 
-def _action_unknown(c: Candidate, action: ActionKind) -> str | None:
-    """A fact the action needs and the candidate lacks, or None."""
-    if action is ActionKind.STOP_SERVER and c.server is None and not _users(c):
-        return "stop-server needs the user's server, but neither the server nor the user is known"
+def _action_unknown(c: Candidate, action: ActionKind, settings: Settings) -> str | None:
+    """A fact the action needs and the candidate lacks, or None. stop-server needs the exact server the hub lists
+    (never the user's default server as a fallback), and it must be the one the pod names."""
+    if action is ActionKind.STOP_SERVER and c.server is None:
+        if c.server_error is not None:
+            return f"stop-server needs the user's server as the hub lists it: {c.server_error}"
+        users = _users(c)
+        if not users:
+            return "stop-server needs the user's server, but neither the server nor the user is known"
+        wanted = _pod_server_name(c.pod, settings)
+        named = f"server {wanted!r}" if wanted else "default server"
+        return (f"stop-server needs the server the hub lists this cycle, but it lists no {named} for user {users[0]} "
+                f"(never another server instead)")
     if action is ActionKind.EVICT_POD and c.pod is None:
         return "evict-pod needs the kernel's pod, which is unknown"
     if action is ActionKind.STOP_NOTEBOOK:
@@ -746,6 +776,15 @@ def _action_unknown(c: Candidate, action: ActionKind) -> str | None:
             return "stop-notebook needs the notebook server's kernels (configure kubeflow.notebook_url)"
         if c.notebook.kernels is None:
             return f"notebook {c.notebook.namespace}/{c.notebook.name} kernels unknown ({_scrub(c.notebook.error or '')})"
+    if action in (ActionKind.STOP_SERVER, ActionKind.EVICT_POD) and c.server is not None and c.pod is not None:
+        server, pod = c.server, c.pod
+        if pod.user is None:
+            return (f"{_pod_name(pod)} names no JupyterHub user ({settings.kubernetes.user_label}), so it cannot be "
+                    f"matched to server {server.label}")
+        wanted = _pod_server_name(pod, settings)
+        if (pod.user, wanted) != (server.user, server.server_name):
+            return (f"{_pod_name(pod)} runs server {_quote(pod.user + ('/' + wanted if wanted else ''))} "
+                    f"({settings.kubernetes.server_name_annotation}), not {server.label} as found")
     return None
 
 
@@ -787,6 +826,81 @@ def _gpu_view_once(uuid: str, sampler: SamplerSnapshot, policy: PolicySettings, 
     if view is None:
         view = memo[key] = _gpu_view(uuid, sampler, policy, now)
     return view
+
+
+def _pod_server_name(pod: PodInfo | None, settings: Settings) -> str:
+    """The server name a pod names (KubeSpawner's annotation; absent = the default server "")."""
+    return pod.annotations.get(settings.kubernetes.server_name_annotation, "") if pod is not None else ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Whole:
+    """The whole target of a stop-server / evict-pod: unknown, bare (keep), or the idle time it allows."""
+
+    unknown: str | None = None
+    keep: str | None = None
+    idle: float | None = None  # seconds the whole target has been idle; None: no limit beyond the candidate's own
+    note: str = ""  # what limits it, for the reason
+
+
+def _whole_target(
+    c: Candidate, action: ActionKind, policy: PolicySettings, settings: Settings, now: float
+) -> _Whole:
+    """Everything stop-server / evict-pod would end must be idle: every kernel of the target idle with
+    last_activity older than the window, and the server's own activity too (invariant 12)."""
+    verb = action.value
+    if c.kernel_id is None and c.server is None:
+        if c.server_error is not None:
+            return _Whole(unknown=f"{verb} of {_pod_name(c.pod)} needs its server's activity: {c.server_error}")
+        if not policy.reclaim_bare_allocations:
+            return _Whole(keep=f"{_pod_name(c.pod)} holds GPUs with no process and no kernel or JupyterHub server "
+                               f"to show it is unused (policy {policy.name} does not set reclaim_bare_allocations)")
+        return _Whole()
+    source = c.target_source or "the target"
+    if c.target_kernels is None:
+        return _Whole(unknown=f"{verb} would end every kernel of {source}, but they cannot be listed "
+                              f"({c.target_error or 'no listing'})")
+    if c.kernel_id is not None and c.kernel_id not in {k.kernel_id for k in c.target_kernels}:
+        return _Whole(unknown=f"kernel {c.kernel_id[:8]} is not among the kernels {source} lists "
+                              f"(what {verb} would end is unknown)")
+    limit = STALE_FACTOR * settings.decide_interval
+    idle, note = math.inf, ""
+    for k in sorted(c.target_kernels, key=lambda k: k.kernel_id):
+        who = f"kernel {k.kernel_id[:8]} in {source}"
+        if k.error is not None:
+            return _Whole(unknown=f"{verb} would also end {who}, whose state is unknown ({_scrub(k.error)})")
+        age = now - k.observed_at
+        if not math.isfinite(age) or age > limit:
+            return _Whole(unknown=f"{verb} would also end {who}, last observed {_dur(age)} ago")
+        if k.execution_state is None or not isinstance(k.last_activity, datetime):
+            return _Whole(unknown=f"{verb} would also end {who}, whose state or last activity is unknown")
+        if k.execution_state != "idle":
+            state = "busy" if k.execution_state == "busy" else f"{_quote(k.execution_state)} (not idle)"
+            return _Whole(idle=0.0, note=f"{verb} would also end {who}, which is {state}")
+        last = _utc(k.last_activity)
+        k_idle = max(0.0, now - last.timestamp())
+        if k_idle < idle:
+            idle, note = k_idle, f"{who} active at {_since(last, k_idle)}"
+    server = c.server
+    if server is not None:
+        # The cycle's listing may come from the hub cache (hub.cache_ttl); the re-check asks the hub again anyway.
+        max_age = settings.decide_interval + (settings.hub.cache_ttl if settings.hub is not None else 0.0)
+        if server.listed_at is None or not now - server.listed_at <= max_age:
+            ago = "never" if server.listed_at is None else f"{_dur(now - server.listed_at)} ago"
+            return _Whole(unknown=f"{verb} needs a current hub listing of server {server.label} (listed {ago})")
+        if server.ready is False:
+            return _Whole(unknown=f"server {server.label} is not ready (starting or stopping)")
+        if not isinstance(server.last_activity, datetime):
+            return _Whole(unknown=f"the hub reports no last activity for server {server.label}")
+        last = _utc(server.last_activity)
+        s_idle = max(0.0, now - last.timestamp())
+        if s_idle < idle:
+            idle, note = s_idle, f"server {server.label} active at {_since(last, s_idle)}"
+    return _Whole(idle=None if idle == math.inf else idle, note=note)
+
+
+def _since(moment: datetime, ago: float) -> str:
+    return moment.strftime("%H:%M UTC" if ago < 86400 else "%Y-%m-%d %H:%M UTC")
 
 
 def _gpu_view(uuid: str, sampler: SamplerSnapshot, policy: PolicySettings, now: float) -> _GpuView:
@@ -1113,10 +1227,8 @@ def _gateway(c: Candidate) -> str | None:
 
 
 def _server_key(c: Candidate) -> str | None:
-    if c.server is not None:
-        return f"server:{c.server.user}/{c.server.server_name}"
-    users = _users(c)
-    return f"server:{users[0]}/" if users else None
+    """The server stop-server would stop: only the one the hub listed (never the user's default as a fallback)."""
+    return f"server:{c.server.user}/{c.server.server_name}" if c.server is not None else None
 
 
 def _gpu_label(uuid: str, sampler: SamplerSnapshot) -> str:

@@ -115,3 +115,68 @@ def test_kernel_server_found_through_the_hub_when_no_pod_names_it():
              activities={}, kernel_servers={K1: bob})
     (c,) = r.candidates
     assert c.server == bob and c.user == "bob" and c.pod is None
+
+
+# --------------------------------------------------------------------------- the whole target (invariants 12, 13)
+
+POD_G = PodInfo(uid="dddddddd-0000-4000-8000-00000000000d", namespace="team-d", name="lab-server")
+ALLOC_A = PodGpuAllocation("team-a", "jupyter-alice", "notebook", ("GPU-9",))
+
+
+@pytest.mark.parametrize(
+    "kwargs, pod_uid, kid, kernels, source, error",
+    [
+        pytest.param(dict(servers=[ServerRef("alice", "")], server_kernels={("alice", ""): [activity(K1),
+                                                                                           activity(K2)]}),
+                     POD_A.uid, K1, (K1, K2), "server alice", None, id="server-listing"),
+        pytest.param(dict(servers=[ServerRef("alice", "")], server_kernels={("alice", ""): None}),
+                     POD_A.uid, K1, None, "server alice", "its kernel list could not be read", id="server-unreadable"),
+        pytest.param(dict(servers=[ServerRef("alice", "")]), POD_A.uid, K1, None, "server alice",
+                     "its kernels were not listed this cycle", id="server-not-listed"),
+        pytest.param(dict(kernel_pods={POD_B.uid: K2}), POD_B.uid, K2, (K2,), "kernel pod team-b/kernel-pod-b", None,
+                     id="kernel-pod-is-its-kernel"),
+        pytest.param(dict(gateway_kernels={"lab": ([activity(K1, "lab"), activity(K2, "lab")], None)}), POD_G.uid,
+                     K1, (K1, K2), "gateway lab", None, id="server-in-a-pod-listed-by-its-gateway"),
+        pytest.param(dict(gateway_kernels={"lab": (None, "listing refused (HTTP 403)")}), POD_G.uid, K1, None,
+                     "gateway lab", "the gateway does not list its kernels (listing refused (HTTP 403))",
+                     id="gateway-refuses-listing"),
+        pytest.param({}, POD_G.uid, K1, None, "pod team-d/lab-server",
+                     "no JupyterHub server, kernel pod or gateway listing names its kernels", id="nothing-lists-it"),
+    ],
+)
+def test_invariant_12_whole_target_of_a_kernel(kwargs: dict, pod_uid: str, kid: str, kernels: tuple | None,
+                                               source: str, error: str | None) -> None:
+    pods = {**PODS, POD_G.uid: POD_G}
+    r = join(node="n1", processes=[proc(10, "GPU-0", kid, pod_uid)], pods_by_uid=pods, allocations=None,
+             activities={kid: activity(kid, "lab" if pod_uid == POD_G.uid else "eg")}, **kwargs)
+    (c,) = r.candidates
+    assert (c.target_source, c.target_error) == (source, error)
+    assert (None if c.target_kernels is None else tuple(k.kernel_id for k in c.target_kernels)) == kernels
+
+
+def test_invariant_12_whole_target_of_a_pod_without_processes() -> None:
+    r = join(node="n1", processes=[], pods_by_uid=PODS, allocations=[ALLOC_A], activities={},
+             servers=[ServerRef("alice", "")], server_kernels={("alice", ""): [activity(K2)]})
+    (c,) = r.candidates
+    assert c.kernel_id is None and c.server == ServerRef("alice", "")
+    assert [k.kernel_id for k in c.target_kernels] == [K2] and c.target_source == "server alice"
+
+
+def test_invariant_13_failed_hub_listing_is_unknown_not_empty() -> None:
+    r = join(node="n1", processes=[proc(10, "GPU-0", K1, POD_A.uid), proc(20, "GPU-2", K2, POD_B.uid)],
+             pods_by_uid=PODS, allocations=[ALLOC_A], activities={}, servers=None, hub_error="HTTP 503")
+    by_key = {c.key: c for c in r.candidates}
+    # alice's pod names a user: her server is unknown, not absent. The kernel pod names no user: no server to know.
+    assert by_key[kernel_key(K1)].server_error == "the hub's server list is unknown this cycle (HTTP 503)"
+    assert by_key[kernel_key(K2)].server_error is None
+    empty = join(node="n1", processes=[proc(10, "GPU-0", K1, POD_A.uid)], pods_by_uid=PODS, allocations=None,
+                 activities={}, servers=[])
+    assert empty.candidates[0].server is None and empty.candidates[0].server_error is None
+
+
+def test_invariant_13_named_server_pod_never_gets_the_default_server() -> None:
+    pod = PodInfo(uid=POD_A.uid, namespace="team-a", name="jupyter-alice-gpu", user="alice",
+                  annotations={"hub.jupyter.org/servername": "gpu"})
+    r = join(node="n1", processes=[proc(10, "GPU-0", K1, pod.uid)], pods_by_uid={pod.uid: pod}, allocations=None,
+             activities={}, servers=[ServerRef("alice", "")])
+    assert r.candidates[0].server is None

@@ -129,7 +129,8 @@ gateways:
 kubernetes: {{enabled: true, kubeconfig: "{kubeconfig}", pod_resources_socket: "{n.kubelet.socket_path}",
               resync_interval: 1s, timeout: 2s}}
 policies:
-  - {{name: pods, match: {{namespaces: [team-a]}}, idle_after: {IDLE_AFTER}s, warn_before: 3s, action: evict-pod}}
+  - {{name: pods, match: {{namespaces: [team-a]}}, idle_after: {IDLE_AFTER}s, warn_before: 3s, action: evict-pod,
+      reclaim_bare_allocations: true}}
   - {{name: kernels, idle_after: {IDLE_AFTER}s, warn_before: 3s, action: shutdown-kernel}}
 exemptions: {{kernel_names: [{RESERVED_KERNEL}]}}
 limits: {{max_actions_per_cycle: 5, cooldown: 1m, max_fraction_per_cycle: 0.5}}
@@ -222,6 +223,9 @@ async def test_enforce_reclaims_only_the_idle_kernel_and_the_idle_pod(node: Node
     # The pod: warned by Event, then evicted with its uid precondition, never deleted, then an action Event.
     (ev,) = n.kube.evictions
     assert ev.body["deleteOptions"]["preconditions"]["uid"] == n.pod_uid
+    # The re-check read the pod itself again right before evicting it (invariant 12).
+    reads = [i for i, r in enumerate(n.kube.requests) if r.method == "GET" and r.path.endswith("/pods/idle-alloc")]
+    assert reads and reads[0] < n.kube.requests.index(ev)
     assert "gracePeriodSeconds" not in ev.body["deleteOptions"]
     assert n.kube.deletes == []
     reasons_actions = [(e["reason"], e["action"]) for e in n.kube.events]
@@ -385,3 +389,55 @@ limits: {{max_actions_per_cycle: 5, cooldown: 1m, max_fraction_per_cycle: 0.5, b
     assert 'reclaimer_breaker_trips_total{cause="mass-flip"} 1.0' in exposition
     assert 'reclaimer_breaker_trips_total{cause="sustained"} 0.0' in exposition
     assert "reclaimer_breaker_tripped 0.0" in exposition
+
+
+async def test_invariant_12_recheck_reads_the_pod_again_an_exemption_after_the_warning_wins(
+    fake_nvml: FakeNvml, tmp_path: Path
+) -> None:
+    """A pod holds GPU 0 with no process (its policy opts in to bare allocations). The pod list is cached for an
+    hour, so the plan keeps saying evict-pod; the user annotates the pod exempt after the warning. The re-check right
+    before acting GETs the pod from the API server: the exemption wins, nothing is evicted."""
+    kube = FakeKube().start()
+    kubelet = FakeKubelet(tmp_path / "kubelet.sock").start()
+    try:
+        uid = kube.add_pod("late-exempt", namespace="team-a", node=NODE)["metadata"]["uid"]
+        kubelet.pods = [pod("late-exempt", "team-a", {"main": [("nvidia.com/gpu", [gpu_uuid(0)])]})]
+        fake_nvml.write(gpus=[FakeGpu(uuid=gpu_uuid(0), util=0)], processes=[])
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(kube.kubeconfig())
+        settings = parse_settings(f"""
+mode: enforce
+node_name: {NODE}
+listen: 127.0.0.1:{free_port()}
+sample_interval: 200ms
+decide_interval: 500ms
+gpu: {{backend: nvml, library_path: "{fake_nvml.lib_path}"}}
+kubernetes: {{enabled: true, kubeconfig: "{kubeconfig}", pod_resources_socket: "{kubelet.socket_path}",
+              resync_interval: 1h, timeout: 2s}}
+policies:
+  - {{name: pods, idle_after: 3s, warn_before: 2s, action: evict-pod, reclaim_bare_allocations: true}}
+""", "<e2e-reread>")
+        daemon = Daemon(settings, build_adapters(settings))
+        cycles: list[tuple[CycleSnapshot, list[ActionResult]]] = []
+        path = "/api/v1/namespaces/team-a/pods/late-exempt"
+
+        def on_cycle(snap: CycleSnapshot, results) -> None:
+            cycles.append((snap, list(results)))
+            warned = any(e["reason"] == "GPUIdleWarning" for e in kube.events)
+            if warned and not kube.pods[("team-a", "late-exempt")]["metadata"]["annotations"]:
+                kube.pods[("team-a", "late-exempt")]["metadata"]["annotations"]["reclaimer.io/exempt"] = "true"
+
+        daemon.on_cycle = on_cycle
+        skipped = lambda: [r for _, rs in cycles for r in rs if r.result == "skipped"]  # noqa: E731
+        await run_until(daemon, lambda: len(skipped()) >= 2, timeout=60)
+    finally:
+        kubelet.stop()
+        kube.stop()
+
+    # The cached pod never showed the annotation: the plan said evict-pod; the re-check's GET saw it and held.
+    assert all(d.verdict is not Verdict.EXEMPT for s, _ in cycles for d in s.decisions)
+    assert all(r.detail == "re-check: exempt: annotation reclaimer.io/exempt='true'" for r in skipped()), skipped()
+    assert all(r.decision.candidate.key == f"pod:{uid}" for r in skipped())
+    assert kube.evictions == [] and kube.deletes == []
+    assert len(kube.requests_to("GET", f"^{path}$")) >= 2
+    assert [(e["reason"], e["action"]) for e in kube.events] == [("GPUIdleWarning", "Warn")]

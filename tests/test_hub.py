@@ -4,6 +4,7 @@ faults a real hub cannot show, a fake hub that follows the real REST semantics."
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -530,6 +531,20 @@ async def test_real_hub_stop_server_lifecycle(real_hub: HubClient, hub_with_serv
     assert (await real_hub.stop_server("nobody-" + secrets.token_hex(4)))[0] == "already-gone"
 
 
+async def test_invariant_13_real_hub_user_servers_asked_now(real_hub: HubClient) -> None:
+    """The re-check before stop-server asks the hub for the one user's servers (GET /hub/api/users/{name})."""
+    before = time.time()
+    servers = await real_hub.user_servers("alice")
+    assert servers is not None and ("alice", "") in _keys(servers)
+    alice = next(s for s in servers if s.server_name == "")
+    assert alice.url == "/user/alice/" and alice.ready is True and alice.last_activity is not None
+    assert alice.listed_at is not None and alice.listed_at >= before
+    listed = await real_hub.list_servers()
+    assert all(s.listed_at is not None and s.listed_at >= before for s in listed or [])
+    assert await real_hub.user_servers("nobody-" + secrets.token_hex(4)) == []  # no such user: no server
+    assert await real_hub.user_servers("x" * 300) is None  # refused before any request
+
+
 async def test_real_hub_wrong_token(hub_with_servers: JupyterProcess, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RECLAIMER_TEST_WRONG_HUB_TOKEN", "wrong-" + secrets.token_hex(8))
     client = HubClient(hub_settings(hub_with_servers.url, "RECLAIMER_TEST_WRONG_HUB_TOKEN"))
@@ -537,6 +552,7 @@ async def test_real_hub_wrong_token(hub_with_servers: JupyterProcess, monkeypatc
         assert await client.list_servers() is None
         assert await client.server_kernels(ServerRef("alice", url="/user/alice/", origin="http://127.0.0.1:1")) is None
         assert (await client.stop_server("alice"))[0] == "failed"
+        assert await client.user_servers("alice") is None  # unknown, never "no servers"
     finally:
         await client.close()
     assert client.up is False

@@ -37,6 +37,7 @@ from tests.support.policy_fixtures import (
     policy,
     process,
     series,
+    server,
     snapshot,
     warned_long_ago,
 )
@@ -546,7 +547,8 @@ def _h_kernel(i: int, *, gpus: tuple[str, ...], pod_index: int, act: Any = None,
     kid, uid = kernel_uuid(i), pod_uid(pod_index)
     procs = tuple(process(1000 + 10 * i + k, u, kernel_id=kid, pod_uid=uid, memory=memory) for k, u in enumerate(gpus))
     p = pod(f"nb-{pod_index}", namespace, uid=uid, annotations=annotations, user=f"user{pod_index}")
-    return kernel(kid, gpus=gpus, act=act or activity(kid, idle_for=300), pod_info=p, processes=procs, user=p.user)
+    return kernel(kid, gpus=gpus, act=act or activity(kid, idle_for=300), pod_info=p, processes=procs, user=p.user,
+                  server=server(p.user, idle_for=300))
 
 
 IN_WINDOW = st.integers(0, 12).map(lambda k: NOW - k * H_INTERVAL)  # sample times inside [now - 2m, now]
@@ -841,3 +843,260 @@ def test_property_a_mass_flip_never_acts_in_its_first_cycle(world: Any, data: st
     else:
         assert len(reclaims) <= max(settings.limits.breaker_min_reclaims,
                                     round(settings.limits.max_fraction_per_cycle * len(cands), 9))
+
+
+# --------------------------------------------------------------------------- 12. the whole target
+
+OTHER = "7e2d4c5b-0000-4000-8000-000000000003"  # a kernel of the same server that holds no GPU
+GPU_NAME = {"hub.jupyter.org/servername": "gpu"}
+
+
+def _whole(action: str = "stop-server", *, other: Any = None, target: Any = ..., srv: Any = ...,
+           own: Any = None) -> tuple[Candidate, Settings]:
+    """alice's GPU kernel in server alice/gpu (pod annotated), with a second kernel ``other`` in the same server."""
+    mine = own or activity(KID)
+    kernels = (mine,) + ((other,) if other is not None else ())
+    cand = kernel(
+        act=mine, pod_info=pod(annotations=GPU_NAME), server=server("alice", "gpu") if srv is ... else srv,
+        target=kernels if target is ... else target,
+    )
+    return cand, make_settings(policies=[policy("p", action=action)], limits=NO_LIMITS)
+
+
+@pytest.mark.parametrize("action", ["stop-server", "evict-pod"])
+@pytest.mark.parametrize(
+    "case, verdict, reason",
+    [
+        pytest.param(dict(other=activity(OTHER, idle_for=3 * 3600)), Verdict.RECLAIM, None, id="control-all-idle"),
+        pytest.param(
+            dict(other=activity(OTHER, state="busy")), Verdict.KEEP,
+            "{action} would also end kernel 7e2d4c5b in server alice/gpu, which is busy; GPU 0 at 0% for 3h",
+            id="non-gpu-kernel-busy",
+        ),
+        pytest.param(
+            dict(other=activity(OTHER, state="starting")), Verdict.KEEP,
+            "{action} would also end kernel 7e2d4c5b in server alice/gpu, which is 'starting' (not idle)",
+            id="non-gpu-kernel-starting",
+        ),
+        pytest.param(
+            dict(other=activity(OTHER, idle_for=600)), Verdict.KEEP,
+            "kernel 7e2d4c5b in server alice/gpu active at 22:03 UTC; GPU 0 at 0% for 3h and kernel idle since "
+            "20:13 UTC; {action} in 20m", id="non-gpu-kernel-recently-active",
+        ),
+        pytest.param(
+            dict(other=activity(OTHER, idle_for=1700)), Verdict.WARN, "kernel 7e2d4c5b in server alice/gpu active at",
+            id="non-gpu-kernel-active-27m-ago-warns",
+        ),
+        pytest.param(
+            dict(other=activity(OTHER, error="HTTP 503")), Verdict.UNKNOWN,
+            "{action} would also end kernel 7e2d4c5b in server alice/gpu, whose state is unknown (HTTP 503)",
+            id="non-gpu-kernel-unknown",
+        ),
+        pytest.param(
+            dict(other=activity(OTHER, observed_at=NOW - 3600)), Verdict.UNKNOWN,
+            "{action} would also end kernel 7e2d4c5b in server alice/gpu, last observed 1h ago", id="listing-stale",
+        ),
+        pytest.param(
+            dict(other=activity(OTHER, idle_for=None)), Verdict.UNKNOWN,
+            "{action} would also end kernel 7e2d4c5b in server alice/gpu, whose state or last activity is unknown",
+            id="non-gpu-kernel-no-last-activity",
+        ),
+        pytest.param(
+            dict(target=None), Verdict.UNKNOWN,
+            "{action} would end every kernel of server alice/gpu, but they cannot be listed (listing failed)",
+            id="kernels-cannot-be-listed",
+        ),
+        pytest.param(
+            dict(target=(activity(OTHER),)), Verdict.UNKNOWN,
+            f"kernel {KID[:8]} is not among the kernels server alice/gpu lists", id="own-kernel-not-in-listing",
+        ),
+        pytest.param(
+            dict(srv=server("alice", "gpu", idle_for=300)), Verdict.KEEP,
+            "server alice/gpu active at 22:08 UTC; GPU 0 at 0% for 3h", id="server-activity-recent",
+        ),
+        pytest.param(
+            dict(srv=server("alice", "gpu", idle_for=None)), Verdict.UNKNOWN,
+            "the hub reports no last activity for server alice/gpu", id="server-activity-unknown",
+        ),
+        pytest.param(
+            dict(srv=server("alice", "gpu", ready=False)), Verdict.UNKNOWN,
+            "server alice/gpu is not ready (starting or stopping)", id="server-pending",
+        ),
+    ],
+)
+def test_invariant_12_whole_target(action: str, case: dict[str, Any], verdict: Verdict, reason: str | None) -> None:
+    cand, settings = _whole(action, **case)
+    d = decide_one(cand, settings=settings)
+    assert d.verdict is verdict, d.reason
+    if reason is not None:
+        assert d.reason.startswith(reason.format(action=action)), d.reason
+    # shutdown-kernel ends only the kernel itself: the rest of the server never blocks it (positive control).
+    if "other" in case and case["other"].error is None and case["other"].observed_at > NOW - 60:
+        cand, _ = _whole(action, **case)
+        assert decide_one(cand).verdict is Verdict.RECLAIM
+
+
+@pytest.mark.parametrize(
+    "cand, settings, verdict, reason",
+    [
+        pytest.param(
+            pod_candidate(), make_settings(policies=[policy("p", action="evict-pod")], limits=NO_LIMITS),
+            Verdict.KEEP, "pod team-a/jupyter-alice holds GPUs with no process and no kernel or JupyterHub server to "
+            "show it is unused (policy p does not set reclaim_bare_allocations)", id="bare-allocation-keeps",
+        ),
+        pytest.param(
+            pod_candidate(), make_settings(policies=[policy("p", action="evict-pod", reclaim_bare_allocations=True)],
+                                           limits=NO_LIMITS),
+            Verdict.RECLAIM, "GPU 0 at 0% for 3h with no process in pod team-a/jupyter-alice; evict-pod in 0s",
+            id="bare-allocation-opted-in",
+        ),
+        pytest.param(
+            pod_candidate(server=server()), make_settings(policies=[policy("p", action="evict-pod")], limits=NO_LIMITS),
+            Verdict.RECLAIM, "server alice active at 20:13 UTC; GPU 0 at 0% for 3h with no process in pod "
+            "team-a/jupyter-alice; evict-pod in 0s", id="server-known-and-old",
+        ),
+        pytest.param(
+            pod_candidate(server=server(idle_for=60)),
+            make_settings(policies=[policy("p", action="stop-server", reclaim_bare_allocations=True)], limits=NO_LIMITS),
+            Verdict.KEEP, "server alice active at 22:12 UTC; GPU 0 at 0% for 3h", id="server-recently-active",
+        ),
+        pytest.param(
+            pod_candidate(server=server(), target=(activity(OTHER, state="busy"),)),
+            make_settings(policies=[policy("p", action="stop-server")], limits=NO_LIMITS),
+            Verdict.KEEP, "stop-server would also end kernel 7e2d4c5b in server alice, which is busy",
+            id="server-kernel-busy",
+        ),
+        pytest.param(
+            pod_candidate(server=server(), target=None),
+            make_settings(policies=[policy("p", action="evict-pod")], limits=NO_LIMITS),
+            Verdict.UNKNOWN, "evict-pod would end every kernel of server alice, but they cannot be listed",
+            id="server-kernels-unlisted",
+        ),
+        pytest.param(
+            dataclasses.replace(pod_candidate(), server_error="the hub's server list is unknown this cycle (HTTP 503)"),
+            make_settings(policies=[policy("p", action="evict-pod", reclaim_bare_allocations=True)], limits=NO_LIMITS),
+            Verdict.UNKNOWN, "evict-pod of pod team-a/jupyter-alice needs its server's activity: the hub's server "
+            "list is unknown this cycle (HTTP 503)", id="hub-listing-failed-is-unknown-not-bare",
+        ),
+    ],
+)
+def test_invariant_12_whole_target_pod_without_kernels(
+    cand: Candidate, settings: Settings, verdict: Verdict, reason: str
+) -> None:
+    d = decide_one(cand, settings=settings)
+    assert d.verdict is verdict and d.reason.startswith(reason), d.reason
+
+
+def test_invariant_12_whole_target_pod_listed_by_its_gateway() -> None:
+    """A Jupyter Server in a pod, configured as gateway "lab": whatever it lists runs in that pod."""
+    settings = make_settings(policies=[policy("p", action="evict-pod")], limits=NO_LIMITS)
+    busy = activity(OTHER, state="busy", gateway="lab")
+    mine = activity(KID, gateway="lab")
+    cand = dataclasses.replace(kernel(act=mine, gateway="lab", target=(mine, busy)), target_source="gateway lab")
+    d = decide_one(cand, settings=settings)
+    assert (d.verdict, d.reason.split(";")[0]) == (Verdict.KEEP, "evict-pod would also end kernel 7e2d4c5b in "
+                                                                 "gateway lab, which is busy")
+    refused = dataclasses.replace(cand, target_kernels=None, target_error="the gateway does not list its kernels "
+                                  "(listing refused (HTTP 403))")
+    d = decide_one(refused, settings=settings)
+    assert d.verdict is Verdict.UNKNOWN and "listing refused (HTTP 403)" in d.reason
+
+
+@pytest.mark.parametrize(
+    "change, verdict, reason",
+    [
+        pytest.param({}, Verdict.RECLAIM, None, id="control-unchanged"),
+        pytest.param({"annotations": {"reclaimer.io/exempt": "true", **GPU_NAME}}, Verdict.EXEMPT,
+                     "re-check: exempt: annotation reclaimer.io/exempt='true'", id="exempt-added-after-warning"),
+        pytest.param({"annotations": {IDLE_AFTER_ANNOTATION: "4h", **GPU_NAME}}, Verdict.KEEP,
+                     "re-check: GPU 0 at 0% for 3h", id="longer-idle-after-added"),
+        pytest.param({"other": activity(OTHER, state="busy")}, Verdict.KEEP,
+                     "re-check: stop-server would also end kernel 7e2d4c5b in server alice/gpu, which is busy",
+                     id="other-kernel-became-busy"),
+        pytest.param({"other": activity(OTHER, idle_for=5)}, Verdict.KEEP,
+                     "re-check: kernel 7e2d4c5b in server alice/gpu active at 22:13 UTC", id="other-kernel-active"),
+        pytest.param({"target": None}, Verdict.UNKNOWN, "re-check: stop-server would end every kernel",
+                     id="kernels-no-longer-listable"),
+        pytest.param({"srv": server("alice", "gpu", idle_for=5)}, Verdict.KEEP,
+                     "re-check: server alice/gpu active at 22:13 UTC", id="server-became-active"),
+    ],
+)
+def test_invariant_12_whole_target_recheck_reads_everything_again(
+    change: dict[str, Any], verdict: Verdict, reason: str | None
+) -> None:
+    cand, settings = _whole(other=activity(OTHER))
+    planned = decide_one(cand, settings=settings)
+    assert planned.verdict is Verdict.RECLAIM
+    annotations = change.pop("annotations", None)
+    again, _ = _whole(**{"other": activity(OTHER), **change})
+    if annotations is not None:
+        again = dataclasses.replace(again, pod=pod(annotations=annotations))
+    d = recheck(planned, again.activity, snapshot(), settings, NOW, refreshed=again)
+    if reason is None:
+        assert d is planned
+    else:
+        assert d.verdict is verdict and d.reason.startswith(reason), d.reason
+
+
+# --------------------------------------------------------------------------- 13. the exact server
+
+
+@pytest.mark.parametrize(
+    "cand, reason",
+    [
+        pytest.param(
+            kernel(pod_info=pod(annotations=GPU_NAME)),
+            "stop-server needs the server the hub lists this cycle, but it lists no server 'gpu' for user alice "
+            "(never another server instead)", id="named-server-not-listed-no-default-fallback",
+        ),
+        pytest.param(
+            kernel(pod_info=pod(annotations=GPU_NAME), server=server("alice", "")),
+            "pod team-a/jupyter-alice runs server 'alice/gpu' (hub.jupyter.org/servername), not alice as found",
+            id="server-name-disagrees-with-annotation",
+        ),
+        pytest.param(
+            kernel(pod_info=pod(), server=server("alice", "gpu")),
+            "pod team-a/jupyter-alice runs server 'alice' (hub.jupyter.org/servername), not alice/gpu as found",
+            id="default-server-pod-found-in-a-named-server",
+        ),
+        pytest.param(
+            kernel(pod_info=pod(user="bob"), server=server("alice", "")),
+            "pod team-a/jupyter-alice runs server 'bob' (hub.jupyter.org/servername), not alice as found",
+            id="user-disagrees",
+        ),
+        pytest.param(
+            kernel(pod_info=pod(user=None), server=server("alice", "")),
+            "pod team-a/jupyter-alice names no JupyterHub user (hub.jupyter.org/username), so it cannot be matched "
+            "to server alice", id="pod-names-no-user",
+        ),
+        pytest.param(
+            dataclasses.replace(kernel(pod_info=pod(annotations=GPU_NAME)),
+                                server_error="the hub's server list is unknown this cycle (HTTP 503)"),
+            "stop-server needs the user's server as the hub lists it: the hub's server list is unknown this cycle "
+            "(HTTP 503)", id="hub-listing-failed-is-unknown-not-empty",
+        ),
+        pytest.param(
+            kernel(pod_info=pod(annotations=GPU_NAME), server=server("alice", "gpu", listed_at=NOW - 300)),
+            "stop-server needs this cycle's hub listing of server alice/gpu (listed 5m ago)", id="listing-old",
+        ),
+        pytest.param(
+            kernel(pod_info=pod(annotations=GPU_NAME), server=server("alice", "gpu", listed_at=None)),
+            "stop-server needs this cycle's hub listing of server alice/gpu (listed never)", id="never-listed",
+        ),
+    ],
+)
+def test_invariant_13_exact_server(cand: Candidate, reason: str) -> None:
+    settings = make_settings(policies=[policy("p", action="stop-server")], limits=NO_LIMITS)
+    d = decide_one(cand, settings=settings)
+    assert d.verdict is Verdict.UNKNOWN and d.reason == reason, d.reason
+    control = kernel(pod_info=pod(annotations=GPU_NAME), server=server("alice", "gpu"))
+    assert decide_one(control, settings=settings).verdict is Verdict.RECLAIM
+
+
+def test_invariant_13_exact_server_blast_radius_never_falls_back_to_the_default_server() -> None:
+    """Two kernels of alice without a listed server are not "one server" (server:alice/), so neither blocks nor
+    covers the other's stop-server; both are unknown."""
+    settings = make_settings(policies=[policy("p", action="stop-server")], limits=NO_LIMITS)
+    cands = [kernel(KID, pod_info=pod(uid=pod_uid(1))), kernel(KID2, pod_info=pod("nb-2", uid=pod_uid(2)))]
+    decisions = decide(cands, snapshot(), settings, NOW, PolicyState())
+    assert [d.verdict for d in decisions] == [Verdict.UNKNOWN, Verdict.UNKNOWN]

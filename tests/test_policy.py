@@ -30,6 +30,7 @@ from tests.support.policy_fixtures import (
     pod,
     pod_candidate,
     policy,
+    server,
     process,
     series,
     snapshot,
@@ -347,7 +348,7 @@ def test_naive_last_activity_is_unknown() -> None:
         pytest.param(
             pod_candidate(),
             None,
-            with_policy(action="evict-pod"),
+            with_policy(action="evict-pod", reclaim_bare_allocations=True),
             "GPU 0 at 0% for 3h with no process in pod team-a/jupyter-alice; evict-pod in 0s (warned at 21:13:20 UTC)",
             id="pod-candidate",
         ),
@@ -373,10 +374,18 @@ def test_reasons(candidate: Candidate, snap: Any, settings: Settings | None, rea
             "evict-pod needs the kernel's pod, which is unknown",
             id="evict-pod-needs-pod",
         ),
-        pytest.param("stop-server", kernel(), Verdict.RECLAIM, "stop-server", "stop-server in 0s", id="stop-by-user"),
         pytest.param(
             "stop-server",
-            kernel(user=None, pod_info=pod(user=None), server=ServerRef(user="alice", server_name="gpu")),
+            kernel(),
+            Verdict.UNKNOWN,
+            "none",
+            "stop-server needs the server the hub lists this cycle, but it lists no default server for user alice "
+            "(never another server instead)",
+            id="stop-never-falls-back-to-the-default-server",
+        ),
+        pytest.param(
+            "stop-server",
+            kernel(pod_info=pod(annotations={"hub.jupyter.org/servername": "gpu"}), server=server("alice", "gpu")),
             Verdict.RECLAIM,
             "stop-server",
             "stop-server in 0s",
@@ -399,8 +408,27 @@ def test_reasons(candidate: Candidate, snap: Any, settings: Settings | None, rea
             "observes only; kernel busy",
             id="none-busy",
         ),
-        pytest.param("evict-pod", pod_candidate(), Verdict.RECLAIM, "evict-pod", "evict-pod in 0s", id="pod-evict"),
-        pytest.param("stop-server", pod_candidate(), Verdict.RECLAIM, "stop-server", "in 0s", id="pod-stop-server"),
+        pytest.param(
+            "evict-pod",
+            pod_candidate(server=server()),
+            Verdict.RECLAIM,
+            "evict-pod",
+            "evict-pod in 0s",
+            id="pod-evict-server-known-and-idle",
+        ),
+        pytest.param(
+            "evict-pod",
+            pod_candidate(),
+            Verdict.KEEP,
+            "evict-pod",
+            "pod team-a/jupyter-alice holds GPUs with no process and no kernel or JupyterHub server to show it is "
+            "unused (policy p does not set reclaim_bare_allocations); GPU 0 at 0% for 3h",
+            id="pod-evict-bare-allocation-keeps",
+        ),
+        pytest.param(
+            "stop-server", pod_candidate(server=server()), Verdict.RECLAIM, "stop-server", "in 0s",
+            id="pod-stop-server",
+        ),
         pytest.param(
             "stop-server",
             pod_candidate(pod(user=None)),
@@ -461,7 +489,8 @@ def test_pod_candidate_with_a_process_in_window_is_not_idle() -> None:
 
 
 def test_pod_candidate_idle_seconds_are_gpu_idle_time() -> None:
-    d = decide_one(pod_candidate(), snapshot(series(start=NOW - 1000)), with_policy(action="evict-pod"))
+    settings = with_policy(action="evict-pod", reclaim_bare_allocations=True)
+    d = decide_one(pod_candidate(), snapshot(series(start=NOW - 1000)), settings)
     assert (d.verdict, d.idle_seconds, d.eta_seconds) == (Verdict.KEEP, 1000.0, 800.0)
 
 
@@ -484,9 +513,10 @@ def test_idle_after_override(value: str, verdict: Verdict, idle_after_note: str 
 
 
 def _two_kernels_one_pod(second_state: str) -> list[Candidate]:
+    acts = [activity(KID), activity(KID2, state=second_state)]
     return [
-        kernel(KID, gpus=(UUID0,)),
-        kernel(KID2, gpus=(UUID1,), act=activity(KID2, state=second_state)),
+        kernel(KID, gpus=(UUID0,), server=server(), target=tuple(acts)),
+        kernel(KID2, gpus=(UUID1,), act=acts[1], server=server(), target=tuple(acts)),
     ]
 
 
@@ -494,7 +524,8 @@ def test_evict_pod_blocked_when_a_kernel_in_the_same_pod_is_busy() -> None:
     settings = with_policy(action="evict-pod")
     decisions = decide(_two_kernels_one_pod("busy"), snapshot(series(), series(UUID1, 1)), settings, NOW, WARNED)
     assert [d.verdict for d in decisions] == [Verdict.KEEP, Verdict.KEEP]
-    assert decisions[0].reason.startswith(f"evict-pod would also end kernel:{KID2} (keep: kernel busy)")
+    # The whole target (the pod's server lists both kernels) says so on the first kernel itself.
+    assert decisions[0].reason.startswith(f"evict-pod would also end kernel {KID2[:8]} in server alice, which is busy")
 
 
 def test_shutdown_kernel_is_not_blocked_by_a_busy_neighbour() -> None:
@@ -595,7 +626,7 @@ def test_recheck_returns_non_reclaim_unchanged() -> None:
 
 
 def test_recheck_pod_candidate_needs_no_gateway() -> None:
-    settings = with_policy(action="evict-pod")
+    settings = with_policy(action="evict-pod", reclaim_bare_allocations=True)
     planned = _planned(pod_candidate(), settings)
     assert recheck(planned, None, snapshot(), settings, NOW) is planned
     busy = snapshot(series(patch={NOW: {"utilization": 0.5}}))

@@ -197,6 +197,19 @@ def process(
 _UNSET: Any = object()
 
 
+def server(user: str = "alice", name: str = "", *, idle_for: float | None = 2 * 3600, ready: bool | None = True,
+           listed_at: float | None = NOW - 1) -> ServerRef:
+    """A JupyterHub server as this cycle's hub listing shows it; its own activity 2h old by default."""
+    return ServerRef(
+        user=user,
+        server_name=name,
+        last_activity=None if idle_for is None else utc(NOW - idle_for),
+        url=f"/user/{user}/{name}/" if name else f"/user/{user}/",
+        ready=ready,
+        listed_at=listed_at,
+    )
+
+
 def kernel(
     kernel_id: str = KID,
     *,
@@ -208,21 +221,31 @@ def kernel(
     user: str | None = "alice",
     gateway: str | None = "eg",
     held_since: float | None = STARTED,
+    target: tuple[KernelActivity, ...] | None = _UNSET,
 ) -> Candidate:
     """A kernel candidate; by default idle for 2h, in pod team-a/jupyter-alice, one 2 GiB process per GPU, its
-    processes on their GPUs since the sampler started (``held_since``)."""
+    processes on their GPUs since the sampler started (``held_since``).
+
+    Its whole target (what stop-server / evict-pod would end) is by default the kernel alone, listed by its server
+    when one is given, else by its pod; ``target`` replaces that list (None: could not be listed).
+    """
     pod_value = pod() if pod_info is _UNSET else pod_info
+    act_value = activity(kernel_id) if act is _UNSET else act
     if processes is None:
         pod_uid = pod_value.uid if pod_value is not None else None
         processes = tuple(
             process(4242 + i, uuid, kernel_id=kernel_id, pod_uid=pod_uid) for i, uuid in enumerate(gpus)
         )
+    if target is _UNSET:
+        target = (act_value,) if act_value is not None else None
+    source = f"server {server.label}" if server is not None else (
+        f"pod {pod_value.namespace}/{pod_value.name}" if pod_value is not None else "")
     return Candidate(
         key=f"kernel:{kernel_id}",
         node=NODE,
         kernel_id=kernel_id,
         gateway=gateway,
-        activity=activity(kernel_id) if act is _UNSET else act,
+        activity=act_value,
         pod=pod_value,
         server=server,
         user=user,
@@ -230,13 +253,22 @@ def kernel(
         processes=processes,
         held_since=held_since,
         pod_listed_at=FRESH_LISTING if pod_value is not None else None,
+        target_kernels=target,
+        target_source=source,
+        target_error=None if target is not None else "listing failed",
     )
 
 
 def pod_candidate(
-    pod_info: PodInfo | None = None, *, gpus: tuple[str, ...] = (UUID0,), held_since: float | None = STARTED
+    pod_info: PodInfo | None = None,
+    *,
+    gpus: tuple[str, ...] = (UUID0,),
+    held_since: float | None = STARTED,
+    server: ServerRef | None = None,
+    target: tuple[KernelActivity, ...] | None = (),
 ) -> Candidate:
-    """A pod holding allocated GPUs with no process on them (allocation seen since the sampler started)."""
+    """A pod holding allocated GPUs with no process on them (allocation seen since the sampler started); with
+    ``server``, its JupyterHub server and that server's kernels (``target``, none by default)."""
     pod_value = pod_info or pod()
     return Candidate(
         key=f"pod:{pod_value.uid}",
@@ -247,6 +279,10 @@ def pod_candidate(
         allocated=True,
         held_since=held_since,
         pod_listed_at=FRESH_LISTING,
+        server=server,
+        target_kernels=target if server is not None else None,
+        target_source=f"server {server.label}" if server is not None else "",
+        target_error=None if server is not None and target is not None else "not listed",
     )
 
 
