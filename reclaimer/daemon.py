@@ -566,7 +566,9 @@ class Daemon:
         kube = self.adapters.kube
         if c.pod is not None and kube is not None:
             try:
-                pod = await self._to_thread(kube.get_pod, c.pod.namespace, c.pod.name, timeout=self._call_timeout())
+                # On the API server's stage thread: a GET that hangs stalls that stage only, never the cycle.
+                pod = await self._in_stage("pod-list", kube.get_pod, c.pod.namespace, c.pod.name,
+                                           what=f"GET pod {c.pod.namespace}/{c.pod.name}")
             except Exception as exc:
                 return c, f"cannot read pod {c.pod.namespace}/{c.pod.name} again ({exc})"
             if pod is None:

@@ -58,6 +58,7 @@ from tests.support.policy_fixtures import (
     policy,
     process,
     series,
+    server,
     snapshot,
 )
 
@@ -129,7 +130,7 @@ def owned(kind: str, name: str = "owner", labels: dict[str, str] | None = None) 
 
 
 BARE = pod()
-SERVER = ServerRef("alice", "")
+SERVER = server("alice", "")  # listed by the hub this cycle, its own activity old
 STS_KUBEFLOW = owned("StatefulSet", "nb-alice", {"notebook-name": "nb-alice"})
 
 
@@ -142,7 +143,7 @@ def k(pod_info: PodInfo | None = BARE, *, allocated: bool = True, server: Server
 
 
 def p(pod_info: PodInfo = BARE, server: ServerRef | None = None) -> Candidate:
-    return replace(pod_candidate(pod_info), server=server, allocated_gpus=(UUID0,))
+    return replace(pod_candidate(pod_info, server=server), allocated_gpus=(UUID0,))
 
 
 A, M, N = Recovers.ALLOCATION, Recovers.MEMORY, Recovers.NONE
@@ -192,7 +193,8 @@ def test_invariant_17_one_table_of_action_kinds() -> None:
 
 
 def evict_settings(action: str = "evict-pod", **extra: Any):
-    return make_settings(policies=[policy(action=action, **extra)])
+    # These tests are about what each action releases; bare allocations are opted in (invariant 12 tests the rest).
+    return make_settings(policies=[policy(action=action, **{"reclaim_bare_allocations": True, **extra})])
 
 
 def decide_one(c: Candidate, settings) -> Decision:
@@ -489,7 +491,7 @@ gpu: {{backend: nvml, library_path: "{fake_nvml.lib_path}"}}
 kubernetes: {{enabled: true, kubeconfig: "{kubeconfig}", pod_resources_socket: "{kubelet.socket_path}",
               resync_interval: 1s, timeout: 2s}}
 policies:
-  - {{name: all, idle_after: 3s, warn_before: 1s, action: auto}}
+  - {{name: all, idle_after: 3s, warn_before: 1s, action: auto, reclaim_bare_allocations: true}}
 limits: {{max_actions_per_cycle: 5, cooldown: 1m, max_fraction_per_cycle: 1.0}}
 """, "<e2e>")
         daemon = Daemon(settings, build_adapters(settings))
