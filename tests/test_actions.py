@@ -26,6 +26,7 @@ from reclaimer.model import (
     PodInfo,
     ProcessSample,
     SamplerSnapshot,
+    ServerRef,
     Verdict,
 )
 from tests.support import policy_fixtures
@@ -449,3 +450,39 @@ async def test_invariant_11_an_unknown_cycle_keeps_the_episode_a_busy_one_ends_i
     (again,) = await ex.execute([d], recheck=still_reclaim)
     assert again.result == "skipped" and "warned now" in again.detail
     assert [e["reason"] for e in kube.events] == ["GPUIdleWarning", "GPUIdle", "GPUIdleWarning"]
+
+
+class RecordingHub:
+    """A ServerStopper that records what it was asked to stop."""
+
+    def __init__(self) -> None:
+        self.stopped: list[tuple[str, str]] = []
+
+    async def stop_server(self, user: str, server_name: str = "") -> tuple[str, str]:
+        self.stopped.append((user, server_name))
+        return "success", f"stopped {user}/{server_name}"
+
+    async def shutdown_server_kernel(self, server: object, kernel_id: str) -> tuple[str, str]:
+        raise AssertionError("not expected")
+
+
+@pytest.mark.parametrize(
+    "server, stopped, result",
+    [
+        pytest.param(None, [], "skipped", id="no-listed-server-never-the-default"),
+        pytest.param(ServerRef("alice", "gpu", listed_at=1.0), [("alice", "gpu")], "success", id="the-listed-server"),
+    ],
+)
+async def test_invariant_13_executor_stops_only_the_listed_server(
+    server: ServerRef | None, stopped: list[tuple[str, str]], result: str
+) -> None:
+    hub = RecordingHub()
+    d = kernel_decision()
+    d = replace(d, action=ActionKind.STOP_SERVER, candidate=replace(d.candidate, user="alice", server=server))
+    ex = LiveExecutor(servers=hub, clock=Clock())
+    (warned,) = await ex.execute([d], recheck=still_reclaim)  # warn, then act (invariant 11)
+    assert warned.result == "skipped" and hub.stopped == []
+    (r,) = await ex.execute([d], recheck=still_reclaim)
+    assert (r.result, hub.stopped) == (result, stopped)
+    if server is None:
+        assert r.detail == "no JupyterHub server listed for this candidate"
