@@ -26,8 +26,8 @@ from reclaimer.actions import DryRunExecutor, LiveExecutor, executor_for
 from reclaimer.attribution import Attributor
 from reclaimer.config import Settings, format_duration
 from reclaimer.errors import StartupError
-from reclaimer.hub import locate_servers
 from reclaimer.gateway import claimed_by_a_gateway
+from reclaimer.hub import locate_servers, pod_server
 from reclaimer.kubeflow import KUBEFLOW_GATEWAY
 from reclaimer.model import (
     ActionKind,
@@ -375,8 +375,14 @@ class Daemon:
                 continue
             if c.server is not None:
                 key = (c.server.user, c.server.server_name)
+                server = c.server
+                if server.origin is None and c.pod is not None:  # a pod's server, reached at the pod's IP
+                    server = pod_server(c.pod, server, self.settings.hub.server_port) if self.settings.hub else None
                 if key not in server_lists and self.adapters.hub is not None:
-                    servers[key] = c.server
+                    if server is None:
+                        server_lists[key] = None  # no direct address yet (no pod IP): its kernels are unknown
+                    else:
+                        servers[key] = server
             elif c.pod is not None and c.kernel_id and pod_kernel_ids.get(c.pod.uid) != c.kernel_id:
                 gw = c.activity.gateway if c.activity is not None and c.activity.error is None else None
                 if gw and gw not in gateway_lists and self.adapters.gateways is not None:
@@ -592,6 +598,10 @@ class Daemon:
             server = next((s for s in servers if s.server_name == c.server.server_name), None)
             if server is None:
                 return c, f"the hub no longer lists server {c.server.label}"
+            # Reached where the cycle found it (the pod's IP, or the server process's loopback port).
+            server = replace(server, origin=c.server.origin, pid=server.pid or c.server.pid)
+            if server.origin is None and c.pod is not None and self.settings.hub is not None:
+                server = pod_server(c.pod, server, self.settings.hub.server_port) or server
             kernels = await self._server_kernels(server)
             return replace(c, server=server, target_kernels=tuple(kernels) if kernels is not None else None,
                            target_error=None if kernels is not None else "its kernel list could not be read"), None

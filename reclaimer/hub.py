@@ -45,7 +45,7 @@ from reclaimer.gateway import (
     tls_context,
 )
 from reclaimer import procfs
-from reclaimer.model import Candidate, KernelActivity, ServerRef
+from reclaimer.model import Candidate, KernelActivity, PodInfo, ServerRef
 
 log = structlog.get_logger(__name__)
 
@@ -537,12 +537,9 @@ def locate_servers(candidates: Iterable[Candidate], servers: Iterable[ServerRef]
         if c.kernel_id is None:
             continue
         if c.pod is not None:
-            if c.server is None or not c.pod.ip:
-                continue
-            port = dict(c.pod.ports).get(SERVER_PORT_NAME, default_port)
-            origin = safe_origin(f"http://[{c.pod.ip}]:{port}" if ":" in c.pod.ip else f"http://{c.pod.ip}:{port}")
-            if origin is not None:
-                out[c.kernel_id] = replace(c.server, origin=origin)
+            located = pod_server(c.pod, c.server, default_port) if c.server is not None else None
+            if located is not None:
+                out[c.kernel_id] = located
             continue
         owners: set[ServerRef] = set()
         for p in c.processes:
@@ -557,6 +554,16 @@ def locate_servers(candidates: Iterable[Candidate], servers: Iterable[ServerRef]
         if origin is not None:
             out[c.kernel_id] = replace(server, origin=origin)
     return out
+
+
+def pod_server(pod: PodInfo, server: ServerRef, default_port: int = 8888) -> ServerRef | None:
+    """The server running in ``pod`` (KubeSpawner) with its direct address: the pod's IP and its ``notebook-port``
+    (else ``default_port``); None when the pod has no IP yet."""
+    if not pod.ip:
+        return None
+    port = dict(pod.ports).get(SERVER_PORT_NAME, default_port)
+    origin = safe_origin(f"http://[{pod.ip}]:{port}" if ":" in pod.ip else f"http://{pod.ip}:{port}")
+    return replace(server, origin=origin) if origin is not None else None
 
 
 def loopback_origin(procfs_root: str, pid: int) -> str | None:

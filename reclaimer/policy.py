@@ -297,6 +297,11 @@ def recheck(
         if fresh is None:
             return _unknown(candidate, decision.policy, "re-check: no fresh answer from the gateway")
         candidate = replace(candidate, activity=fresh)
+    server = candidate.server
+    if decision.action in (ActionKind.STOP_SERVER, ActionKind.EVICT_POD) and server is not None and (
+            server.listed_at is None or not now - server.listed_at <= settings.decide_interval):
+        # The cycle may have used the hub cache; the server acted on is the one the hub lists right now (inv. 13).
+        return _unknown(candidate, decision.policy, f"re-check: server {server.label} was not asked of the hub again")
     # The warning gate was passed by the plan seconds ago; the re-check asks only whether the candidate is still idle.
     again = _evaluate(candidate, sampler, settings, now, warned_at=decision.warned_at, gate=False)
     if again.action is not decision.action and again.fallback is not None and \

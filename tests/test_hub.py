@@ -599,7 +599,7 @@ async def test_item4_hub_listing_is_asked_only_when_needed_and_cached(make_hub: 
     # A failed listing keeps nothing: unknown now, asked again next time.
     hub.fault = status(500)
     now[0] += 61
-    assert await daemon._servers(True) == [] and listings() == 4
+    assert await daemon._servers(True) is None and listings() == 4  # None: unknown, never "no servers" (inv. 13)
     hub.fault = None
     assert _keys(await daemon._servers(True)) == {("alice", ""), ("bob", "")} and listings() == 5
 

@@ -1019,6 +1019,8 @@ def test_invariant_12_whole_target_pod_listed_by_its_gateway() -> None:
                      id="kernels-no-longer-listable"),
         pytest.param({"srv": server("alice", "gpu", idle_for=5)}, Verdict.KEEP,
                      "re-check: server alice/gpu active at 22:13 UTC", id="server-became-active"),
+        pytest.param({"srv": server("alice", "gpu", listed_at=NOW - 50)}, Verdict.UNKNOWN,
+                     "re-check: server alice/gpu was not asked of the hub again", id="server-not-asked-again"),
     ],
 )
 def test_invariant_12_whole_target_recheck_reads_everything_again(
@@ -1077,11 +1079,11 @@ def test_invariant_12_whole_target_recheck_reads_everything_again(
         ),
         pytest.param(
             kernel(pod_info=pod(annotations=GPU_NAME), server=server("alice", "gpu", listed_at=NOW - 300)),
-            "stop-server needs this cycle's hub listing of server alice/gpu (listed 5m ago)", id="listing-old",
+            "stop-server needs a current hub listing of server alice/gpu (listed 5m ago)", id="listing-old",
         ),
         pytest.param(
             kernel(pod_info=pod(annotations=GPU_NAME), server=server("alice", "gpu", listed_at=None)),
-            "stop-server needs this cycle's hub listing of server alice/gpu (listed never)", id="never-listed",
+            "stop-server needs a current hub listing of server alice/gpu (listed never)", id="never-listed",
         ),
     ],
 )

@@ -615,7 +615,7 @@ def test_decide_reads_each_gpu_window_once_even_with_auto(monkeypatch: pytest.Mo
     calls: list[str] = []
     real = policy_mod._gpu_view
     monkeypatch.setattr(policy_mod, "_gpu_view", lambda uuid, *a: calls.append(uuid) or real(uuid, *a))
-    cands = [replace(kernel(f"6f1c2a3b-0000-4000-8000-{i:012d}", server=ServerRef(f"u{i}", ""), user=f"u{i}",
+    cands = [replace(kernel(f"6f1c2a3b-0000-4000-8000-{i:012d}", server=server(f"u{i}", ""), user=f"u{i}",
                             pod_info=pod(f"jupyter-u{i}", uid=f"a1b2c3d4-0000-4000-8000-{i:012d}", user=f"u{i}")),
                      allocated=True, allocated_gpus=(UUID0,)) for i in range(20)]
     decisions = decide(cands, snapshot(), evict_settings("auto", **{}), NOW, PolicyState())
