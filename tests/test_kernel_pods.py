@@ -93,8 +93,9 @@ def _decide(c: Candidate, action: str) -> Any:
     procs = (ProcessSample(4242, GIB),) if c.kernel_id else ()  # a pod candidate holds GPUs with no process on them
     sampled = [series(u, i, start=start, processes=procs) for i, u in enumerate(UUIDS.values())]
     c = dataclasses.replace(c, held_since=start, pod_listed_at=NOW - 1)  # invariants 10, 16: held long, fresh pod
-    (d,) = decide([c], snapshot(*sampled, started_at=start), make_settings(policies=[policy(action=action)]), NOW,
-                  WARNED)  # invariant 11: warned long ago
+    # Bare allocations opted in: these tests are about kernel pods (invariant 12 tests bare pods on their own).
+    settings = make_settings(policies=[policy(action=action, reclaim_bare_allocations=True)])
+    (d,) = decide([c], snapshot(*sampled, started_at=start), settings, NOW, WARNED)  # invariant 11: warned long ago
     return d
 
 

@@ -708,7 +708,7 @@ gpu: {{backend: nvml, library_path: "{fake_nvml.lib_path}"}}
 kubernetes: {{enabled: true, kubeconfig: "{kubeconfig}", pod_resources_socket: "{kubelet.socket_path}",
               resync_interval: 1s, timeout: 2s}}
 policies:
-  - {{name: all, idle_after: 3s, warn_before: 1s, action: auto}}
+  - {{name: all, idle_after: 3s, warn_before: 1s, action: auto, reclaim_bare_allocations: true}}
 limits: {{max_actions_per_cycle: 5, cooldown: 1m, max_fraction_per_cycle: 1.0}}
 """, "<e2e>")
         daemon = Daemon(settings, build_adapters(settings))

@@ -84,7 +84,7 @@ kubernetes: {{enabled: true, kubeconfig: "{kubeconfig}", pod_resources_socket: "
               resync_interval: 1s, timeout: 2s}}
 policies:
   - {{name: pods, match: {{namespaces: [team-a]}}, idle_after: {IDLE_AFTER}s, warn_before: {WARN_BEFORE}s,
-      action: evict-pod}}
+      action: evict-pod, reclaim_bare_allocations: true}}
   - {{name: kernels, idle_after: {IDLE_AFTER}s, warn_before: {WARN_BEFORE}s, action: shutdown-kernel}}
 limits: {{max_actions_per_cycle: 5, cooldown: 1m, max_fraction_per_cycle: 1.0}}
 {extra}""", "<safety-e2e>")
