@@ -188,22 +188,22 @@ def test_item6_token_source_rereads_on_change_keeps_the_last_good_token(tmp_path
     from reclaimer.gateway import TokenError, TokenSource
 
     path = tmp_path / "token"
-    _rotate(path, "t-1")
+    _rotate(path, "zq-one")
     source = TokenSource("gateway 'eg'", file=str(path))
-    assert source.current() == "t-1" and source.reread() is False
-    _rotate(path, "t-2")
-    assert source.current() == "t-2" and source.rereads == 1  # noticed by stat alone, before any 401
+    assert source.current() == "zq-one" and source.reread() is False
+    _rotate(path, "zq-two")
+    assert source.current() == "zq-two" and source.rereads == 1  # noticed by stat alone, before any 401
     path.unlink()  # a Secret update swaps a symlink: for a moment there is no file
-    assert source.current() == "t-2" and source.reread() is False
+    assert source.current() == "zq-two" and source.reread() is False
     _rotate(path, "   ")  # empty: unusable, the last good token stays
-    assert source.current() == "t-2"
-    _rotate(path, "t-3")
-    assert source.reread() is True and source.current() == "t-3"
+    assert source.current() == "zq-two"
+    _rotate(path, "zq-three")
+    assert source.reread() is True and source.current() == "zq-three"
     source.refused(401)
-    assert source.rejected is not None and "t-3" not in source.rejected and str(path) in source.rejected
+    assert source.rejected is not None and "zq-three" not in source.rejected and str(path) in source.rejected
     source.accepted()
     assert source.rejected is None
-    monkeypatch.setenv("RECLAIMER_TEST_ROT_TOKEN", "e-1")
+    monkeypatch.setenv("RECLAIMER_TEST_ROT_TOKEN", "zq-env")
     env = TokenSource("hub", env="RECLAIMER_TEST_ROT_TOKEN")
     assert env.reread() is False
     env.refused(401)
