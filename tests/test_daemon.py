@@ -308,6 +308,7 @@ gpu: {{backend: simulated}}
 kubernetes: {{enabled: false}}
 gateways: [{{name: gw, url: "{server.make_url('')}"}}]
 policies: [{{name: p, idle_after: 60s, warn_before: 30s}}]
+limits: {{max_clock_skew: 1h}}  # the driven clock runs minutes ahead of the gateway's real Date header (invariant 19)
 """)
     backend = SimulatedBackend({"gpus": [{"uuid": "GPU-1", "model": "NVIDIA H100", "memory_total": 80 * GIB}],
                                 "processes": [{"pid": kernel_process.pid, "gpu": 0, "memory_bytes": GIB}]})
