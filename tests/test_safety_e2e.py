@@ -330,3 +330,41 @@ async def test_invariant_19_e2e_a_gateway_clock_behind_ours_vouches_for_nothing(
         {d.reason for d in skewed}
     (acted_at, _), = [(t, r) for t, r in w.results(key) if r.result == "success"]
     assert acted_at > fixed[0]
+
+
+async def test_invariant_19_e2e_a_reused_pid_is_not_the_process_nvml_listed(fake_nvml: FakeNvml,  # noqa: F811
+                                                                             tmp_path: Path) -> None:
+    """The real daemon (one cycle, real pynvml over the fake NVML) attributes through a fake /proc: the process now at
+    the listed pid started after the sample that listed it, so it is not a kernel's GPU process and no candidate is
+    made; the reason is in the report's unattributed list. Positive control: the same process dated before the
+    sample is the kernel's."""
+    from tests.support.procfs_fixtures import FakeProc, kernel_cmdline
+
+    kid = "0c0ffee0-0000-4000-8000-000000000019"
+    proc = FakeProc(tmp_path / "proc")
+    proc.host_init()
+    proc.add(4321, ppid=1, cmdline=kernel_cmdline(kid), starttime=100_000)  # 1000 s after boot (CLK_TCK 100)
+    fake_nvml.write(gpus=[FakeGpu(uuid=gpu_uuid(0), util=0)], processes=[FakeProcess(pid=4321, gpu=0, memory=GIB)])
+
+    async def one_cycle(uptime: float) -> CycleSnapshot:
+        proc.set_uptime(uptime)
+        settings = parse_settings(f"""
+node_name: {NODE}
+sample_interval: 200ms
+decide_interval: 500ms
+procfs_root: "{proc.root}"
+gpu: {{backend: nvml, library_path: "{fake_nvml.lib_path}"}}
+kubernetes: {{enabled: false}}
+""", "<pid-reuse>")
+        snaps: list[CycleSnapshot] = []
+        daemon = Daemon(settings, build_adapters(settings))
+        daemon.on_cycle = lambda snap, results: snaps.append(snap)
+        assert await daemon.run(once=True, serve=False) == 0
+        return snaps[-1]
+
+    reused = await one_cycle(uptime=900.0)  # booted 900 s ago: the process "started" 100 s from now
+    assert [c.key for c in reused.decisions] == []
+    (p,) = reused.unattributed
+    assert p.pid == 4321 and p.reason.startswith("pid 4321 was reused: the process there now started at ")
+    same = await one_cycle(uptime=2000.0)  # booted 2000 s ago: it started 1000 s ago, long before the sample
+    assert [c.candidate.key for c in same.decisions] == [f"kernel:{kid}"] and same.unattributed == ()
