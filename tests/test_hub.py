@@ -680,3 +680,63 @@ async def test_item6_hub_token_file_is_reread_and_a_refusal_is_reported(
         assert (await client.stop_server("alice"))[0] == "failed" and client.credential.rejected is None
     finally:
         await client.close()
+
+
+async def test_invariant_13_daemon_never_stops_another_server_and_a_failed_listing_is_unknown(
+    make_hub: Make, tmp_path: Any
+) -> None:
+    """Through the daemon's cycle: alice's pod (KubeSpawner annotations: server "gpu") holds an idle GPU, policy
+    stop-server. While the hub's listing fails, and then while the hub lists only alice's default server, the verdict
+    is unknown with the reason, and no server is stopped (the old code fell back to DELETE .../users/alice/server)."""
+    from reclaimer.config import parse_settings
+    from reclaimer.daemon import Adapters, Daemon
+    from reclaimer.gpusim import SimulatedBackend
+    from reclaimer.kube import PodCache
+    from reclaimer.model import PodGpuAllocation, Verdict
+    from reclaimer.sampler import Sampler
+    from tests.support.fake_kube import FakeKube
+
+    hub, client, origin = await make_hub()
+    hub.fault = status(500)
+    clock = [time.time()]
+    settings = parse_settings(f"""
+mode: enforce
+node_name: n1
+sample_interval: 1s
+decide_interval: 15s
+gpu: {{backend: simulated}}
+hub: {{url: "{origin}", token_env: X, cache_ttl: 1s}}
+policies: [{{name: servers, idle_after: 60s, warn_before: 30s, action: stop-server}}]
+""")
+    backend = SimulatedBackend({"gpus": [{"uuid": "GPU-1", "model": "NVIDIA H100", "memory_total": 1 << 30}]})
+    sampler = Sampler(backend, interval=1.0, window_seconds=settings.longest_window, clock=lambda: clock[0])
+    sampler.start(thread=False)
+    with FakeKube() as api:
+        api.add_pod("jupyter-alice--gpu", namespace="hub", node="n1",
+                    annotations={"hub.jupyter.org/username": "alice", "hub.jupyter.org/servername": "gpu"})
+        pods = PodCache(api.kube_client(settings.kubernetes, node_name="n1"), "n1", settings.kubernetes,
+                        clock=lambda: clock[0])
+        allocation = [PodGpuAllocation("hub", "jupyter-alice--gpu", "notebook", ("GPU-1",))]
+        daemon = Daemon(settings, Adapters(backend=backend, hub=client, kube=api.kube_client(node_name="n1"),
+                                           pods=pods, pod_resources=lambda: allocation),
+                        clock=lambda: clock[0], sampler=sampler)
+        reasons: list[str] = []
+        try:
+            for cycle in range(12):  # 3 minutes: the hub fails for the first 1.5, then lists alice's default only
+                if cycle == 6:
+                    hub.fault = None
+                    hub.add_server("alice")  # the default server "", not "gpu"
+                for _ in range(15):
+                    clock[0] += 1.0
+                    sampler.tick()
+                snap, _ = await daemon.cycle()
+                (d,) = snap.decisions
+                assert d.verdict is Verdict.UNKNOWN, d.reason
+                reasons.append(d.reason)
+        finally:
+            await daemon.close()
+    assert reasons[5] == ("stop-server needs the user's server as the hub lists it: the hub's server list is unknown "
+                          "this cycle (the hub did not answer every page usably)")
+    assert reasons[-1] == ("stop-server needs the server the hub lists this cycle, but it lists no server 'gpu' for "
+                           "user alice (never another server instead)")
+    assert [r.method for r in hub.requests if r.method == "DELETE"] == []
