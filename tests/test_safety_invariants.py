@@ -175,7 +175,8 @@ def test_invariant_11_property_reclaim_only_warn_before_after_a_warning_of_the_s
 # --------------------------------------------------------------------------- 10. idle time is bounded by holding time
 
 
-EVICT = {"policies": [policy("p", action="evict-pod")]}
+# Pod candidates (no process, no kernel) are judged only where the policy opts in to bare allocations (invariant 12).
+EVICT = {"policies": [policy("p", action="evict-pod", reclaim_bare_allocations=True)]}
 
 
 @pytest.mark.parametrize(
@@ -392,7 +393,7 @@ def _in_pod(allocated: tuple[str, ...] | None) -> Candidate:
 )
 def test_invariant_15_unreadable_gpu_taints(candidate: Candidate, gpu1: dict, verdict: Verdict, reason: str) -> None:
     snap = snapshot(series(), series(UUID1, 1, patch=gpu1))
-    top = {"policies": [policy("p", action="evict-pod")]} if candidate.kernel_id is None else {}
+    top = EVICT if candidate.kernel_id is None else {}
     d = decide_one(candidate, snap, **top)
     assert d.verdict is verdict, d.reason
     assert reason in d.reason, d.reason
@@ -455,7 +456,7 @@ def test_invariant_16_stale_pod_metadata_is_unknown(candidate: Candidate, listed
                                                     verdict: Verdict, reason: str) -> None:
     """decide_interval 15s (the default) and resync 15s: pod data older than 3 x 15s vouches for nothing."""
     c = dataclasses.replace(candidate, pod_listed_at=None if listed_ago is None else NOW - listed_ago)
-    top = {"policies": [policy("p", action="evict-pod")]} if c.kernel_id is None else {}
+    top = EVICT if c.kernel_id is None else {}
     d = decide_one(c, kubernetes={"resync_interval": "15s"}, **top)
     assert d.verdict is verdict, d.reason
     assert reason in d.reason, d.reason
