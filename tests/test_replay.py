@@ -138,10 +138,20 @@ def test_cli_reports_a_bad_trace_and_exits_2(tmp_path: Path, capsys: pytest.Capt
 def test_our_default_policy_never_reclaims_falsely(seed: int, shape: str) -> None:
     trace = generate(FleetParams(users=3, days=2, seed=seed))
     f = replay(trace, ours_default(), shape)
-    bad = [a for a in f.false_reasons]
-    assert f.false_reclaims == 0, f"false reclaims {f.false_reasons} ({bad})"
+    assert f.false_reclaims == 0, f"false reclaims: {f.false_reasons}"
     assert f.actions > 0, "positive control: the fleet has idle kernels the policy must reclaim"
     assert f.given_back_mem_gib_h > 0
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_auto_releases_allocations_and_never_reclaims_falsely(shape: str) -> None:
+    """The whole target (stop-server ends every kernel of the server) and idle bounded by holding time, over a
+    fleet with busy CPU-only kernels beside idle GPU kernels and re-spawned servers."""
+    trace = generate(FleetParams(users=4, days=2, seed=1))
+    auto = Ours("ours auto", [{"name": "default", "action": "auto"}], sample_interval=STEP, decide_interval=STEP)
+    f = replay(trace, auto, shape)
+    assert f.false_reclaims == 0, f"false reclaims: {f.false_reasons}"
+    assert f.extra["releases"].get("allocation", 0) > 0 and f.given_back_alloc_h > 0
 
 
 # --------------------------------------------------------------------------- the books and the anchors' blind spots
