@@ -33,9 +33,10 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
@@ -92,11 +93,18 @@ class GatewayState:
     down: bool = False  # 503 for everything (a flapping gateway)
     deleted: list[str] = field(default_factory=list)  # kernels shut down through the API, for the world to end
     requests: int = 0
+    clock: Callable[[], float] = time.time  # the soak's simulated clock: the Date header follows it (invariant 19)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def _gateway_app(state: GatewayState) -> Any:
     from aiohttp import web
+
+    @web.middleware
+    async def simulated_date(request: web.Request, handler: Any) -> web.StreamResponse:
+        response = await handler(request)
+        response.headers["Date"] = formatdate(state.clock(), usegmt=True)
+        return response
 
     async def get_kernel(request: web.Request) -> web.Response:
         with state.lock:
@@ -123,7 +131,7 @@ def _gateway_app(state: GatewayState) -> Any:
             state.deleted.append(kid)
         return web.Response(status=204)
 
-    app = web.Application()
+    app = web.Application(middlewares=[simulated_date])
     app.router.add_get("/api/kernels/{kid}", get_kernel)
     app.router.add_delete("/api/kernels/{kid}", delete_kernel)
     return app
@@ -392,7 +400,7 @@ async def _run_soak(mode: str, sizes: SoakSizes, workdir: Path, progress: bool) 
     root = workdir / f"proc-{mode}"
     proc = FakeProc(root)
     proc.host_init()
-    state = GatewayState()
+    state = GatewayState(clock=now)
     with FakeKube() as kube_api, GatewayThread(state) as gw:
         settings = parse_settings(f"""
 mode: {mode}
