@@ -192,24 +192,31 @@ def parse_kernel_listing(body: object, gateway: str, observed_at: float,
 # --------------------------------------------------------------------------- tokens and TLS
 
 
-def _check_token(token: str, where: str) -> str:
+def _check_token(token: str, where: str, bearer: bool = False) -> str:
     token = token.strip()
     if not token:
         raise TokenError(f"{where} is empty")
+    if bearer and (not (token.isascii() and token.isprintable()) or " " in token):
+        raise TokenError(f"{where} holds characters a bearer token cannot have")
     if not token.isprintable() or not token.isascii():
         # A newline would let the value inject a second header.
         raise TokenError(f"{where} holds characters that cannot go in an HTTP header")
     return token
 
 
-def _read_token_file(path: str, where: str) -> str:
+def _read_token_file(path: str, where: str, bearer: bool = False) -> str:
     try:
         with open(path, encoding="utf-8") as fh:
-            return _check_token(fh.read(64 * 1024), where)
+            return _check_token(fh.read(64 * 1024), where, bearer)
     except OSError as exc:
         raise TokenError(f"{where} cannot be read: {exc.strerror or type(exc).__name__}") from None
     except UnicodeDecodeError:
         raise TokenError(f"{where} is not UTF-8 text") from None
+
+
+def read_bearer_token_file(path: str, where: str) -> str:
+    """A token we accept (``listen_token_file``), read once: as a token file, and without spaces."""
+    return _read_token_file(path, where, bearer=True)
 
 
 def read_token(token_env: str | None, token_file: str | None, owner: str) -> str | None:
@@ -232,11 +239,13 @@ class TokenSource:
     with the token is accepted again.
     """
 
-    def __init__(self, owner: str, *, env: str | None = None, file: str | None = None, value: str | None = None):
+    def __init__(self, owner: str, *, env: str | None = None, file: str | None = None, value: str | None = None,
+                 where: str | None = None, bearer: bool = False):
         if sum(x is not None for x in (env, file, value)) != 1:
             raise ValueError("a token source is exactly one of env, file or value")
         self.owner = owner
         self.file = file
+        self._bearer = bearer  # a token we accept (listen_token_file): no spaces, as `Bearer <token>` splits on them
         self.rejected: str | None = None
         self.rereads = 0  # times the file was read again because it changed or a request was refused
         self._stamp: tuple[int, int, int] | None = None
@@ -248,9 +257,9 @@ class TokenSource:
                 raise TokenError(f"{self.where} is not set")
             self._token = _check_token(raw, self.where)
         elif file is not None:
-            self.where = f"{owner}: token file {file}"
+            self.where = where or f"{owner}: token file {file}"
             self._stamp = self._stat()
-            self._token = _read_token_file(file, self.where)
+            self._token = _read_token_file(file, self.where, bearer)
         else:
             self.where = f"{owner}: token"
             self._token = _check_token(str(value), self.where)
@@ -293,7 +302,7 @@ class TokenSource:
     def _load(self, stamp: tuple[int, int, int] | None) -> None:
         assert self.file is not None
         try:
-            token = _read_token_file(self.file, self.where)
+            token = _read_token_file(self.file, self.where, self._bearer)
         except TokenError as exc:
             if not self._failing:
                 log.warning("token file unusable; keeping the last good token", owner=self.owner, error=str(exc))

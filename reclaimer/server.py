@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import hmac
 import html
-import os
 import time
 from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
 
-from reclaimer.errors import StartupError
+from reclaimer.gateway import TokenError, TokenSource, read_bearer_token_file
 from reclaimer.metrics import Metrics
 from reclaimer.model import CycleSnapshot
 from reclaimer.report import build_report
@@ -46,70 +45,39 @@ class DaemonView(Protocol):
 
 
 PROTECTED_PATHS = frozenset({"/metrics", "/report"})  # what names kernels, users and pods
-TOKEN_FILE_LIMIT = 64 * 1024
 REALM = "gpu-reclaimer"
 # The API server's pod proxy authenticates the caller and drops Authorization before proxying: `reclaimer report
 # --cluster` sends the daemon token in this header instead (the same token, the same constant-time check).
 PROXY_TOKEN_HEADER = "X-Reclaimer-Token"
 
 
-class TokenFileError(StartupError):
-    """``listen_token_file`` is unusable. The message names the file, never the value."""
+# ``listen_token_file`` problems are TokenErrors (StartupErrors): the message names the file, never the value.
+TokenFileError = TokenError
+
+
+def _token_where(path: str) -> str:
+    return f"listen_token_file {path}"
 
 
 def _read_token_file(path: str) -> str:
-    where = f"listen_token_file {path}"
-    try:
-        with open(path, encoding="utf-8") as fh:
-            token = fh.read(TOKEN_FILE_LIMIT).strip()
-    except OSError as exc:
-        raise TokenFileError(f"{where} cannot be read: {exc.strerror or type(exc).__name__}") from None
-    except UnicodeDecodeError:
-        raise TokenFileError(f"{where} is not UTF-8 text") from None
-    if not token:
-        raise TokenFileError(f"{where} is empty")
-    if not (token.isascii() and token.isprintable()) or " " in token:
-        raise TokenFileError(f"{where} holds characters a bearer token cannot have")
-    return token
+    return read_bearer_token_file(path, _token_where(path))
 
 
 class BearerToken:
     """The token ``/metrics`` and ``/report`` require, from a file (a mounted Secret), re-read when it changes.
 
-    The file's identity (inode, size, mtime) is checked on each request; a changed file is read again, so a rotated
-    Secret takes effect without a restart. A file that becomes unreadable keeps the last good token (a Secret update
-    swaps a symlink: there is a moment without the file) and logs once; there is never a moment without a token.
+    The same re-reading as every other token file (gateway.TokenSource): the file's identity (inode, size, mtime) is
+    checked on each request and a changed file is read again, so a rotated Secret takes effect without a restart; a
+    file that becomes unreadable keeps the last good token and logs once; there is never a moment without a token.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._stamp: tuple[int, int, int] | None = None
-        self._token = _read_token_file(path)  # at start-up an unusable file is fatal, with its name
-        self._stamp = self._stat()
-        self._failing = False
-
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return st.st_ino, st.st_size, st.st_mtime_ns
+        # At start-up an unusable file is fatal, with its name.
+        self._source = TokenSource("listen_token_file", file=path, where=_token_where(path), bearer=True)
 
     def current(self) -> str:
-        stamp = self._stat()
-        if stamp is not None and stamp != self._stamp:
-            try:
-                self._token = _read_token_file(self.path)
-                self._stamp = stamp
-                if self._failing:
-                    log.info("listen token file readable again", path=self.path)
-                self._failing = False
-                log.info("listen token re-read", path=self.path)
-            except TokenFileError as exc:
-                if not self._failing:
-                    log.warning("listen token file unusable; keeping the last good token", error=str(exc))
-                self._failing = True
-        return self._token
+        return self._source.current()
 
     def accepts(self, header: str | None) -> bool:
         """Whether an ``Authorization`` header carries the token (``Bearer <token>``), compared in constant time."""

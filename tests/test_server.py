@@ -226,7 +226,8 @@ async def test_item3_a_rotated_token_file_is_reread(aiohttp_client: Any, tmp_pat
     path.write_text("\n")  # an empty file is not a token either
     with capture_logs() as logs:
         assert (await client.get("/metrics", headers={"Authorization": "Bearer rotated-xyz-0123456789"})).status == 200
-    assert [e["event"] for e in logs] == ["listen token file unusable; keeping the last good token"]
+    assert [(e["event"], e["owner"]) for e in logs] == [
+        ("token file unusable; keeping the last good token", "listen_token_file")]
     assert "xyz-0123456789" not in str(logs)
 
 
