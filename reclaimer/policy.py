@@ -1134,7 +1134,7 @@ def _apply_circuit_breaker(
             if d is chosen:
                 d = replace(d, reason=f"{head}; this one goes now (reclaimable since {_clock(since[key])}, "
                                       f"one per cycle); {d.reason}")
-            elif key in {s.candidate.key for s in steady}:
+            elif ready[key] <= now:  # steady (the same test as above)
                 d = _demote(d, f"{head}; held: one per cycle, another goes first", settings)
             else:
                 wait = ready[key] - now
