@@ -454,6 +454,12 @@ def _sum_known(values: Iterable[float | None]) -> float | None:
     return None if not vals or any(v is None for v in vals) else sum(v for v in vals if v is not None)
 
 
+# The columns of _kernel_row, for the node table and (after NODE) the cluster table.
+# ALLOC: the pod holds the GPU allocation; FREES: what the action gives back (alloc = the GPU, mem = its memory).
+KERNEL_COLUMNS = ("NAMESPACE", "POD/KERNEL", "USER", "GPU", "MEM", "UTIL", "STATE", "IDLE", "ALLOC", "VERDICT", "ACTION",
+                  "FREES", "ETA", "REASON")  # fmt: skip
+
+
 def _kernel_row(k: Mapping[str, Any], index_of: Mapping[str, int]) -> list[str]:
     short = (k["kernel_id"] or "")[:8]
     who = f"{k['pod']}/{short}" if k["pod"] and short else (k["pod"] or short or "?")
@@ -540,11 +546,8 @@ def render_table(report: Mapping[str, Any], width: int | None = None) -> str:
     )
     note = " (verdicts show what enforce would do)" if report["mode"] == "dry-run" else ""
     lines = [_cell(f"node {report['node']}  mode {report['mode']}{note}  at {report['generated_at']}"), ""]
-    # ALLOC: the pod holds the GPU allocation; FREES: what the action gives back (alloc = the GPU, mem = its memory).
-    headers = ["NAMESPACE", "POD/KERNEL", "USER", "GPU", "MEM", "UTIL", "STATE", "IDLE", "ALLOC", "VERDICT", "ACTION",
-               "FREES", "ETA", "REASON"]  # fmt: skip
     if kernels:
-        lines += _format_table(headers, [_kernel_row(k, index_of) for k in kernels], width, "REASON")
+        lines += _format_table(list(KERNEL_COLUMNS), [_kernel_row(k, index_of) for k in kernels], width, "REASON")
     else:
         lines.append("No kernels or pods hold a GPU on this node.")
     lines += ["", summary_line(report["summary"])]
@@ -666,7 +669,9 @@ def merge_reports(
 def render_cluster_table(merged: Mapping[str, Any], width: int | None = None) -> str:
     """The merged report as one kubectl-like table (a NODE column first, the worst waste first), the summary, the
     nodes by mode, and every node that did not answer with the reason."""
-    index_of = {(g["node"], g["uuid"]): g["index"] for g in merged["gpus"]}
+    index_of: dict[str, dict[str, int]] = {}  # node -> GPU UUID -> index
+    for g in merged["gpus"]:
+        index_of.setdefault(g["node"], {})[g["uuid"]] = g["index"]
     modes: dict[str, int] = {}
     for n in merged["nodes"]:
         modes[n["mode"]] = modes.get(n["mode"], 0) + 1
@@ -676,12 +681,9 @@ def render_cluster_table(merged: Mapping[str, Any], width: int | None = None) ->
     note = "; dry-run verdicts show what enforce would do" if modes.get("dry-run") else ""
     lines = [_cell(f"cluster  {answered} of {total} nodes answered" + (f" ({by_mode}{note})" if by_mode else "")
                    + f"  at {merged['generated_at']}"), ""]
-    headers = ["NODE", "NAMESPACE", "POD/KERNEL", "USER", "GPU", "MEM", "UTIL", "STATE", "IDLE", "VERDICT", "ACTION",
-               "ETA", "REASON"]  # fmt: skip
     if merged["kernels"]:
-        rows = [[k["node"], *_kernel_row(k, {u: i for (n, u), i in index_of.items() if n == k["node"]})]
-                for k in merged["kernels"]]
-        lines += _format_table(headers, rows, width, "REASON")
+        rows = [[k["node"], *_kernel_row(k, index_of.get(k["node"], {}))] for k in merged["kernels"]]
+        lines += _format_table(["NODE", *KERNEL_COLUMNS], rows, width, "REASON")
     else:
         lines.append("No kernels or pods hold a GPU on the nodes that answered.")
     lines += ["", summary_line(merged["summary"])]

@@ -24,6 +24,8 @@ from reclaimer.report import (
     human_bytes,
     human_duration,
     human_ratio,
+    merge_reports,
+    render_cluster_table,
     render_json,
     render_table,
     report_from_json,
@@ -296,6 +298,23 @@ def test_table_sorts_by_waste_and_shows_human_units(report: dict[str, Any]) -> N
     assert ("3 GPUs held idle: 50.0 GiB GPU memory, 1 GPU allocation; 1 reclaimable now; 2 warned; "
             "planned actions release 1 allocation(s), free memory only for 2; 1 unknown") in table.splitlines()
     assert "(verdicts show what enforce would do)" in table.splitlines()[0]
+
+
+def test_cluster_table_has_the_node_table_columns_after_node(report: dict[str, Any]) -> None:
+    # The cluster table is the node table with NODE in front: same headers, and every cell under its own header
+    # (ALLOC and FREES included, REASON last and not cut off).
+    node = report["node"]
+    merged = merge_reports([json.loads(render_json(report))], [], NOW)
+    lines = render_cluster_table(merged).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("NODE"))
+    header, rows = lines[start], lines[start + 1 : lines.index("", start)]
+    assert header.split() == ["NODE", "NAMESPACE", "POD/KERNEL", "USER", "GPU", "MEM", "UTIL", "STATE", "IDLE",
+                              "ALLOC", "VERDICT", "ACTION", "FREES", "ETA", "REASON"]  # fmt: skip
+    alice = next(r for r in rows if "jupyter-alice/11111111" in r)
+    assert alice.split()[:14] == [node, "ml-team", "jupyter-alice/11111111", "alice", "0", "20.0", "GiB", "0%", "idle",
+                                  "47m", "-", "reclaim", "shutdown-kernel", "mem"]  # fmt: skip
+    node_alice = next(r for r in _kernel_lines(render_table(report)) if "jupyter-alice/11111111" in r)
+    assert alice.endswith(node_alice.split("mem", 1)[1].strip())  # the same ETA and REASON as the node table
 
 
 def test_table_lists_gpus_and_unattributed_processes(report: dict[str, Any]) -> None:
