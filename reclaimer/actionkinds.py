@@ -109,11 +109,6 @@ def recovers(action: ActionKind, c: Candidate) -> Recovers:
 
 def kubeflow_notebook(pod: PodInfo) -> str | None:
     """The name of the Kubeflow Notebook whose pod this is (StatefulSet pod labelled ``notebook-name``), or None."""
-    return _is_kubeflow_notebook(pod)
-
-
-def _is_kubeflow_notebook(pod: PodInfo) -> str | None:
-    """The Kubeflow Notebook a pod belongs to, or None."""
     owner = pod.controller
     if owner is not None and owner.kind == KUBEFLOW_NOTEBOOK_KIND:
         return owner.name
@@ -128,7 +123,7 @@ def what_would_work(c: Candidate) -> str:
     owner = pod.controller if pod is not None else None
     if c.kernel_id is not None and (c.kernel_pod or (owner is not None and owner.kind == JUPYTER_KERNEL_KIND)):
         return "shut the kernel down through its gateway (shutdown-kernel; the gateway deletes the kernel pod)"
-    if pod is not None and _is_kubeflow_notebook(pod):
+    if pod is not None and kubeflow_notebook(pod):
         return "use stop-notebook"
     if c.server is not None:
         return "use stop-server"
@@ -143,7 +138,7 @@ def what_would_work(c: Candidate) -> str:
 def _owner_text(pod: PodInfo) -> str:
     owner = pod.controller
     assert owner is not None
-    notebook = _is_kubeflow_notebook(pod)
+    notebook = kubeflow_notebook(pod)
     context = ""
     if notebook is not None and owner.kind != KUBEFLOW_NOTEBOOK_KIND:
         context = f" (Kubeflow Notebook {notebook})"
