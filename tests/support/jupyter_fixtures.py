@@ -451,10 +451,22 @@ async def wait_for_state(url: str, token: str, kernel_id: str, state: str, timeo
     return await _call(_gateway(url, token).wait_state(kernel_id, state, timeout))
 
 
-async def wake_kernel(url: str, token: str, kernel_id: str) -> dict[str, Any]:
-    """Talk to a fresh kernel so it leaves "starting"; returns its model once it reports "idle"."""
-    await run_code(url, token, kernel_id, "pass")
-    return await wait_for_state(url, token, kernel_id, "idle")
+async def wake_kernel(url: str, token: str, kernel_id: str, timeout: float = 60.0) -> dict[str, Any]:
+    """Talk to a fresh kernel so it leaves "starting"; returns its model once it reports "idle".
+
+    The server learns the state from the kernel's IOPub status messages. Under load a server may subscribe after the
+    first execution's messages went out (ZMQ's slow joiner: seen with Enterprise Gateway's jupyter_server 1.x), so the
+    kernel is talked to again, every 10 s, until the deadline.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        await run_code(url, token, kernel_id, "pass")
+        remaining = deadline - time.monotonic()
+        try:
+            return await wait_for_state(url, token, kernel_id, "idle", timeout=max(1.0, min(10.0, remaining)))
+        except JupyterTestError:
+            if time.monotonic() >= deadline:
+                raise
 
 
 async def kernel_pid(url: str, token: str, kernel_id: str) -> int:
