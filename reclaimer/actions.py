@@ -20,6 +20,7 @@ from reclaimer import actionkinds
 from reclaimer.config import format_duration
 from reclaimer.hub import HUB_GATEWAY
 from reclaimer.kubeflow import KUBEFLOW_GATEWAY
+from reclaimer.redact import redact_text
 from reclaimer.model import (
     ActionKind,
     ActionResult,
@@ -435,7 +436,8 @@ class LiveExecutor:
 
 
 def _short(text: str, limit: int = 120) -> str:
-    text = " ".join(str(text).split())
+    """A failure detail for the back-off reason in /report: one line, bounded, with secrets redacted (foreign text)."""
+    text = " ".join(redact_text(str(text)).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

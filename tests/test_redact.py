@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import structlog
 
+from reclaimer.actions import _short as backoff_detail
 from reclaimer import redact
 from reclaimer.config import GatewaySettings, parse_settings, redacted
 from reclaimer.kube import scrub_note
@@ -106,6 +107,7 @@ def test_redact_data_too_deep_is_replaced_whole() -> None:
 def test_every_writer_redacts_the_corpus(text: str, secret: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert secret not in policy_scrub(text), "decision reason"
     assert secret not in scrub_note(text), "Event note"
+    assert secret not in backoff_detail(text, limit=100_000), "failure detail in a back-off reason (/report)"
     configure_logging("info", json=True)
     try:
         structlog.get_logger("reclaimer.t").warning(text, error=text, detail={"nested": [text]})
