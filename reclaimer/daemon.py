@@ -198,6 +198,9 @@ class Daemon:
         hub_source = getattr(self.adapters.hub, "credential", None)
         if hub_source is not None:
             out["hub"] = hub_source.rejected
+        notebook_source = getattr(self.adapters.notebooks, "credential", None)
+        if notebook_source is not None:
+            out["kubeflow"] = notebook_source.rejected
         if self.adapters.kube is not None and hasattr(self.adapters.kube, "rejected"):
             out["kubernetes"] = self.adapters.kube.rejected
         return out

@@ -101,8 +101,8 @@ def parse_last_activity(value: object) -> datetime | None:
         return None
 
 
-def _skew(answer: HttpAnswer, received_at: float) -> float | None:
-    """The gateway's clock minus ours when its answer arrived (invariant 19); None without a Date header."""
+def answer_clock_skew(answer: HttpAnswer, received_at: float) -> float | None:
+    """The answering server's clock minus ours when its answer arrived (invariant 19); None without a Date header."""
     return None if answer.date is None else answer.date - received_at
 
 
@@ -217,15 +217,6 @@ def _read_token_file(path: str, where: str, bearer: bool = False) -> str:
 def read_bearer_token_file(path: str, where: str) -> str:
     """A token we accept (``listen_token_file``), read once: as a token file, and without spaces."""
     return _read_token_file(path, where, bearer=True)
-
-
-def read_token(token_env: str | None, token_file: str | None, owner: str) -> str | None:
-    """The token from an environment variable or a file, read once. None when no source is configured.
-
-    Raises TokenError naming the source (never the value) when it is missing, empty or not header-safe.
-    """
-    source = TokenSource.from_settings(token_env, token_file, owner)
-    return source.current() if source is not None else None
 
 
 class TokenSource:
@@ -664,7 +655,7 @@ class GatewayClient:
             self._mark(False, answer.error)
             return KernelLookup(self.unknown_activity(kernel_id, answer.error), unreachable=answer.status is None)
         try:
-            activity = parse_kernel_model(answer.body, self.name, now, _skew(answer, now))
+            activity = parse_kernel_model(answer.body, self.name, now, answer_clock_skew(answer, now))
         except BadAnswer as exc:
             self._mark(False, str(exc))
             return KernelLookup(self.unknown_activity(kernel_id, str(exc)))
@@ -689,7 +680,7 @@ class GatewayClient:
             return KernelListing(None, answer.error)
         try:
             now = self._clock()
-            kernels = parse_kernel_listing(answer.body, self.name, now, _skew(answer, now))
+            kernels = parse_kernel_listing(answer.body, self.name, now, answer_clock_skew(answer, now))
         except BadAnswer as exc:
             self._mark(False, str(exc))
             return KernelListing(None, str(exc))

@@ -39,6 +39,7 @@ from reclaimer.gateway import (
     RestEndpoint,
     SessionFactory,
     TokenSource,
+    answer_clock_skew,
     is_kernel_id,
     parse_kernel_listing,
     parse_last_activity,
@@ -402,7 +403,8 @@ class HubClient:
                               error=answer.error)
             return None
         try:
-            return parse_kernel_listing(answer.body, HUB_GATEWAY, self._clock())
+            now = self._clock()
+            return parse_kernel_listing(answer.body, HUB_GATEWAY, now, answer_clock_skew(answer, now))
         except BadAnswer as exc:
             self._log.warning("server kernels unknown", user=server.user, server_name=server.server_name,
                               error=str(exc))

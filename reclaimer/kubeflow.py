@@ -21,9 +21,10 @@ from reclaimer.gateway import (
     BadAnswer,
     RestEndpoint,
     SessionFactory,
+    TokenSource,
+    answer_clock_skew,
     is_kernel_id,
     parse_kernel_listing,
-    read_token,
     tls_context,
 )
 from reclaimer.model import NotebookRef
@@ -51,7 +52,8 @@ class NotebookServers:
     def __init__(self, settings: KubeflowSettings, session_factory: SessionFactory | None = None,
                  clock: Callable[[], float] = time.time):
         self.settings = settings
-        self._token = read_token(settings.token_env, settings.token_file, "kubeflow")
+        # Re-read when its file changes, one re-read after a refusal (issue 10 item 6), like the gateways' tokens.
+        self.credential = TokenSource.from_settings(settings.token_env, settings.token_file, "kubeflow")
         self._session_factory = session_factory
         self._clock = clock
         self._endpoints: dict[tuple[str, str], RestEndpoint] = {}
@@ -63,7 +65,7 @@ class NotebookServers:
         key = (namespace, name)
         if key not in self._endpoints:
             self._endpoints[key] = RestEndpoint(
-                f"notebook {namespace}/{name}", url, self._token, timeout=self.settings.timeout,
+                f"notebook {namespace}/{name}", url, self.credential, timeout=self.settings.timeout,
                 tls=tls_context(url, None, True, "kubeflow"), session_factory=self._session_factory,
                 untracked=True,  # watching is not using: Kubeflow's own culler reads the same activity
             )
@@ -79,7 +81,7 @@ class NotebookServers:
         if answer.error is not None:
             return NotebookRef(namespace, name, None, f"notebook server: {answer.error}", now)
         try:
-            kernels = parse_kernel_listing(answer.body, KUBEFLOW_GATEWAY, now)
+            kernels = parse_kernel_listing(answer.body, KUBEFLOW_GATEWAY, now, answer_clock_skew(answer, now))
         except BadAnswer as exc:
             return NotebookRef(namespace, name, None, f"notebook server: {exc}", now)
         return NotebookRef(namespace, name, tuple(kernels), None, now)

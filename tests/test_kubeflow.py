@@ -235,6 +235,46 @@ async def test_notebook_server_kernels_from_a_real_server(notebook_server: Jupyt
     assert refused.kernels is None and "not contacted" in str(refused.error)
 
 
+async def test_item6_kubeflow_token_file_follows_rotation(notebook_server: JupyterProcess, tmp_path: Path) -> None:
+    """The Kubeflow token is a token file like the others (issue 10 item 6): a rotated file is used at once."""
+    js = notebook_server
+    token_file = tmp_path / "kf-token"
+    token_file.write_text("zq-not-the-token\n")
+    port = js.extra["port"]
+    servers = NotebookServers(KubeflowSettings(notebook_url=f"http://127.0.0.1:{port}/notebook/{{namespace}}/{{name}}",
+                                               token_file=str(token_file)))
+    try:
+        refused = await servers.kernels(NS, NB)
+        fresh = tmp_path / "kf-token.new"
+        fresh.write_text(js.token + "\n")
+        fresh.replace(token_file)  # how a Secret update lands
+        accepted = await servers.kernels(NS, NB)
+    finally:
+        await servers.close()
+    assert refused.kernels is None and refused.error is not None  # the wrong token: unknown, never "no kernels"
+    assert accepted.error is None and accepted.kernels == ()
+
+
+async def test_invariant_19_notebook_server_clock_is_checked(notebook_server: JupyterProcess,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A notebook server's Date header is compared with our clock, as a gateway's is: its kernels carry the skew."""
+    js = notebook_server
+    kid = await start_kernel(js.url, js.token)
+    monkeypatch.setenv("KF_TOKEN", js.token)
+    settings = KubeflowSettings(notebook_url=f"http://127.0.0.1:{js.extra['port']}/notebook/{{namespace}}/{{name}}",
+                                token_env="KF_TOKEN")
+    in_step, ours_ahead = NotebookServers(settings), NotebookServers(settings, clock=lambda: time.time() + 600)
+    try:
+        agreed = await in_step.kernels(NS, NB)
+        skewed = await ours_ahead.kernels(NS, NB)
+    finally:
+        await in_step.close()
+        await ours_ahead.close()
+        await shutdown_kernel(js.url, js.token, kid)
+    assert agreed.kernels and abs(agreed.kernels[0].clock_skew) < 30  # positive control: clocks agree
+    assert skewed.kernels and abs(skewed.kernels[0].clock_skew + 600) < 30  # the server is 10 min behind us
+
+
 async def _server_activity(js: JupyterProcess) -> str:
     import aiohttp
 
