@@ -874,6 +874,11 @@ def _whole_target(
         who = f"kernel {k.kernel_id[:8]} in {source}"
         if k.error is not None:
             return _Whole(unknown=f"{verb} would also end {who}, whose state is unknown ({_scrub(k.error)})")
+        skew = k.clock_skew  # invariant 19 for every kernel the action ends, not only the candidate's own
+        if skew is not None and not abs(skew) <= settings.limits.max_clock_skew:
+            direction = "ahead of" if skew > 0 else "behind"
+            return _Whole(unknown=f"{verb} would also end {who}, whose server's clock is {_dur(abs(skew))} "
+                                  f"{direction} ours (limits.max_clock_skew {format_duration(settings.limits.max_clock_skew)})")
         age = now - k.observed_at
         if not math.isfinite(age) or age > limit:
             return _Whole(unknown=f"{verb} would also end {who}, last observed {_dur(age)} ago")

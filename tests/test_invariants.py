@@ -893,6 +893,15 @@ def _whole(action: str = "stop-server", *, other: Any = None, target: Any = ...,
             id="non-gpu-kernel-unknown",
         ),
         pytest.param(
+            dict(other=dataclasses.replace(activity(OTHER, idle_for=3 * 3600), clock_skew=-600.0)), Verdict.UNKNOWN,
+            "{action} would also end kernel 7e2d4c5b in server alice/gpu, whose server's clock is 10m behind ours "
+            "(limits.max_clock_skew 1m)", id="non-gpu-kernel-server-clock-behind",
+        ),
+        pytest.param(
+            dict(other=dataclasses.replace(activity(OTHER, idle_for=3 * 3600), clock_skew=20.0)), Verdict.RECLAIM,
+            None, id="control-skew-within-tolerance",
+        ),
+        pytest.param(
             dict(other=activity(OTHER, observed_at=NOW - 3600)), Verdict.UNKNOWN,
             "{action} would also end kernel 7e2d4c5b in server alice/gpu, last observed 1h ago", id="listing-stale",
         ),
