@@ -19,6 +19,11 @@ class KernelClientError(Exception):
     pass
 
 
+class ChannelClosed(KernelClientError):
+    """The kernel's websocket closed before any answer to our request: nothing was seen running (a fresh kernel whose
+    server dropped the channel while it was still starting)."""
+
+
 def _msg(msg_type: str, content: dict[str, Any], session: str, channel: str = "shell") -> dict[str, Any]:
     return {
         "header": {
@@ -101,7 +106,7 @@ class GatewayRest:
                                             f"{msg['content'].get('evalue')}")
                 if t == "status" and msg["content"].get("execution_state") == "idle":
                     return "".join(out)
-            raise KernelClientError("websocket closed before the kernel answered")
+            raise ChannelClosed("websocket closed before the kernel answered")
 
         async with aiohttp.ClientSession(headers=self.headers) as s:
             async with s.ws_connect(ws_url, timeout=aiohttp.ClientWSTimeout(ws_close=5)) as ws:
@@ -123,5 +128,13 @@ class GatewayRest:
             await asyncio.sleep(0.1)
         raise KernelClientError(f"kernel {kernel_id} did not reach {state!r}; last: {model.get('execution_state')!r}")
 
-    async def pid(self, kernel_id: str) -> int:
-        return int((await self.execute(kernel_id, "import os; print(os.getpid())")).strip())
+    async def pid(self, kernel_id: str, attempts: int = 3) -> int:
+        """The kernel's process id, as it reports it. Asking is idempotent, so a channel closed before any answer (a
+        kernel still starting) is asked again, a few times."""
+        code = "import os; print(os.getpid())"
+        for attempt in range(1, attempts):
+            try:
+                return int((await self.execute(kernel_id, code)).strip())
+            except ChannelClosed:
+                await asyncio.sleep(0.5 * attempt)  # back-off between attempts, not synchronisation
+        return int((await self.execute(kernel_id, code)).strip())
