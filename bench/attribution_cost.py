@@ -23,8 +23,8 @@ from bench.common import (
     median,
     stage,
 )
-from reclaimer.attribution import Attributor
-from reclaimer.model import ProcessSample
+from reclaimer.observe.attribution import Attributor
+from reclaimer.core.model import ProcessSample
 
 GPU = "GPU-bench0000-0000-4000-8000-000000000000"
 

@@ -34,8 +34,8 @@ DISCOVERY_TARGET = 2048  # bytes per kernel new to a node, whatever K (issue 13 
 
 
 def _pool(gw: RunningGateway) -> Any:
-    from reclaimer.config import GatewaySettings
-    from reclaimer.gateway import GatewayClient, GatewayPool
+    from reclaimer.core.config import GatewaySettings
+    from reclaimer.observe.gateway import GatewayClient, GatewayPool
 
     return GatewayPool([GatewayClient(GatewaySettings(name="gw", url=gw.url, token_env=TOKEN_ENV))])
 

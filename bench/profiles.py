@@ -74,7 +74,7 @@ def run(lib: FakeLib, workdir: Path, all_kernel_ids: Sequence[str], gpu_kernels:
 
 
 def _settings(args: dict[str, Any]) -> Any:
-    from reclaimer.config import parse_settings
+    from reclaimer.core.config import parse_settings
 
     gateways = "\n".join(f"  - {{name: gw-{i}, url: \"{u}\", kind: kernel-gateway, token_env: {TOKEN_ENV}}}"
                          for i, u in enumerate(args["urls"]))
@@ -86,8 +86,8 @@ def _settings(args: dict[str, Any]) -> Any:
 
 
 async def _cycles(args: dict[str, Any]) -> dict[str, Any]:
-    from reclaimer.daemon import Daemon, build_adapters
-    from reclaimer.logs import configure_logging
+    from reclaimer.app.daemon import Daemon, build_adapters
+    from reclaimer.export.logs import configure_logging
 
     configure_logging("warning")
     settings = _settings(args)

@@ -29,7 +29,7 @@ from bench.common import (
     stage,
     verdict,
 )
-from reclaimer.model import ActionKind, CycleSnapshot, ProcessSample, Verdict
+from reclaimer.core.model import ActionKind, CycleSnapshot, ProcessSample, Verdict
 
 TARGET_SECONDS = 0.020
 _VERDICTS = (Verdict.KEEP, Verdict.KEEP, Verdict.WARN, Verdict.RECLAIM, Verdict.UNKNOWN, Verdict.EXEMPT)
@@ -81,9 +81,9 @@ def _serve(args: dict[str, Any]) -> None:
     """Worker: serve the snapshot on 127.0.0.1 (free port), print the port, serve until stdin closes."""
     import asyncio
 
-    from reclaimer.logs import configure_logging
-    from reclaimer.metrics import Metrics
-    from reclaimer.server import make_app, serve
+    from reclaimer.export.logs import configure_logging
+    from reclaimer.export.metrics import Metrics
+    from reclaimer.export.server import make_app, serve
 
     configure_logging("warning")
     snap = build_snapshot(int(args["gpus"]), int(args["kernels"]))

@@ -386,12 +386,12 @@ async def run_soak(mode: str, sizes: SoakSizes, workdir: Path, progress: bool = 
 async def _run_soak(mode: str, sizes: SoakSizes, workdir: Path, progress: bool) -> SoakResult:
     import aiohttp
 
-    from reclaimer.config import parse_settings
-    from reclaimer.daemon import Adapters, Daemon
-    from reclaimer.gateway import GatewayClient, GatewayPool
-    from reclaimer.gpusim import SimulatedBackend
-    from reclaimer.kube import PodCache
-    from reclaimer.server import make_app, serve
+    from reclaimer.core.config import parse_settings
+    from reclaimer.app.daemon import Adapters, Daemon
+    from reclaimer.observe.gateway import GatewayClient, GatewayPool
+    from reclaimer.observe.gpusim import SimulatedBackend
+    from reclaimer.observe.kube import PodCache
+    from reclaimer.export.server import make_app, serve
     from tests.support.fake_kube import FakeKube
     from tests.support.procfs_fixtures import FakeProc
 

@@ -182,8 +182,8 @@ def worker(args: dict[str, Any]) -> dict[str, Any]:
     drifts of a shared machine hit every point alike."""
     import pynvml
 
-    from reclaimer.nvml import NvmlBackend
-    from reclaimer.sampler import Sampler
+    from reclaimer.observe.nvml import NvmlBackend
+    from reclaimer.observe.sampler import Sampler
 
     gpus = int(args["gpus"])
     counts = [int(n) for n in args["processes"]]

@@ -1,5 +1,5 @@
 import sys
 
-from reclaimer.cli import main
+from reclaimer.app.cli import main
 
 sys.exit(main())

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from reclaimer.actions import DryRunExecutor, LiveExecutor, executor_for
-from reclaimer.config import GatewaySettings
-from reclaimer.gateway import GatewayClient, GatewayPool
-from reclaimer.model import (
+from reclaimer.act.actions import DryRunExecutor, LiveExecutor, executor_for
+from reclaimer.core.config import GatewaySettings
+from reclaimer.observe.gateway import GatewayClient, GatewayPool
+from reclaimer.core.model import (
     ActionKind,
     ActionResult,
     AttributedProcess,
@@ -411,9 +411,9 @@ async def test_item4_live_executor_state_stays_bounded_by_the_live_candidates(ai
 async def test_invariant_11_warning_precedes_stop_server(aiohttp_server, kube: FakeKube,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """The same for stop-server, against the fake JupyterHub: no DELETE of the server before the warning went out."""
-    from reclaimer.config import HubSettings
-    from reclaimer.hub import HubClient
-    from reclaimer.model import ServerRef
+    from reclaimer.core.config import HubSettings
+    from reclaimer.observe.hub import HubClient
+    from reclaimer.core.model import ServerRef
     from tests.support.fake_hub import FakeHub
 
     hub = FakeHub(token="hub-token-for-warn-test")

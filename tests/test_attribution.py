@@ -11,9 +11,9 @@ import pytest
 from jupyter_client.multikernelmanager import MultiKernelManager
 from structlog.testing import capture_logs
 
-from reclaimer.attribution import Attributor
-from reclaimer.model import AttributedProcess, ProcessSample
-from reclaimer.procfs import INITIAL_PID_NAMESPACE
+from reclaimer.observe.attribution import Attributor
+from reclaimer.core.model import AttributedProcess, ProcessSample
+from reclaimer.observe.procfs import INITIAL_PID_NAMESPACE
 from tests.support.procfs_fixtures import (
     OTHER_PID_NAMESPACE,
     SECRET,

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from reclaimer.cli import EnvOption, build_parser, main, parse_args
-from reclaimer.config import ConfigError, ConfigIssue, Settings
-from reclaimer.errors import ReclaimerError, StartupError
-from reclaimer.logs import reset_logging
+from reclaimer.app.cli import EnvOption, build_parser, main, parse_args
+from reclaimer.core.config import ConfigError, ConfigIssue, Settings
+from reclaimer.core.errors import ReclaimerError, StartupError
+from reclaimer.export.logs import reset_logging
 
 REPO = Path(__file__).resolve().parent.parent
 CONSOLE_SCRIPT = Path(sys.executable).parent / "reclaimer"
@@ -83,23 +83,23 @@ class Recorder:
 
 @pytest.fixture
 def daemon(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
-    module = types.ModuleType("reclaimer.daemon")
+    module = types.ModuleType("reclaimer.app.daemon")
     module.run_daemon = Recorder()  # type: ignore[attr-defined]
     module.run_report = Recorder()  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "reclaimer.daemon", module)
+    monkeypatch.setitem(sys.modules, "reclaimer.app.daemon", module)
     return types.SimpleNamespace(run=module.run_daemon, report=module.run_report)
 
 
 @pytest.fixture
 def demo(monkeypatch: pytest.MonkeyPatch) -> Recorder:
-    module = types.ModuleType("reclaimer.demo")
+    module = types.ModuleType("reclaimer.app.demo")
     recorder = Recorder()
 
     def run_demo(duration: float = 90.0, port: int = 9400, live: bool | None = None, keep_going: bool = False) -> int:
         return int(recorder(duration=duration, port=port, live=live, keep_going=keep_going))
 
     module.run_demo = run_demo  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "reclaimer.demo", module)
+    monkeypatch.setitem(sys.modules, "reclaimer.app.demo", module)
     return recorder
 
 
@@ -399,9 +399,9 @@ def test_unexpected_errors_keep_their_traceback(daemon: types.SimpleNamespace) -
 @pytest.mark.parametrize(
     ("argv", "module"),
     [
-        pytest.param(["run"], "reclaimer.daemon", id="run"),
-        pytest.param(["report"], "reclaimer.daemon", id="report"),
-        pytest.param(["demo"], "reclaimer.demo", id="demo"),
+        pytest.param(["run"], "reclaimer.app.daemon", id="run"),
+        pytest.param(["report"], "reclaimer.app.daemon", id="report"),
+        pytest.param(["demo"], "reclaimer.app.demo", id="demo"),
     ],
 )
 def test_missing_module_is_exit_3_not_available_yet(

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from reclaimer.cli import main
-from reclaimer.metrics import Metrics
-from reclaimer.model import CycleSnapshot, Verdict
-from reclaimer.server import BearerToken, make_app
+from reclaimer.app.cli import main
+from reclaimer.export.metrics import Metrics
+from reclaimer.core.model import CycleSnapshot, Verdict
+from reclaimer.export.server import BearerToken, make_app
 from tests.support.export_fixtures import GIB, SnapshotBuilder, node_snapshot, serve_in_thread
 from tests.support.fake_kube import FakeKube, Reply, status_body
 

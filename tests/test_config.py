@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from reclaimer.config import (
+from reclaimer.core.config import (
     ConfigError,
     ConfigIssue,
     GatewaySettings,
@@ -26,7 +26,7 @@ from reclaimer.config import (
     parse_settings,
     redacted,
 )
-from reclaimer.errors import ReclaimerError
+from reclaimer.core.errors import ReclaimerError
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -17,12 +17,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from reclaimer.config import parse_settings
-from reclaimer.daemon import Adapters, Daemon
-from reclaimer.demo import free_port
-from reclaimer.gateway import GatewayClient, GatewayPool
-from reclaimer.gpusim import SimulatedBackend
-from reclaimer.model import Verdict
+from reclaimer.core.config import parse_settings
+from reclaimer.app.daemon import Adapters, Daemon
+from reclaimer.app.demo import free_port
+from reclaimer.observe.gateway import GatewayClient, GatewayPool
+from reclaimer.observe.gpusim import SimulatedBackend
+from reclaimer.core.model import Verdict
 from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, fake_nvml, fake_nvml_libs, gpu_uuid  # noqa: F401
 
 KID = "5e5e5e5e-0000-4000-8000-000000000001"
@@ -295,8 +295,8 @@ class FailingDeleteGateway(OldIdleGateway):
 
 
 async def test_item4_backoff_of_a_failing_action_shows_in_the_report_reason(aiohttp_server, kernel_process) -> None:
-    from reclaimer.report import build_report
-    from reclaimer.sampler import Sampler
+    from reclaimer.export.report import build_report
+    from reclaimer.observe.sampler import Sampler
 
     server = await aiohttp_server(FailingDeleteGateway().app())
     FailingDeleteGateway.deletes = 0
@@ -403,7 +403,7 @@ def test_item5_real_daemon_survives_a_blocking_proc_read_and_a_wedged_nvml_call(
 
 def test_item4_cooldowns_stay_bounded_by_the_recent_actions() -> None:
     """Five actions every cycle for a simulated day: the cooldown map keeps only the last two cooldowns' keys."""
-    from reclaimer.model import ActionKind, ActionResult, Candidate, Decision
+    from reclaimer.core.model import ActionKind, ActionResult, Candidate, Decision
 
     settings = parse_settings("gpu: {backend: simulated}\nkubernetes: {enabled: false}\ndecide_interval: 15s\n"
                               "limits: {cooldown: 10m, max_actions_per_cycle: 5}\n")

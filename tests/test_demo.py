@@ -9,7 +9,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from reclaimer.demo import free_port
+from reclaimer.app.demo import free_port
 
 
 def _processes_mentioning(text: str) -> list[int]:

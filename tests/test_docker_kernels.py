@@ -22,12 +22,12 @@ from typing import Any
 
 import pytest
 
-from reclaimer.attribution import Attributor
-from reclaimer.config import parse_settings
-from reclaimer.daemon import Daemon, build_adapters
-from reclaimer.demo import free_port
-from reclaimer.model import ProcessSample
-from reclaimer.procfs import (
+from reclaimer.observe.attribution import Attributor
+from reclaimer.core.config import parse_settings
+from reclaimer.app.daemon import Daemon, build_adapters
+from reclaimer.app.demo import free_port
+from reclaimer.core.model import ProcessSample
+from reclaimer.observe.procfs import (
     Mount,
     ProcessUnreadable,
     ProcfsParseError,

@@ -23,11 +23,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from reclaimer.config import Settings, parse_settings
-from reclaimer.daemon import Daemon, build_adapters
-from reclaimer.demo import RESERVED_KERNEL, KernelGatewayProcess, _write_reserved_kernelspec, free_port
-from reclaimer.kernelclient import GatewayRest
-from reclaimer.model import ActionResult, CycleSnapshot, Verdict
+from reclaimer.core.config import Settings, parse_settings
+from reclaimer.app.daemon import Daemon, build_adapters
+from reclaimer.app.demo import RESERVED_KERNEL, KernelGatewayProcess, _write_reserved_kernelspec, free_port
+from reclaimer.app.kernelclient import GatewayRest
+from reclaimer.core.model import ActionResult, CycleSnapshot, Verdict
 from tests.support.fake_kube import FakeKube
 from tests.support.fake_kubelet import FakeKubelet, pod
 from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, fake_nvml, fake_nvml_libs, gpu_uuid  # noqa: F401
@@ -89,7 +89,7 @@ async def node(gateway: KernelGatewayProcess, fake_nvml: FakeNvml, tmp_path: Pat
     pids = dict(zip(ids, await asyncio.gather(*(rest.pid(k) for k in ids.values())), strict=True))
     await rest.execute(ids["training"], "import time\ntime.sleep(600)", wait=False)
     await rest.wait_state(ids["training"], "busy")
-    from reclaimer.gateway import parse_last_activity
+    from reclaimer.observe.gateway import parse_last_activity
 
     last = {r: parse_last_activity((await rest.kernel(k))["last_activity"]) for r, k in ids.items()}
     proxy = RecordingProxy(gateway.url)
@@ -233,7 +233,7 @@ async def test_enforce_reclaims_only_the_idle_kernel_and_the_idle_pod(node: Node
     assert ("GPUIdle", "EvictPod") in reasons_actions
     assert all(e["reportingController"] == "reclaimer.io/gpu-reclaimer" for e in n.kube.events)
     # Invariant 9: the gateway token reaches no Event, report or metric.
-    from reclaimer.report import build_report, render_json
+    from reclaimer.export.report import build_report, render_json
 
     assert n.kg.token not in json.dumps(n.kube.events)
     assert n.kg.token not in render_json(build_report(daemon.snapshot())) and n.kg.token not in exposition
@@ -296,7 +296,7 @@ async def test_report_from_a_running_daemon_and_metrics(node: Node, tmp_path: Pa
         assert kernels[n.kernels["training"]]["execution_state"] == "busy"
         assert kernels[n.kernels["reserved"]]["verdict"] == "exempt"
         assert 'reclaimer_kernel_info{' in metrics and n.kernels["idle"] in metrics
-        from reclaimer.report import render_table, report_from_json
+        from reclaimer.export.report import render_table, report_from_json
 
         table = render_table(report_from_json(body))
         assert n.kernels["idle"][:8] in table

@@ -15,11 +15,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from reclaimer.config import GatewaySettings, parse_settings
-from reclaimer.daemon import Daemon, build_adapters
-from reclaimer.demo import free_port
-from reclaimer.gateway import CONFLICTING_GATEWAYS, GatewayClient, GatewayPool
-from reclaimer.model import Verdict
+from reclaimer.core.config import GatewaySettings, parse_settings
+from reclaimer.app.daemon import Daemon, build_adapters
+from reclaimer.app.demo import free_port
+from reclaimer.observe.gateway import CONFLICTING_GATEWAYS, GatewayClient, GatewayPool
+from reclaimer.core.model import Verdict
 from tests.support.jupyter_fixtures import (  # noqa: F401  (session fixtures used by name)
     EG_USER,
     JupyterProcess,

@@ -1,4 +1,4 @@
-"""reclaimer.gateway against a fault-injecting fake gateway and against real Kernel Gateway / Jupyter Server."""
+"""reclaimer.observe.gateway against a fault-injecting fake gateway and against real Kernel Gateway / Jupyter Server."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import aiohttp
 import pytest
 import structlog
 
-from reclaimer.config import GatewaySettings
-from reclaimer.gateway import (
+from reclaimer.core.config import GatewaySettings
+from reclaimer.observe.gateway import (
     KERNEL_BODY_LIMIT,
     LIST_BODY_LIMIT,
     MAX_CONCURRENCY,

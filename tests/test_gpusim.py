@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from reclaimer.gpusim import DEFAULT_SCENARIO, ScenarioError, SimulatedBackend
-from reclaimer.model import GpuSample
-from reclaimer.sampler import Sampler
+from reclaimer.observe.gpusim import DEFAULT_SCENARIO, ScenarioError, SimulatedBackend
+from reclaimer.core.model import GpuSample
+from reclaimer.observe.sampler import Sampler
 
 GIB = 1024**3
 UUID0 = "GPU-00000000-0000-4000-8000-000000000000"

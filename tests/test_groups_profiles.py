@@ -14,15 +14,15 @@ from typing import Any
 import pytest
 import yaml
 
-from reclaimer import hub as hub_mod
-from reclaimer.config import ConfigError, parse_settings
-from reclaimer.daemon import Daemon, build_adapters
-from reclaimer.demo import free_port
-from reclaimer.gateway import BadAnswer
-from reclaimer.hub import HubClient
-from reclaimer.model import Candidate, ProcessSample, ServerRef, Verdict
-from reclaimer.policy import choose_policy, decide
-from reclaimer.model import PolicyState
+from reclaimer.observe import hub as hub_mod
+from reclaimer.core.config import ConfigError, parse_settings
+from reclaimer.app.daemon import Daemon, build_adapters
+from reclaimer.app.demo import free_port
+from reclaimer.observe.gateway import BadAnswer
+from reclaimer.observe.hub import HubClient
+from reclaimer.core.model import Candidate, ProcessSample, ServerRef, Verdict
+from reclaimer.core.policy import choose_policy, decide
+from reclaimer.core.model import PolicyState
 from tests.support.jupyter_fixtures import (  # noqa: F401  (session fixtures used by name)
     JupyterProcess,
     jupyterhub,

@@ -1,4 +1,4 @@
-"""reclaimer.hub against a real JupyterHub (with configurable-http-proxy and real single-user servers) and, for
+"""reclaimer.observe.hub against a real JupyterHub (with configurable-http-proxy and real single-user servers) and, for
 faults a real hub cannot show, a fake hub that follows the real REST semantics."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import structlog
 
-from reclaimer.config import HubSettings
-from reclaimer.gateway import LIST_BODY_LIMIT, TokenError
-from reclaimer.hub import HUB_GATEWAY, PAGINATION_ACCEPT, HubClient, loopback_origin, safe_origin, safe_server_path
-from reclaimer.model import ServerRef
+from reclaimer.core.config import HubSettings
+from reclaimer.observe.gateway import LIST_BODY_LIMIT, TokenError
+from reclaimer.observe.hub import HUB_GATEWAY, PAGINATION_ACCEPT, HubClient, loopback_origin, safe_origin, safe_server_path
+from reclaimer.core.model import ServerRef
 from tests.support.fake_gateway import hang, html, json_body, raw, redirect, status
 from tests.support.fake_hub import FakeHub
 from tests.support.jupyter_fixtures import (  # noqa: F401  (session fixture used by name)
@@ -562,9 +562,9 @@ async def test_real_hub_wrong_token(hub_with_servers: JupyterProcess, monkeypatc
 
 
 async def test_item4_hub_listing_is_asked_only_when_needed_and_cached(make_hub: Make) -> None:
-    from reclaimer.config import parse_settings
-    from reclaimer.daemon import Adapters, Daemon
-    from reclaimer.gpusim import SimulatedBackend
+    from reclaimer.core.config import parse_settings
+    from reclaimer.app.daemon import Adapters, Daemon
+    from reclaimer.observe.gpusim import SimulatedBackend
 
     hub, client, origin = await make_hub()
     hub.add_server("alice")
@@ -608,8 +608,8 @@ async def test_item4_hub_listing_is_asked_only_when_needed_and_cached(make_hub: 
 
 
 def test_locate_servers_in_pods_uses_the_pod_ip_and_notebook_port() -> None:
-    from reclaimer.hub import locate_servers
-    from reclaimer.model import AttributedProcess, Candidate, PodInfo
+    from reclaimer.observe.hub import locate_servers
+    from reclaimer.core.model import AttributedProcess, Candidate, PodInfo
 
     server = ServerRef("alice", "gpu", url="/user/alice/gpu/")
 
@@ -633,8 +633,8 @@ def test_locate_servers_in_pods_uses_the_pod_ip_and_notebook_port() -> None:
 def test_locate_servers_on_a_host_needs_the_server_pid_among_the_kernels_ancestors() -> None:
     import os
 
-    from reclaimer.hub import locate_servers
-    from reclaimer.model import AttributedProcess, Candidate
+    from reclaimer.observe.hub import locate_servers
+    from reclaimer.core.model import AttributedProcess, Candidate
 
     kid = "0b6e2c61-8f7c-4b1a-9d3e-5a4f2e1c7b90"
     me = os.getpid()
@@ -688,12 +688,12 @@ async def test_invariant_13_daemon_never_stops_another_server_and_a_failed_listi
     """Through the daemon's cycle: alice's pod (KubeSpawner annotations: server "gpu") holds an idle GPU, policy
     stop-server. While the hub's listing fails, and then while the hub lists only alice's default server, the verdict
     is unknown with the reason, and no server is stopped (the old code fell back to DELETE .../users/alice/server)."""
-    from reclaimer.config import parse_settings
-    from reclaimer.daemon import Adapters, Daemon
-    from reclaimer.gpusim import SimulatedBackend
-    from reclaimer.kube import PodCache
-    from reclaimer.model import PodGpuAllocation, Verdict
-    from reclaimer.sampler import Sampler
+    from reclaimer.core.config import parse_settings
+    from reclaimer.app.daemon import Adapters, Daemon
+    from reclaimer.observe.gpusim import SimulatedBackend
+    from reclaimer.observe.kube import PodCache
+    from reclaimer.core.model import PodGpuAllocation, Verdict
+    from reclaimer.observe.sampler import Sampler
     from tests.support.fake_kube import FakeKube
 
     hub, client, origin = await make_hub()

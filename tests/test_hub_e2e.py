@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from reclaimer.config import parse_settings
-from reclaimer.daemon import Daemon, build_adapters
-from reclaimer.demo import free_port
-from reclaimer.hub import HubClient
-from reclaimer.model import Verdict
+from reclaimer.core.config import parse_settings
+from reclaimer.app.daemon import Daemon, build_adapters
+from reclaimer.app.demo import free_port
+from reclaimer.observe.hub import HubClient
+from reclaimer.core.model import Verdict
 from tests.support.jupyter_fixtures import (  # noqa: F401  (session fixtures used by name)
     JupyterProcess,
     hub_request,

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
 
-from reclaimer.config import Settings
-from reclaimer.model import ActionKind, Candidate, Decision, PolicyState, SamplerSnapshot, Verdict
-from reclaimer.policy import IDLE_AFTER_ANNOTATION, decide, plan, recheck
+from reclaimer.core.config import Settings
+from reclaimer.core.model import ActionKind, Candidate, Decision, PolicyState, SamplerSnapshot, Verdict
+from reclaimer.core.policy import IDLE_AFTER_ANNOTATION, decide, plan, recheck
 from tests.support.policy_fixtures import (
     WARNED,
     GIB,

@@ -16,15 +16,15 @@ from typing import Any
 
 import pytest
 
-from reclaimer import actionkinds
-from reclaimer.attribution import Attributor
-from reclaimer.candidates import join
-from reclaimer.config import KubernetesSettings, parse_settings
-from reclaimer.daemon import Daemon, build_adapters
-from reclaimer.demo import free_port
-from reclaimer.kube import PodCache
-from reclaimer.model import ActionKind, Candidate, PodGpuAllocation, PolicyState, ProcessSample, Recovers, Verdict
-from reclaimer.policy import decide
+from reclaimer.core import actionkinds
+from reclaimer.observe.attribution import Attributor
+from reclaimer.core.candidates import join
+from reclaimer.core.config import KubernetesSettings, parse_settings
+from reclaimer.app.daemon import Daemon, build_adapters
+from reclaimer.app.demo import free_port
+from reclaimer.observe.kube import PodCache
+from reclaimer.core.model import ActionKind, Candidate, PodGpuAllocation, PolicyState, ProcessSample, Recovers, Verdict
+from reclaimer.core.policy import decide
 from tests.support.fake_kube import FakeKube
 from tests.support.fake_kubelet import FakeKubelet
 from tests.support.fake_kubelet import pod as kubelet_pod

@@ -1,4 +1,4 @@
-"""reclaimer.kernelclient: a kernel channel that closes before any answer is asked again for idempotent questions.
+"""reclaimer.app.kernelclient: a kernel channel that closes before any answer is asked again for idempotent questions.
 
 A small aiohttp websocket server stands in for a gateway whose channel drops while a fresh kernel is still starting
 (seen with a real Kernel Gateway under load); real gateways are driven through this client by the e2e tests.
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from aiohttp import WSMsgType, web
 
-from reclaimer.kernelclient import ChannelClosed, GatewayRest
+from reclaimer.app.kernelclient import ChannelClosed, GatewayRest
 
 KID = "0b5c1a7e-0000-4000-8000-000000000001"
 

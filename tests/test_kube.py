@@ -1,4 +1,4 @@
-"""reclaimer.kube with the REAL `kubernetes` client against tests/support/fake_kube.py on 127.0.0.1."""
+"""reclaimer.observe.kube with the REAL `kubernetes` client against tests/support/fake_kube.py on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from kubernetes import client as k8s
 from kubernetes.config import incluster_config
 from structlog.testing import capture_logs
 
-from reclaimer.config import KubernetesSettings, parse_settings
-from reclaimer.errors import ReclaimerError
-from reclaimer.kube import (
+from reclaimer.core.config import KubernetesSettings, parse_settings
+from reclaimer.core.errors import ReclaimerError
+from reclaimer.observe.kube import (
     EvictionResult,
     KubeClient,
     KubeError,
@@ -28,7 +28,7 @@ from reclaimer.kube import (
     pod_info_from_json,
     scrub_note,
 )
-from reclaimer.model import OwnerRef, PodInfo
+from reclaimer.core.model import OwnerRef, PodInfo
 from tests.support.fake_kube import (
     MICRO_TIME,
     FakeKube,

@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 
-from reclaimer import actionkinds
-from reclaimer.config import KubeflowSettings, ConfigError, parse_settings
-from reclaimer.daemon import Daemon, build_adapters
-from reclaimer.demo import free_port
-from reclaimer.kube import pod_info_from_json
-from reclaimer.kubeflow import KUBEFLOW_GATEWAY, NotebookServers, is_dns_label, notebook_url
-from reclaimer.model import ActionKind, Candidate, NotebookRef, PolicyState, ProcessSample, Recovers, Verdict
-from reclaimer.policy import decide
+from reclaimer.core import actionkinds
+from reclaimer.core.config import KubeflowSettings, ConfigError, parse_settings
+from reclaimer.app.daemon import Daemon, build_adapters
+from reclaimer.app.demo import free_port
+from reclaimer.observe.kube import pod_info_from_json
+from reclaimer.observe.kubeflow import KUBEFLOW_GATEWAY, NotebookServers, is_dns_label, notebook_url
+from reclaimer.core.model import ActionKind, Candidate, NotebookRef, PolicyState, ProcessSample, Recovers, Verdict
+from reclaimer.core.policy import decide
 from tests.support.fake_kube import FakeKube, Reply, forbidden
 from tests.support.fake_kubelet import FakeKubelet
 from tests.support.fake_kubelet import pod as kubelet_pod

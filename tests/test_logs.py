@@ -18,8 +18,8 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from reclaimer.config import parse_settings, redacted
-from reclaimer.logs import (
+from reclaimer.core.config import parse_settings, redacted
+from reclaimer.export.logs import (
     FORMAT_ENV,
     REDACTED,
     configure_logging,
@@ -29,9 +29,9 @@ from reclaimer.logs import (
 
 EMIT = """
 import logging, structlog
-from reclaimer.logs import configure_logging
+from reclaimer.export.logs import configure_logging
 configure_logging("info")
-log = structlog.get_logger("reclaimer.demo").bind(kernel_id="k-1", gateway="eg")
+log = structlog.get_logger("reclaimer.app.demo").bind(kernel_id="k-1", gateway="eg")
 log.info("cycle done", candidates=3, token="s3cr3t-token")
 log.debug("not at info")
 logging.getLogger("aiohttp.client").warning("gateway %s slow", "eg")
@@ -79,7 +79,7 @@ def json_lines(text: str) -> list[dict[str, Any]]:
 def test_json_lines_when_stdout_is_not_a_terminal() -> None:
     lines = json_lines(run_emitter())
     assert [(r["logger"], r["level"], r["event"]) for r in lines] == [
-        ("reclaimer.demo", "info", "cycle done"),
+        ("reclaimer.app.demo", "info", "cycle done"),
         ("aiohttp.client", "warning", "gateway eg slow"),
         ("urllib3.connectionpool", "error", "pool full"),
     ]
@@ -227,4 +227,4 @@ def test_effective_config_line_in_json(capsys: pytest.CaptureFixture[str]) -> No
     log_effective_config(parse_settings("mode: enforce\n"))
     (record,) = json_lines(capsys.readouterr().out)
     assert record["event"] == "effective config" and record["config"]["mode"] == "enforce"
-    assert record["logger"] == "reclaimer.logs"
+    assert record["logger"] == "reclaimer.export.logs"

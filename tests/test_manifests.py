@@ -16,9 +16,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from reclaimer.config import parse_settings
-from reclaimer.metrics import Metrics
-from reclaimer.server import make_app
+from reclaimer.core.config import parse_settings
+from reclaimer.export.metrics import Metrics
+from reclaimer.export.server import make_app
 from tests.support.export_fixtures import node_snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -275,7 +275,7 @@ def test_enforce_overlay_turns_enforcement_on_and_changes_nothing_else(
 
 
 def test_enforce_mode_variable_really_switches_the_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
-    from reclaimer.cli import parse_args
+    from reclaimer.app.cli import parse_args
 
     monkeypatch.setenv("RECLAIMER_MODE", "enforce")
     assert parse_args(["run", "--config", "/etc/reclaimer/config.yaml"]).mode == "enforce"
@@ -347,8 +347,8 @@ def test_listen_token_component_wires_the_secret_into_daemons_and_service_monito
     # The daemon really takes the variable as its listen_token_file.
     token = tmp_path / "token"
     token.write_text("t0ken\n")
-    from reclaimer.cli import parse_args, run_overrides
-    from reclaimer.config import load_settings
+    from reclaimer.app.cli import parse_args, run_overrides
+    from reclaimer.core.config import load_settings
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RECLAIMER_LISTEN_TOKEN_FILE", str(token))

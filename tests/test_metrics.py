@@ -11,8 +11,8 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from reclaimer.metrics import ACTIONS, FAST_BUCKETS, MODES, RESULTS, Metrics
-from reclaimer.model import ActionKind, ActionResult, BreakerStatus, CycleSnapshot, Verdict
+from reclaimer.export.metrics import ACTIONS, FAST_BUCKETS, MODES, RESULTS, Metrics
+from reclaimer.core.model import ActionKind, ActionResult, BreakerStatus, CycleSnapshot, Verdict
 from tests.support.export_fixtures import (
     GIB,
     K_ALICE,

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from reclaimer.config import parse_settings
-from reclaimer.daemon import Daemon, build_adapters
-from reclaimer.demo import free_port
-from reclaimer.report import build_report, render_table
+from reclaimer.core.config import parse_settings
+from reclaimer.app.daemon import Daemon, build_adapters
+from reclaimer.app.demo import free_port
+from reclaimer.export.report import build_report, render_table
 from tests.support.jupyter_fixtures import (  # noqa: F401  (session fixtures used by name)
     JupyterProcess,
     jupyter_server,

@@ -14,7 +14,7 @@ from typing import Any
 import pynvml
 import pytest
 
-from reclaimer.nvml import (
+from reclaimer.observe.nvml import (
     SM_HOLD_SECONDS,
     UNSUPPORTED_RETRY_SECONDS,
     NvmlBackend,

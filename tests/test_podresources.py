@@ -1,4 +1,4 @@
-"""reclaimer.podresources against a real grpcio PodResourcesLister on a unix socket."""
+"""reclaimer.observe.podresources against a real grpcio PodResourcesLister on a unix socket."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import grpc
 import pytest
 from structlog.testing import capture_logs
 
-from reclaimer import podresources
-from reclaimer.model import PodGpuAllocation
-from reclaimer.podresources import PodResourcesUnavailable, gpu_uuid_for, list_gpu_allocations, resource_matches
+from reclaimer.observe import podresources
+from reclaimer.core.model import PodGpuAllocation
+from reclaimer.observe.podresources import PodResourcesUnavailable, gpu_uuid_for, list_gpu_allocations, resource_matches
 from tests.support.fake_kubelet import FakeKubelet, pod
 
 MIG_PARENTS = {"MIG-11111111-2222-3333-4444-555555555555": "GPU-parent-a"}

@@ -1,4 +1,4 @@
-"""Table tests for reclaimer.policy: rule selection, verdicts, reasons, idle/eta, pod candidates, actions, recheck."""
+"""Table tests for reclaimer.core.policy: rule selection, verdicts, reasons, idle/eta, pod candidates, actions, recheck."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from reclaimer.config import Settings
-from reclaimer.gpusim import SimulatedBackend
-from reclaimer.model import ActionKind, Candidate, Decision, KernelActivity, PolicyState, ProcessSample, ServerRef, Verdict
-from reclaimer.policy import IDLE_AFTER_ANNOTATION, decide, gpu_idle_seconds, recheck, select_policy
-from reclaimer.sampler import Sampler
+from reclaimer.core.config import Settings
+from reclaimer.observe.gpusim import SimulatedBackend
+from reclaimer.core.model import ActionKind, Candidate, Decision, KernelActivity, PolicyState, ProcessSample, ServerRef, Verdict
+from reclaimer.core.policy import IDLE_AFTER_ANNOTATION, decide, gpu_idle_seconds, recheck, select_policy
+from reclaimer.observe.sampler import Sampler
 from tests.support.policy_fixtures import (
     WARNED,
     GIB,

@@ -12,8 +12,8 @@ import pytest
 from jupyter_client.multikernelmanager import MultiKernelManager
 from structlog.testing import capture_logs
 
-from reclaimer import procfs
-from reclaimer.procfs import (
+from reclaimer.observe import procfs
+from reclaimer.observe.procfs import (
     LogOnce,
     ProcessGone,
     ProcessUnreadable,
@@ -422,7 +422,7 @@ def test_kill_if_same_never_kills_a_reused_pid(sleeper: subprocess.Popen[bytes])
 
 
 def test_parse_listening_sockets_ipv4_and_ipv6() -> None:
-    from reclaimer.procfs import parse_listening_sockets
+    from reclaimer.observe.procfs import parse_listening_sockets
 
     tcp = (
         "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"

@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 import yaml
 
-from reclaimer.metrics import BREAKER_CAUSES, RESULTS, Metrics
-from reclaimer.model import ActionResult, CycleSnapshot
-from reclaimer.report import allocation_holdings, held_idle_increments
-from reclaimer.server import make_app
-from reclaimer.stall import STAGES
+from reclaimer.export.metrics import BREAKER_CAUSES, RESULTS, Metrics
+from reclaimer.core.model import ActionResult, CycleSnapshot
+from reclaimer.export.report import allocation_holdings, held_idle_increments
+from reclaimer.export.server import make_app
+from reclaimer.observe.stall import STAGES
 from tests.support.export_fixtures import GIB, K_ALICE, node_snapshot, serve_in_thread
 from tests.support.prometheus_fixtures import (
     NODE,

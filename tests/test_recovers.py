@@ -18,12 +18,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reclaimer import actionkinds
-from reclaimer.actions import LiveExecutor
-from reclaimer.config import parse_settings
-from reclaimer.kube import pod_info_from_json
-from reclaimer.metrics import ACTIONS, Metrics
-from reclaimer.model import (
+from reclaimer.core import actionkinds
+from reclaimer.act.actions import LiveExecutor
+from reclaimer.core.config import parse_settings
+from reclaimer.observe.kube import pod_info_from_json
+from reclaimer.export.metrics import ACTIONS, Metrics
+from reclaimer.core.model import (
     ActionKind,
     ActionResult,
     Candidate,
@@ -35,8 +35,8 @@ from reclaimer.model import (
     ServerRef,
     Verdict,
 )
-from reclaimer.model import PolicyState
-from reclaimer.policy import decide, recheck
+from reclaimer.core.model import PolicyState
+from reclaimer.core.policy import decide, recheck
 from tests.support.fake_kube import FakeKube, Reply
 from tests.support.fake_kubelet import FakeKubelet
 from tests.support.fake_kubelet import pod as fk_pod
@@ -467,8 +467,8 @@ async def test_invariant_17_daemon_never_evicts_a_controller_pod_and_verifies_th
       GPU 2: a bare pod (positive control)               -> evicted; allocation verified released
     Both waste counters and reclaimer_released_gpus_total are read from the daemon's /metrics.
     """
-    from reclaimer.daemon import Daemon, build_adapters
-    from reclaimer.demo import free_port
+    from reclaimer.app.daemon import Daemon, build_adapters
+    from reclaimer.app.demo import free_port
 
     fake_nvml.write(gpus=[FakeGpu(uuid=gpu_uuid(i), util=0) for i in range(3)], processes=[])
     with FakeKube() as api, FakeKubelet(tmp_path / "kubelet.sock") as kubelet:
@@ -544,7 +544,7 @@ limits: {{max_actions_per_cycle: 5, cooldown: 1m, max_fraction_per_cycle: 1.0}}
 
 def test_invariant_17_report_says_what_each_verdict_recovers() -> None:
     from tests.support.export_fixtures import K_ALICE, POD_UID_TRAIN, node_snapshot
-    from reclaimer.report import ReportSchemaError, build_report, render_json, render_table, report_from_json
+    from reclaimer.export.report import ReportSchemaError, build_report, render_json, render_table, report_from_json
     import json
 
     report = build_report(node_snapshot())
@@ -577,7 +577,7 @@ def test_invariant_17_report_says_what_each_verdict_recovers() -> None:
 
 
 def test_invariant_17_join_marks_kernel_pods_shared_gpus_and_allocated_gpus() -> None:
-    from reclaimer.candidates import join
+    from reclaimer.core.candidates import join
 
     eg_pod = replace(pod("kernel-abc", uid="a1b2c3d4-0000-4000-8000-0000000000e6"), labels={"kernel_id": KID})
     nb_pod = pod("jupyter-bob", uid="a1b2c3d4-0000-4000-8000-0000000000b0")
@@ -610,7 +610,7 @@ def test_invariant_17_auto_says_its_choice_only_while_idle() -> None:
 
 def test_decide_reads_each_gpu_window_once_even_with_auto(monkeypatch: pytest.MonkeyPatch) -> None:
     """Many candidates share a GPU, and auto evaluates two plans: each GPU's window is still read once per cycle."""
-    from reclaimer import policy as policy_mod
+    from reclaimer.core import policy as policy_mod
 
     calls: list[str] = []
     real = policy_mod._gpu_view
@@ -688,8 +688,8 @@ async def test_invariant_17_daemon_counts_a_release_only_once_the_pod_is_gone(
 ) -> None:
     """Through the real daemon: the eviction is accepted but the pod lingers (terminating, still listed by the
     kubelet): cycle after cycle nothing is counted released. Once the pod is gone, the release is counted, once."""
-    from reclaimer.daemon import Daemon, build_adapters
-    from reclaimer.demo import free_port
+    from reclaimer.app.daemon import Daemon, build_adapters
+    from reclaimer.app.demo import free_port
 
     fake_nvml.write(gpus=[FakeGpu(uuid=gpu_uuid(0), util=0)], processes=[])
     with FakeKube() as api, FakeKubelet(tmp_path / "kubelet.sock") as kubelet:

@@ -1,4 +1,4 @@
-"""Issue 10 item 7: one redaction. One corpus of secret-bearing text runs through ``reclaimer.redact`` and through
+"""Issue 10 item 7: one redaction. One corpus of secret-bearing text runs through ``reclaimer.core.redact`` and through
 every writer that uses it (log lines, the effective config, decision reasons, Event notes): a secret that one of them
 lets through is a failure here."""
 
@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 import structlog
 
-from reclaimer.actions import _short as backoff_detail
-from reclaimer import redact
-from reclaimer.config import GatewaySettings, parse_settings, redacted
-from reclaimer.kube import scrub_note
-from reclaimer.logs import configure_logging, reset_logging
-from reclaimer.policy import _scrub as policy_scrub
-from reclaimer.redact import REDACTED, is_secret_key, redact_data, redact_text
+from reclaimer.act.actions import _short as backoff_detail
+from reclaimer.core import redact
+from reclaimer.core.config import GatewaySettings, parse_settings, redacted
+from reclaimer.observe.kube import scrub_note
+from reclaimer.export.logs import configure_logging, reset_logging
+from reclaimer.core.policy import _scrub as policy_scrub
+from reclaimer.core.redact import REDACTED, is_secret_key, redact_data, redact_text
 
 JWT = "eyJhbGciOiJSUzI1NiIsImtpZCI6IjEifQ.eyJzdWIiOiJzeXN0ZW06c2EifQ.c2lnbmF0dXJlLXZhbHVl"
 
@@ -127,7 +127,11 @@ def test_no_other_module_keeps_its_own_secret_patterns() -> None:
     """One list: no writer defines secret words of its own any more."""
     import inspect
 
-    from reclaimer import config, kube, logs, policy
+    from reclaimer.core import config, policy
+
+    from reclaimer.observe import kube
+
+    from reclaimer.export import logs
 
     for module in (config, kube, logs, policy):
         source = inspect.getsource(module)

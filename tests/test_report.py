@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reclaimer.errors import ReclaimerError
-from reclaimer.model import NO_NAMESPACE, ActionKind, Decision, ProcessSample, Verdict
-from reclaimer.report import (
+from reclaimer.core.errors import ReclaimerError
+from reclaimer.core.model import NO_NAMESPACE, ActionKind, Decision, ProcessSample, Verdict
+from reclaimer.export.report import (
     NOT_ATTRIBUTED_YET,
     ReportSchemaError,
     build_report,
@@ -453,7 +453,7 @@ def test_held_idle_never_exceeds_wall_time(
 
 
 def test_report_module_is_pure() -> None:
-    code = "import sys, reclaimer.report; print(sorted(m for m in ('aiohttp', 'kubernetes', 'pynvml', 'grpc') if m in sys.modules))"
+    code = "import sys, reclaimer.export.report; print(sorted(m for m in ('aiohttp', 'kubernetes', 'pynvml', 'grpc') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

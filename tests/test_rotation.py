@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from reclaimer.demo import free_port
+from reclaimer.app.demo import free_port
 from tests.support.fake_gateway import FakeGateway
 from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, fake_nvml, fake_nvml_libs, gpu_uuid  # noqa: F401
 from tests.test_daemon import http_status, poll
@@ -185,7 +185,7 @@ limits: {{breaker_min_reclaims: 5}}
 
 def test_item6_token_source_rereads_on_change_keeps_the_last_good_token(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from reclaimer.gateway import TokenError, TokenSource
+    from reclaimer.observe.gateway import TokenError, TokenSource
 
     path = tmp_path / "token"
     _rotate(path, "zq-one")

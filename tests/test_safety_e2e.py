@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from reclaimer.config import Settings, parse_settings
-from reclaimer.daemon import Daemon, build_adapters
-from reclaimer.demo import KernelGatewayProcess, free_port
-from reclaimer.kernelclient import GatewayRest
-from reclaimer.model import ActionResult, CycleSnapshot, Decision, Verdict
+from reclaimer.core.config import Settings, parse_settings
+from reclaimer.app.daemon import Daemon, build_adapters
+from reclaimer.app.demo import KernelGatewayProcess, free_port
+from reclaimer.app.kernelclient import GatewayRest
+from reclaimer.core.model import ActionResult, CycleSnapshot, Decision, Verdict
 from tests.support.fake_kube import FakeKube
 from tests.support.fake_kubelet import FakeKubelet, pod
 from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, fake_nvml, fake_nvml_libs, gpu_uuid  # noqa: F401

@@ -10,8 +10,8 @@ import dataclasses
 import pytest
 from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
 
-from reclaimer.candidates import join
-from reclaimer.model import (
+from reclaimer.core.candidates import join
+from reclaimer.core.model import (
     ActionKind,
     Candidate,
     Decision,
@@ -22,7 +22,7 @@ from reclaimer.model import (
     SamplerSnapshot,
     Verdict,
 )
-from reclaimer.policy import decide, fold_presence, remember
+from reclaimer.core.policy import decide, fold_presence, remember
 from tests.support.policy_fixtures import (
     GIB,
     KID,
@@ -513,7 +513,7 @@ def test_invariant_19_clock_skew_is_unknown(skew: float | None, limit: str | Non
     ],
 )
 def test_invariant_19_naive_last_activity_is_unknown(raw: str, error: str | None) -> None:
-    from reclaimer.gateway import parse_kernel_model
+    from reclaimer.observe.gateway import parse_kernel_model
 
     a = parse_kernel_model({"id": KID, "name": "python3", "execution_state": "idle", "last_activity": raw,
                             "connections": 0}, "eg", NOW, clock_skew=-0.5)
@@ -527,8 +527,8 @@ async def test_invariant_19_gateway_date_header_gives_the_skew(aiohttp_server) -
 
     from aiohttp import web
 
-    from reclaimer.config import GatewaySettings
-    from reclaimer.gateway import GatewayClient
+    from reclaimer.core.config import GatewaySettings
+    from reclaimer.observe.gateway import GatewayClient
 
     async def kernel_model(request: web.Request) -> web.Response:
         body = {"id": KID, "name": "python3", "execution_state": "idle", "last_activity": "2026-01-01T00:00:00Z",
@@ -557,7 +557,7 @@ async def test_invariant_19_gateway_date_header_gives_the_skew(aiohttp_server) -
 def test_invariant_19_a_reused_pid_is_not_the_process_listed(tmp_path, listed_ago: float, attributed: bool) -> None:
     """The process now at the pid started 50 s ago (boot 1000 s ago + 950 s of ticks); the GPU sample listing the pid
     was taken ``listed_ago`` seconds ago."""
-    from reclaimer.attribution import Attributor
+    from reclaimer.observe.attribution import Attributor
     from tests.support.procfs_fixtures import FakeProc, kernel_cmdline
 
     fake = FakeProc(tmp_path / "proc")

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from reclaimer.config import parse_settings
-from reclaimer.gpusim import SimulatedBackend
-from reclaimer.model import GpuDevice, GpuSample, SamplerSnapshot
-from reclaimer.nvml import NvmlBackend
-from reclaimer.sampler import Sampler, open_backend, ring_size
+from reclaimer.core.config import parse_settings
+from reclaimer.observe.gpusim import SimulatedBackend
+from reclaimer.core.model import GpuDevice, GpuSample, SamplerSnapshot
+from reclaimer.observe.nvml import NvmlBackend
+from reclaimer.observe.sampler import Sampler, open_backend, ring_size
 from tests.support.nvml_fixtures import (  # noqa: F401  (fixtures)
     FakeDelay,
     FakeGpu,
@@ -346,7 +346,7 @@ def test_open_backend_nvml_uses_the_library_path(fake_nvml: FakeNvml) -> None:
 
 
 def test_the_simulated_backend_does_not_import_pynvml() -> None:
-    code = ("import sys, json; from reclaimer.config import parse_settings; from reclaimer.sampler import open_backend;"
+    code = ("import sys, json; from reclaimer.core.config import parse_settings; from reclaimer.observe.sampler import open_backend;"
             "open_backend(parse_settings('gpu: {backend: simulated}').gpu); print(json.dumps('pynvml' in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
     assert done.returncode == 0, done.stderr

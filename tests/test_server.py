@@ -12,10 +12,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 from structlog.testing import capture_logs
 
-from reclaimer.metrics import Metrics
-from reclaimer.model import CycleSnapshot
-from reclaimer.report import build_report, report_from_json
-from reclaimer.server import BearerToken, DaemonView, TokenFileError, make_app, serve
+from reclaimer.export.metrics import Metrics
+from reclaimer.core.model import CycleSnapshot
+from reclaimer.export.report import build_report, report_from_json
+from reclaimer.export.server import BearerToken, DaemonView, TokenFileError, make_app, serve
 from tests.support.export_fixtures import node_snapshot
 
 

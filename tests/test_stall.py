@@ -19,13 +19,13 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from reclaimer.config import parse_settings
-from reclaimer.daemon import Adapters, Daemon
-from reclaimer.gateway import GatewayClient, GatewayPool
-from reclaimer.gpusim import SimulatedBackend
-from reclaimer.model import GpuDevice, GpuSample, Verdict
-from reclaimer.sampler import Sampler
-from reclaimer.stall import STAGES, CallTimedOut, Stalled, StageWorker
+from reclaimer.core.config import parse_settings
+from reclaimer.app.daemon import Adapters, Daemon
+from reclaimer.observe.gateway import GatewayClient, GatewayPool
+from reclaimer.observe.gpusim import SimulatedBackend
+from reclaimer.core.model import GpuDevice, GpuSample, Verdict
+from reclaimer.observe.sampler import Sampler
+from reclaimer.observe.stall import STAGES, CallTimedOut, Stalled, StageWorker
 from tests.support.fake_gateway import FakeGateway, hang
 from tests.support.procfs_fixtures import FakeProc, kernel_cmdline
 

@@ -19,10 +19,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from reclaimer.config import GatewaySettings, HubSettings
-from reclaimer.gateway import GatewayClient, GatewayPool, parse_last_activity
-from reclaimer.hub import HubClient, loopback_origin
-from reclaimer.model import ServerRef
+from reclaimer.core.config import GatewaySettings, HubSettings
+from reclaimer.observe.gateway import GatewayClient, GatewayPool, parse_last_activity
+from reclaimer.observe.hub import HubClient, loopback_origin
+from reclaimer.core.model import ServerRef
 from tests.support.jupyter_fixtures import (  # noqa: F401  (session fixtures used by name)
     JupyterProcess,
     header_log,

@@ -1,10 +1,10 @@
 """Ours: the real decision code driven over the simulated world. This module is the ONE adapter between the world
 and gpu-reclaimer; when the policy's inputs change, this is the file to change.
 
-What is real: ``reclaimer.config.parse_settings`` (the policy as YAML, validated like the daemon's),
-``reclaimer.sampler.Sampler`` (its ring and window, ticked on the simulated clock through a ``GpuBackend``),
-``reclaimer.candidates.join`` (processes + pods + allocations + gateway views -> candidates),
-``reclaimer.policy.decide`` and ``reclaimer.policy.recheck``. What stands in for the edges: NVML (``SimBackend``
+What is real: ``reclaimer.core.config.parse_settings`` (the policy as YAML, validated like the daemon's),
+``reclaimer.observe.sampler.Sampler`` (its ring and window, ticked on the simulated clock through a ``GpuBackend``),
+``reclaimer.core.candidates.join`` (processes + pods + allocations + gateway views -> candidates),
+``reclaimer.core.policy.decide`` and ``reclaimer.core.policy.recheck``. What stands in for the edges: NVML (``SimBackend``
 reads the world's GPU processes), attribution (the world knows which kernel and pod each process belongs to; the
 daemon finds it through /proc), the gateway and hub (views built from the world at the same instant), and the
 executor (``_execute`` changes the world as the live executor's adapters would). The policy state is carried
@@ -24,11 +24,11 @@ from typing import Any
 import yaml
 
 from bench.replay.world import GPU_MODEL, Kernel, Pod, Server, World
-from reclaimer import candidates as join_mod
-from reclaimer import policy
-from reclaimer.config import Settings, parse_settings
-from reclaimer.hub import HUB_GATEWAY
-from reclaimer.model import (
+from reclaimer.core import candidates as join_mod
+from reclaimer.core import policy
+from reclaimer.core.config import Settings, parse_settings
+from reclaimer.observe.hub import HUB_GATEWAY
+from reclaimer.core.model import (
     ActionKind,
     AttributedProcess,
     Decision,
@@ -42,7 +42,7 @@ from reclaimer.model import (
     ServerRef,
     Verdict,
 )
-from reclaimer.sampler import Sampler
+from reclaimer.observe.sampler import Sampler
 
 USER_LABEL = "hub.jupyter.org/username"
 # Inputs the join accepts (main grows them issue by issue): what is not accepted yet is not passed.

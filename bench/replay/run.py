@@ -12,7 +12,7 @@ from bench.replay.ours import RELEASING_ACTION, Ours
 from bench.replay.sim import Figures, Strategy, run
 from bench.replay.trace import Trace
 from bench.replay.world import SHAPES
-from reclaimer.config import PolicySettings
+from reclaimer.core.config import PolicySettings
 
 STRATEGY_KEYS = ("none", "jupyter", "jupyter-connected", "kubeflow", "kubeflow-default", "hub", "gpu-util", "ours-default", "ours-auto",
                  "ours-auto-1h", "ours-aggressive")

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 
 from aiohttp import web
 
-from reclaimer.model import (
+from reclaimer.core.model import (
     BreakerStatus,
     ActionKind,
     AttributedProcess,
@@ -224,7 +224,7 @@ def node_snapshot(now: float = NOW, last_sample_at: float | None = None) -> Cycl
 def serve_in_thread(app: web.Application) -> Iterator[str]:
     """Serve ``app`` with ``server.serve`` on 127.0.0.1 (free port) from a thread with its own event loop, so that
     blocking clients (urllib, a Prometheus scraping it) can use it; yields the base URL."""
-    from reclaimer.server import serve
+    from reclaimer.export.server import serve
 
     loop = asyncio.new_event_loop()
     started = threading.Event()

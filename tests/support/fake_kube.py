@@ -31,8 +31,8 @@ import aiohttp
 from aiohttp import web
 from kubernetes import client as k8s
 
-from reclaimer.config import KubernetesSettings
-from reclaimer.kube import KubeClient
+from reclaimer.core.config import KubernetesSettings
+from reclaimer.observe.kube import KubeClient
 
 MICRO_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}(Z|[+-]\d{2}:\d{2})$")
 

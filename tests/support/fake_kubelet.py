@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from reclaimer._podresources_pb import api_pb2, api_pb2_grpc
+from reclaimer.observe._podresources_pb import api_pb2, api_pb2_grpc
 
 Devices = Sequence[tuple[str, Sequence[str]]]  # (resource_name, device_ids)
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import pytest
 
-from reclaimer.kernelclient import GatewayRest, KernelClientError
+from reclaimer.app.kernelclient import GatewayRest, KernelClientError
 
 READY_TIMEOUT = 90.0  # generous: 2 loaded CI cores start a Jupyter server in a few seconds, rarely more
 

@@ -250,7 +250,7 @@ def fake_nvml(fake_nvml_libs: dict[str, Path], tmp_path: Path, monkeypatch: pyte
 
 PROBE = r"""
 import json, sys
-from reclaimer.nvml import NvmlBackend, NvmlUnavailable
+from reclaimer.observe.nvml import NvmlBackend, NvmlUnavailable
 args = json.loads(sys.argv[1])
 try:
     backend = NvmlBackend.open(library_path=args.get("library_path"))

@@ -12,9 +12,9 @@ from typing import Any
 
 import yaml
 
-from reclaimer.config import Settings, parse_settings
-from reclaimer.policy import fold_presence
-from reclaimer.model import (
+from reclaimer.core.config import Settings, parse_settings
+from reclaimer.core.policy import fold_presence
+from reclaimer.core.model import (
     AttributedProcess,
     Candidate,
     GpuDevice,
@@ -324,7 +324,7 @@ async def warn_then_execute(ex: Any, plan: list[Any], recheck: Any = None) -> li
     the later cycle's results (``ex`` a LiveExecutor, ``plan`` Decisions)."""
     from dataclasses import replace
 
-    from reclaimer.model import Verdict
+    from reclaimer.core.model import Verdict
 
     assert await ex.execute([replace(d, verdict=Verdict.WARN) for d in plan], recheck=recheck) == []
     return await ex.execute(plan, recheck=recheck)

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reclaimer.procfs import INITIAL_PID_NAMESPACE
+from reclaimer.observe.procfs import INITIAL_PID_NAMESPACE
 
 SAMPLES = Path(__file__).parent / "proc"
 SECRET = "s3cr3t-jupyter-token-do-not-log"

@@ -16,12 +16,12 @@ from typing import Any, Protocol
 
 import structlog
 
-from reclaimer import actionkinds
-from reclaimer.config import format_duration
-from reclaimer.hub import HUB_GATEWAY
-from reclaimer.kubeflow import KUBEFLOW_GATEWAY
-from reclaimer.redact import redact_text
-from reclaimer.model import (
+from reclaimer.core import actionkinds
+from reclaimer.core.config import format_duration
+from reclaimer.observe.hub import HUB_GATEWAY
+from reclaimer.observe.kubeflow import KUBEFLOW_GATEWAY
+from reclaimer.core.redact import redact_text
+from reclaimer.core.model import (
     ActionKind,
     ActionResult,
     Decision,
@@ -293,7 +293,7 @@ class LiveExecutor:
         return self._record(d, result, detail)
 
     def _executors(self) -> dict[ActionKind, Callable[[Decision], Awaitable[tuple[str, str] | ActionResult]]]:
-        """How each executable kind (reclaimer.actionkinds.EXECUTABLE) is carried out."""
+        """How each executable kind (reclaimer.core.actionkinds.EXECUTABLE) is carried out."""
         return {
             ActionKind.SHUTDOWN_KERNEL: self._shutdown_kernel,
             ActionKind.STOP_SERVER: self._stop_server,

@@ -31,7 +31,7 @@ from typing import Any
 import structlog
 import yaml
 
-from reclaimer.model import GpuDevice, GpuSample, ProcessSample
+from reclaimer.core.model import GpuDevice, GpuSample, ProcessSample
 
 log = structlog.get_logger(__name__)
 

@@ -30,12 +30,12 @@ from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
-from reclaimer import actionkinds
-from reclaimer.actionkinds import KUBEFLOW_STOP_ANNOTATION
-from reclaimer.config import KubernetesSettings
-from reclaimer.errors import ReclaimerError
-from reclaimer.model import OwnerRef, PodInfo
-from reclaimer.redact import redact_text
+from reclaimer.core import actionkinds
+from reclaimer.core.actionkinds import KUBEFLOW_STOP_ANNOTATION
+from reclaimer.core.config import KubernetesSettings
+from reclaimer.core.errors import ReclaimerError
+from reclaimer.core.model import OwnerRef, PodInfo
+from reclaimer.core.redact import redact_text
 
 log = structlog.get_logger(__name__)
 

@@ -31,8 +31,8 @@ from typing import Any, TypeVar
 import pynvml
 import structlog
 
-from reclaimer.errors import StartupError
-from reclaimer.model import GpuDevice, GpuSample, ProcessSample
+from reclaimer.core.errors import StartupError
+from reclaimer.core.model import GpuDevice, GpuSample, ProcessSample
 
 log = structlog.get_logger(__name__)
 

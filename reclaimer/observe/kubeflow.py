@@ -1,10 +1,10 @@
 """Kubeflow notebooks: the notebook server of a Notebook's pod, asked for its kernels; the stop annotation.
 
-A notebook pod is a StatefulSet pod labelled ``notebook-name`` (reclaimer.actionkinds.kubeflow_notebook). Its server
+A notebook pod is a StatefulSet pod labelled ``notebook-name`` (reclaimer.core.actionkinds.kubeflow_notebook). Its server
 is reached at a URL built from the configured template (``kubeflow.notebook_url``, by default
 ``http://{name}.{namespace}.svc/notebook/{namespace}/{name}`` as Kubeflow's own culler does) and only for a name and
 namespace that are valid DNS labels: never a URL read from the pod. Same request safety as every gateway
-(reclaimer.gateway.RestEndpoint): header token only, no redirects, capped bodies, timeouts.
+(reclaimer.observe.gateway.RestEndpoint): header token only, no redirects, capped bodies, timeouts.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import asyncio
 import re
 import time
 from collections.abc import Callable, Iterable
-from reclaimer.config import KubeflowSettings
-from reclaimer.gateway import (
+from reclaimer.core.config import KubeflowSettings
+from reclaimer.observe.gateway import (
     ERROR_BODY_LIMIT,
     LIST_BODY_LIMIT,
     SHUTDOWN_TIMEOUT_FACTOR,
@@ -27,7 +27,7 @@ from reclaimer.gateway import (
     parse_kernel_listing,
     tls_context,
 )
-from reclaimer.model import NotebookRef
+from reclaimer.core.model import NotebookRef
 
 KUBEFLOW_GATEWAY = "kubeflow"  # KernelActivity.gateway for kernels observed through a notebook server
 MAX_NOTEBOOK_CLIENTS = 256  # notebook servers remembered between cycles (one per notebook pod on the node)

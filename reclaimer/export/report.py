@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from reclaimer import actionkinds
-from reclaimer.errors import ReclaimerError
-from reclaimer.model import (
+from reclaimer.core import actionkinds
+from reclaimer.core.errors import ReclaimerError
+from reclaimer.core.model import (
     NO_NAMESPACE,
     AttributedProcess,
     BreakerStatus,

@@ -1,6 +1,6 @@
 """The policy: candidates + samples + settings + ``now`` in, one ``Decision`` per candidate out.
 
-Pure (stdlib, ``reclaimer.model`` and ``reclaimer.config`` only): no clock reads, no I/O. The same inputs give
+Pure (stdlib, ``reclaimer.core.model`` and ``reclaimer.core.config`` only): no clock reads, no I/O. The same inputs give
 the same decisions, sorted by candidate key, whatever the order of the candidates.
 
 A cycle has two stages:
@@ -23,9 +23,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
-from reclaimer import actionkinds
-from reclaimer.config import PolicySettings, Settings, format_duration, parse_duration
-from reclaimer.model import (
+from reclaimer.core import actionkinds
+from reclaimer.core.config import PolicySettings, Settings, format_duration, parse_duration
+from reclaimer.core.model import (
     BREAKER_MASS_FLIP,
     BREAKER_SUSTAINED,
     ActionKind,
@@ -41,7 +41,7 @@ from reclaimer.model import (
     SamplerSnapshot,
     Verdict,
 )
-from reclaimer.redact import redact_text
+from reclaimer.core.redact import redact_text
 
 STALE_FACTOR = 3.0  # a sample (or observation) older than this many intervals is stale; so is a gap this long
 IDLE_AFTER_ANNOTATION = "reclaimer.io/idle-after"  # per-pod override; it may lengthen the window, never shorten it

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
-from reclaimer.model import GpuDevice, GpuHistory, GpuPresence, GpuSample, SamplerSnapshot
-from reclaimer.policy import fold_presence, fold_sample
-from reclaimer.stall import StageState
+from reclaimer.core.model import GpuDevice, GpuHistory, GpuPresence, GpuSample, SamplerSnapshot
+from reclaimer.core.policy import fold_presence, fold_sample
+from reclaimer.observe.stall import StageState
 
 if TYPE_CHECKING:
-    from reclaimer.config import GpuSettings
+    from reclaimer.core.config import GpuSettings
 
 log = structlog.get_logger(__name__)
 
@@ -50,11 +50,11 @@ class GpuBackend(Protocol):
 def open_backend(gpu: GpuSettings) -> GpuBackend:
     """The backend ``gpu.backend`` names. Raises nvml.NvmlUnavailable / gpusim.ScenarioError with one-line causes."""
     if gpu.backend == "nvml":
-        from reclaimer.nvml import NvmlBackend  # pynvml only where NVML is wanted
+        from reclaimer.observe.nvml import NvmlBackend  # pynvml only where NVML is wanted
 
         return NvmlBackend.open(library_path=gpu.library_path)
     if gpu.backend == "simulated":
-        from reclaimer.gpusim import SimulatedBackend
+        from reclaimer.observe.gpusim import SimulatedBackend
 
         return SimulatedBackend.from_file(gpu.scenario) if gpu.scenario else SimulatedBackend()
     raise ValueError(f"unknown gpu.backend {gpu.backend!r} (use nvml or simulated)")

@@ -27,9 +27,9 @@ import aiohttp
 import structlog
 import yarl
 
-from reclaimer.config import GatewaySettings
-from reclaimer.errors import StartupError
-from reclaimer.model import KernelActivity
+from reclaimer.core.config import GatewaySettings
+from reclaimer.core.errors import StartupError
+from reclaimer.core.model import KernelActivity
 
 log = structlog.get_logger(__name__)
 

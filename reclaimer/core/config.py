@@ -27,8 +27,8 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from reclaimer.errors import ReclaimerError
-from reclaimer.redact import redact_data
+from reclaimer.core.errors import ReclaimerError
+from reclaimer.core.redact import redact_data
 
 _DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+)ms)?$")
 _BARE_SECONDS_RE = re.compile(r"^\d+(?:\.\d+)?$")

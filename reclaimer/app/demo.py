@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reclaimer import actionkinds
-from reclaimer.config import format_duration, parse_settings
-from reclaimer.kernelclient import GatewayRest
-from reclaimer.model import ActionResult, CycleSnapshot, Recovers, Verdict
+from reclaimer.core import actionkinds
+from reclaimer.core.config import format_duration, parse_settings
+from reclaimer.app.kernelclient import GatewayRest
+from reclaimer.core.model import ActionResult, CycleSnapshot, Recovers, Verdict
 
 GiB = 1024**3
 RESERVED_KERNEL = "gpu-reserved"
@@ -226,10 +226,10 @@ def run_demo(duration: float = 90.0, port: int = 9400, live: bool | None = None,
     from rich.console import Console
     from rich.live import Live
 
-    from reclaimer.daemon import Adapters, Daemon
-    from reclaimer.gateway import GatewayClient, GatewayPool
-    from reclaimer.gpusim import SimulatedBackend
-    from reclaimer.logs import configure_logging
+    from reclaimer.app.daemon import Adapters, Daemon
+    from reclaimer.observe.gateway import GatewayClient, GatewayPool
+    from reclaimer.observe.gpusim import SimulatedBackend
+    from reclaimer.export.logs import configure_logging
 
     console = Console(stderr=False)
     if not console.is_terminal:

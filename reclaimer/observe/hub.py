@@ -11,7 +11,7 @@ Trust boundaries (docs/tokens.md):
   hub's proxy: configurable-http-proxy counts every proxied request as the user's activity. Requests carry
   ``no_track_activity=1`` so jupyter_server does not count them either; watching is not using.
 
-Same safety as the gateway client (``reclaimer.gateway.RestEndpoint``): header token only, no redirects, capped
+Same safety as the gateway client (``reclaimer.observe.gateway.RestEndpoint``): header token only, no redirects, capped
 bodies, timeouts; a server path from the hub is used only when it is a plain path under the configured base path, and
 a server origin only when it is ``http://<IP literal>:<port>``.
 """
@@ -30,8 +30,8 @@ from urllib.parse import quote, unquote, urlsplit
 
 import structlog
 
-from reclaimer.config import HubSettings
-from reclaimer.gateway import (
+from reclaimer.core.config import HubSettings
+from reclaimer.observe.gateway import (
     ERROR_BODY_LIMIT,
     LIST_BODY_LIMIT,
     SHUTDOWN_TIMEOUT_FACTOR,
@@ -45,8 +45,8 @@ from reclaimer.gateway import (
     parse_last_activity,
     tls_context,
 )
-from reclaimer import procfs
-from reclaimer.model import Candidate, KernelActivity, PodInfo, ServerRef
+from reclaimer.observe import procfs
+from reclaimer.core.model import Candidate, KernelActivity, PodInfo, ServerRef
 
 log = structlog.get_logger(__name__)
 

@@ -1,6 +1,6 @@
 """What each action kind is: what it ends, what it needs, what it gives back, its Event name; and ``auto``.
 
-Pure (``reclaimer.model`` only). The one place that knows the kinds: the policy asks it what an action would
+Pure (``reclaimer.core.model`` only). The one place that knows the kinds: the policy asks it what an action would
 recover and whether it can release anything at all, the executors ask it for the Event action, the report and the
 metrics for the ``recovers`` value. A new kind (``stop-notebook``) is one more row in ``KINDS``.
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from reclaimer.model import ActionKind, Candidate, PodInfo, Recovers, Verdict
+from reclaimer.core.model import ActionKind, Candidate, PodInfo, Recovers, Verdict
 
 KUBEFLOW_STOP_ANNOTATION = "kubeflow-resource-stopped"  # on a Notebook: its controller scales it to 0 (Kubeflow's culler)
 KUBEFLOW_NOTEBOOK_LABEL = "notebook-name"  # set by Kubeflow's notebook-controller on the pods of a Notebook

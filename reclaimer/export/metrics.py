@@ -20,8 +20,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from reclaimer import __version__
-from reclaimer.actionkinds import EXECUTABLE
-from reclaimer.model import (
+from reclaimer.core.actionkinds import EXECUTABLE
+from reclaimer.core.model import (
     ACTION_RESULTS,
     BREAKER_CAUSES,
     NO_NAMESPACE,
@@ -32,7 +32,7 @@ from reclaimer.model import (
     Decision,
     Verdict,
 )
-from reclaimer.report import candidate_namespace, candidate_user, is_idle, kernel_gpu_usage, metric_kernel_id
+from reclaimer.export.report import candidate_namespace, candidate_user, is_idle, kernel_gpu_usage, metric_kernel_id
 
 log = structlog.get_logger(__name__)
 
@@ -249,7 +249,7 @@ class LiveCollector(Collector):
     @staticmethod
     def _stall_families(states: Mapping[str, Any]) -> list[Metric]:
         """Per stage (a bounded set): stalled now (a call past its timeout), and calls that ever outlived it."""
-        from reclaimer.stall import STAGES
+        from reclaimer.observe.stall import STAGES
 
         now = GaugeMetricFamily("reclaimer_stalled", "1 while a blocking call of the stage (NVML sampling, /proc "
                                 "reads, pod list, pod-resources) runs past its timeout; its part is unknown meanwhile.",

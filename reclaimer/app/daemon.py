@@ -19,17 +19,17 @@ from typing import Any
 
 import structlog
 
-from reclaimer import actionkinds
-from reclaimer import candidates as join_mod
-from reclaimer import policy
-from reclaimer.actions import DryRunExecutor, LiveExecutor, executor_for
-from reclaimer.attribution import Attributor
-from reclaimer.config import Settings, format_duration
-from reclaimer.errors import StartupError
-from reclaimer.gateway import claimed_by_a_gateway
-from reclaimer.hub import locate_servers, pod_server
-from reclaimer.kubeflow import KUBEFLOW_GATEWAY
-from reclaimer.model import (
+from reclaimer.core import actionkinds
+from reclaimer.core import candidates as join_mod
+from reclaimer.core import policy
+from reclaimer.act.actions import DryRunExecutor, LiveExecutor, executor_for
+from reclaimer.observe.attribution import Attributor
+from reclaimer.core.config import Settings, format_duration
+from reclaimer.core.errors import StartupError
+from reclaimer.observe.gateway import claimed_by_a_gateway
+from reclaimer.observe.hub import locate_servers, pod_server
+from reclaimer.observe.kubeflow import KUBEFLOW_GATEWAY
+from reclaimer.core.model import (
     ActionKind,
     ActionResult,
     AttributedProcess,
@@ -46,8 +46,8 @@ from reclaimer.model import (
     Verdict,
     halted_reason,
 )
-from reclaimer.sampler import GpuBackend, Sampler, open_backend
-from reclaimer.stall import STAGES, CallTimedOut, StageState, StageWorker, Stalled
+from reclaimer.observe.sampler import GpuBackend, Sampler, open_backend
+from reclaimer.observe.stall import STAGES, CallTimedOut, StageState, StageWorker, Stalled
 
 log = structlog.get_logger(__name__)
 MAX_CACHED_SERVERS = 20_000  # a larger hub listing is used for the cycle but not kept
@@ -108,7 +108,7 @@ class Daemon:
     on_cycle: Callable[[CycleSnapshot, Sequence[ActionResult]], None] | None = None
 
     def __post_init__(self) -> None:
-        from reclaimer.metrics import Metrics
+        from reclaimer.export.metrics import Metrics
 
         s = self.settings
         self._attributor = Attributor(procfs_root=s.procfs_root)
@@ -661,7 +661,7 @@ class Daemon:
         }
 
     def _account(self, snap: CycleSnapshot, results: Sequence[ActionResult]) -> None:
-        from reclaimer.report import allocation_holdings, candidate_namespace, held_idle_increments
+        from reclaimer.export.report import allocation_holdings, candidate_namespace, held_idle_increments
 
         prev = self._snapshot.generated_at if self._snapshot is not None else None
         self.metrics.add_held_idle(held_idle_increments(prev, snap, self._threshold),
@@ -697,7 +697,7 @@ class Daemon:
             await asyncio.sleep(min(0.05, self.settings.sample_interval))
 
     async def run(self, *, once: bool = False, serve: bool = True) -> int:
-        from reclaimer.server import BearerToken, make_app, serve as serve_app
+        from reclaimer.export.server import BearerToken, make_app, serve as serve_app
 
         assert self.sampler is not None
         # An unusable token file is a start-up error naming the file, before anything runs.
@@ -764,7 +764,7 @@ def _describe(exc: BaseException, what: str = "call", timeout: float | None = No
 
 def build_adapters(settings: Settings, backend: GpuBackend | None = None) -> Adapters:
     """Open every configured edge. A missing optional dependency (Kubernetes with enabled: auto) is logged, not fatal."""
-    from reclaimer.gateway import GatewayClient, GatewayPool
+    from reclaimer.observe.gateway import GatewayClient, GatewayPool
 
     if backend is None:
         backend = open_backend(settings.gpu)
@@ -772,16 +772,16 @@ def build_adapters(settings: Settings, backend: GpuBackend | None = None) -> Ada
     if settings.gateways:
         adapters.gateways = GatewayPool([GatewayClient(g) for g in settings.gateways])
     if settings.hub is not None:
-        from reclaimer.hub import HubClient
+        from reclaimer.observe.hub import HubClient
 
         adapters.hub = HubClient(settings.hub)
     if settings.kubeflow is not None:
-        from reclaimer.kubeflow import NotebookServers
+        from reclaimer.observe.kubeflow import NotebookServers
 
         adapters.notebooks = NotebookServers(settings.kubeflow)
     k = settings.kubernetes
     if k.enabled is not False:
-        from reclaimer.kube import KubeClient, KubeUnavailable, PodCache
+        from reclaimer.observe.kube import KubeClient, KubeUnavailable, PodCache
 
         try:
             adapters.kube = KubeClient.from_settings(k, node_name=settings.node_name)
@@ -790,7 +790,7 @@ def build_adapters(settings: Settings, backend: GpuBackend | None = None) -> Ada
                 raise StartupError(f"kubernetes.enabled is true but no cluster config was found: {exc}") from None
             log.info("kubernetes not configured; running without pod metadata", cause=str(exc))
         if adapters.kube is not None:
-            from reclaimer.podresources import list_gpu_allocations
+            from reclaimer.observe.podresources import list_gpu_allocations
 
             adapters.pods = PodCache(adapters.kube, settings.node_name, k)
             adapters.pod_resources = lambda: list_gpu_allocations(
@@ -801,7 +801,7 @@ def build_adapters(settings: Settings, backend: GpuBackend | None = None) -> Ada
 
 def run_daemon(settings: Settings, once: bool = False) -> int:
     """`reclaimer run`: the daemon until SIGTERM (or one full cycle with ``once``)."""
-    from reclaimer.logs import configure_logging, log_effective_config
+    from reclaimer.export.logs import configure_logging, log_effective_config
 
     configure_logging(settings.log_level)
     log_effective_config(settings)
@@ -817,14 +817,14 @@ def run_daemon(settings: Settings, once: bool = False) -> int:
 def run_report(settings: Settings, window: float, output: str, source_url: str | None,
                token_file: str | None = None) -> int:
     """`reclaimer report`: from a running daemon's /report, or one-shot (sample for ``window``, observe, decide)."""
-    from reclaimer.logs import configure_logging
-    from reclaimer.report import build_report, render_json, render_table, report_from_json
+    from reclaimer.export.logs import configure_logging
+    from reclaimer.export.report import build_report, render_json, render_table, report_from_json
 
     configure_logging("warning", stream=sys.stderr)
     if source_url:
         token = None
         if token_file:
-            from reclaimer.server import _read_token_file
+            from reclaimer.export.server import _read_token_file
 
             token = _read_token_file(token_file)
         report = report_from_json(asyncio.run(_fetch_report(source_url, timeout=10.0, token=token)))
@@ -854,7 +854,7 @@ def run_report(settings: Settings, window: float, output: str, source_url: str |
 async def _fetch_report(url: str, timeout: float, token: str | None = None) -> dict[str, Any]:
     import aiohttp
 
-    from reclaimer.errors import ReclaimerError
+    from reclaimer.core.errors import ReclaimerError
 
     target = url.rstrip("/") + "/report"
     headers = {"Authorization": f"Bearer {token}"} if token else {}

@@ -20,11 +20,11 @@ from typing import Any
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from reclaimer.config import KubernetesSettings
-from reclaimer.errors import ReclaimerError
-from reclaimer.kube import KubeError, _cut, _load_configuration, _prepare
-from reclaimer.report import ReportSchemaError, report_from_json
-from reclaimer.server import PROXY_TOKEN_HEADER
+from reclaimer.core.config import KubernetesSettings
+from reclaimer.core.errors import ReclaimerError
+from reclaimer.observe.kube import KubeError, _cut, _load_configuration, _prepare
+from reclaimer.export.report import ReportSchemaError, report_from_json
+from reclaimer.export.server import PROXY_TOKEN_HEADER
 
 DEFAULT_NAMESPACE = "gpu-reclaimer"
 DEFAULT_SELECTOR = "app.kubernetes.io/name=gpu-reclaimer,app.kubernetes.io/component=node-agent"
@@ -272,11 +272,11 @@ def run_cluster_report(args: Any) -> int:
     did not (the report still shows the others), ``KubeError`` (exit 1, one line) when no daemon could be listed."""
     import sys
 
-    from reclaimer.report import merge_reports, render_cluster_table, render_json
+    from reclaimer.export.report import merge_reports, render_cluster_table, render_json
 
     token = None
     if args.token_file:
-        from reclaimer.server import _read_token_file
+        from reclaimer.export.server import _read_token_file
 
         token = _read_token_file(args.token_file)
     options = ClusterOptions(namespace=args.namespace, selector=args.selector, concurrency=args.concurrency,

@@ -15,8 +15,8 @@ from typing import Any, Literal, TextIO
 
 import structlog
 
-from reclaimer.config import Settings, redacted
-from reclaimer.redact import REDACTED, is_secret_key, redact_data
+from reclaimer.core.config import Settings, redacted
+from reclaimer.core.redact import REDACTED, is_secret_key, redact_data
 
 LEVELS: Mapping[str, int] = {
     "debug": logging.DEBUG,
@@ -48,7 +48,7 @@ class _StdStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """structlog processor: every field through ``reclaimer.redact`` (secret keys at any depth, credentials in text)."""
+    """structlog processor: every field through ``reclaimer.core.redact`` (secret keys at any depth, credentials in text)."""
     for key, value in list(event_dict.items()):
         if key.startswith("_"):
             continue  # structlog's own bookkeeping (_record, _from_structlog)

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from reclaimer import __version__
-from reclaimer.config import ConfigError, Settings, format_duration, load_settings, parse_duration
-from reclaimer.errors import ReclaimerError
+from reclaimer.core.config import ConfigError, Settings, format_duration, load_settings, parse_duration
+from reclaimer.core.errors import ReclaimerError
 
 ENV_PREFIX = "RECLAIMER_"
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 3, 130, 141
@@ -344,7 +344,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """`reclaimer run`: load the config with the flags' overrides, then hand over to the daemon."""
     settings = load_settings(args.config, run_overrides(args))
     try:
-        from reclaimer.daemon import run_daemon
+        from reclaimer.app.daemon import run_daemon
     except ImportError as exc:
         return _not_available("run", exc)
     return int(run_daemon(settings, once=args.once))
@@ -354,13 +354,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     """`reclaimer report`: one-shot, from a running daemon's /report, or every daemon's (--cluster)."""
     if args.cluster:
         try:
-            from reclaimer.cluster import run_cluster_report
+            from reclaimer.app.cluster import run_cluster_report
         except ImportError as exc:
             return _not_available("report --cluster", exc)
         return int(run_cluster_report(args))
     settings = load_settings(args.config)
     try:
-        from reclaimer.daemon import run_report
+        from reclaimer.app.daemon import run_report
     except ImportError as exc:
         return _not_available("report", exc)
     return int(run_report(settings, window=args.window, output=args.output, source_url=getattr(args, "from"),
@@ -397,7 +397,7 @@ def summarize(settings: Settings) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     """`reclaimer demo`: the simulated node, live table when stdout is a terminal."""
     try:
-        from reclaimer.demo import run_demo
+        from reclaimer.app.demo import run_demo
     except ImportError as exc:
         return _not_available("demo", exc)
     live = bool(args.live) if args.live is not None else _stdout_is_tty()

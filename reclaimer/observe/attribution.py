@@ -23,8 +23,8 @@ from pathlib import Path
 
 import structlog
 
-from reclaimer import procfs
-from reclaimer.model import AttributedProcess, ProcessInfo, ProcessSample
+from reclaimer.observe import procfs
+from reclaimer.core.model import AttributedProcess, ProcessInfo, ProcessSample
 
 log = structlog.get_logger(__name__)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import structlog
 
-from reclaimer.model import ProcessInfo
+from reclaimer.core.model import ProcessInfo
 
 log = structlog.get_logger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from reclaimer.model import (
+from reclaimer.core.model import (
     AttributedProcess,
     Candidate,
     KernelActivity,

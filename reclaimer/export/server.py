@@ -19,10 +19,10 @@ from typing import Any, Protocol
 import structlog
 from aiohttp import web
 
-from reclaimer.gateway import TokenError, TokenSource, read_bearer_token_file
-from reclaimer.metrics import Metrics
-from reclaimer.model import CycleSnapshot
-from reclaimer.report import build_report
+from reclaimer.observe.gateway import TokenError, TokenSource, read_bearer_token_file
+from reclaimer.export.metrics import Metrics
+from reclaimer.core.model import CycleSnapshot
+from reclaimer.export.report import build_report
 
 log = structlog.get_logger(__name__)
 

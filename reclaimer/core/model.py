@@ -26,12 +26,12 @@ class ActionKind(str, enum.Enum):
     STOP_SERVER = "stop-server"
     EVICT_POD = "evict-pod"
     STOP_NOTEBOOK = "stop-notebook"  # Kubeflow: the kubeflow-resource-stopped annotation on the Notebook
-    AUTO = "auto"  # a policy setting only: the policy resolves it per candidate (reclaimer.actionkinds.choose_auto)
+    AUTO = "auto"  # a policy setting only: the policy resolves it per candidate (reclaimer.core.actionkinds.choose_auto)
     NONE = "none"
 
 
 class Recovers(str, enum.Enum):
-    """What an action gives back when it is carried out (reclaimer.actionkinds says which, per action and target)."""
+    """What an action gives back when it is carried out (reclaimer.core.actionkinds says which, per action and target)."""
 
     ALLOCATION = "allocation"  # the pod goes away: its nvidia.com/gpu allocation (and the GPU memory) is released
     MEMORY = "memory"  # the processes end, the GPU memory is freed; the pod keeps its allocation

@@ -1,0 +1,1 @@
+"""The application: the daemon's loops, the per-cycle pipeline, the command line and the demo."""

@@ -1,0 +1,3 @@
+"""The pure core: the data passed between stages, configuration, the vocabularies, the join and the policy.
+
+Nothing here does I/O (the import-linter contracts in pyproject.toml hold it to that)."""
