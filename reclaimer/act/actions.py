@@ -18,9 +18,6 @@ import structlog
 
 from reclaimer.core import actionkinds
 from reclaimer.core.config import format_duration
-from reclaimer.observe.hub import HUB_GATEWAY
-from reclaimer.observe.kubeflow import KUBEFLOW_GATEWAY
-from reclaimer.core.redact import redact_text
 from reclaimer.core.model import (
     ActionKind,
     ActionResult,
@@ -30,6 +27,9 @@ from reclaimer.core.model import (
     SamplerSnapshot,
     Verdict,
 )
+from reclaimer.core.redact import redact_text
+from reclaimer.observe.hub import HUB_GATEWAY
+from reclaimer.observe.kubeflow import KUBEFLOW_GATEWAY
 
 log = structlog.get_logger(__name__)
 
@@ -185,8 +185,12 @@ class LiveExecutor:
 
     def tracked(self) -> dict[str, int]:
         """Sizes of the per-key structures (for the soak and the bounds tests)."""
-        return {"warned": len(self._warned), "backoff": len(self._backoff), "pending": len(self._pending),
-                "allocation_pending": len(self._allocation_pending)}
+        return {
+            "warned": len(self._warned),
+            "backoff": len(self._backoff),
+            "pending": len(self._pending),
+            "allocation_pending": len(self._allocation_pending),
+        }
 
     def _fail(self, key: str, now: float, detail: str) -> None:
         previous = self._backoff.get(key)
@@ -199,8 +203,11 @@ class LiveExecutor:
         out: list[ActionResult] = []
         # An idle episode lasts while the plan carries its warning time (or does not know): a candidate that went back
         # to work starts a new episode and will be warned again.
-        self._warned &= {d.candidate.key for d in plan
-                         if d.warned_at is not None or d.verdict in (Verdict.WARN, Verdict.RECLAIM, Verdict.UNKNOWN)}
+        self._warned &= {
+            d.candidate.key
+            for d in plan
+            if d.warned_at is not None or d.verdict in (Verdict.WARN, Verdict.RECLAIM, Verdict.UNKNOWN)
+        }
         warned_before = set(self._warned)
         # A back-off ends with its candidate (gone from the plan) unless it still runs: a target that vanishes for a
         # cycle (an attribution glitch) must not come back to a fresh retry and another Warning Event.
@@ -254,7 +261,10 @@ class LiveExecutor:
         eta = format_duration(d.eta_seconds or 0)
         log.info("warn", would=False, mode=self.mode, eta_seconds=d.eta_seconds, reason=d.reason, **_context(d))
         await self._event(
-            d, reason="GPUIdleWarning", action="Warn", type="Warning",
+            d,
+            reason="GPUIdleWarning",
+            action="Warn",
+            type="Warning",
             note=f"GPU idle: {d.action.value} in {eta} unless the kernel becomes active. {d.reason}",
         )
 
@@ -274,8 +284,13 @@ class LiveExecutor:
             self._fail(c.key, self.clock(), detail)
             retry = format_duration(self._backoff[c.key].not_before - self.clock())
             if d.action is not ActionKind.EVICT_POD:  # the gateway or hub failed; eviction failures are the API's
-                await self._event(d, reason="GatewayError", action=EVENT_ACTIONS[d.action], type="Warning",
-                                  note=f"{d.action.value} failed, next try in {retry}: {detail}"[:1024])
+                await self._event(
+                    d,
+                    reason="GatewayError",
+                    action=EVENT_ACTIONS[d.action],
+                    type="Warning",
+                    note=f"{d.action.value} failed, next try in {retry}: {detail}"[:1024],
+                )
             return self._record(d, "failed", f"{detail}; next try in {retry}")
         if result in ("success", "already-gone"):
             self._backoff.pop(c.key, None)
@@ -287,8 +302,11 @@ class LiveExecutor:
                 self._pending.append(_Pending(r, pids, acted, acted + self.verify_within))
             gpus = actionkinds.allocated_gpus(c)
             if c.pod is not None and gpus and actionkinds.recovers(d.action, c) is Recovers.ALLOCATION:
-                self._allocation_pending.append(_AllocationPending(
-                    r, c.pod.namespace, c.pod.name, c.pod.uid, frozenset(gpus), acted, acted + self.verify_within))
+                self._allocation_pending.append(
+                    _AllocationPending(
+                        r, c.pod.namespace, c.pod.name, c.pod.uid, frozenset(gpus), acted, acted + self.verify_within
+                    )
+                )
             return r
         return self._record(d, result, detail)
 
@@ -334,13 +352,21 @@ class LiveExecutor:
         if self.kube is None or c.pod is None:
             return self._record(d, "skipped", "no pod known for this candidate")
         if actionkinds.recovers(d.action, c) is Recovers.NONE:  # the policy never plans this; never act on it
-            return self._record(d, "skipped", f"evicting {c.pod.namespace}/{c.pod.name} would release nothing "
-                                              "(a controller recreates it)")
+            return self._record(
+                d,
+                "skipped",
+                f"evicting {c.pod.namespace}/{c.pod.name} would release nothing (a controller recreates it)",
+            )
         ev = await asyncio.to_thread(self.kube.evict, c.pod.namespace, c.pod.name, c.pod.uid)
         result, detail = self._eviction_outcome(d, ev)
         if ev.result == "blocked-pdb":
-            await self._event(d, reason="EvictionBlockedByPDB", action="EvictPod", type="Warning",
-                              note=f"eviction blocked by a PodDisruptionBudget: {ev.detail}"[:1024])
+            await self._event(
+                d,
+                reason="EvictionBlockedByPDB",
+                action="EvictPod",
+                type="Warning",
+                note=f"eviction blocked by a PodDisruptionBudget: {ev.detail}"[:1024],
+            )
         return result, detail
 
     def _eviction_outcome(self, d: Decision, ev: Any) -> tuple[str, str]:
@@ -348,7 +374,11 @@ class LiveExecutor:
         if ev.result in ("success", "already-gone"):
             return ev.result, ev.detail
         if ev.result in ("blocked-pdb", "retry-after"):
-            why = "eviction blocked by a PodDisruptionBudget" if ev.result == "blocked-pdb" else "API asked to retry later"
+            why = (
+                "eviction blocked by a PodDisruptionBudget"
+                if ev.result == "blocked-pdb"
+                else "API asked to retry later"
+            )
             self._backoff[d.candidate.key] = _Backoff(now + (ev.retry_after or self.default_backoff), 0, why)
             return "blocked", ev.detail
         # 500 (several PDBs), 403, 409 (pod replaced) and anything else: no action, and never a DELETE instead.
@@ -373,8 +403,13 @@ class LiveExecutor:
                 done.append(replace(p.result, result="verified", detail="GPU memory released", reclaimed_bytes=freed))
                 log.info("verified", reclaimed_bytes=freed, **_context(p.result.decision))
             elif now > p.deadline:
-                done.append(replace(p.result, result="unverified",
-                                    detail=f"GPU memory still held {format_duration(self.verify_within)} after acting"))
+                done.append(
+                    replace(
+                        p.result,
+                        result="unverified",
+                        detail=f"GPU memory still held {format_duration(self.verify_within)} after acting",
+                    )
+                )
                 log.warning("unverified", **_context(p.result.decision))
             else:
                 still.append(p)
@@ -395,20 +430,32 @@ class LiveExecutor:
         gone = await asyncio.gather(*(self._pod_gone(p) for p in self._allocation_pending))
         for p, released in zip(self._allocation_pending, gone, strict=True):
             if released is None and allocations is not None and listed_at is not None and listed_at > p.acted_at:
-                holding = {u for a in allocations if (a.namespace, a.pod) == (p.namespace, p.name)
-                           for u in a.gpu_uuids}
+                holding = {u for a in allocations if (a.namespace, a.pod) == (p.namespace, p.name) for u in a.gpu_uuids}
                 if not holding & p.gpus:
                     released = "pod-resources no longer lists its GPUs"
             context = _context(p.result.decision)
             if released is not None:
                 n = len(p.gpus)
-                done.append(replace(p.result, result="released", released_gpus=n, reclaimed_bytes=0,
-                                    detail=f"GPU allocation released ({n} GPU{'s' if n != 1 else ''}): {released}"))
+                done.append(
+                    replace(
+                        p.result,
+                        result="released",
+                        released_gpus=n,
+                        reclaimed_bytes=0,
+                        detail=f"GPU allocation released ({n} GPU{'s' if n != 1 else ''}): {released}",
+                    )
+                )
                 log.info("allocation released", gpus=n, how=released, **context)
             elif now > p.deadline:
-                done.append(replace(p.result, result="unreleased", reclaimed_bytes=0,
-                                    detail=f"pod {p.namespace}/{p.name} still holds its GPU allocation "
-                                           f"{format_duration(self.verify_within)} after acting"))
+                done.append(
+                    replace(
+                        p.result,
+                        result="unreleased",
+                        reclaimed_bytes=0,
+                        detail=f"pod {p.namespace}/{p.name} still holds its GPU allocation "
+                        f"{format_duration(self.verify_within)} after acting",
+                    )
+                )
                 log.warning("allocation not released", **context)
             else:
                 still.append(p)

@@ -176,100 +176,252 @@ _EPILOG = (
 
 
 def _config_flag(parser: argparse.ArgumentParser, specs: list[EnvOption]) -> None:
-    _add(parser, specs, ["-c", "--config"], metavar="FILE", parse=str, default=None,
-         shown_default="none, every setting at its default", help="YAML configuration file")
+    _add(
+        parser,
+        specs,
+        ["-c", "--config"],
+        metavar="FILE",
+        parse=str,
+        default=None,
+        shown_default="none, every setting at its default",
+        help="YAML configuration file",
+    )
 
 
 def _add_run(subs: Any) -> None:
     specs: list[EnvOption] = []
-    p = subs.add_parser("run", help="run the daemon", epilog=_EPILOG,
-                        description="Run the per-node daemon: sample GPUs, attribute them to kernels, observe the\n"
-                                    "gateways, decide by policy and act (dry-run unless told to enforce).")
+    p = subs.add_parser(
+        "run",
+        help="run the daemon",
+        epilog=_EPILOG,
+        description="Run the per-node daemon: sample GPUs, attribute them to kernels, observe the\n"
+        "gateways, decide by policy and act (dry-run unless told to enforce).",
+    )
     _config_flag(p, specs)
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--dry-run", dest="dry_run", action="store_true", default=None,
-                      help="decide and record, never act (default: the file's mode, dry-run if unset; "
-                           "env: RECLAIMER_DRY_RUN=1 or RECLAIMER_MODE=dry-run)")
-    mode.add_argument("--enforce", dest="enforce", action="store_true", default=None,
-                      help="act on the decisions (default: the file's mode; env: RECLAIMER_ENFORCE=1 or "
-                           "RECLAIMER_MODE=enforce)")
-    _add(p, specs, ["--once"], switch=True, default=False,
-         help="run one full sample/observe/decide/act cycle, then exit")
-    _add(p, specs, ["--log-level"], parse=choice_arg(LOG_LEVELS), default=None, metavar="|".join(LOG_LEVELS),
-         shown_default="the file's log_level, info if unset", help="log level")
-    _add(p, specs, ["--listen-token-file"], metavar="FILE", parse=str, default=None,
-         shown_default="the file's listen_token_file, none if unset",
-         help="require the bearer token in FILE on /metrics and /report (a mounted Secret)")
+    mode.add_argument(
+        "--dry-run",
+        dest="dry_run",
+        action="store_true",
+        default=None,
+        help="decide and record, never act (default: the file's mode, dry-run if unset; "
+        "env: RECLAIMER_DRY_RUN=1 or RECLAIMER_MODE=dry-run)",
+    )
+    mode.add_argument(
+        "--enforce",
+        dest="enforce",
+        action="store_true",
+        default=None,
+        help="act on the decisions (default: the file's mode; env: RECLAIMER_ENFORCE=1 or RECLAIMER_MODE=enforce)",
+    )
+    _add(
+        p, specs, ["--once"], switch=True, default=False, help="run one full sample/observe/decide/act cycle, then exit"
+    )
+    _add(
+        p,
+        specs,
+        ["--log-level"],
+        parse=choice_arg(LOG_LEVELS),
+        default=None,
+        metavar="|".join(LOG_LEVELS),
+        shown_default="the file's log_level, info if unset",
+        help="log level",
+    )
+    _add(
+        p,
+        specs,
+        ["--listen-token-file"],
+        metavar="FILE",
+        parse=str,
+        default=None,
+        shown_default="the file's listen_token_file, none if unset",
+        help="require the bearer token in FILE on /metrics and /report (a mounted Secret)",
+    )
     p.set_defaults(command="run", env_specs=specs, subparser=p)
 
 
 def _add_report(subs: Any) -> None:
     specs: list[EnvOption] = []
-    p = subs.add_parser("report", help="show what is idle, why, and what the policy would do",
-                        description="One-shot report: sample this node for --window, observe, decide (never act);\n"
-                                    "or read a running daemon's /report with --from; or every node's with --cluster\n"
-                                    "(through the API server's pod proxy, with your own credentials).",
-                        epilog=_EPILOG)
+    p = subs.add_parser(
+        "report",
+        help="show what is idle, why, and what the policy would do",
+        description="One-shot report: sample this node for --window, observe, decide (never act);\n"
+        "or read a running daemon's /report with --from; or every node's with --cluster\n"
+        "(through the API server's pod proxy, with your own credentials).",
+        epilog=_EPILOG,
+    )
     _config_flag(p, specs)
-    _add(p, specs, ["--from"], metavar="URL", parse=url_arg, default=None,
-         shown_default="none: sample this node now",
-         help="read the report of a running daemon, e.g. http://host:9400")
-    _add(p, specs, ["--token-file"], metavar="FILE", parse=str, default=None,
-         shown_default="none: no Authorization header",
-         help="with --from or --cluster: a file holding the bearer token the daemons' listen_token_file requires")
-    _add(p, specs, ["--cluster"], switch=True, default=False,
-         help="read every daemon's /report through the API server's pod proxy (needs list pods and get "
-              "pods/proxy in --namespace) and merge them, worst waste first")
-    _add(p, specs, ["--kubeconfig"], metavar="FILE", parse=str, default=None,
-         shown_default="in-cluster, else $KUBECONFIG, else ~/.kube/config", help="with --cluster: the kubeconfig")
-    _add(p, specs, ["--namespace"], metavar="NS", parse=str, default=DEFAULT_CLUSTER_NAMESPACE,
-         help="with --cluster: the daemons' namespace")
-    _add(p, specs, ["--selector"], metavar="LABELS", parse=str, default=DEFAULT_CLUSTER_SELECTOR,
-         help="with --cluster: the daemon pods' label selector")
-    _add(p, specs, ["--concurrency"], metavar="N", parse=positive_int_arg, default=DEFAULT_CLUSTER_CONCURRENCY,
-         help="with --cluster: nodes asked at once")
-    _add(p, specs, ["--deadline"], metavar="DURATION", parse=duration_arg, default=DEFAULT_CLUSTER_DEADLINE,
-         shown_default=format_duration(DEFAULT_CLUSTER_DEADLINE),
-         help="with --cluster: stop waiting after this long; nodes still silent are named")
-    _add(p, specs, ["-o", "--output"], parse=choice_arg(OUTPUT_FORMATS), default="table",
-         metavar="|".join(OUTPUT_FORMATS), help="output format")
-    _add(p, specs, ["--window"], metavar="DURATION", parse=duration_arg, default=DEFAULT_WINDOW,
-         shown_default=format_duration(DEFAULT_WINDOW), help="how long to sample before deciding (e.g. 30s, 2m)")
+    _add(
+        p,
+        specs,
+        ["--from"],
+        metavar="URL",
+        parse=url_arg,
+        default=None,
+        shown_default="none: sample this node now",
+        help="read the report of a running daemon, e.g. http://host:9400",
+    )
+    _add(
+        p,
+        specs,
+        ["--token-file"],
+        metavar="FILE",
+        parse=str,
+        default=None,
+        shown_default="none: no Authorization header",
+        help="with --from or --cluster: a file holding the bearer token the daemons' listen_token_file requires",
+    )
+    _add(
+        p,
+        specs,
+        ["--cluster"],
+        switch=True,
+        default=False,
+        help="read every daemon's /report through the API server's pod proxy (needs list pods and get "
+        "pods/proxy in --namespace) and merge them, worst waste first",
+    )
+    _add(
+        p,
+        specs,
+        ["--kubeconfig"],
+        metavar="FILE",
+        parse=str,
+        default=None,
+        shown_default="in-cluster, else $KUBECONFIG, else ~/.kube/config",
+        help="with --cluster: the kubeconfig",
+    )
+    _add(
+        p,
+        specs,
+        ["--namespace"],
+        metavar="NS",
+        parse=str,
+        default=DEFAULT_CLUSTER_NAMESPACE,
+        help="with --cluster: the daemons' namespace",
+    )
+    _add(
+        p,
+        specs,
+        ["--selector"],
+        metavar="LABELS",
+        parse=str,
+        default=DEFAULT_CLUSTER_SELECTOR,
+        help="with --cluster: the daemon pods' label selector",
+    )
+    _add(
+        p,
+        specs,
+        ["--concurrency"],
+        metavar="N",
+        parse=positive_int_arg,
+        default=DEFAULT_CLUSTER_CONCURRENCY,
+        help="with --cluster: nodes asked at once",
+    )
+    _add(
+        p,
+        specs,
+        ["--deadline"],
+        metavar="DURATION",
+        parse=duration_arg,
+        default=DEFAULT_CLUSTER_DEADLINE,
+        shown_default=format_duration(DEFAULT_CLUSTER_DEADLINE),
+        help="with --cluster: stop waiting after this long; nodes still silent are named",
+    )
+    _add(
+        p,
+        specs,
+        ["-o", "--output"],
+        parse=choice_arg(OUTPUT_FORMATS),
+        default="table",
+        metavar="|".join(OUTPUT_FORMATS),
+        help="output format",
+    )
+    _add(
+        p,
+        specs,
+        ["--window"],
+        metavar="DURATION",
+        parse=duration_arg,
+        default=DEFAULT_WINDOW,
+        shown_default=format_duration(DEFAULT_WINDOW),
+        help="how long to sample before deciding (e.g. 30s, 2m)",
+    )
     p.set_defaults(command="report", env_specs=specs, subparser=p)
 
 
 def _add_check_config(subs: Any) -> None:
-    p = subs.add_parser("check-config", help="validate a configuration file",
-                        description="Validate a configuration file: errors name the key path and line;\n"
-                                    "exit 2 if invalid.", epilog=_EPILOG)
-    p.add_argument("file", metavar="FILE", nargs="?", default=None,
-                   help="the YAML file (default: $RECLAIMER_CONFIG, required if that is unset; "
-                        "env: RECLAIMER_CONFIG)")
+    p = subs.add_parser(
+        "check-config",
+        help="validate a configuration file",
+        description="Validate a configuration file: errors name the key path and line;\nexit 2 if invalid.",
+        epilog=_EPILOG,
+    )
+    p.add_argument(
+        "file",
+        metavar="FILE",
+        nargs="?",
+        default=None,
+        help="the YAML file (default: $RECLAIMER_CONFIG, required if that is unset; env: RECLAIMER_CONFIG)",
+    )
     specs = [EnvOption("file", "RECLAIMER_CONFIG", str, None)]
     p.set_defaults(command="check-config", env_specs=specs, subparser=p)
 
 
 def _add_demo(subs: Any) -> None:
     specs: list[EnvOption] = []
-    p = subs.add_parser("demo", help="a simulated GPU node with real Jupyter kernels",
-                        description="A whole simulated node: a real local Jupyter gateway with real kernels,\n"
-                                    "simulated GPUs, the daemon in enforce mode with short thresholds; serves /metrics.",
-                        epilog=_EPILOG)
-    _add(p, specs, ["--duration"], metavar="DURATION", parse=duration_arg, default=DEFAULT_DEMO_DURATION,
-         shown_default=format_duration(DEFAULT_DEMO_DURATION), help="stop after this long at most")
-    _add(p, specs, ["--port"], metavar="N", parse=port_arg, default=DEFAULT_DEMO_PORT,
-         help="serve /metrics on 127.0.0.1:N (a free port if taken)")
-    _add(p, specs, ["--keep-going"], switch=True, default=False,
-         help="keep running after the idle kernel is reclaimed, until --duration or Ctrl-C")
-    _add(p, specs, ["--live"], negatable=True, default=None, shown_default="on when stdout is a terminal",
-         help="a live-updating table; --no-live prints plain lines")
+    p = subs.add_parser(
+        "demo",
+        help="a simulated GPU node with real Jupyter kernels",
+        description="A whole simulated node: a real local Jupyter gateway with real kernels,\n"
+        "simulated GPUs, the daemon in enforce mode with short thresholds; serves /metrics.",
+        epilog=_EPILOG,
+    )
+    _add(
+        p,
+        specs,
+        ["--duration"],
+        metavar="DURATION",
+        parse=duration_arg,
+        default=DEFAULT_DEMO_DURATION,
+        shown_default=format_duration(DEFAULT_DEMO_DURATION),
+        help="stop after this long at most",
+    )
+    _add(
+        p,
+        specs,
+        ["--port"],
+        metavar="N",
+        parse=port_arg,
+        default=DEFAULT_DEMO_PORT,
+        help="serve /metrics on 127.0.0.1:N (a free port if taken)",
+    )
+    _add(
+        p,
+        specs,
+        ["--keep-going"],
+        switch=True,
+        default=False,
+        help="keep running after the idle kernel is reclaimed, until --duration or Ctrl-C",
+    )
+    _add(
+        p,
+        specs,
+        ["--live"],
+        negatable=True,
+        default=None,
+        shown_default="on when stdout is a terminal",
+        help="a live-updating table; --no-live prints plain lines",
+    )
     p.set_defaults(command="demo", env_specs=specs, subparser=p)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The full `reclaimer` parser. Flags default to None; ``parse_args`` fills them from the environment."""
-    parser = _Parser(prog="reclaimer", description="Find Jupyter kernels holding idle GPUs, export the waste, "
-                                                    "reclaim by policy.", epilog=_EPILOG)
+    parser = _Parser(
+        prog="reclaimer",
+        description="Find Jupyter kernels holding idle GPUs, export the waste, reclaim by policy.",
+        epilog=_EPILOG,
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subs = parser.add_subparsers(title="commands", metavar="COMMAND", required=True, parser_class=_Parser)
     _add_run(subs)
@@ -363,8 +515,15 @@ def cmd_report(args: argparse.Namespace) -> int:
         from reclaimer.app.daemon import run_report
     except ImportError as exc:
         return _not_available("report", exc)
-    return int(run_report(settings, window=args.window, output=args.output, source_url=getattr(args, "from"),
-                          token_file=args.token_file))
+    return int(
+        run_report(
+            settings,
+            window=args.window,
+            output=args.output,
+            source_url=getattr(args, "from"),
+            token_file=args.token_file,
+        )
+    )
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -389,8 +548,10 @@ def summarize(settings: Settings) -> str:
             f"    {p.name}: {p.action} after {format_duration(p.idle_after)} below {p.gpu_idle_below:.0%} GPU "
             f"utilisation (warn {format_duration(p.warn_before)} before)"
         )
-    lines.append(f"  exempt: annotation {settings.exemptions.annotation}, "
-                 f"namespaces {', '.join(settings.exemptions.namespaces) or 'none'}")
+    lines.append(
+        f"  exempt: annotation {settings.exemptions.annotation}, "
+        f"namespaces {', '.join(settings.exemptions.namespaces) or 'none'}"
+    )
     return "\n".join(lines)
 
 

@@ -22,9 +22,9 @@ from kubernetes.client.exceptions import ApiException
 
 from reclaimer.core.config import KubernetesSettings
 from reclaimer.core.errors import ReclaimerError
-from reclaimer.observe.kube import KubeError, _cut, _load_configuration, _prepare
 from reclaimer.export.report import ReportSchemaError, report_from_json
 from reclaimer.export.server import PROXY_TOKEN_HEADER
+from reclaimer.observe.kube import KubeError, _cut, _load_configuration, _prepare
 
 DEFAULT_NAMESPACE = "gpu-reclaimer"
 DEFAULT_SELECTOR = "app.kubernetes.io/name=gpu-reclaimer,app.kubernetes.io/component=node-agent"
@@ -111,16 +111,20 @@ def _api_reason(exc: ApiException) -> str:
 def list_daemon_pods(api: k8s.CoreV1Api, options: ClusterOptions) -> list[DaemonPod]:
     """The daemon pods matching the selector; ``KubeError`` names the namespace, the selector and the cause."""
     try:
-        resp = api.list_namespaced_pod(options.namespace, label_selector=options.selector,
-                                       _request_timeout=options.timeout, _preload_content=False)
+        resp = api.list_namespaced_pod(
+            options.namespace, label_selector=options.selector, _request_timeout=options.timeout, _preload_content=False
+        )
         items = json.loads(resp.data).get("items") or []
     except ApiException as exc:
         hint = " (you need list on pods in that namespace)" if exc.status == 403 else ""
-        raise KubeError(f"cannot list daemon pods in namespace {options.namespace} with selector "
-                        f"{options.selector!r}: {_api_reason(exc)}{hint}") from None
+        raise KubeError(
+            f"cannot list daemon pods in namespace {options.namespace} with selector "
+            f"{options.selector!r}: {_api_reason(exc)}{hint}"
+        ) from None
     except Exception as exc:  # urllib3 connection / timeout errors, bad JSON
-        raise KubeError(f"cannot list daemon pods in namespace {options.namespace}: "
-                        f"{_cut(str(exc)) or type(exc).__name__}") from None
+        raise KubeError(
+            f"cannot list daemon pods in namespace {options.namespace}: {_cut(str(exc)) or type(exc).__name__}"
+        ) from None
     return sorted((daemon_pod_from_json(p) for p in items), key=lambda p: (p.node, p.name))
 
 
@@ -135,7 +139,8 @@ def fetch_report(api: k8s.CoreV1Api, pod: DaemonPod, timeout: float) -> dict[str
     """GET ``/report`` of one daemon through ``pods/proxy``; validated. Raises ``NodeUnanswered`` with the reason."""
     try:
         resp = api.connect_get_namespaced_pod_proxy_with_path(
-            f"{pod.name}:{pod.port}", pod.namespace, "report", _preload_content=False, _request_timeout=timeout)
+            f"{pod.name}:{pod.port}", pod.namespace, "report", _preload_content=False, _request_timeout=timeout
+        )
         raw = resp.read(MAX_REPORT_BYTES + 1)
     except ApiException as exc:
         reason = _api_reason(exc)
@@ -181,8 +186,10 @@ def gpu_nodes(api: k8s.CoreV1Api, timeout: float) -> tuple[set[str] | None, str 
     except ApiException as exc:
         return None, f"cannot list nodes ({_api_reason(exc)}): GPU nodes without a daemon pod are not shown"
     except Exception as exc:
-        return None, f"cannot list nodes ({_cut(str(exc)) or type(exc).__name__}): GPU nodes without a daemon pod " \
-                     "are not shown"
+        return (
+            None,
+            f"cannot list nodes ({_cut(str(exc)) or type(exc).__name__}): GPU nodes without a daemon pod are not shown",
+        )
     names: set[str] = set()
     for node in items:
         capacity = (node.get("status") or {}).get("capacity") or {}
@@ -191,8 +198,7 @@ def gpu_nodes(api: k8s.CoreV1Api, timeout: float) -> tuple[set[str] | None, str 
     return names, None
 
 
-def collect(api: k8s.CoreV1Api, options: ClusterOptions,
-            clock: Callable[[], float] = time.monotonic) -> ClusterResult:
+def collect(api: k8s.CoreV1Api, options: ClusterOptions, clock: Callable[[], float] = time.monotonic) -> ClusterResult:
     """Every daemon's report, at most ``options.concurrency`` requests in flight, all within ``options.deadline``."""
     start = clock()
     pods = list_daemon_pods(api, options)
@@ -203,8 +209,13 @@ def collect(api: k8s.CoreV1Api, options: ClusterOptions,
         notes.append(why)
     for node in sorted((with_gpus or set()) - {p.node for p in pods}):
         # A GPU node the DaemonSet does not cover would otherwise be missing from the report without a word.
-        unanswered.append(Unanswered(node, "-", "no gpu-reclaimer pod on this GPU node (DaemonSet nodeSelector or "
-                                                "tolerations do not match it?)"))
+        unanswered.append(
+            Unanswered(
+                node,
+                "-",
+                "no gpu-reclaimer pod on this GPU node (DaemonSet nodeSelector or tolerations do not match it?)",
+            )
+        )
     to_ask: list[DaemonPod] = []
     for pod in pods:
         if pod.phase != "Running":
@@ -242,8 +253,14 @@ def collect(api: k8s.CoreV1Api, options: ClusterOptions,
                     unanswered.append(Unanswered(pod.node, pod.name, f"error: {type(exc).__name__}: {_cut(str(exc))}"))
                     continue
                 if report.get("node") != pod.node:
-                    unanswered.append(Unanswered(pod.node, pod.name, f"answered as node {report.get('node')!r}, "
-                                                 f"but the pod runs on {pod.node!r}: report ignored"))
+                    unanswered.append(
+                        Unanswered(
+                            pod.node,
+                            pod.name,
+                            f"answered as node {report.get('node')!r}, "
+                            f"but the pod runs on {pod.node!r}: report ignored",
+                        )
+                    )
                     continue
                 reports.append(report)
             submit()
@@ -279,15 +296,26 @@ def run_cluster_report(args: Any) -> int:
         from reclaimer.export.server import _read_token_file
 
         token = _read_token_file(args.token_file)
-    options = ClusterOptions(namespace=args.namespace, selector=args.selector, concurrency=args.concurrency,
-                             timeout=min(DEFAULT_TIMEOUT, args.deadline), deadline=args.deadline)
+    options = ClusterOptions(
+        namespace=args.namespace,
+        selector=args.selector,
+        concurrency=args.concurrency,
+        timeout=min(DEFAULT_TIMEOUT, args.deadline),
+        deadline=args.deadline,
+    )
     api = core_api(args.kubeconfig, options.timeout, token)
     result = collect(api, options)
     if result.pods == 0:
-        raise KubeError(f"no daemon pods in namespace {options.namespace} match {options.selector!r}: "
-                        "is gpu-reclaimer installed there (kubectl apply -k deploy)?")
-    merged = merge_reports(result.reports, [{"node": u.node, "pod": u.pod, "reason": u.reason}
-                                            for u in result.unanswered], time.time(), result.notes)
+        raise KubeError(
+            f"no daemon pods in namespace {options.namespace} match {options.selector!r}: "
+            "is gpu-reclaimer installed there (kubectl apply -k deploy)?"
+        )
+    merged = merge_reports(
+        result.reports,
+        [{"node": u.node, "pod": u.pod, "reason": u.reason} for u in result.unanswered],
+        time.time(),
+        result.notes,
+    )
     width = None
     if args.output != "json" and sys.stdout.isatty():
         import shutil

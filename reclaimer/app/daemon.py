@@ -19,16 +19,11 @@ from typing import Any
 
 import structlog
 
-from reclaimer.core import actionkinds
-from reclaimer.core import candidates as join_mod
-from reclaimer.core import policy
 from reclaimer.act.actions import DryRunExecutor, LiveExecutor, executor_for
-from reclaimer.observe.attribution import Attributor
+from reclaimer.core import actionkinds, policy
+from reclaimer.core import candidates as join_mod
 from reclaimer.core.config import Settings, format_duration
 from reclaimer.core.errors import StartupError
-from reclaimer.observe.gateway import claimed_by_a_gateway
-from reclaimer.observe.hub import locate_servers, pod_server
-from reclaimer.observe.kubeflow import KUBEFLOW_GATEWAY
 from reclaimer.core.model import (
     ActionKind,
     ActionResult,
@@ -46,6 +41,10 @@ from reclaimer.core.model import (
     Verdict,
     halted_reason,
 )
+from reclaimer.observe.attribution import Attributor
+from reclaimer.observe.gateway import claimed_by_a_gateway
+from reclaimer.observe.hub import locate_servers, pod_server
+from reclaimer.observe.kubeflow import KUBEFLOW_GATEWAY
 from reclaimer.observe.sampler import GpuBackend, Sampler, open_backend
 from reclaimer.observe.stall import STAGES, CallTimedOut, StageState, StageWorker, Stalled
 
@@ -114,8 +113,9 @@ class Daemon:
         self._attributor = Attributor(procfs_root=s.procfs_root)
         self._stages = {stage: StageWorker(stage) for stage in ("procfs", "pod-list", "pod-resources")}
         if self.metrics is None:
-            self.metrics = Metrics(self.snapshot, nvml_error_counts=self.adapters.backend.error_counts,
-                                   stalls=self.stalls)
+            self.metrics = Metrics(
+                self.snapshot, nvml_error_counts=self.adapters.backend.error_counts, stalls=self.stalls
+            )
         hist = self.metrics.gateway_request_duration_seconds
         for client in getattr(self.adapters.gateways, "clients", ()):
             client.on_request = lambda name, secs, _h=hist: _h.labels(gateway=name).observe(secs)
@@ -164,18 +164,23 @@ class Daemon:
     def readiness(self, now: float) -> tuple[bool, dict[str, Any]]:
         assert self.sampler is not None
         snap = self._snapshot
-        stalled = {stage: f"{st.what} has not returned for {format_duration(st.running_for)}"
-                   for stage, st in self.stalls().items() if st.stalled}
+        stalled = {
+            stage: f"{st.what} has not returned for {format_duration(st.running_for)}"
+            for stage, st in self.stalls().items()
+            if st.stalled
+        }
         gw = dict(snap.gateway_up) if snap else {}
         details: dict[str, Any] = {
             "sampler": "ok" if self.sampler.ticks > 0 and not self.sampler.wedged(now) else "waiting for samples",
             "observation": "ok" if snap is not None and snap.observed_at is not None else "waiting for first cycle",
             "gateways": {k: ("up" if v else "down" if v is False else "unknown") for k, v in gw.items()},
             "kubernetes": "disabled" if self.adapters.pods is None else ("ok" if self._kube_ok else "unavailable"),
-            "pod_resources": "disabled" if self.adapters.pod_resources is None else (
-                "ok" if self._podres_ok else "unavailable"),
-            "hub": "disabled" if self.adapters.hub is None else (
-                "ok" if self._hub_ok else "unknown" if self._hub_ok is None else "unavailable"),
+            "pod_resources": "disabled"
+            if self.adapters.pod_resources is None
+            else ("ok" if self._podres_ok else "unavailable"),
+            "hub": "disabled"
+            if self.adapters.hub is None
+            else ("ok" if self._hub_ok else "unknown" if self._hub_ok is None else "unavailable"),
             "cycles": self._cycles,
             "stalled": stalled,  # stage -> what has not returned: its part of the pipeline is unknown meanwhile
         }
@@ -238,8 +243,7 @@ class Daemon:
             log.warning("pod-resources unavailable", error=_describe(exc))
             return None
 
-    async def _servers(self, wanted: bool,
-                       missing: frozenset[tuple[str, str]] = frozenset()) -> list[ServerRef] | None:
+    async def _servers(self, wanted: bool, missing: frozenset[tuple[str, str]] = frozenset()) -> list[ServerRef] | None:
         """The hub's user servers, asked only when a candidate needs them, from a listing at most ``hub.cache_ttl``
         old; a server a candidate names that the cached listing lacks makes one fresh listing (at most one per decide
         interval). A failed or partial listing leaves no cache and is None: unknown, never "no servers"
@@ -273,24 +277,28 @@ class Daemon:
         gateways = self.adapters.gateways
         if gateways is not None:
             try:  # keeps reclaimer_gateway_up meaningful when no kernel here asks a gateway anything
-                await asyncio.wait_for(gateways.probe_quiet(older_than=max(60.0, self.settings.decide_interval)),
-                                       self._call_timeout())
+                await asyncio.wait_for(
+                    gateways.probe_quiet(older_than=max(60.0, self.settings.decide_interval)), self._call_timeout()
+                )
             except Exception as exc:
-                log.debug("gateway probe did not finish",
-                          error=_describe(exc, "gateway probe", self._call_timeout()))
+                log.debug("gateway probe did not finish", error=_describe(exc, "gateway probe", self._call_timeout()))
         if not kernel_ids:
             return {}
         now = self.clock()
         if self.adapters.gateways is None:
             return {k: KernelActivity(k, "", now, error="no gateway configured") for k in kernel_ids}
         try:
-            observing = self.adapters.gateways.observe(sorted(kernel_ids), confirm=True) if confirm else \
-                self.adapters.gateways.observe(sorted(kernel_ids))
+            observing = (
+                self.adapters.gateways.observe(sorted(kernel_ids), confirm=True)
+                if confirm
+                else self.adapters.gateways.observe(sorted(kernel_ids))
+            )
             return dict(await asyncio.wait_for(observing, self._call_timeout() + 1))
         except Exception as exc:
             names = ", ".join(c.name for c in getattr(self.adapters.gateways, "clients", ()))
-            error = _describe(exc, f"gateway observation of {len(kernel_ids)} kernel(s) (gateways: {names})",
-                              self._call_timeout() + 1)
+            error = _describe(
+                exc, f"gateway observation of {len(kernel_ids)} kernel(s) (gateways: {names})", self._call_timeout() + 1
+            )
             log.warning("gateway observation failed", error=error, kernels=len(kernel_ids))
             return {k: KernelActivity(k, "", now, error=error) for k in kernel_ids}
 
@@ -301,13 +309,21 @@ class Daemon:
             got = await asyncio.wait_for(self.adapters.hub.server_kernels(server), self._call_timeout())
             return list(got) if got is not None else None
         except Exception as exc:
-            log.warning("hub kernel listing failed", user=server.user, server_name=server.server_name,
-                        error=_describe(exc, "hub kernel listing", self._call_timeout()))
+            log.warning(
+                "hub kernel listing failed",
+                user=server.user,
+                server_name=server.server_name,
+                error=_describe(exc, "hub kernel listing", self._call_timeout()),
+            )
             return None
 
-    async def _hub_kernels(self, result: join_mod.JoinResult, activities: dict[str, KernelActivity],
-                           servers: list[ServerRef],
-                           listings: dict[tuple[str, str], list[KernelActivity] | None]) -> dict[str, ServerRef]:
+    async def _hub_kernels(
+        self,
+        result: join_mod.JoinResult,
+        activities: dict[str, KernelActivity],
+        servers: list[ServerRef],
+        listings: dict[tuple[str, str], list[KernelActivity] | None],
+    ) -> dict[str, ServerRef]:
         """Kernels of JupyterHub user servers are observed in their server when no configured gateway knows them.
 
         Each kernel's server is located exactly (``hub.locate_servers``) and listed directly with a token that opens only
@@ -315,14 +331,25 @@ class Daemon:
         ``activities``; every listing made lands in ``listings`` (the whole target of a stop-server / evict-pod).
         """
         hub = self.adapters.hub
-        missing = [c for c in result.candidates
-                   if c.kernel_id and (activities.get(c.kernel_id) is None or activities[c.kernel_id].error)
-                   and not claimed_by_a_gateway(activities.get(c.kernel_id))]  # invariant 14: no third source
+        missing = [
+            c
+            for c in result.candidates
+            if c.kernel_id
+            and (activities.get(c.kernel_id) is None or activities[c.kernel_id].error)
+            and not claimed_by_a_gateway(activities.get(c.kernel_id))
+        ]  # invariant 14: no third source
         if hub is None or not missing:
             return {}
         try:
-            located = await self._in_stage("procfs", locate_servers, missing, servers, self.settings.procfs_root,
-                                           self.settings.hub.server_port, what="/proc reads locating user servers")
+            located = await self._in_stage(
+                "procfs",
+                locate_servers,
+                missing,
+                servers,
+                self.settings.procfs_root,
+                self.settings.hub.server_port,
+                what="/proc reads locating user servers",
+            )
         except Exception as exc:
             log.warning("cannot locate the servers of hub kernels", error=_describe(exc))
             return {}
@@ -340,23 +367,40 @@ class Daemon:
                     found[ka.kernel_id] = server
         return found
 
-    async def _attribute(self, procs: list[tuple[str, Any]], pod_kernel_ids: Mapping[str, str],
-                         listed_at: Mapping[str, float] | None = None) -> list[AttributedProcess]:
+    async def _attribute(
+        self,
+        procs: list[tuple[str, Any]],
+        pod_kernel_ids: Mapping[str, str],
+        listed_at: Mapping[str, float] | None = None,
+    ) -> list[AttributedProcess]:
         """GPU processes -> kernels through /proc on the procfs stage's thread. A read that blocks (a process stuck in
         the driver) leaves every process unattributed with the reason (unknown, never idle) and stalls only this
         stage: the cycle, the metrics and the report go on."""
         assert self._attributor is not None
         attributor = self._attributor
         try:
-            return list(await self._in_stage(
-                "procfs", lambda: attributor.attribute(procs, pod_kernel_ids=pod_kernel_ids, listed_at=listed_at),
-                what=f"/proc reads for {len(procs)} GPU process(es)"))
+            return list(
+                await self._in_stage(
+                    "procfs",
+                    lambda: attributor.attribute(procs, pod_kernel_ids=pod_kernel_ids, listed_at=listed_at),
+                    what=f"/proc reads for {len(procs)} GPU process(es)",
+                )
+            )
         except (Stalled, CallTimedOut) as exc:
             reason = f"attribution unknown: {exc}"
             if isinstance(exc, Stalled):
                 log.warning("attribution skipped", error=str(exc))
-            return [AttributedProcess(pid=p.pid, starttime=None, gpu_uuid=uuid, used_memory_bytes=p.used_memory_bytes,
-                                      sm_utilization=p.sm_utilization, reason=reason) for uuid, p in procs]
+            return [
+                AttributedProcess(
+                    pid=p.pid,
+                    starttime=None,
+                    gpu_uuid=uuid,
+                    used_memory_bytes=p.used_memory_bytes,
+                    sm_utilization=p.sm_utilization,
+                    reason=reason,
+                )
+                for uuid, p in procs
+            ]
 
     async def _list_targets(
         self,
@@ -403,8 +447,9 @@ class Daemon:
             except Exception as exc:
                 gateway_lists[name] = (None, f"listing failed: {type(exc).__name__}")
 
-        await asyncio.gather(*(server_listing(k, v) for k, v in servers.items()),
-                             *(gateway_listing(g) for g in sorted(gateways)))
+        await asyncio.gather(
+            *(server_listing(k, v) for k, v in servers.items()), *(gateway_listing(g) for g in sorted(gateways))
+        )
         return True
 
     async def cycle(self) -> tuple[CycleSnapshot, list[ActionResult]]:
@@ -439,11 +484,20 @@ class Daemon:
 
         def joined_with() -> join_mod.JoinResult:
             return join_mod.join(
-                node=s.node_name, processes=attributed, pods_by_uid=pods_by_uid, allocations=allocations,
-                activities=activities, servers=servers, kernel_servers=kernel_servers,
-                server_name_annotation=s.kubernetes.server_name_annotation, server_kernels=server_lists,
-                gateway_kernels=gateway_lists, kernel_pods=pod_kernel_ids, first_seen=samp.first_seen,
-                allocation_seen=self._allocation_seen, hub_error=self._hub_error,
+                node=s.node_name,
+                processes=attributed,
+                pods_by_uid=pods_by_uid,
+                allocations=allocations,
+                activities=activities,
+                servers=servers,
+                kernel_servers=kernel_servers,
+                server_name_annotation=s.kubernetes.server_name_annotation,
+                server_kernels=server_lists,
+                gateway_kernels=gateway_lists,
+                kernel_pods=pod_kernel_ids,
+                first_seen=samp.first_seen,
+                allocation_seen=self._allocation_seen,
+                hub_error=self._hub_error,
                 pods_listed_at=getattr(self.adapters.pods, "last_success_at", None),
             )
 
@@ -451,10 +505,15 @@ class Daemon:
         if self.adapters.hub is not None:
             # The hub is asked only for candidates that need it: a kernel no gateway could tell about, or a
             # candidate whose pod names a user (its server is part of what a decision covers).
-            unobserved = any(c.kernel_id and (activities.get(c.kernel_id) is None or activities[c.kernel_id].error)
-                             for c in joined.candidates)
-            named = frozenset((c.pod.user, c.pod.annotations.get(s.kubernetes.server_name_annotation, ""))
-                              for c in joined.candidates if c.pod is not None and c.pod.user)
+            unobserved = any(
+                c.kernel_id and (activities.get(c.kernel_id) is None or activities[c.kernel_id].error)
+                for c in joined.candidates
+            )
+            named = frozenset(
+                (c.pod.user, c.pod.annotations.get(s.kubernetes.server_name_annotation, ""))
+                for c in joined.candidates
+                if c.pod is not None and c.pod.user
+            )
             if unobserved or named:
                 servers = await self._servers(True, named)
                 joined = joined_with()
@@ -474,8 +533,12 @@ class Daemon:
         if halted:
             # A credential the other side refused even after re-reading its file: what the daemon sees may be
             # partial and what it would do may fail half-way. Nothing is acted on until it is accepted again.
-            decisions = [replace(d, verdict=Verdict.UNKNOWN, reason=f"actions halted ({halted}); was: {d.reason}")
-                         if d.verdict is Verdict.RECLAIM else d for d in decisions]
+            decisions = [
+                replace(d, verdict=Verdict.UNKNOWN, reason=f"actions halted ({halted}); was: {d.reason}")
+                if d.verdict is Verdict.RECLAIM
+                else d
+                for d in decisions
+            ]
         results = await self.executor.execute(decisions, recheck=self._recheck)
         results += self.executor.verify(self.sampler.snapshot(), self.clock())
         results += await self.executor.verify_allocations(allocations, allocations_at, self.clock())
@@ -484,9 +547,17 @@ class Daemon:
         gpu_idle = self._gpu_idle(samp, decisions, now)
         gw_up = self.adapters.gateways.gateway_up() if self.adapters.gateways is not None else {}
         snap = CycleSnapshot(
-            node=s.node_name, mode=s.mode, generated_at=now, sampler=samp, decisions=tuple(decisions),
-            unattributed=joined.unattributed, gpu_idle_seconds=gpu_idle, gateway_up=gw_up, observed_at=observed_at,
-            breaker=planned.breaker, credentials=credentials,
+            node=s.node_name,
+            mode=s.mode,
+            generated_at=now,
+            sampler=samp,
+            decisions=tuple(decisions),
+            unattributed=joined.unattributed,
+            gpu_idle_seconds=gpu_idle,
+            gateway_up=gw_up,
+            observed_at=observed_at,
+            breaker=planned.breaker,
+            credentials=credentials,
         )
         self._account(snap, results)
         self._snapshot = snap
@@ -499,9 +570,16 @@ class Daemon:
         for d in decisions:
             counts[d.verdict.value] = counts.get(d.verdict.value, 0) + 1
         log.info(
-            "cycle", mode=s.mode, gpus=len(samp.devices), gpu_processes=len(procs), candidates=len(decisions),
-            unattributed=len(joined.unattributed), actions=len(results), duration_ms=round(duration * 1000, 1),
-            stalled=sorted(stage for stage, st in self.stalls().items() if st.stalled), **counts,
+            "cycle",
+            mode=s.mode,
+            gpus=len(samp.devices),
+            gpu_processes=len(procs),
+            candidates=len(decisions),
+            unattributed=len(joined.unattributed),
+            actions=len(results),
+            duration_ms=round(duration * 1000, 1),
+            stalled=sorted(stage for stage, st in self.stalls().items() if st.stalled),
+            **counts,
         )
         if self.on_cycle is not None:
             self.on_cycle(snap, results)
@@ -518,8 +596,11 @@ class Daemon:
         built from ``kubeflow.notebook_url``; a kernel no configured gateway knows is observed there."""
         if self.adapters.notebooks is None:
             return joined
-        wanted = {(c.pod.namespace, nb) for c in joined.candidates
-                  if c.pod is not None and (nb := actionkinds.kubeflow_notebook(c.pod)) is not None}
+        wanted = {
+            (c.pod.namespace, nb)
+            for c in joined.candidates
+            if c.pod is not None and (nb := actionkinds.kubeflow_notebook(c.pod)) is not None
+        }
         await self.adapters.notebooks.prune(wanted)
         if not wanted:
             return joined
@@ -576,8 +657,13 @@ class Daemon:
         if c.pod is not None and kube is not None:
             try:
                 # On the API server's stage thread: a GET that hangs stalls that stage only, never the cycle.
-                pod = await self._in_stage("pod-list", kube.get_pod, c.pod.namespace, c.pod.name,
-                                           what=f"GET pod {c.pod.namespace}/{c.pod.name}")
+                pod = await self._in_stage(
+                    "pod-list",
+                    kube.get_pod,
+                    c.pod.namespace,
+                    c.pod.name,
+                    what=f"GET pod {c.pod.namespace}/{c.pod.name}",
+                )
             except Exception as exc:
                 return c, f"cannot read pod {c.pod.namespace}/{c.pod.name} again ({exc})"
             if pod is None:
@@ -606,11 +692,18 @@ class Daemon:
             if server.origin is None and c.pod is not None and self.settings.hub is not None:
                 server = pod_server(c.pod, server, self.settings.hub.server_port) or server
             kernels = await self._server_kernels(server)
-            return replace(c, server=server, target_kernels=tuple(kernels) if kernels is not None else None,
-                           target_error=None if kernels is not None else "its kernel list could not be read"), None
+            return replace(
+                c,
+                server=server,
+                target_kernels=tuple(kernels) if kernels is not None else None,
+                target_error=None if kernels is not None else "its kernel list could not be read",
+            ), None
         if c.target_source.startswith(join_mod.KERNEL_POD_TARGET):
-            return replace(c, target_kernels=(fresh,) if fresh is not None and fresh.error is None else None,
-                           target_error="its kernel's state is unknown"), None
+            return replace(
+                c,
+                target_kernels=(fresh,) if fresh is not None and fresh.error is None else None,
+                target_error="its kernel's state is unknown",
+            ), None
         if c.target_source.startswith(join_mod.GATEWAY_TARGET) and self.adapters.gateways is not None:
             name = c.target_source.removeprefix(join_mod.GATEWAY_TARGET)
             try:
@@ -618,8 +711,7 @@ class Daemon:
                 kernels, error = got.kernels, got.error
             except Exception as exc:
                 kernels, error = None, f"listing failed: {type(exc).__name__}"
-            return replace(c, target_kernels=tuple(kernels) if kernels is not None else None,
-                           target_error=error), None
+            return replace(c, target_kernels=tuple(kernels) if kernels is not None else None, target_error=error), None
         return c, None
 
     def _with_holds(self, decisions: Sequence[Decision], now: float) -> list[Decision]:
@@ -634,7 +726,7 @@ class Daemon:
     def _remember(self, results: Sequence[ActionResult], now: float) -> None:
         acted = {r.decision.candidate.key for r in results if r.result in ("success", "already-gone", "blocked")}
         last = dict(self._state.last_action_at)
-        last.update({k: now for k in acted})
+        last.update(dict.fromkeys(acted, now))
         # Forget cooldowns that ended long ago: bounded by the actions of the last two cooldowns, not by history.
         horizon = now - 2 * self.settings.limits.cooldown
         if acted or any(v < horizon for v in last.values()):
@@ -654,8 +746,12 @@ class Daemon:
         default = min(p.gpu_idle_below for p in self.settings.policies)
         return {
             dev.uuid: policy.gpu_idle_seconds(
-                samp.samples.get(dev.uuid, ()), holder_threshold.get(dev.uuid, default), now, samp.started_at,
-                samp.sample_interval, samp.history.get(dev.uuid),
+                samp.samples.get(dev.uuid, ()),
+                holder_threshold.get(dev.uuid, default),
+                now,
+                samp.started_at,
+                samp.sample_interval,
+                samp.history.get(dev.uuid),
             )
             for dev in samp.devices
         }
@@ -664,9 +760,13 @@ class Daemon:
         from reclaimer.export.report import allocation_holdings, candidate_namespace, held_idle_increments
 
         prev = self._snapshot.generated_at if self._snapshot is not None else None
-        self.metrics.add_held_idle(held_idle_increments(prev, snap, self._threshold),
-                                   held_idle_increments(prev, snap, self._threshold, allocation_holdings))
-        self.metrics.forget_quiet_namespaces({candidate_namespace(d.candidate) for d in snap.decisions}, snap.generated_at)
+        self.metrics.add_held_idle(
+            held_idle_increments(prev, snap, self._threshold),
+            held_idle_increments(prev, snap, self._threshold, allocation_holdings),
+        )
+        self.metrics.forget_quiet_namespaces(
+            {candidate_namespace(d.candidate) for d in snap.decisions}, snap.generated_at
+        )
         for r in results:
             self.metrics.record_action(r)
         if snap.breaker.new_trip:
@@ -697,7 +797,8 @@ class Daemon:
             await asyncio.sleep(min(0.05, self.settings.sample_interval))
 
     async def run(self, *, once: bool = False, serve: bool = True) -> int:
-        from reclaimer.export.server import BearerToken, make_app, serve as serve_app
+        from reclaimer.export.server import BearerToken, make_app
+        from reclaimer.export.server import serve as serve_app
 
         assert self.sampler is not None
         # An unusable token file is a start-up error naming the file, before anything runs.
@@ -713,8 +814,12 @@ class Daemon:
             if serve:
                 host, port = self.settings.listen_host_port
                 runner = await serve_app(make_app(self, self.metrics, token), host, port)
-                log.info("serving", listen=self.settings.listen, endpoints="/metrics /healthz /readyz /report",
-                         bearer_token_on="/metrics /report" if token is not None else "none")
+                log.info(
+                    "serving",
+                    listen=self.settings.listen,
+                    endpoints="/metrics /healthz /readyz /report",
+                    bearer_token_on="/metrics /report" if token is not None else "none",
+                )
             await self.wait_first_samples(timeout=max(5.0, 5 * self.settings.sample_interval))
             if once:
                 await self.cycle()
@@ -814,8 +919,9 @@ def run_daemon(settings: Settings, once: bool = False) -> int:
     return asyncio.run(main())
 
 
-def run_report(settings: Settings, window: float, output: str, source_url: str | None,
-               token_file: str | None = None) -> int:
+def run_report(
+    settings: Settings, window: float, output: str, source_url: str | None, token_file: str | None = None
+) -> int:
     """`reclaimer report`: from a running daemon's /report, or one-shot (sample for ``window``, observe, decide)."""
     from reclaimer.export.logs import configure_logging
     from reclaimer.export.report import build_report, render_json, render_table, report_from_json
@@ -831,8 +937,11 @@ def run_report(settings: Settings, window: float, output: str, source_url: str |
     else:
         adapters = build_adapters(settings)
         # The report never acts: it shows what the configured mode would do now, over `window` of samples.
-        sampler = Sampler(adapters.backend, interval=settings.sample_interval,
-                          window_seconds=max(window, settings.sample_interval) + settings.sample_interval)
+        sampler = Sampler(
+            adapters.backend,
+            interval=settings.sample_interval,
+            window_seconds=max(window, settings.sample_interval) + settings.sample_interval,
+        )
         daemon = Daemon(settings, adapters, executor=DryRunExecutor(), sampler=sampler)
 
         async def main() -> CycleSnapshot:

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from reclaimer.app.kernelclient import GatewayRest
 from reclaimer.core import actionkinds
 from reclaimer.core.config import format_duration, parse_settings
-from reclaimer.app.kernelclient import GatewayRest
 from reclaimer.core.model import ActionResult, CycleSnapshot, Recovers, Verdict
 
 GiB = 1024**3
@@ -78,11 +78,15 @@ class DemoState:
 def _write_reserved_kernelspec(root: Path) -> None:
     spec = root / "kernels" / RESERVED_KERNEL
     spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Python 3 (GPU, reserved)",
-        "language": "python",
-    }))
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "Python 3 (GPU, reserved)",
+                "language": "python",
+            }
+        )
+    )
 
 
 class KernelGatewayProcess:
@@ -102,12 +106,21 @@ class KernelGatewayProcess:
         env["JUPYTER_RUNTIME_DIR"] = str(self.workdir / "runtime")
         env["KG_AUTH_TOKEN"] = self.token
         cmd = [
-            sys.executable, "-m", "kernel_gateway",
-            "--KernelGatewayApp.ip=127.0.0.1", f"--KernelGatewayApp.port={self.port}",
+            sys.executable,
+            "-m",
+            "kernel_gateway",
+            "--KernelGatewayApp.ip=127.0.0.1",
+            f"--KernelGatewayApp.port={self.port}",
             "--JupyterWebsocketPersonality.list_kernels=True",
         ]
-        self.proc = subprocess.Popen(cmd, env=env, cwd=self.workdir, stdout=self.log_path.open("wb"),
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=self.workdir,
+            stdout=self.log_path.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     async def wait_ready(self, timeout: float = 60.0) -> None:
         rest = GatewayRest(self.url, self.token, timeout=2.0)
@@ -136,7 +149,8 @@ class KernelGatewayProcess:
 
 
 def demo_settings(gateway_url: str, token_env: str, listen: str):
-    return parse_settings(f"""
+    return parse_settings(
+        f"""
 mode: enforce
 node_name: demo-node
 listen: "{listen}"
@@ -154,14 +168,20 @@ policies:
     action: auto
 exemptions: {{kernel_names: [{RESERVED_KERNEL}]}}
 limits: {{max_actions_per_cycle: 2, cooldown: 1m, max_fraction_per_cycle: 0.5}}
-""", "<demo>")
+""",
+        "<demo>",
+    )
 
 
 def _scenario() -> dict[str, Any]:
     return {
         "gpus": [
-            {"uuid": f"GPU-de000000-0000-4000-8000-00000000000{i}", "model": "NVIDIA A100-SXM4-80GB",
-             "memory_total": 80 * GiB, "utilization": 0.0}
+            {
+                "uuid": f"GPU-de000000-0000-4000-8000-00000000000{i}",
+                "model": "NVIDIA A100-SXM4-80GB",
+                "memory_total": 80 * GiB,
+                "utilization": 0.0,
+            }
             for i in range(5)
         ],
         "processes": [],
@@ -174,8 +194,11 @@ def _render(state: DemoState, now: float, metrics_url: str):
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=f"reclaimer demo — enforce mode, {format_duration(time.monotonic() - state.started)} in; "
-                        f"metrics at {metrics_url}", expand=False)
+    table = Table(
+        title=f"reclaimer demo — enforce mode, {format_duration(time.monotonic() - state.started)} in; "
+        f"metrics at {metrics_url}",
+        expand=False,
+    )
     for col in ("ROLE", "KERNEL", "GPU", "MEM", "STATE", "IDLE", "VERDICT", "ETA", "REASON"):
         table.add_column(col, overflow="fold")
     by_kernel = {d.candidate.kernel_id: d for d in (state.last.decisions if state.last else ())}
@@ -183,33 +206,49 @@ def _render(state: DemoState, now: float, metrics_url: str):
     for k in state.kernels:
         d = by_kernel.get(k.kernel_id)
         if k.kernel_id in state.reclaimed:
-            verdict, state_txt, reason = Text("reclaimed", "bold red"), "shut down", \
-                f"{state.reclaimed[k.kernel_id] / GiB:.0f} GiB GPU memory released"
+            verdict, state_txt, reason = (
+                Text("reclaimed", "bold red"),
+                "shut down",
+                f"{state.reclaimed[k.kernel_id] / GiB:.0f} GiB GPU memory released",
+            )
             idle = eta = "-"
         elif d is None:
             verdict, state_txt, reason, idle, eta = Text("-"), "-", "waiting for the first cycle", "-", "-"
         else:
             verdict = Text(d.verdict.value, colours.get(d.verdict.value, ""))
             state_txt = (d.candidate.activity.execution_state if d.candidate.activity else None) or "?"
-            idle = format_duration(d.idle_seconds) if d.idle_seconds is not None else \
-                ("-" if d.verdict is Verdict.EXEMPT else "?")
-            eta = format_duration(d.eta_seconds) if d.eta_seconds is not None and d.verdict in (
-                Verdict.WARN, Verdict.RECLAIM) else "-"
+            idle = (
+                format_duration(d.idle_seconds)
+                if d.idle_seconds is not None
+                else ("-" if d.verdict is Verdict.EXEMPT else "?")
+            )
+            eta = (
+                format_duration(d.eta_seconds)
+                if d.eta_seconds is not None and d.verdict in (Verdict.WARN, Verdict.RECLAIM)
+                else "-"
+            )
             reason = d.reason
-        table.add_row(k.role, k.kernel_id[:8], str(k.gpu), f"{k.memory / GiB:.0f}Gi", state_txt, idle, verdict,
-                      eta, reason)
+        table.add_row(
+            k.role, k.kernel_id[:8], str(k.gpu), f"{k.memory / GiB:.0f}Gi", state_txt, idle, verdict, eta, reason
+        )
     lines = [Text(e) for e in state.events[-8:]]
     return Group(table, *lines)
 
 
 async def _setup(workdir: Path, token: str, kg: KernelGatewayProcess, backend: Any) -> list[DemoKernel]:
     rest = GatewayRest(kg.url, token)
-    roles = [("idle", "python3", 0, 20 * GiB), ("training", "python3", 1, 30 * GiB),
-             ("reserved", RESERVED_KERNEL, 2, 40 * GiB), ("bg-job", "python3", 3, 10 * GiB)]
+    roles = [
+        ("idle", "python3", 0, 20 * GiB),
+        ("training", "python3", 1, 30 * GiB),
+        ("reserved", RESERVED_KERNEL, 2, 40 * GiB),
+        ("bg-job", "python3", 3, 10 * GiB),
+    ]
     ids = await asyncio.gather(*(rest.start_kernel(name) for _, name, _, _ in roles))
     pids = await asyncio.gather(*(rest.pid(kid) for kid in ids))  # talking to a kernel also makes it `idle`
-    kernels = [DemoKernel(role, kid, pid, gpu, mem, name)
-               for (role, name, gpu, mem), kid, pid in zip(roles, ids, pids, strict=True)]
+    kernels = [
+        DemoKernel(role, kid, pid, gpu, mem, name)
+        for (role, name, gpu, mem), kid, pid in zip(roles, ids, pids, strict=True)
+    ]
     for k in kernels:
         backend.add_process(k.gpu, k.pid, k.memory, None)
     backend.set_utilization(3, 0.92)  # a background job started from the bg-job kernel keeps its GPU busy
@@ -227,9 +266,9 @@ def run_demo(duration: float = 90.0, port: int = 9400, live: bool | None = None,
     from rich.live import Live
 
     from reclaimer.app.daemon import Adapters, Daemon
+    from reclaimer.export.logs import configure_logging
     from reclaimer.observe.gateway import GatewayClient, GatewayPool
     from reclaimer.observe.gpusim import SimulatedBackend
-    from reclaimer.export.logs import configure_logging
 
     console = Console(stderr=False)
     if not console.is_terminal:
@@ -288,13 +327,18 @@ def run_demo(duration: float = 90.0, port: int = 9400, live: bool | None = None,
         await kg.wait_ready()
         state.kernels = await _setup(workdir, token, kg, backend)
         backend.add_process(4, stray.pid, 5 * GiB, None)
-        note(f"kernel gateway at {kg.url}; {len(state.kernels)} kernels started; a stray process "
-             f"(pid {stray.pid}) on GPU 4 belongs to no kernel")
+        note(
+            f"kernel gateway at {kg.url}; {len(state.kernels)} kernels started; a stray process "
+            f"(pid {stray.pid}) on GPU 4 belongs to no kernel"
+        )
         task = asyncio.create_task(daemon.run())
         deadline = time.monotonic() + duration
         done_at: float | None = None
-        live_ctx = Live(_render(state, time.time(), metrics_url), console=console, refresh_per_second=4) \
-            if live else contextlib.nullcontext()
+        live_ctx = (
+            Live(_render(state, time.time(), metrics_url), console=console, refresh_per_second=4)
+            if live
+            else contextlib.nullcontext()
+        )
         try:
             with live_ctx as lv:
                 while time.monotonic() < deadline and not task.done():
@@ -302,7 +346,11 @@ def run_demo(duration: float = 90.0, port: int = 9400, live: bool | None = None,
                         lv.update(_render(state, time.time(), metrics_url))
                     if done_at is None and state.reclaimed:
                         done_at = time.monotonic()
-                    if not keep_going and done_at is not None and time.monotonic() - done_at > 2 * settings.decide_interval:
+                    if (
+                        not keep_going
+                        and done_at is not None
+                        and time.monotonic() - done_at > 2 * settings.decide_interval
+                    ):
                         break
                     await asyncio.sleep(0.25)
                 if lv is not None:
@@ -335,12 +383,17 @@ def _summary(console: Any, state: DemoState, daemon: Any) -> int:
     ok = True
     for k in state.kernels:
         if k.kernel_id in state.reclaimed:
-            line = f"reclaimed: shut down, freed {state.reclaimed[k.kernel_id] / GiB:.0f} GiB GPU memory; " + \
-                _what_stays(state.recovered.get(k.kernel_id))
+            line = (
+                f"reclaimed: shut down, freed {state.reclaimed[k.kernel_id] / GiB:.0f} GiB GPU memory; "
+                + _what_stays(state.recovered.get(k.kernel_id))
+            )
         else:
             d = verdicts.get(k.kernel_id)
-            line = (d.reason if d.reason.startswith(d.verdict.value) else f"{d.verdict.value}: {d.reason}") if d \
+            line = (
+                (d.reason if d.reason.startswith(d.verdict.value) else f"{d.verdict.value}: {d.reason}")
+                if d
                 else "not seen"
+            )
         console.print(f"  {k.role:<9} kernel {k.kernel_id[:8]} GPU {k.gpu}: {line}", highlight=False)
     expected_reclaimed = {k.kernel_id for k in state.kernels if k.role == "idle"}
     if set(state.reclaimed) != expected_reclaimed:
@@ -350,13 +403,17 @@ def _summary(console: Any, state: DemoState, daemon: Any) -> int:
     for p in unattributed:
         console.print(f"  unattributed: pid {p.pid} on {p.gpu_uuid[:12]}…: {p.reason}", highlight=False)
     freed = sum(state.reclaimed.values())
-    console.print(f"  GPU memory given back: {freed / GiB:.0f} GiB; GPU allocations released: {state.released_gpus}; "
-                  f"{len(state.reclaimed)} of {len(state.kernels)} kernels reclaimed in "
-                  f"{format_duration(time.monotonic() - state.started)}")
-    console.print("  Freeing GPU memory is not freeing the GPU: a kernel shut down inside a notebook pod frees its "
-                  "memory, but the pod keeps its nvidia.com/gpu allocation, so no one else can be scheduled on that "
-                  "GPU until the server stops or the pod goes (policy action: auto picks that where it can).",
-                  highlight=False)
+    console.print(
+        f"  GPU memory given back: {freed / GiB:.0f} GiB; GPU allocations released: {state.released_gpus}; "
+        f"{len(state.reclaimed)} of {len(state.kernels)} kernels reclaimed in "
+        f"{format_duration(time.monotonic() - state.started)}"
+    )
+    console.print(
+        "  Freeing GPU memory is not freeing the GPU: a kernel shut down inside a notebook pod frees its "
+        "memory, but the pod keeps its nvidia.com/gpu allocation, so no one else can be scheduled on that "
+        "GPU until the server stops or the pod goes (policy action: auto picks that where it can).",
+        highlight=False,
+    )
     return 0 if ok else 1
 
 
@@ -365,5 +422,7 @@ def _what_stays(recovered: Recovers | None) -> str:
     if recovered is Recovers.ALLOCATION:
         return "its GPU allocation was released too"
     # This node has no Kubernetes: the kernel held GPU memory only. In a notebook pod the allocation would stay.
-    return ("memory only — in a notebook pod the GPU allocation stays with the pod "
-            "(use stop-server or action: auto to release it)")
+    return (
+        "memory only — in a notebook pod the GPU allocation stays with the pod "
+        "(use stop-server or action: auto to release it)"
+    )

@@ -77,15 +77,24 @@ class GatewayRest:
     async def interrupt(self, kernel_id: str) -> None:
         await self._request("POST", f"/api/kernels/{kernel_id}/interrupt")
 
-    async def execute(self, kernel_id: str, code: str, *, wait: bool = True, silent: bool = False,
-                      timeout: float = 60.0) -> str:
+    async def execute(
+        self, kernel_id: str, code: str, *, wait: bool = True, silent: bool = False, timeout: float = 60.0
+    ) -> str:
         """Run ``code``; return its stdout when ``wait`` (else return once the kernel has accepted it: busy)."""
         ws_url = self.base.replace("http", "ws", 1) + f"/api/kernels/{kernel_id}/channels"
         session_id = uuid.uuid4().hex
-        req = _msg("execute_request", {
-            "code": code, "silent": silent, "store_history": False, "user_expressions": {},
-            "allow_stdin": False, "stop_on_error": True,
-        }, session_id)
+        req = _msg(
+            "execute_request",
+            {
+                "code": code,
+                "silent": silent,
+                "store_history": False,
+                "user_expressions": {},
+                "allow_stdin": False,
+                "stop_on_error": True,
+            },
+            session_id,
+        )
         msg_id = req["header"]["msg_id"]
         out: list[str] = []
 
@@ -102,8 +111,9 @@ class GatewayRest:
                 if t == "stream" and msg["content"].get("name") == "stdout":
                     out.append(msg["content"].get("text", ""))
                 if t == "error":
-                    raise KernelClientError(f"kernel error: {msg['content'].get('ename')}: "
-                                            f"{msg['content'].get('evalue')}")
+                    raise KernelClientError(
+                        f"kernel error: {msg['content'].get('ename')}: {msg['content'].get('evalue')}"
+                    )
                 if t == "status" and msg["content"].get("execution_state") == "idle":
                     return "".join(out)
             raise ChannelClosed("websocket closed before the kernel answered")

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 from reclaimer.core.model import ActionKind, Candidate, PodInfo, Recovers, Verdict
 
-KUBEFLOW_STOP_ANNOTATION = "kubeflow-resource-stopped"  # on a Notebook: its controller scales it to 0 (Kubeflow's culler)
+KUBEFLOW_STOP_ANNOTATION = (
+    "kubeflow-resource-stopped"  # on a Notebook: its controller scales it to 0 (Kubeflow's culler)
+)
 KUBEFLOW_NOTEBOOK_LABEL = "notebook-name"  # set by Kubeflow's notebook-controller on the pods of a Notebook
 KUBEFLOW_NOTEBOOK_KIND = "Notebook"  # kubeflow.org Notebook (owns the StatefulSet that owns the pod)
 JUPYTER_KERNEL_KIND = "JupyterKernel"  # elastic-jupyter-operator's kernel custom resource (owns the kernel pod)
@@ -79,17 +81,41 @@ def _evict_pod_recovers(c: Candidate) -> Recovers:
 KINDS: dict[ActionKind, ActionSpec] = {
     spec.kind: spec
     for spec in (
-        ActionSpec(ActionKind.SHUTDOWN_KERNEL, "kernel", "kernel", "ShutdownKernel", _shutdown_kernel_recovers,
-                   "shuts the kernel down through its gateway: frees its GPU memory; the pod keeps its GPU "
-                   "allocation unless the pod is the kernel's own (Enterprise Gateway kernel pods)"),
-        ActionSpec(ActionKind.STOP_SERVER, "server", "server", "StopServer", _stop_server_recovers,
-                   "stops the user's JupyterHub server (every kernel of it): releases the pod's GPU allocation"),
-        ActionSpec(ActionKind.EVICT_POD, "pod", "pod", "EvictPod", _evict_pod_recovers,
-                   "evicts the pod (every process of it): releases its GPU allocation; never planned for a pod "
-                   "a controller recreates"),
-        ActionSpec(ActionKind.STOP_NOTEBOOK, "notebook", "notebook", "StopNotebook", _stop_notebook_recovers,
-                   "stops the Kubeflow Notebook (annotation kubeflow-resource-stopped, as Kubeflow's culler does): "
-                   "its controller scales it to 0, releasing the pod's GPU allocation"),
+        ActionSpec(
+            ActionKind.SHUTDOWN_KERNEL,
+            "kernel",
+            "kernel",
+            "ShutdownKernel",
+            _shutdown_kernel_recovers,
+            "shuts the kernel down through its gateway: frees its GPU memory; the pod keeps its GPU "
+            "allocation unless the pod is the kernel's own (Enterprise Gateway kernel pods)",
+        ),
+        ActionSpec(
+            ActionKind.STOP_SERVER,
+            "server",
+            "server",
+            "StopServer",
+            _stop_server_recovers,
+            "stops the user's JupyterHub server (every kernel of it): releases the pod's GPU allocation",
+        ),
+        ActionSpec(
+            ActionKind.EVICT_POD,
+            "pod",
+            "pod",
+            "EvictPod",
+            _evict_pod_recovers,
+            "evicts the pod (every process of it): releases its GPU allocation; never planned for a pod "
+            "a controller recreates",
+        ),
+        ActionSpec(
+            ActionKind.STOP_NOTEBOOK,
+            "notebook",
+            "notebook",
+            "StopNotebook",
+            _stop_notebook_recovers,
+            "stops the Kubeflow Notebook (annotation kubeflow-resource-stopped, as Kubeflow's culler does): "
+            "its controller scales it to 0, releasing the pod's GPU allocation",
+        ),
         ActionSpec(ActionKind.NONE, "", "", None, lambda c: Recovers.NONE, "observes only"),
     )
 }
@@ -172,19 +198,24 @@ def refusal(action: ActionKind, c: Candidate) -> tuple[Verdict, str] | None:
     if c.kernel_pod:
         # EG's kernel pods are bare (no controller): an eviction would release the GPU, but behind the gateway's
         # back — it sees its kernel die and may restart it in a new pod. elastic-jupyter-operator's are recreated.
-        how = ("shut the kernel down through its gateway (shutdown-kernel; the gateway deletes the kernel pod)"
-               if c.kernel_id is not None else
-               "its kernel holds no GPU process; only shutting that kernel down through its gateway releases the pod")
+        how = (
+            "shut the kernel down through its gateway (shutdown-kernel; the gateway deletes the kernel pod)"
+            if c.kernel_id is not None
+            else "its kernel holds no GPU process; only shutting that kernel down through its gateway releases the pod"
+        )
         owned = f", owned by {_owner_text(c.pod)}" if c.pod.controller is not None else ""
-        return Verdict.KEEP, (f"pod {c.pod.namespace}/{c.pod.name} is a kernel pod of {kernel_pod_platform(c.pod)}"
-                              f"{owned}: eviction is not offered — {how}")
+        return Verdict.KEEP, (
+            f"pod {c.pod.namespace}/{c.pod.name} is a kernel pod of {kernel_pod_platform(c.pod)}"
+            f"{owned}: eviction is not offered — {how}"
+        )
     if not c.pod.owners_known:
-        return Verdict.UNKNOWN, (f"pod {c.pod.namespace}/{c.pod.name}: ownerReferences unreadable "
-                                 "(whether a controller recreates it is unknown)")
+        return Verdict.UNKNOWN, (
+            f"pod {c.pod.namespace}/{c.pod.name}: ownerReferences unreadable "
+            "(whether a controller recreates it is unknown)"
+        )
     if c.pod.controller is None:
         return None
-    return Verdict.KEEP, (f"pod is owned by {_owner_text(c.pod)}; eviction would be recreated — "
-                          f"{what_would_work(c)}")
+    return Verdict.KEEP, (f"pod is owned by {_owner_text(c.pod)}; eviction would be recreated — {what_would_work(c)}")
 
 
 # --------------------------------------------------------------------------- auto
@@ -216,8 +247,9 @@ def choose_auto(c: Candidate) -> tuple[ActionKind, str]:
             return ActionKind.SHUTDOWN_KERNEL, "auto: shutdown-kernel frees the GPU memory"
         if not allocated:
             return ActionKind.SHUTDOWN_KERNEL, "auto: shutdown-kernel frees the GPU memory (no GPU allocation known)"
-        return ActionKind.SHUTDOWN_KERNEL, (f"auto: shutdown-kernel frees GPU memory only, the pod keeps its GPU "
-                                            f"allocation ({what_would_work(c)})")
+        return ActionKind.SHUTDOWN_KERNEL, (
+            f"auto: shutdown-kernel frees GPU memory only, the pod keeps its GPU allocation ({what_would_work(c)})"
+        )
     return ActionKind.EVICT_POD, ""  # the refusal's reason says what would work
 
 

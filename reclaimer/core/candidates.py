@@ -19,7 +19,6 @@ from reclaimer.core.model import (
     ServerRef,
 )
 
-
 # How Candidate.target_source starts, by where the target's kernels were listed (the re-check lists them again there).
 SERVER_TARGET = "server "
 KERNEL_POD_TARGET = "kernel pod "
@@ -136,11 +135,15 @@ def join(
                 shared.add(pod.uid)
 
     listed = servers if servers is not None else ()
-    server_problem = None if servers is not None else (
-        f"the hub's server list is unknown this cycle ({hub_error or 'failed or partial'})")
+    server_problem = (
+        None
+        if servers is not None
+        else (f"the hub's server list is unknown this cycle ({hub_error or 'failed or partial'})")
+    )
 
-    def target(kid: str | None, pod: PodInfo | None, server: ServerRef | None,
-               activity: KernelActivity | None) -> dict[str, object]:
+    def target(
+        kid: str | None, pod: PodInfo | None, server: ServerRef | None, activity: KernelActivity | None
+    ) -> dict[str, object]:
         return _target(kid, pod, server, activity, server_kernels or {}, gateway_kernels or {}, kernel_pods or {})
 
     candidates: list[Candidate] = []
@@ -260,4 +263,7 @@ def _target(
             return {"target_source": source, "target_error": f"the gateway does not list its kernels ({error})"}
         return {"target_source": source, "target_kernels": tuple(listing)}
     what = f"pod {pod.namespace}/{pod.name}" if pod is not None else "this candidate"
-    return {"target_source": what, "target_error": "no JupyterHub server, kernel pod or gateway listing names its kernels"}
+    return {
+        "target_source": what,
+        "target_error": "no JupyterHub server, kernel pod or gateway listing names its kernels",
+    }

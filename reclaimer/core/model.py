@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 
-
 class Verdict(str, enum.Enum):
     KEEP = "keep"
     WARN = "warn"
@@ -26,7 +25,9 @@ class ActionKind(str, enum.Enum):
     STOP_SERVER = "stop-server"
     EVICT_POD = "evict-pod"
     STOP_NOTEBOOK = "stop-notebook"  # Kubeflow: the kubeflow-resource-stopped annotation on the Notebook
-    AUTO = "auto"  # a policy setting only: the policy resolves it per candidate (reclaimer.core.actionkinds.choose_auto)
+    AUTO = (
+        "auto"  # a policy setting only: the policy resolves it per candidate (reclaimer.core.actionkinds.choose_auto)
+    )
     NONE = "none"
 
 
@@ -83,7 +84,9 @@ class GpuHistory:
     the samples. Constant size per GPU."""
 
     through: float  # timestamp of the newest sample folded in
-    runs: Mapping[float, tuple[float, float] | None]  # idle threshold -> (run start, peak) at ``through``; None: not idle
+    runs: Mapping[
+        float, tuple[float, float] | None
+    ]  # idle threshold -> (run start, peak) at ``through``; None: not idle
     problem_at: float | None = None  # newest sample that could not count as idle evidence
     problem: str = ""
     gap_end: float | None = None  # the sample after the newest gap longer than 3 intervals (or a clock step back)
@@ -264,7 +267,9 @@ class ServerRef:
     profile: str | None = None  # KubeSpawner profile slug (the server's user_options.profile); None: none chosen
     options_known: bool = False  # whether the hub showed the server's user_options (so ``profile`` None means none)
     pid: int | None = None  # the server process (LocalProcessSpawner state; needs admin:server_state)
-    origin: str | None = None  # where the daemon reaches it directly (http://<pod IP or loopback>:<port>), not the proxy
+    origin: str | None = (
+        None  # where the daemon reaches it directly (http://<pod IP or loopback>:<port>), not the proxy
+    )
     listed_at: float | None = None  # when the hub listed it (stop-server needs this cycle's listing)
 
     @property
@@ -335,7 +340,15 @@ class Decision:
 # seen released after a successful action; "released" / "unreleased": whether the GPU allocation was (the pod gone,
 # or pod-resources no longer listing its GPUs) after an action that should release it.
 ACTION_RESULTS: tuple[str, ...] = (
-    "success", "already-gone", "failed", "blocked", "skipped", "dry-run", "verified", "unverified", "released",
+    "success",
+    "already-gone",
+    "failed",
+    "blocked",
+    "skipped",
+    "dry-run",
+    "verified",
+    "unverified",
+    "released",
     "unreleased",
 )
 
@@ -413,7 +426,9 @@ class CycleSnapshot:
     decisions: tuple[Decision, ...] = ()
     unattributed: tuple[AttributedProcess, ...] = ()  # GPU processes that belong to no kernel, with the reason
     gpu_idle_seconds: Mapping[str, float | None] = field(default_factory=dict)  # by GPU uuid; None: unknown
-    gateway_up: Mapping[str, bool | None] = field(default_factory=dict)  # by configured gateway name; None: not contacted yet
+    gateway_up: Mapping[str, bool | None] = field(
+        default_factory=dict
+    )  # by configured gateway name; None: not contacted yet
     observed_at: float | None = None  # when the last gateway observation finished (None: not yet)
     breaker: BreakerStatus = field(default_factory=BreakerStatus)
     # Each credential the daemon holds ("hub", "gateway:<name>", "kubernetes") -> why it was refused (None: not

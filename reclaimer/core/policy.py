@@ -48,7 +48,6 @@ IDLE_AFTER_ANNOTATION = "reclaimer.io/idle-after"  # per-pod override; it may le
 _TEXT_LIMIT = 120  # longest piece of foreign text (gateway errors, annotation values) copied into a reason
 
 
-
 # --------------------------------------------------------------------------- public API
 
 
@@ -137,9 +136,7 @@ def remember(state: PolicyState, decisions: Sequence[Decision], now: float) -> P
     return replace(state, warned_at=warned)
 
 
-def select_policy(
-    candidate: Candidate, settings: Settings, gpu_models: Mapping[str, str]
-) -> PolicySettings | None:
+def select_policy(candidate: Candidate, settings: Settings, gpu_models: Mapping[str, str]) -> PolicySettings | None:
     """The first policy in ``settings.policies`` whose every non-empty criterion matches, or None.
 
     A criterion needing a fact the candidate lacks (namespaces but no pod, users but no user) does not match.
@@ -176,19 +173,29 @@ def _hub_facts_unknown(policy: PolicySettings, c: Candidate) -> str | None:
         return None
     s = c.server
     if s is None:
-        return (f"policy {policy.name} matches on JupyterHub {'groups' if m.groups else 'profiles'}, but no hub "
-                f"server of user {users[0]} is known this cycle")
+        return (
+            f"policy {policy.name} matches on JupyterHub {'groups' if m.groups else 'profiles'}, but no hub "
+            f"server of user {users[0]} is known this cycle"
+        )
     if m.groups and s.groups is None:
-        return (f"policy {policy.name} matches on JupyterHub groups, but the hub did not return {s.user}'s groups "
-                "(does the token have read:users:groups?)")
+        return (
+            f"policy {policy.name} matches on JupyterHub groups, but the hub did not return {s.user}'s groups "
+            "(does the token have read:users:groups?)"
+        )
     if m.profiles and not s.options_known:
-        return (f"policy {policy.name} matches on profiles, but the server's user_options are not readable "
-                "(profile unknown)")
+        return (
+            f"policy {policy.name} matches on profiles, but the server's user_options are not readable "
+            "(profile unknown)"
+        )
     return None
 
 
 def gpu_idle_seconds(
-    samples: Sequence[GpuSample], threshold: float, now: float, started_at: float, sample_interval: float,
+    samples: Sequence[GpuSample],
+    threshold: float,
+    now: float,
+    started_at: float,
+    sample_interval: float,
     history: GpuHistory | None = None,
 ) -> float | None:
     """Seconds the GPU has been continuously below ``threshold`` at the end of the series; None when unknown.
@@ -200,8 +207,13 @@ def gpu_idle_seconds(
     """
     idle = _idle_run(samples, threshold, now, started_at, sample_interval)[0]
     run = history.runs.get(threshold) if history is not None else None
-    if idle is not None and run is not None and samples and history is not None \
-            and history.through == max(s.timestamp for s in samples):
+    if (
+        idle is not None
+        and run is not None
+        and samples
+        and history is not None
+        and history.through == max(s.timestamp for s in samples)
+    ):
         idle = max(idle, now - run[0])
     return idle
 
@@ -264,8 +276,12 @@ def fold_presence(previous: GpuPresence | None, sample: GpuSample, sample_interv
         problem = _sample_problem(sample, sample.uuid) or "process list unknown"
         return GpuPresence(ts, {}, ts, problem)
     procs = sample.processes
-    if previous is not None and seen is previous.first_seen and len(procs) == len(seen) and \
-            all(p.pid in seen for p in procs):
+    if (
+        previous is not None
+        and seen is previous.first_seen
+        and len(procs) == len(seen)
+        and all(p.pid in seen for p in procs)
+    ):
         return GpuPresence(ts, seen, unreadable_at, unreadable)
     return GpuPresence(ts, {p.pid: seen.get(p.pid, ts) for p in procs}, unreadable_at, unreadable)
 
@@ -298,14 +314,16 @@ def recheck(
             return _unknown(candidate, decision.policy, "re-check: no fresh answer from the gateway")
         candidate = replace(candidate, activity=fresh)
     server = candidate.server
-    if decision.action in (ActionKind.STOP_SERVER, ActionKind.EVICT_POD) and server is not None and (
-            server.listed_at is None or not now - server.listed_at <= settings.decide_interval):
+    if (
+        decision.action in (ActionKind.STOP_SERVER, ActionKind.EVICT_POD)
+        and server is not None
+        and (server.listed_at is None or not now - server.listed_at <= settings.decide_interval)
+    ):
         # The cycle may have used the hub cache; the server acted on is the one the hub lists right now (inv. 13).
         return _unknown(candidate, decision.policy, f"re-check: server {server.label} was not asked of the hub again")
     # The warning gate was passed by the plan seconds ago; the re-check asks only whether the candidate is still idle.
     again = _evaluate(candidate, sampler, settings, now, warned_at=decision.warned_at, gate=False)
-    if again.action is not decision.action and again.fallback is not None and \
-            again.fallback.action is decision.action:
+    if again.action is not decision.action and again.fallback is not None and again.fallback.action is decision.action:
         again = again.fallback  # auto planned the milder action (the larger target was blocked): re-check that one
     if again.verdict is Verdict.RECLAIM:
         if again.action is decision.action and again.policy == decision.policy:
@@ -468,9 +486,10 @@ def _evaluate_auto(
     if action is ActionKind.SHUTDOWN_KERNEL or c.kernel_id is None:
         return primary
     # The milder plan, reason without its note: _with_fallback says why it is used when it is.
-    fallback = replace(_evaluate(c, sampler, settings, now, chosen=ActionKind.SHUTDOWN_KERNEL, warned_at=warned_at,
-                                 gate=gate),
-                       requested=ActionKind.AUTO)
+    fallback = replace(
+        _evaluate(c, sampler, settings, now, chosen=ActionKind.SHUTDOWN_KERNEL, warned_at=warned_at, gate=gate),
+        requested=ActionKind.AUTO,
+    )
     if primary.verdict in (Verdict.RECLAIM, Verdict.WARN) or fallback.verdict not in (Verdict.RECLAIM, Verdict.WARN):
         return replace(primary, fallback=fallback)
     return _with_fallback(fallback, f"{action.value}: {raw.reason}")
@@ -634,8 +653,10 @@ def _pod_data_problem(c: Candidate, settings: Settings, now: float) -> str | Non
         return f"when the data of {_pod_name(c.pod)} was listed is unknown (exemptions cannot be vouched for)"
     age = now - c.pod_listed_at
     if age > pod_data_limit(settings):
-        return (f"data of {_pod_name(c.pod)} is {_dur(age)} old (the pod list keeps failing): an exemption added "
-                f"since would not be seen")
+        return (
+            f"data of {_pod_name(c.pod)} is {_dur(age)} old (the pod list keeps failing): an exemption added "
+            f"since would not be seen"
+        )
     return None
 
 
@@ -675,8 +696,10 @@ def _taint(c: Candidate, sampler: SamplerSnapshot, policy: PolicySettings, now: 
     for p in c.unattributed:
         where = "pod" if p.pod_uid is not None else "container"
         why = _scrub(p.reason) if p.reason else "not attributed"
-        return (f"GPU process {p.pid} on {_gpu_label(p.gpu_uuid, sampler)} in the same {where} belongs to no kernel "
-                f"({why}): it may be {what}'s work")
+        return (
+            f"GPU process {p.pid} on {_gpu_label(p.gpu_uuid, sampler)} in the same {where} belongs to no kernel "
+            f"({why}): it may be {what}'s work"
+        )
     if not sampler.unreadable:
         return None
     held = set(_held_gpus(c))
@@ -742,8 +765,10 @@ def _activity_problem(c: Candidate, settings: Settings, now: float) -> str | Non
     skew_limit = settings.limits.max_clock_skew
     if a.clock_skew is not None and not abs(a.clock_skew) <= skew_limit:  # invariant 19 (NaN fails too)
         direction = "ahead of" if a.clock_skew > 0 else "behind"
-        return (f"gateway {a.gateway} clock is {_dur(abs(a.clock_skew))} {direction} ours (its Date header; "
-                f"limits.max_clock_skew {format_duration(skew_limit)}): its last_activity cannot be trusted")
+        return (
+            f"gateway {a.gateway} clock is {_dur(abs(a.clock_skew))} {direction} ours (its Date header; "
+            f"limits.max_clock_skew {format_duration(skew_limit)}): its last_activity cannot be trusted"
+        )
     if a.execution_state is None:
         return "kernel execution_state unknown"
     if a.last_activity is None:
@@ -754,8 +779,9 @@ def _activity_problem(c: Candidate, settings: Settings, now: float) -> str | Non
         return "kernel last_activity has no time zone (local time could shorten the idle window)"
     ahead = a.last_activity.timestamp() - now
     if ahead > skew_limit:
-        return (f"kernel last_activity is {_dur(ahead)} in the future (the gateway writes local time or its clock "
-                f"is off)")
+        return (
+            f"kernel last_activity is {_dur(ahead)} in the future (the gateway writes local time or its clock is off)"
+        )
     return None
 
 
@@ -770,8 +796,10 @@ def _action_unknown(c: Candidate, action: ActionKind, settings: Settings) -> str
             return "stop-server needs the user's server, but neither the server nor the user is known"
         wanted = _pod_server_name(c.pod, settings)
         named = f"server {wanted!r}" if wanted else "default server"
-        return (f"stop-server needs the server the hub lists this cycle, but it lists no {named} for user {users[0]} "
-                f"(never another server instead)")
+        return (
+            f"stop-server needs the server the hub lists this cycle, but it lists no {named} for user {users[0]} "
+            f"(never another server instead)"
+        )
     if action is ActionKind.EVICT_POD and c.pod is None:
         return "evict-pod needs the kernel's pod, which is unknown"
     if action is ActionKind.STOP_NOTEBOOK:
@@ -780,20 +808,28 @@ def _action_unknown(c: Candidate, action: ActionKind, settings: Settings) -> str
         if c.notebook is None:
             return "stop-notebook needs the notebook server's kernels (configure kubeflow.notebook_url)"
         if c.notebook.kernels is None:
-            return f"notebook {c.notebook.namespace}/{c.notebook.name} kernels unknown ({_scrub(c.notebook.error or '')})"
+            return (
+                f"notebook {c.notebook.namespace}/{c.notebook.name} kernels unknown ({_scrub(c.notebook.error or '')})"
+            )
     if action in (ActionKind.STOP_SERVER, ActionKind.EVICT_POD) and c.server is not None and c.pod is not None:
         server, pod = c.server, c.pod
         if pod.user is None:
-            return (f"{_pod_name(pod)} names no JupyterHub user ({settings.kubernetes.user_label}), so it cannot be "
-                    f"matched to server {server.label}")
+            return (
+                f"{_pod_name(pod)} names no JupyterHub user ({settings.kubernetes.user_label}), so it cannot be "
+                f"matched to server {server.label}"
+            )
         wanted = _pod_server_name(pod, settings)
         if (pod.user, wanted) != (server.user, server.server_name):
-            return (f"{_pod_name(pod)} runs server {_quote(pod.user + ('/' + wanted if wanted else ''))} "
-                    f"({settings.kubernetes.server_name_annotation}), not {server.label} as found")
+            return (
+                f"{_pod_name(pod)} runs server {_quote(pod.user + ('/' + wanted if wanted else ''))} "
+                f"({settings.kubernetes.server_name_annotation}), not {server.label} as found"
+            )
     return None
 
 
-def _notebook_blocker(c: Candidate, policy: PolicySettings, settings: Settings, now: float) -> tuple[Verdict, str] | None:
+def _notebook_blocker(
+    c: Candidate, policy: PolicySettings, settings: Settings, now: float
+) -> tuple[Verdict, str] | None:
     """stop-notebook ends every kernel of the notebook server: each must be idle with last_activity older than the
     window, and the listing fresh and naming the candidate's own kernel; else (verdict, why)."""
     nb = c.notebook
@@ -817,8 +853,9 @@ def _notebook_blocker(c: Candidate, policy: PolicySettings, settings: Settings, 
 
 
 # The views read in one ``plan`` call, by (GPU, sampler, now, window, threshold): a view depends on nothing else.
-_VIEWS: contextvars.ContextVar[dict[tuple[str, int, float, float, float], _GpuView] | None] = \
-    contextvars.ContextVar("reclaimer_policy_views", default=None)
+_VIEWS: contextvars.ContextVar[dict[tuple[str, int, float, float, float], _GpuView] | None] = contextvars.ContextVar(
+    "reclaimer_policy_views", default=None
+)
 
 
 def _gpu_view_once(uuid: str, sampler: SamplerSnapshot, policy: PolicySettings, now: float) -> _GpuView:
@@ -848,9 +885,7 @@ class _Whole:
     note: str = ""  # what limits it, for the reason
 
 
-def _whole_target(
-    c: Candidate, action: ActionKind, policy: PolicySettings, settings: Settings, now: float
-) -> _Whole:
+def _whole_target(c: Candidate, action: ActionKind, policy: PolicySettings, settings: Settings, now: float) -> _Whole:
     """Everything stop-server / evict-pod would end must be idle: every kernel of the target idle with
     last_activity older than the window, and the server's own activity too (invariant 12)."""
     verb = action.value
@@ -858,16 +893,22 @@ def _whole_target(
         if c.server_error is not None:
             return _Whole(unknown=f"{verb} of {_pod_name(c.pod)} needs its server's activity: {c.server_error}")
         if not policy.reclaim_bare_allocations:
-            return _Whole(keep=f"{_pod_name(c.pod)} holds GPUs with no process and no kernel or JupyterHub server "
-                               f"to show it is unused (policy {policy.name} does not set reclaim_bare_allocations)")
+            return _Whole(
+                keep=f"{_pod_name(c.pod)} holds GPUs with no process and no kernel or JupyterHub server "
+                f"to show it is unused (policy {policy.name} does not set reclaim_bare_allocations)"
+            )
         return _Whole()
     source = c.target_source or "the target"
     if c.target_kernels is None:
-        return _Whole(unknown=f"{verb} would end every kernel of {source}, but they cannot be listed "
-                              f"({c.target_error or 'no listing'})")
+        return _Whole(
+            unknown=f"{verb} would end every kernel of {source}, but they cannot be listed "
+            f"({c.target_error or 'no listing'})"
+        )
     if c.kernel_id is not None and c.kernel_id not in {k.kernel_id for k in c.target_kernels}:
-        return _Whole(unknown=f"kernel {c.kernel_id[:8]} is not among the kernels {source} lists "
-                              f"(what {verb} would end is unknown)")
+        return _Whole(
+            unknown=f"kernel {c.kernel_id[:8]} is not among the kernels {source} lists "
+            f"(what {verb} would end is unknown)"
+        )
     limit = STALE_FACTOR * settings.decide_interval
     idle, note = math.inf, ""
     for k in sorted(c.target_kernels, key=lambda k: k.kernel_id):
@@ -877,8 +918,10 @@ def _whole_target(
         skew = k.clock_skew  # invariant 19 for every kernel the action ends, not only the candidate's own
         if skew is not None and not abs(skew) <= settings.limits.max_clock_skew:
             direction = "ahead of" if skew > 0 else "behind"
-            return _Whole(unknown=f"{verb} would also end {who}, whose server's clock is {_dur(abs(skew))} "
-                                  f"{direction} ours (limits.max_clock_skew {format_duration(settings.limits.max_clock_skew)})")
+            return _Whole(
+                unknown=f"{verb} would also end {who}, whose server's clock is {_dur(abs(skew))} "
+                f"{direction} ours (limits.max_clock_skew {format_duration(settings.limits.max_clock_skew)})"
+            )
         age = now - k.observed_at
         if not math.isfinite(age) or age > limit:
             return _Whole(unknown=f"{verb} would also end {who}, last observed {_dur(age)} ago")
@@ -951,8 +994,15 @@ def _gpu_view(uuid: str, sampler: SamplerSnapshot, policy: PolicySettings, now: 
     return _GpuView(label, None, idle, peak, busy, process_seen_at)
 
 
-def _gpu_view_beyond_ring(uuid: str, label: str, ordered: Sequence[GpuSample], sampler: SamplerSnapshot,
-                          policy: PolicySettings, now: float, window_start: float) -> _GpuView:
+def _gpu_view_beyond_ring(
+    uuid: str,
+    label: str,
+    ordered: Sequence[GpuSample],
+    sampler: SamplerSnapshot,
+    policy: PolicySettings,
+    now: float,
+    window_start: float,
+) -> _GpuView:
     """The view over a window longer than the ring (a per-pod idle-after override), from the GPU's folded history.
 
     Never a frozen countdown: the idle run is counted from where it really started, however long ago; anything the
@@ -962,8 +1012,11 @@ def _gpu_view_beyond_ring(uuid: str, label: str, ordered: Sequence[GpuSample], s
     newest = ordered[-1]
     span = _dur(newest.timestamp - ordered[0].timestamp)
     if history.through != newest.timestamp or policy.gpu_idle_below not in history.runs:
-        return _GpuView(label, f"{label}: idle_after {_dur(policy.idle_after)} is longer than the {span} of samples "
-                               "kept, and no idle history covers it")
+        return _GpuView(
+            label,
+            f"{label}: idle_after {_dur(policy.idle_after)} is longer than the {span} of samples "
+            "kept, and no idle history covers it",
+        )
     if history.problem_at is not None and history.problem_at >= window_start:
         return _GpuView(label, f"{label} {history.problem} at {_clock(history.problem_at)}")
     if history.gap_end is not None and history.gap_end >= window_start:
@@ -971,8 +1024,11 @@ def _gpu_view_beyond_ring(uuid: str, label: str, ordered: Sequence[GpuSample], s
     run = history.runs[policy.gpu_idle_below]
     busy = newest.utilization is not None and newest.utilization >= policy.gpu_idle_below
     idle, peak = (max(0.0, now - run[0]), run[1]) if run is not None else (0.0, newest.utilization or 0.0)
-    seen = history.process_seen_at if history.process_seen_at is not None and history.process_seen_at >= window_start \
+    seen = (
+        history.process_seen_at
+        if history.process_seen_at is not None and history.process_seen_at >= window_start
         else None
+    )
     return _GpuView(label, None, idle, peak, busy, seen)
 
 
@@ -1025,15 +1081,20 @@ def _guard_shared_targets(decisions: list[Decision]) -> list[Decision]:
     """An evict-pod / stop-server ends every kernel in that pod or server: all of them must be reclaimable."""
     out = []
     for d in decisions:
-        if d.verdict is Verdict.RECLAIM and d.action in (ActionKind.EVICT_POD, ActionKind.STOP_SERVER,
-                                                         ActionKind.STOP_NOTEBOOK):
+        if d.verdict is Verdict.RECLAIM and d.action in (
+            ActionKind.EVICT_POD,
+            ActionKind.STOP_SERVER,
+            ActionKind.STOP_NOTEBOOK,
+        ):
             blocker = next(
                 (o for o in decisions if o is not d and o.verdict is not Verdict.RECLAIM and _shares_target(d, o)),
                 None,
             )
             if blocker is not None:
-                blocked = (f"{d.action.value} would also end {blocker.candidate.key} "
-                           f"({blocker.verdict.value}: {blocker.reason})")
+                blocked = (
+                    f"{d.action.value} would also end {blocker.candidate.key} "
+                    f"({blocker.verdict.value}: {blocker.reason})"
+                )
                 if d.fallback is not None:  # auto: the kernel alone may still go; it frees its GPU memory only
                     d = _with_fallback(d.fallback, blocked)
                 else:
@@ -1047,8 +1108,10 @@ def _shares_target(d: Decision, other: Decision) -> bool:
     mine, theirs = d.candidate, other.candidate
     if mine.pod is not None and theirs.pod is not None and mine.pod.uid == theirs.pod.uid:
         return True
-    return d.action is ActionKind.STOP_SERVER and _server_key(mine) is not None and _server_key(mine) == _server_key(
-        theirs
+    return (
+        d.action is ActionKind.STOP_SERVER
+        and _server_key(mine) is not None
+        and _server_key(mine) == _server_key(theirs)
     )
 
 
@@ -1129,7 +1192,9 @@ def _apply_circuit_breaker(
         key=lambda d: (released_at.get(d.candidate.key, -math.inf), since[d.candidate.key], d.candidate.key),
         default=None,
     )
-    head = f"circuit breaker: {n} of {total} would be reclaimed (max_fraction_per_cycle={limits.max_fraction_per_cycle:g})"
+    head = (
+        f"circuit breaker: {n} of {total} would be reclaimed (max_fraction_per_cycle={limits.max_fraction_per_cycle:g})"
+    )
     if len(fresh) > 1 and cause == BREAKER_MASS_FLIP and new_trip:
         head += f", {len(fresh)} of them turned reclaimable at once"
     out = []
@@ -1137,8 +1202,11 @@ def _apply_circuit_breaker(
         if d.verdict is Verdict.RECLAIM:
             key = d.candidate.key
             if d is chosen:
-                d = replace(d, reason=f"{head}; this one goes now (reclaimable since {_clock(since[key])}, "
-                                      f"one per cycle); {d.reason}")
+                d = replace(
+                    d,
+                    reason=f"{head}; this one goes now (reclaimable since {_clock(since[key])}, "
+                    f"one per cycle); {d.reason}",
+                )
             elif ready[key] <= now:  # steady (the same test as above)
                 d = _demote(d, f"{head}; held: one per cycle, another goes first", settings)
             else:
@@ -1157,12 +1225,21 @@ def _apply_circuit_breaker(
     status = (
         f"tripped ({cause}) since {_clock(trip_since)}: {n} of {total} would be reclaimed, more than "
         f"max_fraction_per_cycle={limits.max_fraction_per_cycle:g}; "
-        + (f"letting {chosen.candidate.key} through this cycle (one per cycle)" if chosen is not None
-           else f"holding all; one per cycle from {_clock(first)} if they stay reclaimable")
+        + (
+            f"letting {chosen.candidate.key} through this cycle (one per cycle)"
+            if chosen is not None
+            else f"holding all; one per cycle from {_clock(first)} if they stay reclaimable"
+        )
     )
     breaker = BreakerStatus(
-        tripped=True, cause=cause, reclaimable=n, total=total, since=trip_since,
-        released=chosen.candidate.key if chosen is not None else None, new_trip=new_trip, reason=status,
+        tripped=True,
+        cause=cause,
+        reclaimable=n,
+        total=total,
+        since=trip_since,
+        released=chosen.candidate.key if chosen is not None else None,
+        new_trip=new_trip,
+        reason=status,
     )
     return out, breaker, released_at
 

@@ -16,8 +16,18 @@ MAX_DEPTH = 8  # deeper structures are replaced whole: a log field nested that f
 
 # Words that make a key (``api_key``, ``Authorization``, ``hub_token``) or a ``word=value`` pair secret.
 SECRET_WORDS: tuple[str, ...] = (
-    "token", "secret", "password", "passwd", "authorization", "api_key", "api-key", "apikey", "cookie",
-    "credential", "private_key", "private-key",
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "authorization",
+    "api_key",
+    "api-key",
+    "apikey",
+    "cookie",
+    "credential",
+    "private_key",
+    "private-key",
 )
 # Key suffixes that name where a secret lives (``token_env``, ``token_file``, ``listen_token_file``, ``--token-file``), never its value.
 SOURCE_SUFFIXES: tuple[str, ...] = ("_env", "_file", "-env", "-file")
@@ -31,8 +41,12 @@ TEXT_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # URL credentials: scheme://user:password@host
     (re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I), r"\1" + REDACTED + "@"),
     # word=value, word: value, "word": "value", ?hub_token=value (an auth scheme before the value goes too)
-    (re.compile(rf"(?<![\w-])([\w-]*(?:{_WORDS})s?)([\"']?\s*[:=]\s*[\"']?)(?:(?:bearer|token|basic)\s+)?{_VALUE}",
-                re.I), r"\1\2" + REDACTED),
+    (
+        re.compile(
+            rf"(?<![\w-])([\w-]*(?:{_WORDS})s?)([\"']?\s*[:=]\s*[\"']?)(?:(?:bearer|token|basic)\s+)?{_VALUE}", re.I
+        ),
+        r"\1\2" + REDACTED,
+    ),
     # Authorization schemes: "Bearer <value>", "Basic <value>", "token <long value>" (a short word after "token" is
     # prose: "token file", "token expired")
     (re.compile(r"\b(bearer|basic)\s+(?!<redacted>)[A-Za-z0-9._~+/=-]+", re.I), r"\1 " + REDACTED),

@@ -89,9 +89,7 @@ def configure_logging(
     second handler. Raises ValueError for an unknown level.
     """
     number = _level_number(level)
-    handler: logging.Handler = (
-        _StdStreamHandler(stream) if isinstance(stream, str) else logging.StreamHandler(stream)
-    )
+    handler: logging.Handler = _StdStreamHandler(stream) if isinstance(stream, str) else logging.StreamHandler(stream)
     target: TextIO = getattr(sys, stream) if isinstance(stream, str) else stream
     as_json = _wants_json(target, json)
 

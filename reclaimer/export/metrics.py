@@ -226,8 +226,9 @@ class SnapshotCollector(Collector):
 class LiveCollector(Collector):
     """What changes between snapshots and is read at each scrape: NVML error counts, render failures, stalls."""
 
-    def __init__(self, snapshots: SnapshotCollector, nvml_error_counts: NvmlErrorCounts | None,
-                 stalls: StallStates | None = None) -> None:
+    def __init__(
+        self, snapshots: SnapshotCollector, nvml_error_counts: NvmlErrorCounts | None, stalls: StallStates | None = None
+    ) -> None:
         self._snapshots = snapshots
         self._nvml_errors = nvml_error_counts
         self._stalls = stalls
@@ -251,11 +252,17 @@ class LiveCollector(Collector):
         """Per stage (a bounded set): stalled now (a call past its timeout), and calls that ever outlived it."""
         from reclaimer.observe.stall import STAGES
 
-        now = GaugeMetricFamily("reclaimer_stalled", "1 while a blocking call of the stage (NVML sampling, /proc "
-                                "reads, pod list, pod-resources) runs past its timeout; its part is unknown meanwhile.",
-                                labels=["stage"])
-        total = CounterMetricFamily("reclaimer_stalled_calls", "Blocking calls that did not return within their "
-                                    "timeout, by stage.", labels=["stage"])
+        now = GaugeMetricFamily(
+            "reclaimer_stalled",
+            "1 while a blocking call of the stage (NVML sampling, /proc "
+            "reads, pod list, pod-resources) runs past its timeout; its part is unknown meanwhile.",
+            labels=["stage"],
+        )
+        total = CounterMetricFamily(
+            "reclaimer_stalled_calls",
+            "Blocking calls that did not return within their timeout, by stage.",
+            labels=["stage"],
+        )
         for stage in STAGES:
             st = states.get(stage)
             now.add_metric([stage], 1.0 if st is not None and st.stalled else 0.0)
@@ -388,8 +395,10 @@ class Metrics:
     def add_held_idle(self, increments: Mapping[str, float], allocation: Mapping[str, float] | None = None) -> None:
         """Add ``report.held_idle_increments`` output to the waste counters (namespace label; ``-`` outside k8s):
         ``increments`` GPU memory held idle, ``allocation`` GPU allocations held idle."""
-        for counter, values in ((self.gpu_held_idle_seconds_total, increments),
-                                (self.gpu_allocation_held_idle_seconds_total, allocation or {})):
+        for counter, values in (
+            (self.gpu_held_idle_seconds_total, increments),
+            (self.gpu_allocation_held_idle_seconds_total, allocation or {}),
+        ):
             for namespace, seconds in values.items():
                 if seconds > 0:
                     counter.labels(namespace or NO_NAMESPACE).inc(seconds)
@@ -406,7 +415,9 @@ class Metrics:
         quiet = {ns for ns, seen in self._namespace_seen.items() if now - seen > keep_for}
         dropped = 0
         for metric in self._namespaced():
-            present = {s.labels["namespace"] for fam in metric.collect() for s in fam.samples if "namespace" in s.labels}
+            present = {
+                s.labels["namespace"] for fam in metric.collect() for s in fam.samples if "namespace" in s.labels
+            }
             for ns in present:
                 if ns in quiet or ns not in self._namespace_seen:
                     metric.remove(ns)
@@ -420,11 +431,13 @@ class Metrics:
 
     def tracked(self) -> dict[str, int]:
         """Sizes of the per-key structures (for the soak and the bounds tests)."""
-        children = sum(len({s.labels["namespace"] for fam in m.collect() for s in fam.samples if "namespace" in s.labels})
-                       for m in self._namespaced())
+        children = sum(
+            len({s.labels["namespace"] for fam in m.collect() for s in fam.samples if "namespace" in s.labels})
+            for m in self._namespaced()
+        )
         return {"namespaces_seen": len(self._namespace_seen), "namespace_children": children}
 
-    def prepare(self, snap: CycleSnapshot | None | object = _LATEST) -> None:
+    def prepare(self, snap: CycleSnapshot | object | None = _LATEST) -> None:
         """Render ``snap``'s series (default: the provider's latest) now; the daemon calls this once per cycle."""
         snap = self._provider() if snap is _LATEST else snap
         assert snap is None or isinstance(snap, CycleSnapshot)

@@ -138,9 +138,7 @@ def _pods_by_uid(snap: CycleSnapshot) -> dict[str, PodInfo]:
     return {d.candidate.pod.uid: d.candidate.pod for d in snap.decisions if d.candidate.pod is not None}
 
 
-def _process_entry(
-    proc: AttributedProcess, pods: Mapping[str, PodInfo], holder: Candidate | None
-) -> dict[str, Any]:
+def _process_entry(proc: AttributedProcess, pods: Mapping[str, PodInfo], holder: Candidate | None) -> dict[str, Any]:
     pod = holder.pod if holder is not None and holder.pod is not None else pods.get(proc.pod_uid or "")
     return {
         "pid": proc.pid,
@@ -468,8 +466,9 @@ def _kernel_row(k: Mapping[str, Any], index_of: Mapping[str, int]) -> list[str]:
     eta = k["eta_seconds"]
     # A countdown only means something while the holder is idle: a busy kernel's "earliest" ETA is not one.
     counting = k["verdict"] in (Verdict.WARN.value, Verdict.RECLAIM.value) or (k["idle_seconds"] or 0) > 0
-    idle = "-" if k["verdict"] == Verdict.EXEMPT.value and k["idle_seconds"] is None else \
-        human_duration(k["idle_seconds"])
+    idle = (
+        "-" if k["verdict"] == Verdict.EXEMPT.value and k["idle_seconds"] is None else human_duration(k["idle_seconds"])
+    )
     return [
         k["namespace"] or "-",
         who,
@@ -509,7 +508,9 @@ def _format_table(headers: list[str], rows: list[list[str]], width: int | None, 
         excess = sum(widths) + 2 * (len(widths) - 1) - width
         if excess > 0:
             widths[i] = max(min(widths[i], _MIN_FLEXIBLE), widths[i] - excess)
-            rows = [[*r[:i], r[i] if len(r[i]) <= widths[i] else r[i][: widths[i] - 1] + "…", *r[i + 1 :]] for r in rows]
+            rows = [
+                [*r[:i], r[i] if len(r[i]) <= widths[i] else r[i][: widths[i] - 1] + "…", *r[i + 1 :]] for r in rows
+            ]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [headers, *rows]]
 
 
@@ -525,8 +526,10 @@ def summary_line(summary: Mapping[str, Any]) -> str:
     ]
     plan = summary.get("planned_recovers") or {}
     if plan.get(Recovers.ALLOCATION.value) or plan.get(Recovers.MEMORY.value):
-        parts.append(f"planned actions release {plan.get(Recovers.ALLOCATION.value, 0)} allocation(s), "
-                     f"free memory only for {plan.get(Recovers.MEMORY.value, 0)}")
+        parts.append(
+            f"planned actions release {plan.get(Recovers.ALLOCATION.value, 0)} allocation(s), "
+            f"free memory only for {plan.get(Recovers.MEMORY.value, 0)}"
+        )
     for verdict in (Verdict.EXEMPT.value, Verdict.UNKNOWN.value):
         if summary["verdicts"].get(verdict):
             parts.append(f"{summary['verdicts'][verdict]} {verdict}")
@@ -641,7 +644,9 @@ def held_idle_increments(
 
 
 def merge_reports(
-    reports: Iterable[Mapping[str, Any]], unanswered: Iterable[Mapping[str, str]], generated_at: float,
+    reports: Iterable[Mapping[str, Any]],
+    unanswered: Iterable[Mapping[str, str]],
+    generated_at: float,
     notes: Iterable[str] = (),
 ) -> dict[str, Any]:
     """One report over many nodes' reports (each validated by ``report_from_json``): every kernel and GPU tagged with
@@ -657,11 +662,21 @@ def merge_reports(
         kernels += [{**k, "node": r["node"], "mode": r["mode"]} for k in r["kernels"]]
         gpus += [{**g, "node": r["node"]} for g in r["gpus"]]
     totals = {g["uuid"]: g["memory_total_bytes"] for g in gpus}
-    kernels.sort(key=lambda k: (-waste(k, totals), k["node"], k["namespace"] or "", k["pod"] or "", k["kernel_id"] or ""))
-    missing = sorted(({"node": u["node"], "pod": u["pod"], "reason": u["reason"]} for u in unanswered),
-                     key=lambda u: (u["node"], u["pod"]))
-    merged: dict[str, Any] = {"generated_at": rfc3339(generated_at), "nodes": nodes, "unanswered": missing,
-                              "notes": list(notes), "kernels": kernels, "gpus": gpus}
+    kernels.sort(
+        key=lambda k: (-waste(k, totals), k["node"], k["namespace"] or "", k["pod"] or "", k["kernel_id"] or "")
+    )
+    missing = sorted(
+        ({"node": u["node"], "pod": u["pod"], "reason": u["reason"]} for u in unanswered),
+        key=lambda u: (u["node"], u["pod"]),
+    )
+    merged: dict[str, Any] = {
+        "generated_at": rfc3339(generated_at),
+        "nodes": nodes,
+        "unanswered": missing,
+        "notes": list(notes),
+        "kernels": kernels,
+        "gpus": gpus,
+    }
     merged["summary"] = {**summarize(merged), "nodes_answered": len(nodes), "nodes_unanswered": len(missing)}
     return merged
 
@@ -679,8 +694,14 @@ def render_cluster_table(merged: Mapping[str, Any], width: int | None = None) ->
     total = answered + len(merged["unanswered"])
     by_mode = ", ".join(f"{count} {mode}" for mode, count in sorted(modes.items()))
     note = "; dry-run verdicts show what enforce would do" if modes.get("dry-run") else ""
-    lines = [_cell(f"cluster  {answered} of {total} nodes answered" + (f" ({by_mode}{note})" if by_mode else "")
-                   + f"  at {merged['generated_at']}"), ""]
+    lines = [
+        _cell(
+            f"cluster  {answered} of {total} nodes answered"
+            + (f" ({by_mode}{note})" if by_mode else "")
+            + f"  at {merged['generated_at']}"
+        ),
+        "",
+    ]
     if merged["kernels"]:
         rows = [[k["node"], *_kernel_row(k, index_of.get(k["node"], {}))] for k in merged["kernels"]]
         lines += _format_table(["NODE", *KERNEL_COLUMNS], rows, width, "REASON")
@@ -689,8 +710,12 @@ def render_cluster_table(merged: Mapping[str, Any], width: int | None = None) ->
     lines += ["", summary_line(merged["summary"])]
     if merged["unanswered"]:
         lines += ["", f"Nodes that did not answer ({len(merged['unanswered'])}): their kernels are not in this report."]
-        lines += _format_table(["NODE", "POD", "REASON"],
-                               [[u["node"], u["pod"], u["reason"]] for u in merged["unanswered"]], width, "REASON")
+        lines += _format_table(
+            ["NODE", "POD", "REASON"],
+            [[u["node"], u["pod"], u["reason"]] for u in merged["unanswered"]],
+            width,
+            "REASON",
+        )
     if merged.get("notes"):
         lines += [""] + [_cell(f"Note: {note}") for note in merged["notes"]]
     return "\n".join(lines)

@@ -19,10 +19,10 @@ from typing import Any, Protocol
 import structlog
 from aiohttp import web
 
-from reclaimer.observe.gateway import TokenError, TokenSource, read_bearer_token_file
-from reclaimer.export.metrics import Metrics
 from reclaimer.core.model import CycleSnapshot
+from reclaimer.export.metrics import Metrics
 from reclaimer.export.report import build_report
+from reclaimer.observe.gateway import TokenError, TokenSource, read_bearer_token_file
 
 log = structlog.get_logger(__name__)
 
@@ -122,9 +122,7 @@ async def _report(request: web.Request) -> web.Response:
 
 
 async def _index(request: web.Request) -> web.Response:
-    items = "".join(
-        f'<li><a href="{path}">{path}</a> — {html.escape(what)}</li>' for path, what in ENDPOINTS
-    )
+    items = "".join(f'<li><a href="{path}">{path}</a> — {html.escape(what)}</li>' for path, what in ENDPOINTS)
     page = f"<!doctype html><html><head><title>gpu-reclaimer</title></head><body><h1>gpu-reclaimer</h1><ul>{items}</ul></body></html>\n"
     return web.Response(text=page, content_type="text/html")
 
@@ -152,8 +150,11 @@ async def _bearer_auth(request: web.Request, handler: Any) -> web.StreamResponse
     if token.accepts(header) or (proxied is not None and token.accepts(f"Bearer {proxied}")):
         return await handler(request)
     challenge = f'Bearer realm="{REALM}"' + (', error="invalid_token"' if header else "")
-    return web.json_response({"error": "unauthorized: send Authorization: Bearer <token>"}, status=401,
-                             headers={"WWW-Authenticate": challenge})
+    return web.json_response(
+        {"error": "unauthorized: send Authorization: Bearer <token>"},
+        status=401,
+        headers={"WWW-Authenticate": challenge},
+    )
 
 
 def make_app(view: DaemonView, metrics: Metrics, token: BearerToken | None = None) -> web.Application:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import structlog
 
-from reclaimer.observe import procfs
 from reclaimer.core.model import AttributedProcess, ProcessInfo, ProcessSample
+from reclaimer.observe import procfs
 
 log = structlog.get_logger(__name__)
 
@@ -135,8 +135,9 @@ class Attributor:
             with open(os.path.join(self.procfs_root, "uptime"), encoding="ascii") as fh:
                 uptime = float(fh.read(64).split()[0])
         except (OSError, ValueError, IndexError) as exc:
-            self._warn.warning("uptime", "cannot read uptime: process start times (pid reuse) are not checked",
-                               error=str(exc))
+            self._warn.warning(
+                "uptime", "cannot read uptime: process start times (pid reuse) are not checked", error=str(exc)
+            )
             return None
         return self._clock() - uptime if self._ticks else None
 
@@ -194,8 +195,9 @@ class _Call:
             self.infos[pid] = self.a._lookup(pid)
         return self.infos[pid]
 
-    def attribute_one(self, gpu_uuid: str, sample: ProcessSample, labels: Mapping[str, str],
-                      listed_at: float | None = None) -> AttributedProcess:
+    def attribute_one(
+        self, gpu_uuid: str, sample: ProcessSample, labels: Mapping[str, str], listed_at: float | None = None
+    ) -> AttributedProcess:
         base = AttributedProcess(
             pid=sample.pid,
             starttime=None,
@@ -212,12 +214,16 @@ class _Call:
         started_at = None  # dated only where the caller asks for the pid-reuse check
         if listed_at is not None and self.boot_time is not None and self.a._ticks:
             started_at = self.boot_time + info.starttime / self.a._ticks
-        base = replace(base, starttime=info.starttime, pod_uid=info.pod_uid, container_id=info.container_id,
-                       started_at=started_at)
+        base = replace(
+            base, starttime=info.starttime, pod_uid=info.pod_uid, container_id=info.container_id, started_at=started_at
+        )
         if started_at is not None and listed_at is not None and started_at > listed_at + PID_REUSE_TOLERANCE:
-            return replace(base, reason=f"pid {sample.pid} was reused: the process there now started at "
-                                        f"{_clock_text(started_at)}, after the GPU sample of {_clock_text(listed_at)} "
-                                        f"listed that pid")
+            return replace(
+                base,
+                reason=f"pid {sample.pid} was reused: the process there now started at "
+                f"{_clock_text(started_at)}, after the GPU sample of {_clock_text(listed_at)} "
+                f"listed that pid",
+            )
         identity = (info.pid, info.starttime)
         if identity not in self.chains:
             self.chains[identity] = self.walk(info)
@@ -261,9 +267,7 @@ class _Call:
             child = parent
         if child.ppid == 0 or child.pid == 1:
             return _Chain(None, None, f"no kernel connection file among {self.a.max_depth} ancestors")
-        return _Chain(
-            None, None, f"no kernel connection file among {self.a.max_depth} ancestors (max_depth reached)"
-        )
+        return _Chain(None, None, f"no kernel connection file among {self.a.max_depth} ancestors (max_depth reached)")
 
 
 def _clock_ticks() -> int | None:

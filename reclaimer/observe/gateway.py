@@ -53,6 +53,7 @@ def claimed_by_a_gateway(activity: KernelActivity | None) -> bool:
         return False
     return activity.error is None or CONFLICTING_GATEWAYS in activity.error or POSSIBLE_SECOND_GATEWAY in activity.error
 
+
 _KERNEL_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _TIMESTAMP_RE = re.compile(
     r"^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:[.,](\d{1,9}))?"
@@ -94,8 +95,9 @@ def parse_last_activity(value: object) -> datetime | None:
             if int(off_h) > 23 or int(off_m) > 59:
                 return None
             offset = timedelta(hours=int(off_h), minutes=int(off_m)) * (1 if sign == "+" else -1)
-        local = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micros,
-                         tzinfo=timezone(offset))
+        local = datetime(
+            int(year), int(month), int(day), int(hour), int(minute), int(second), micros, tzinfo=timezone(offset)
+        )
         return local.astimezone(timezone.utc)
     except (ValueError, OverflowError):
         return None
@@ -132,8 +134,9 @@ def _has_zone(value: object) -> bool:
     return m is not None and (m.group(8) is not None or m.group(9) is not None)
 
 
-def parse_kernel_model(model: object, gateway: str, observed_at: float,
-                       clock_skew: float | None = None) -> KernelActivity:
+def parse_kernel_model(
+    model: object, gateway: str, observed_at: float, clock_skew: float | None = None
+) -> KernelActivity:
     """One kernel model (``{"id", "name", "execution_state", "last_activity", "connections"}``) as an activity.
 
     Raises BadAnswer when it is not an object with a canonical ``id`` (there is no kernel to attach an error to).
@@ -177,8 +180,9 @@ def parse_kernel_model(model: object, gateway: str, observed_at: float,
     )
 
 
-def parse_kernel_listing(body: object, gateway: str, observed_at: float,
-                         clock_skew: float | None = None) -> list[KernelActivity]:
+def parse_kernel_listing(
+    body: object, gateway: str, observed_at: float, clock_skew: float | None = None
+) -> list[KernelActivity]:
     """A ``GET /api/kernels`` body as activities. Raises BadAnswer unless it is a list of kernel objects with
     distinct canonical ids: a garbled listing is unknown as a whole, never "no kernels"."""
     if not isinstance(body, list):
@@ -230,8 +234,16 @@ class TokenSource:
     with the token is accepted again.
     """
 
-    def __init__(self, owner: str, *, env: str | None = None, file: str | None = None, value: str | None = None,
-                 where: str | None = None, bearer: bool = False):
+    def __init__(
+        self,
+        owner: str,
+        *,
+        env: str | None = None,
+        file: str | None = None,
+        value: str | None = None,
+        where: str | None = None,
+        bearer: bool = False,
+    ):
         if sum(x is not None for x in (env, file, value)) != 1:
             raise ValueError("a token source is exactly one of env, file or value")
         self.owner = owner
@@ -315,8 +327,10 @@ class TokenSource:
 
     def refused(self, status: int) -> None:
         reason = f"{self.where} was refused (HTTP {status})" + (
-            " and re-reading the file did not help" if self.file is not None else "; an environment token cannot be "
-            "re-read: restart with a valid one")
+            " and re-reading the file did not help"
+            if self.file is not None
+            else "; an environment token cannot be re-read: restart with a valid one"
+        )
         if self.rejected != reason:
             log.error("credential refused; actions halted until it is accepted", owner=self.owner, reason=reason)
         self.rejected = reason
@@ -422,8 +436,9 @@ class RestEndpoint:
                 self._session = self._session_factory()
             else:
                 self._session = aiohttp.ClientSession(
-                    connector=aiohttp.TCPConnector(ssl=self._tls if self._tls is not None else True,
-                                                   limit=self._concurrency),
+                    connector=aiohttp.TCPConnector(
+                        ssl=self._tls if self._tls is not None else True, limit=self._concurrency
+                    ),
                     cookie_jar=aiohttp.DummyCookieJar(),
                 )
         if self._semaphore is None:
@@ -448,15 +463,30 @@ class RestEndpoint:
         once and retries when the token changed; a 401 that stays marks the token ``rejected``.
         """
         source = self.token_source if token is None else None
-        answer = await self._request_once(method, path, limit=limit, timeout=timeout, params=params, accept=accept,
-                                          token=token if token is not None else (source.current() if source else None),
-                                          body=body)
+        answer = await self._request_once(
+            method,
+            path,
+            limit=limit,
+            timeout=timeout,
+            params=params,
+            accept=accept,
+            token=token if token is not None else (source.current() if source else None),
+            body=body,
+        )
         if source is None:
             return answer
         if self._refusal(answer):
             if source.reread():
-                answer = await self._request_once(method, path, limit=limit, timeout=timeout, params=params,
-                                                  accept=accept, token=source.current(), body=body)
+                answer = await self._request_once(
+                    method,
+                    path,
+                    limit=limit,
+                    timeout=timeout,
+                    params=params,
+                    accept=accept,
+                    token=source.current(),
+                    body=body,
+                )
             if self._refusal(answer):
                 source.refused(answer.status or 0)
                 return answer
@@ -490,9 +520,14 @@ class RestEndpoint:
             headers["Authorization"] = f"token {token}"
         async with self._semaphore:
             started = time.perf_counter()
+
             async def exchange() -> HttpAnswer:
                 async with session.request(
-                    method, url, headers=headers, allow_redirects=False, json=body,
+                    method,
+                    url,
+                    headers=headers,
+                    allow_redirects=False,
+                    json=body,
                     timeout=aiohttp.ClientTimeout(total=seconds, connect=seconds),
                 ) as resp:
                     return await self._answer(resp, limit)
@@ -696,7 +731,9 @@ class GatewayClient:
         if not is_kernel_id(kernel_id):
             return "failed", "not a canonical kernel id; no request made"
         answer = await self._http.request(
-            "DELETE", "/api/kernels/" + quote(kernel_id, safe=""), limit=ERROR_BODY_LIMIT,
+            "DELETE",
+            "/api/kernels/" + quote(kernel_id, safe=""),
+            limit=ERROR_BODY_LIMIT,
             timeout=self.timeout * SHUTDOWN_TIMEOUT_FACTOR,
         )
         if answer.status == 404:
@@ -891,9 +928,12 @@ class GatewayPool:
                 # Another gateway could not say whether it serves this kernel too: no home from a partial answer.
                 self._forget(kid)
                 detail = "; ".join(f"{c.name}: {a.activity.error}" for c, a in failed)
-                return KernelActivity(kid, client.name, now,
-                                      error=f"served by gateway {client.name}, but {POSSIBLE_SECOND_GATEWAY} "
-                                            f"({detail})")
+                return KernelActivity(
+                    kid,
+                    client.name,
+                    now,
+                    error=f"served by gateway {client.name}, but {POSSIBLE_SECOND_GATEWAY} ({detail})",
+                )
             self._remember(kid, client)
             return lookup.activity
         failed = [(c, a) for c, a in answers if not a.not_found]
@@ -947,8 +987,13 @@ class GatewayPool:
         """Probe each gateway not contacted for ``older_than`` seconds, concurrently (see ``GatewayClient.probe``)."""
         now = self._clock()
         # A gateway that refused its token is asked every time: its token file may have been fixed since.
-        quiet = [c for c in self.clients if c.last_request_at is None or now - c.last_request_at >= older_than
-                 or (c.credential is not None and c.credential.rejected is not None)]
+        quiet = [
+            c
+            for c in self.clients
+            if c.last_request_at is None
+            or now - c.last_request_at >= older_than
+            or (c.credential is not None and c.credential.rejected is not None)
+        ]
         await asyncio.gather(*(c.probe() for c in quiet))
 
     async def shutdown(self, kernel_id: str) -> tuple[str, str]:

@@ -40,8 +40,12 @@ UTILIZATION_FN = "nvmlDeviceGetUtilizationRates"  # what real NVML would name in
 
 DEFAULT_SCENARIO: Mapping[str, Any] = {
     "gpus": [
-        {"uuid": f"GPU-5100000{i}-0000-4000-8000-00000000000{i}", "model": "Simulated A100-SXM4-80GB",
-         "memory_total": 80 * GIB, "utilization": 0.0}
+        {
+            "uuid": f"GPU-5100000{i}-0000-4000-8000-00000000000{i}",
+            "model": "Simulated A100-SXM4-80GB",
+            "memory_total": 80 * GIB,
+            "utilization": 0.0,
+        }
         for i in range(2)
     ],
     "processes": [],
@@ -271,8 +275,13 @@ class SimulatedBackend:
         self._errors: dict[tuple[str, str], int] = {}
         self._closed = False
         self._devices = tuple(
-            GpuDevice(index=g.index, uuid=g.uuid, model=g.model, mig_mode=bool(g.mig_devices),
-                      memory_total_bytes=g.memory_total)
+            GpuDevice(
+                index=g.index,
+                uuid=g.uuid,
+                model=g.model,
+                mig_mode=bool(g.mig_devices),
+                memory_total_bytes=g.memory_total,
+            )
             for g in self._gpus
         )
 
@@ -356,8 +365,17 @@ class SimulatedBackend:
         if g.lost or self._closed:
             code = "GPU_IS_LOST" if g.lost else "UNINITIALIZED"
             self._count(code)
-            return GpuSample(now, g.index, g.uuid, up=False, utilization=None, memory_used_bytes=None,
-                             memory_total_bytes=g.memory_total, processes=None, errors=(f"{UTILIZATION_FN}:{code}",))
+            return GpuSample(
+                now,
+                g.index,
+                g.uuid,
+                up=False,
+                utilization=None,
+                memory_used_bytes=None,
+                memory_total_bytes=g.memory_total,
+                processes=None,
+                errors=(f"{UTILIZATION_FN}:{code}",),
+            )
         errors: tuple[str, ...] = ()
         if g.mig_devices:  # NVML reports no utilisation on a MIG-enabled GPU
             utilization = None

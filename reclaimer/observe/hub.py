@@ -31,6 +31,8 @@ from urllib.parse import quote, unquote, urlsplit
 import structlog
 
 from reclaimer.core.config import HubSettings
+from reclaimer.core.model import Candidate, KernelActivity, PodInfo, ServerRef
+from reclaimer.observe import procfs
 from reclaimer.observe.gateway import (
     ERROR_BODY_LIMIT,
     LIST_BODY_LIMIT,
@@ -45,8 +47,6 @@ from reclaimer.observe.gateway import (
     parse_last_activity,
     tls_context,
 )
-from reclaimer.observe import procfs
-from reclaimer.core.model import Candidate, KernelActivity, PodInfo, ServerRef
 
 log = structlog.get_logger(__name__)
 
@@ -194,7 +194,11 @@ class HubClient:
             if self._page_limit is not None:
                 params["limit"] = str(self._page_limit)
             answer = await self._api(
-                "GET", "/hub/api/users", params=params, limit=LIST_BODY_LIMIT, accept=PAGINATION_ACCEPT,
+                "GET",
+                "/hub/api/users",
+                params=params,
+                limit=LIST_BODY_LIMIT,
+                accept=PAGINATION_ACCEPT,
             )
             if answer.error is not None:
                 self._mark(False, answer.error)
@@ -291,8 +295,9 @@ class HubClient:
         except BaseException as exc:
             future.set_result(None)
             if isinstance(exc, Exception):
-                self._log.warning("server token not minted", user=server.user, server_name=server.server_name,
-                                  error=repr(exc))
+                self._log.warning(
+                    "server token not minted", user=server.user, server_name=server.server_name, error=repr(exc)
+                )
                 return None
             raise
         finally:
@@ -304,11 +309,15 @@ class HubClient:
             return None
         scope = f"access:servers!server={user}/{name}"
         ttl = int(self.settings.server_token_ttl)
-        body = {"scopes": [scope], "expires_in": ttl,
-                "note": f"{TOKEN_NOTE_PREFIX}{server.url or '/user/' + user} (gpu-reclaimer: read kernels)"}
+        body = {
+            "scopes": [scope],
+            "expires_in": ttl,
+            "note": f"{TOKEN_NOTE_PREFIX}{server.url or '/user/' + user} (gpu-reclaimer: read kernels)",
+        }
         started = self._clock()
-        answer = await self._api("POST", f"/hub/api/users/{quote(user, safe='')}/tokens", body=body,
-                                 limit=ERROR_BODY_LIMIT)
+        answer = await self._api(
+            "POST", f"/hub/api/users/{quote(user, safe='')}/tokens", body=body, limit=ERROR_BODY_LIMIT
+        )
         label = f"{user}/{name}"
         if answer.error is not None or answer.status != 201 or not isinstance(answer.body, dict):
             error = answer.error or f"unexpected HTTP {answer.status}"
@@ -320,13 +329,27 @@ class HubClient:
             return None
         # The hub adds what identifying the token's owner takes (its own name and groups): nothing else is accepted.
         allowed = {scope, f"read:users:name!user={user}", f"read:users:groups!user={user}"}
-        if (not isinstance(token, str) or not token.isascii() or not token.isprintable() or not token
-                or (scopes is not None and (not isinstance(scopes, list) or scope not in scopes
-                                            or not all(isinstance(x, str) for x in scopes)
-                                            or not set(scopes) <= allowed))):
+        if (
+            not isinstance(token, str)
+            or not token.isascii()
+            or not token.isprintable()
+            or not token
+            or (
+                scopes is not None
+                and (
+                    not isinstance(scopes, list)
+                    or scope not in scopes
+                    or not all(isinstance(x, str) for x in scopes)
+                    or not set(scopes) <= allowed
+                )
+            )
+        ):
             # A token wider than one server must never reach a server: give it back at once.
-            self._log.warning("hub minted a token other than asked; revoked, not used", server=label,
-                              scopes=scopes if isinstance(scopes, list) else None)
+            self._log.warning(
+                "hub minted a token other than asked; revoked, not used",
+                server=label,
+                scopes=scopes if isinstance(scopes, list) else None,
+            )
             await self._revoke(user, token_id)
             return None
         old = self._tokens.pop((server.user, server.server_name), None)
@@ -341,13 +364,15 @@ class HubClient:
         return token
 
     async def _revoke(self, user: str, token_id: str) -> bool:
-        answer = await self._api("DELETE", f"/hub/api/users/{quote(user, safe='')}/tokens/{quote(token_id, safe='')}",
-                                 limit=ERROR_BODY_LIMIT)
+        answer = await self._api(
+            "DELETE", f"/hub/api/users/{quote(user, safe='')}/tokens/{quote(token_id, safe='')}", limit=ERROR_BODY_LIMIT
+        )
         if answer.status in (200, 204, 404):
             self.tokens_revoked += 1
             return True
-        self._log.warning("server token not revoked; it expires by itself", user=user,
-                          error=answer.error or f"HTTP {answer.status}")
+        self._log.warning(
+            "server token not revoked; it expires by itself", user=user, error=answer.error or f"HTTP {answer.status}"
+        )
         return False
 
     def forget_token(self, server: ServerRef) -> None:
@@ -366,8 +391,14 @@ class HubClient:
         endpoint = self._servers.get(origin)
         if endpoint is None:
             # No token of its own: each request carries the one server's token. no_track_activity on every request.
-            endpoint = RestEndpoint("user-server", origin, None, timeout=self.settings.timeout,
-                                    session_factory=self._session_factory, untracked=True)
+            endpoint = RestEndpoint(
+                "user-server",
+                origin,
+                None,
+                timeout=self.settings.timeout,
+                session_factory=self._session_factory,
+                untracked=True,
+            )
             self._servers[origin] = endpoint
             while len(self._servers) > MAX_SERVER_ENDPOINTS:
                 _, old = self._servers.popitem(last=False)
@@ -395,19 +426,20 @@ class HubClient:
         """``GET <server>/api/kernels`` directly, with the server's own token; None when unknown."""
         answer, refused = await self._server_request(server, "GET", "api/kernels", limit=LIST_BODY_LIMIT)
         if answer is None:
-            self._log.warning("server kernels unknown", user=server.user, server_name=server.server_name,
-                              error=refused)
+            self._log.warning("server kernels unknown", user=server.user, server_name=server.server_name, error=refused)
             return None
         if answer.error is not None:
-            self._log.warning("server kernels unknown", user=server.user, server_name=server.server_name,
-                              error=answer.error)
+            self._log.warning(
+                "server kernels unknown", user=server.user, server_name=server.server_name, error=answer.error
+            )
             return None
         try:
             now = self._clock()
             return parse_kernel_listing(answer.body, HUB_GATEWAY, now, answer_clock_skew(answer, now))
         except BadAnswer as exc:
-            self._log.warning("server kernels unknown", user=server.user, server_name=server.server_name,
-                              error=str(exc))
+            self._log.warning(
+                "server kernels unknown", user=server.user, server_name=server.server_name, error=str(exc)
+            )
             return None
 
     async def shutdown_server_kernel(self, server: ServerRef, kernel_id: str) -> tuple[str, str]:
@@ -416,8 +448,11 @@ class HubClient:
         if not is_kernel_id(kernel_id):
             return "failed", "not a canonical kernel id; no request made"
         answer, refused = await self._server_request(
-            server, "DELETE", "api/kernels/" + quote(kernel_id, safe=""),
-            limit=ERROR_BODY_LIMIT, timeout=self.settings.timeout * SHUTDOWN_TIMEOUT_FACTOR,
+            server,
+            "DELETE",
+            "api/kernels/" + quote(kernel_id, safe=""),
+            limit=ERROR_BODY_LIMIT,
+            timeout=self.settings.timeout * SHUTDOWN_TIMEOUT_FACTOR,
         )
         if answer is None:
             return "failed", str(refused)
@@ -506,26 +541,29 @@ def _servers_of(user: Any, listed_at: float | None = None) -> list[ServerRef]:
         profile, options_known = _profile_of(model)
         state = model.get("state")  # only with admin:server_state; LocalProcessSpawner keeps the server's pid
         pid = state.get("pid") if isinstance(state, dict) else None
-        out.append(ServerRef(
-            user=name,
-            server_name=server_name,
-            last_activity=parse_last_activity(model.get("last_activity")),
-            url=url,
-            ready=ready if isinstance(ready, bool) else None,
-            groups=groups,
-            profile=profile,
-            options_known=options_known,
-            pid=pid if type(pid) is int and pid > 0 else None,
-            listed_at=listed_at,
-        ))
+        out.append(
+            ServerRef(
+                user=name,
+                server_name=server_name,
+                last_activity=parse_last_activity(model.get("last_activity")),
+                url=url,
+                ready=ready if isinstance(ready, bool) else None,
+                groups=groups,
+                profile=profile,
+                options_known=options_known,
+                pid=pid if type(pid) is int and pid > 0 else None,
+                listed_at=listed_at,
+            )
+        )
     return out
 
 
 # --------------------------------------------------------------------------- where a kernel's server is (blocking)
 
 
-def locate_servers(candidates: Iterable[Candidate], servers: Iterable[ServerRef], procfs_root: str,
-                   default_port: int = 8888) -> dict[str, ServerRef]:
+def locate_servers(
+    candidates: Iterable[Candidate], servers: Iterable[ServerRef], procfs_root: str, default_port: int = 8888
+) -> dict[str, ServerRef]:
     """For each kernel candidate, its JupyterHub server with the address to reach it directly (never the proxy).
 
     In a pod (KubeSpawner): the server the pod's labels name, at the pod's IP and its ``notebook-port`` (else
@@ -580,8 +618,11 @@ def loopback_origin(procfs_root: str, pid: int) -> str | None:
         log.debug("server process sockets unreadable", pid=pid, error=str(exc))
         return None
     any_address = {"0.0.0.0": "127.0.0.1", "::": "::1"}
-    ports = {(any_address.get(ip, ip), port) for ip, port in listening
-             if ip in any_address or ip.startswith("127.") or ip == "::1"}
+    ports = {
+        (any_address.get(ip, ip), port)
+        for ip, port in listening
+        if ip in any_address or ip.startswith("127.") or ip == "::1"
+    }
     if len({port for _, port in ports}) != 1:
         log.debug("server process does not listen on exactly one loopback port", pid=pid, ports=sorted(ports))
         return None

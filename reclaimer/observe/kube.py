@@ -89,7 +89,9 @@ def pod_info_from_json(obj: Mapping[str, Any], user_label: str) -> PodInfo:
     spec = obj.get("spec") or {}
     status = obj.get("status") or {}
     uid, namespace, name = meta.get("uid"), meta.get("namespace"), meta.get("name")
-    missing = [k for k, v in (("metadata.uid", uid), ("metadata.namespace", namespace), ("metadata.name", name)) if not v]
+    missing = [
+        k for k, v in (("metadata.uid", uid), ("metadata.namespace", namespace), ("metadata.name", name)) if not v
+    ]
     if missing:
         raise ValueError(f"pod {namespace or '?'}/{name or '?'} lacks {', '.join(missing)}")
     labels = _str_map(meta.get("labels"))
@@ -371,8 +373,9 @@ class KubeClient:
     def _refused(self) -> None:
         reason = "the API server refused the service-account credential (HTTP 401) and re-reading it did not help"
         if self.rejected is None:
-            self._log.error("credential refused; actions halted until it is accepted", owner="kubernetes",
-                            reason=reason)
+            self._log.error(
+                "credential refused; actions halted until it is accepted", owner="kubernetes", reason=reason
+            )
         self.rejected = reason
 
     @classmethod
@@ -435,8 +438,9 @@ class KubeClient:
                 self._log.warning("skipping malformed pod", error=str(exc))
                 continue
             if pod.node_name != node:  # identity binds the node, whatever the server did with the selector
-                self._log.warning("skipping pod on another node", namespace=pod.namespace, pod=pod.name,
-                                  pod_node=pod.node_name)
+                self._log.warning(
+                    "skipping pod on another node", namespace=pod.namespace, pod=pod.name, pod_node=pod.node_name
+                )
                 continue
             out.append(pod)
         return out
@@ -475,8 +479,12 @@ class KubeClient:
         )
         try:
             resp = self._core.create_namespaced_pod_eviction(
-                name, namespace, body, dry_run="All" if dry_run else None,
-                _request_timeout=self._timeout, _preload_content=False,
+                name,
+                namespace,
+                body,
+                dry_run="All" if dry_run else None,
+                _request_timeout=self._timeout,
+                _preload_content=False,
             )
             resp.read()
             result = EvictionResult("success", f"evicted {namespace}/{name}" + (" (server dry-run)" if dry_run else ""))
@@ -518,7 +526,8 @@ class KubeClient:
         what = f"Notebook {namespace}/{name}"
         try:
             notebook = self._custom.get_namespaced_custom_object(
-                NOTEBOOK_GROUP, NOTEBOOK_VERSION, namespace, NOTEBOOK_PLURAL, name, _request_timeout=self._timeout)
+                NOTEBOOK_GROUP, NOTEBOOK_VERSION, namespace, NOTEBOOK_PLURAL, name, _request_timeout=self._timeout
+            )
         except ApiException as exc:
             if exc.status == 404:
                 return "already-gone", f"{what} no longer exists"
@@ -528,14 +537,17 @@ class KubeClient:
         meta = notebook.get("metadata") if isinstance(notebook, Mapping) else None
         annotations = meta.get("annotations") if isinstance(meta, Mapping) else None
         if isinstance(annotations, Mapping) and KUBEFLOW_STOP_ANNOTATION in annotations:
-            return "already-gone", f"{what} is already stopped ({KUBEFLOW_STOP_ANNOTATION}=" \
-                                   f"{str(annotations[KUBEFLOW_STOP_ANNOTATION])[:40]})"
+            return (
+                "already-gone",
+                f"{what} is already stopped ({KUBEFLOW_STOP_ANNOTATION}="
+                f"{str(annotations[KUBEFLOW_STOP_ANNOTATION])[:40]})",
+            )
         value = datetime.fromtimestamp(time.time() if now is None else now, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         body = {"metadata": {"annotations": {KUBEFLOW_STOP_ANNOTATION: value}}}
         try:
             self._custom.patch_namespaced_custom_object(
-                NOTEBOOK_GROUP, NOTEBOOK_VERSION, namespace, NOTEBOOK_PLURAL, name, body,
-                _request_timeout=self._timeout)
+                NOTEBOOK_GROUP, NOTEBOOK_VERSION, namespace, NOTEBOOK_PLURAL, name, body, _request_timeout=self._timeout
+            )
         except ApiException as exc:
             if exc.status == 404:
                 return "already-gone", f"{what} no longer exists"
@@ -547,9 +559,7 @@ class KubeClient:
 
     # ------------------------------------------------------------------ events
 
-    def create_event(
-        self, pod: PodInfo, *, reason: str, action: str, note: str, type: str = "Normal"
-    ) -> bool:
+    def create_event(self, pod: PodInfo, *, reason: str, action: str, note: str, type: str = "Normal") -> bool:
         """Create an events.k8s.io/v1 Event about ``pod``; False (logged) on any failure, never raises."""
         elog = self._log.bind(namespace=pod.namespace, pod=pod.name, reason=reason, action=action)
         problem = _event_problem(reason, action, type)
@@ -650,8 +660,12 @@ class PodCache:
             except Exception as exc:
                 self.up = False
                 self.last_error = str(exc) if isinstance(exc, ReclaimerError) else describe_error(exc)
-                log.warning("pod list failed; keeping last known pods", node=self.node_name, error=self.last_error,
-                            age_seconds=self.age_seconds())
+                log.warning(
+                    "pod list failed; keeping last known pods",
+                    node=self.node_name,
+                    error=self.last_error,
+                    age_seconds=self.age_seconds(),
+                )
                 return False
             self._index = self._build(pods)
             self.last_success_at = self.clock()
@@ -688,8 +702,13 @@ class PodCache:
                 kernel_ids[pod.uid] = kid
             elif pod.uid not in self._bad_kernel_labels:
                 self._bad_kernel_labels.add(pod.uid)
-                log.warning("ignoring non-UUID kernel id label", namespace=pod.namespace, pod=pod.name, label=label,
-                            value=kid[:64])
+                log.warning(
+                    "ignoring non-UUID kernel id label",
+                    namespace=pod.namespace,
+                    pod=pod.name,
+                    label=label,
+                    value=kid[:64],
+                )
         self._bad_kernel_labels &= by_uid.keys()  # warned once per live pod; bounded by the pods on this node
         return _PodIndex(by_uid, by_container, kernel_ids)
 

@@ -13,7 +13,9 @@ import asyncio
 import re
 import time
 from collections.abc import Callable, Iterable
+
 from reclaimer.core.config import KubeflowSettings
+from reclaimer.core.model import NotebookRef
 from reclaimer.observe.gateway import (
     ERROR_BODY_LIMIT,
     LIST_BODY_LIMIT,
@@ -27,7 +29,6 @@ from reclaimer.observe.gateway import (
     parse_kernel_listing,
     tls_context,
 )
-from reclaimer.core.model import NotebookRef
 
 KUBEFLOW_GATEWAY = "kubeflow"  # KernelActivity.gateway for kernels observed through a notebook server
 MAX_NOTEBOOK_CLIENTS = 256  # notebook servers remembered between cycles (one per notebook pod on the node)
@@ -49,8 +50,12 @@ def notebook_url(template: str, namespace: str, name: str) -> str | None:
 class NotebookServers:
     """Lists the kernels of Kubeflow notebook servers. Never raises for a server's failure: the ref says unknown."""
 
-    def __init__(self, settings: KubeflowSettings, session_factory: SessionFactory | None = None,
-                 clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        settings: KubeflowSettings,
+        session_factory: SessionFactory | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
         self.settings = settings
         # Re-read when its file changes, one re-read after a refusal (issue 10 item 6), like the gateways' tokens.
         self.credential = TokenSource.from_settings(settings.token_env, settings.token_file, "kubeflow")
@@ -65,8 +70,12 @@ class NotebookServers:
         key = (namespace, name)
         if key not in self._endpoints:
             self._endpoints[key] = RestEndpoint(
-                f"notebook {namespace}/{name}", url, self.credential, timeout=self.settings.timeout,
-                tls=tls_context(url, None, True, "kubeflow"), session_factory=self._session_factory,
+                f"notebook {namespace}/{name}",
+                url,
+                self.credential,
+                timeout=self.settings.timeout,
+                tls=tls_context(url, None, True, "kubeflow"),
+                session_factory=self._session_factory,
                 untracked=True,  # watching is not using: Kubeflow's own culler reads the same activity
             )
         return self._endpoints[key]
@@ -92,8 +101,11 @@ class NotebookServers:
         if url is None or not is_kernel_id(kernel_id):
             return "failed", "not a DNS-label notebook or not a canonical kernel id; no request made"
         answer = await self._endpoint(namespace, name, url).request(
-            "DELETE", "/api/kernels/" + kernel_id, limit=ERROR_BODY_LIMIT,
-            timeout=self.settings.timeout * SHUTDOWN_TIMEOUT_FACTOR)
+            "DELETE",
+            "/api/kernels/" + kernel_id,
+            limit=ERROR_BODY_LIMIT,
+            timeout=self.settings.timeout * SHUTDOWN_TIMEOUT_FACTOR,
+        )
         if answer.status in (200, 202, 204):
             return "success", f"kernel shut down in notebook {namespace}/{name}"
         if answer.status == 404:
@@ -105,7 +117,7 @@ class NotebookServers:
         keep = set(live)
         gone = [k for k in self._endpoints if k not in keep]
         if len(self._endpoints) - len(gone) > MAX_NOTEBOOK_CLIENTS:
-            gone += [k for k in list(self._endpoints)[:len(self._endpoints) - MAX_NOTEBOOK_CLIENTS] if k not in gone]
+            gone += [k for k in list(self._endpoints)[: len(self._endpoints) - MAX_NOTEBOOK_CLIENTS] if k not in gone]
         await asyncio.gather(*(self._endpoints.pop(k).close() for k in gone), return_exceptions=True)
 
     async def close(self) -> None:

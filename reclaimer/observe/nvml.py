@@ -218,7 +218,7 @@ class NvmlBackend:
         code = code_name(exc.value)
         self._count(function, code)
         log.error("nvml: GPU skipped, it cannot be identified", gpu=index, function=function, code=code)
-        return None
+        return
 
     def _at_open(self, uuid: str, function: str, call: Callable[[], T]) -> T | None:
         try:
@@ -245,7 +245,9 @@ class NvmlBackend:
                     self._count("nvmlDeviceGetMigDeviceHandleByIndex", code_name(exc.value))
                 continue
             mig_uuid = self._at_open(
-                parent.info.uuid, "nvmlDeviceGetUUID", lambda: pynvml.nvmlDeviceGetUUID(mig_handle)  # noqa: B023
+                parent.info.uuid,
+                "nvmlDeviceGetUUID",
+                lambda: pynvml.nvmlDeviceGetUUID(mig_handle),  # noqa: B023
             )
             if mig_uuid:
                 found[mig_uuid] = parent.info.uuid
@@ -289,8 +291,17 @@ class NvmlBackend:
                 processes = self._with_sm(dev, listed, samples, now) if listed else self._no_processes(dev, samples)
         except _DeviceDown:
             dev.sm.clear()
-            return GpuSample(now, info.index, info.uuid, up=False, utilization=None, memory_used_bytes=None,
-                             memory_total_bytes=info.memory_total_bytes, processes=None, errors=tuple(errors))
+            return GpuSample(
+                now,
+                info.index,
+                info.uuid,
+                up=False,
+                utilization=None,
+                memory_used_bytes=None,
+                memory_total_bytes=info.memory_total_bytes,
+                processes=None,
+                errors=tuple(errors),
+            )
         return GpuSample(
             timestamp=now,
             index=info.index,
@@ -303,8 +314,9 @@ class NvmlBackend:
             errors=tuple(errors) if errors else (),
         )
 
-    def _read(self, dev: _Device, function: str, now: float, errors: list[str], reader: Callable[..., T],
-              *args: Any) -> T | None:
+    def _read(
+        self, dev: _Device, function: str, now: float, errors: list[str], reader: Callable[..., T], *args: Any
+    ) -> T | None:
         """Run one NVML read for one device: ``None`` on any error (counted, noted); ``_DeviceDown`` when fatal."""
         unsupported = dev.unsupported
         if unsupported:  # rare: some read on this GPU answered NOT_SUPPORTED
@@ -365,8 +377,9 @@ class NvmlBackend:
         return ()
 
     @staticmethod
-    def _with_sm(dev: _Device, processes: list[tuple[int, int | None]], samples: list[tuple[int, int, int]] | None,
-                 now: float) -> tuple[ProcessSample, ...]:
+    def _with_sm(
+        dev: _Device, processes: list[tuple[int, int | None]], samples: list[tuple[int, int, int]] | None, now: float
+    ) -> tuple[ProcessSample, ...]:
         """ProcessSamples with each PID's SM ratio: from this tick's newest sample, else held, else ``None``."""
         sm = dev.sm
         if samples:
@@ -423,15 +436,25 @@ class _ProcessInfoV1(ctypes.Structure):
 class _ProcessInfo(ctypes.Structure):
     """nvmlProcessInfo_v2_t, which ``_v2`` and ``_v3`` both fill (pynvml: c_nvmlProcessInfo_v2_t = _v3_t)."""
 
-    _fields_ = [("pid", ctypes.c_uint), ("usedGpuMemory", ctypes.c_ulonglong), ("gpuInstanceId", ctypes.c_uint),
-                ("computeInstanceId", ctypes.c_uint)]
+    _fields_ = [
+        ("pid", ctypes.c_uint),
+        ("usedGpuMemory", ctypes.c_ulonglong),
+        ("gpuInstanceId", ctypes.c_uint),
+        ("computeInstanceId", ctypes.c_uint),
+    ]
 
 
 class _ProcessUtilizationSample(ctypes.Structure):
     """nvmlProcessUtilizationSample_t."""
 
-    _fields_ = [("pid", ctypes.c_uint), ("timeStamp", ctypes.c_ulonglong), ("smUtil", ctypes.c_uint),
-                ("memUtil", ctypes.c_uint), ("encUtil", ctypes.c_uint), ("decUtil", ctypes.c_uint)]
+    _fields_ = [
+        ("pid", ctypes.c_uint),
+        ("timeStamp", ctypes.c_ulonglong),
+        ("smUtil", ctypes.c_uint),
+        ("memUtil", ctypes.c_uint),
+        ("encUtil", ctypes.c_uint),
+        ("decUtil", ctypes.c_uint),
+    ]
 
 
 PROCESS_LAYOUTS: dict[str, type[ctypes.Structure]] = {

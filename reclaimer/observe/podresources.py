@@ -15,9 +15,9 @@ from collections.abc import Iterable, Mapping, Sequence
 import grpc
 import structlog
 
-from reclaimer.observe._podresources_pb import api_pb2, api_pb2_grpc
 from reclaimer.core.errors import ReclaimerError
 from reclaimer.core.model import PodGpuAllocation
+from reclaimer.observe._podresources_pb import api_pb2, api_pb2_grpc
 
 log = structlog.get_logger(__name__)
 

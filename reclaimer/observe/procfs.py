@@ -48,8 +48,14 @@ _CONNECTION_FILE_RE = re.compile(
 )
 _EXISTING_FLAG = "--existing"  # `jupyter console --existing kernel-<id>.json` is a client, not the kernel
 # How a kernel is told its connection file (ipykernel, IRkernel's ``-f``, traitlets' long forms).
-_CONNECTION_FILE_FLAGS = ("-f", "--f", "--KernelApp.connection_file", "--IPKernelApp.connection_file",
-                          "--connection-file", "--connection_file")
+_CONNECTION_FILE_FLAGS = (
+    "-f",
+    "--f",
+    "--KernelApp.connection_file",
+    "--IPKernelApp.connection_file",
+    "--connection-file",
+    "--connection_file",
+)
 _MOUNTINFO_ESCAPE_RE = re.compile(r"\\([0-7]{3})")
 
 
@@ -147,9 +153,7 @@ def _parse_cgroup_path(path: str) -> tuple[str | None, str | None]:
             continue
         if "kubepods" in component:
             under_kubepods = True
-        if m := _POD_SLICE_RE.match(component):
-            pod_uid = _canonical_pod_uid(m["uid"])
-        elif under_kubepods and (m := _POD_DIR_RE.match(component)):
+        if (m := _POD_SLICE_RE.match(component)) or (under_kubepods and (m := _POD_DIR_RE.match(component))):
             pod_uid = _canonical_pod_uid(m["uid"])
         elif m := (_CONTAINER_SCOPE_RE.match(component) or _CONTAINER_BARE_RE.match(component)):
             container_id = m["id"]
@@ -294,8 +298,14 @@ def parse_mountinfo(text: str) -> list[Mount]:
             sep = fields.index("-", 6)
         except ValueError:
             raise ProcfsParseError(f"mountinfo line {lineno} has no ' - ' separator: {line[:120]!r}") from None
-        if (len(fields) < sep + 3 or not fields[0].isdigit() or not fields[1].isdigit() or ":" not in fields[2]
-                or not fields[3].startswith("/") or not fields[4].startswith("/")):
+        if (
+            len(fields) < sep + 3
+            or not fields[0].isdigit()
+            or not fields[1].isdigit()
+            or ":" not in fields[2]
+            or not fields[3].startswith("/")
+            or not fields[4].startswith("/")
+        ):
             raise ProcfsParseError(f"mountinfo line {lineno} is not a mount: {line[:120]!r}")
         mounts.append(Mount(_unescape_mountinfo(fields[3]), _unescape_mountinfo(fields[4]), fields[sep + 1]))
     return mounts
@@ -399,8 +409,11 @@ def load_process(root: str | Path, pid: int) -> ProcessInfo:
         cgroup_text = _read_text(dir_fd, pid, "cgroup", _CGROUP_MAX_BYTES)
         args = parse_cmdline(cmdline)
         kernel_id = kernel_id_from_cmdline(args)
-        mountinfo_text = (_read_text(dir_fd, pid, "mountinfo", _MOUNTINFO_MAX_BYTES)
-                          if kernel_id is None and _needs_mountinfo(args) else None)
+        mountinfo_text = (
+            _read_text(dir_fd, pid, "mountinfo", _MOUNTINFO_MAX_BYTES)
+            if kernel_id is None and _needs_mountinfo(args)
+            else None
+        )
     finally:
         os.close(dir_fd)
     try:
@@ -462,7 +475,7 @@ def parse_listening_sockets(text: str, ipv6: bool) -> dict[int, tuple[str, int]]
             hex_ip, hex_port = fields[1].split(":")
             raw = bytes.fromhex(hex_ip)
             # The kernel prints the address as 32-bit words in host (little-endian) order.
-            packed = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            packed = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
             ip = ipaddress.ip_address(packed) if len(packed) in (4, 16) else None
             inode = int(fields[9])
             port = int(hex_port, 16)

@@ -173,8 +173,11 @@ class Sampler:
             last = self._last_sample_at
             history = dict(self._history)
             first_seen = {uuid: p.first_seen for uuid, p in self._presence.items()}
-            unreadable = {uuid: (p.unreadable_at, p.unreadable) for uuid, p in self._presence.items()
-                          if p.unreadable_at is not None}
+            unreadable = {
+                uuid: (p.unreadable_at, p.unreadable)
+                for uuid, p in self._presence.items()
+                if p.unreadable_at is not None
+            }
         return SamplerSnapshot(
             devices=self._devices,
             samples=samples,

@@ -34,7 +34,9 @@ class Stalled(Exception):
 
     def __init__(self, stage: str, what: str, running_for: float) -> None:
         self.stage, self.what, self.running_for = stage, what, running_for
-        super().__init__(f"{stage} stalled: {what} has not returned for {running_for:.0f}s; not called again until it does")
+        super().__init__(
+            f"{stage} stalled: {what} has not returned for {running_for:.0f}s; not called again until it does"
+        )
 
 
 class CallTimedOut(Exception):
@@ -61,7 +63,9 @@ class StageWorker:
             raise ValueError(f"unknown stage {stage!r} (one of {', '.join(STAGES)})")
         self.stage = stage
         self._clock = clock
-        self._queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], concurrent.futures.Future[Any]] | None]
+        self._queue: queue.SimpleQueue[
+            tuple[Callable[..., Any], tuple[Any, ...], concurrent.futures.Future[Any]] | None
+        ]
         self._queue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -74,8 +78,9 @@ class StageWorker:
     def state(self) -> StageState:
         with self._lock:
             busy = self._running is not None and not self._running.done()
-            return StageState(busy and self._timed_out, self._what, self._clock() - self._started if busy else 0.0,
-                              self.stalled_calls)
+            return StageState(
+                busy and self._timed_out, self._what, self._clock() - self._started if busy else 0.0, self.stalled_calls
+            )
 
     async def call(self, fn: Callable[..., Any], *args: Any, timeout: float, what: str) -> Any:
         """``fn(*args)`` in the stage's thread, within ``timeout`` seconds. Raises ``Stalled`` without calling when
