@@ -15,7 +15,7 @@ import yaml
 
 from reclaimer.export.metrics import BREAKER_CAUSES, RESULTS, Metrics
 from reclaimer.core.model import ActionResult, CycleSnapshot
-from reclaimer.export.report import allocation_holdings, held_idle_increments
+from reclaimer.core.views import allocation_holdings, held_idle_increments
 from reclaimer.export.server import make_app
 from reclaimer.observe.stall import STAGES
 from tests.support.export_fixtures import GIB, K_ALICE, node_snapshot, serve_in_thread

@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 
 from reclaimer.core.errors import ReclaimerError
 from reclaimer.core.model import NO_NAMESPACE, ActionKind, Decision, ProcessSample, Verdict
+from reclaimer.core.views import held_idle_increments
 from reclaimer.export.report import (
     NOT_ATTRIBUTED_YET,
     ReportSchemaError,
     build_report,
-    held_idle_increments,
     human_bytes,
     human_duration,
     human_ratio,

@@ -757,7 +757,7 @@ class Daemon:
         }
 
     def _account(self, snap: CycleSnapshot, results: Sequence[ActionResult]) -> None:
-        from reclaimer.export.report import allocation_holdings, candidate_namespace, held_idle_increments
+        from reclaimer.core.views import allocation_holdings, candidate_namespace, held_idle_increments
 
         prev = self._snapshot.generated_at if self._snapshot is not None else None
         self.metrics.add_held_idle(

@@ -32,7 +32,7 @@ from reclaimer.core.model import (
     Decision,
     Verdict,
 )
-from reclaimer.export.report import candidate_namespace, candidate_user, is_idle, kernel_gpu_usage, metric_kernel_id
+from reclaimer.core.views import candidate_namespace, candidate_user, is_idle, kernel_gpu_usage, metric_kernel_id
 
 log = structlog.get_logger(__name__)
 
@@ -393,7 +393,7 @@ class Metrics:
         self.breaker_trips_total.labels(_bounded(status.cause or "", BREAKER_CAUSES, "cause")).inc()
 
     def add_held_idle(self, increments: Mapping[str, float], allocation: Mapping[str, float] | None = None) -> None:
-        """Add ``report.held_idle_increments`` output to the waste counters (namespace label; ``-`` outside k8s):
+        """Add ``views.held_idle_increments`` output to the waste counters (namespace label; ``-`` outside k8s):
         ``increments`` GPU memory held idle, ``allocation`` GPU allocations held idle."""
         for counter, values in (
             (self.gpu_held_idle_seconds_total, increments),

@@ -1,7 +1,7 @@
 """The report: one decide cycle as JSON (``/report``, ``reclaimer report -o json``) and as a kubectl-like table.
 
-Pure: renders a ``CycleSnapshot`` (or a report dict read back from a daemon) and computes the waste counter's
-increments. Unknown values stay ``None`` / JSON null, never 0.
+Pure: renders a ``CycleSnapshot`` (or a report dict read back from a daemon); the views it shares with the metrics
+are in ``reclaimer.core.views``. Unknown values stay ``None`` / JSON null, never 0.
 """
 
 from __future__ import annotations
@@ -9,26 +9,24 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
 from reclaimer.core import actionkinds
 from reclaimer.core.errors import ReclaimerError
 from reclaimer.core.model import (
-    NO_NAMESPACE,
     AttributedProcess,
     BreakerStatus,
     Candidate,
     CycleSnapshot,
     Decision,
-    GpuSample,
     PodInfo,
     Recovers,
     SamplerSnapshot,
     Verdict,
 )
+from reclaimer.core.views import candidate_user, finite, kernel_gpu_usage
 
 VERDICTS: tuple[str, ...] = tuple(v.value for v in Verdict)
 RECOVERS: tuple[str, ...] = tuple(r.value for r in Recovers)
@@ -37,82 +35,6 @@ NOT_ATTRIBUTED_YET = "not attributed yet (appeared after the last decide cycle)"
 _GIB = 1024**3
 _MIB = 1024**2
 _KIB = 1024
-
-
-# --------------------------------------------------------------------------- per-kernel GPU usage (shared with metrics)
-
-
-@dataclass(frozen=True, slots=True)
-class KernelGpuUsage:
-    """What one candidate uses of one GPU. ``None``: unknown."""
-
-    uuid: str
-    memory_bytes: int | None
-    utilization: float | None
-
-
-def _latest_up(sampler: SamplerSnapshot, uuid: str) -> GpuSample | None:
-    sample = sampler.latest(uuid)
-    return sample if sample is not None and sample.up else None
-
-
-def _sole_holder(sample: GpuSample, own_pids: set[int]) -> bool:
-    """True when every process on the GPU belongs to the candidate (so GPU utilisation is its utilisation)."""
-    return sample.processes is not None and {p.pid for p in sample.processes} <= own_pids
-
-
-def kernel_gpu_usage(candidate: Candidate, sampler: SamplerSnapshot) -> tuple[KernelGpuUsage, ...]:
-    """Per GPU the candidate holds: the memory its processes use and their utilisation.
-
-    Memory is the sum over its processes (unknown if any is unknown); with no process of its own on a GPU whose
-    process list is known, it is 0 (an allocated GPU held by a pod without a process). Utilisation is the sum of
-    per-process SM utilisation when all are known; otherwise the GPU's own utilisation when the candidate is its
-    only user; otherwise unknown.
-    """
-    usages: list[KernelGpuUsage] = []
-    for uuid in candidate.gpu_uuids:
-        procs = [p for p in candidate.processes if p.gpu_uuid == uuid]
-        sample = _latest_up(sampler, uuid)
-        memory: int | None
-        if procs:
-            mems = [p.used_memory_bytes for p in procs]
-            memory = None if any(m is None for m in mems) else sum(m for m in mems if m is not None)
-        else:
-            memory = 0 if sample is not None and sample.processes is not None else None
-        utilization: float | None = None
-        sm = [_finite(p.sm_utilization) for p in procs]
-        if procs and all(u is not None for u in sm):
-            utilization = min(1.0, sum(u for u in sm if u is not None))
-        elif sample is not None and _sole_holder(sample, {p.pid for p in procs}):
-            utilization = _finite(sample.utilization)
-        usages.append(KernelGpuUsage(uuid, memory, utilization))
-    return tuple(usages)
-
-
-def metric_kernel_id(candidate: Candidate) -> str:
-    """The ``kernel_id`` label / report key: the kernel id, or the candidate key (``pod:<uid>``) for pod candidates.
-
-    Pod candidates (GPUs allocated, no kernel) need a unique value so joins ``on(kernel_id)`` stay one-to-one.
-    """
-    return candidate.kernel_id or candidate.key
-
-
-def candidate_namespace(candidate: Candidate) -> str:
-    """The pod's namespace, or ``NO_NAMESPACE`` for kernels outside Kubernetes."""
-    return candidate.pod.namespace if candidate.pod is not None else NO_NAMESPACE
-
-
-def candidate_user(candidate: Candidate) -> str | None:
-    if candidate.user:
-        return candidate.user
-    if candidate.server is not None:
-        return candidate.server.user
-    return candidate.pod.user if candidate.pod is not None else None
-
-
-def is_idle(decision: Decision) -> bool:
-    """Known to be idle now (the policy measured an idle stretch); unknown is never idle."""
-    return decision.verdict != Verdict.UNKNOWN and decision.idle_seconds is not None and decision.idle_seconds > 0
 
 
 # --------------------------------------------------------------------------- JSON
@@ -129,11 +51,6 @@ def rfc3339(ts: float | datetime | None) -> str | None:
     return dt.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _finite(value: float | None) -> float | None:
-    # JSON has no NaN/Infinity; a non-finite measurement is as good as unknown.
-    return value if value is None or math.isfinite(value) else None
-
-
 def _pods_by_uid(snap: CycleSnapshot) -> dict[str, PodInfo]:
     return {d.candidate.pod.uid: d.candidate.pod for d in snap.decisions if d.candidate.pod is not None}
 
@@ -143,7 +60,7 @@ def _process_entry(proc: AttributedProcess, pods: Mapping[str, PodInfo], holder:
     return {
         "pid": proc.pid,
         "memory_bytes": proc.used_memory_bytes,
-        "sm_utilization": _finite(proc.sm_utilization),
+        "sm_utilization": finite(proc.sm_utilization),
         "kernel_id": proc.kernel_id or (holder.kernel_id if holder is not None else None),
         "pod": pod.name if pod is not None else None,
         "namespace": pod.namespace if pod is not None else None,
@@ -176,7 +93,7 @@ def _gpu_entries(snap: CycleSnapshot) -> list[dict[str, Any]]:
                     {
                         "pid": sp.pid,
                         "memory_bytes": sp.used_memory_bytes,
-                        "sm_utilization": _finite(sp.sm_utilization),
+                        "sm_utilization": finite(sp.sm_utilization),
                         "kernel_id": None,
                         "pod": None,
                         "namespace": None,
@@ -190,10 +107,10 @@ def _gpu_entries(snap: CycleSnapshot) -> list[dict[str, Any]]:
                 "uuid": dev.uuid,
                 "model": dev.model,
                 "up": up,
-                "utilization": _finite(live.utilization) if live is not None else None,
+                "utilization": finite(live.utilization) if live is not None else None,
                 "memory_used_bytes": live.memory_used_bytes if live is not None else None,
                 "memory_total_bytes": total if total is not None else dev.memory_total_bytes,
-                "idle_seconds": _finite(snap.gpu_idle_seconds.get(dev.uuid)),
+                "idle_seconds": finite(snap.gpu_idle_seconds.get(dev.uuid)),
                 "processes": procs,
             }
         )
@@ -212,7 +129,7 @@ def _kernel_entry(d: Decision, sampler: SamplerSnapshot) -> dict[str, Any]:
         "user": candidate_user(c),
         "kernel_name": c.kernel_name,
         "gpus": [
-            {"uuid": u.uuid, "memory_bytes": u.memory_bytes, "utilization": _finite(u.utilization)}
+            {"uuid": u.uuid, "memory_bytes": u.memory_bytes, "utilization": finite(u.utilization)}
             for u in kernel_gpu_usage(c, sampler)
         ],
         "allocated": c.allocated,
@@ -222,11 +139,11 @@ def _kernel_entry(d: Decision, sampler: SamplerSnapshot) -> dict[str, Any]:
         "execution_state": act.execution_state if act is not None else None,
         "last_activity": rfc3339(act.last_activity) if act is not None else None,
         "connections": act.connections if act is not None else None,
-        "idle_seconds": _finite(d.idle_seconds),
+        "idle_seconds": finite(d.idle_seconds),
         "verdict": d.verdict.value,
         "reason": d.reason,
         "action": d.action.value,
-        "eta_seconds": _finite(d.eta_seconds),
+        "eta_seconds": finite(d.eta_seconds),
         "policy": d.policy,
     }
 
@@ -593,51 +510,6 @@ def render_table(report: Mapping[str, Any], width: int | None = None) -> str:
 def render_json(report: Mapping[str, Any]) -> str:
     """The report as indented JSON text (no trailing newline); strict: NaN/Infinity are rejected, never emitted."""
     return json.dumps(report, indent=2, allow_nan=False)
-
-
-# --------------------------------------------------------------------------- the waste counter
-
-
-def memory_holdings(c: Candidate) -> tuple[str, ...]:
-    """GPUs on which ``c`` holds GPU memory: a kernel's GPUs (a pod with no process on its GPUs holds none)."""
-    return c.gpu_uuids if c.kernel_id is not None or c.processes else ()
-
-
-allocation_holdings = actionkinds.allocated_gpus  # GPUs whose nvidia.com/gpu allocation the candidate's pod holds
-
-
-def held_idle_increments(
-    snap_prev_time: float | None,
-    snap: CycleSnapshot,
-    threshold_for: Callable[[Decision], float],
-    holdings: Callable[[Candidate], Iterable[str]] = memory_holdings,
-) -> dict[str, float]:
-    """GPU-seconds held idle per namespace since the previous cycle, for ``reclaimer_gpu_held_idle_seconds_total``
-    (``holdings=memory_holdings``: GPU memory held idle) or ``reclaimer_gpu_allocation_held_idle_seconds_total``
-    (``holdings=allocation_holdings``: GPU allocations held idle).
-
-    Each sample of a held GPU taken in ``(snap_prev_time, snap.generated_at]`` (all samples up to
-    ``generated_at`` when ``snap_prev_time`` is None) counts one sample interval, shared equally among the
-    candidates holding that GPU, for each holder whose threshold its known utilisation is below. Samples with
-    unknown utilisation (or a GPU that is down) count nothing. Pod namespace, or ``NO_NAMESPACE`` outside Kubernetes.
-    """
-    holders: dict[str, list[Decision]] = {}
-    for d in snap.decisions:
-        for uuid in dict.fromkeys(holdings(d.candidate)):
-            holders.setdefault(uuid, []).append(d)
-    lower = -math.inf if snap_prev_time is None else snap_prev_time
-    interval = snap.sampler.sample_interval
-    out: dict[str, float] = {}
-    for uuid, decisions in holders.items():
-        thresholds = [(candidate_namespace(d.candidate), threshold_for(d)) for d in decisions]
-        share = interval / len(decisions)
-        for s in snap.sampler.samples.get(uuid, ()):
-            if not (lower < s.timestamp <= snap.generated_at) or not s.up or s.utilization is None:
-                continue
-            for namespace, threshold in thresholds:
-                if s.utilization < threshold:
-                    out[namespace] = out.get(namespace, 0.0) + share
-    return out
 
 
 # --------------------------------------------------------------------------- the cluster view (`report --cluster`)
