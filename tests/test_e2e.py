@@ -89,7 +89,7 @@ async def node(gateway: KernelGatewayProcess, fake_nvml: FakeNvml, tmp_path: Pat
     pids = dict(zip(ids, await asyncio.gather(*(rest.pid(k) for k in ids.values())), strict=True))
     await rest.execute(ids["training"], "import time\ntime.sleep(600)", wait=False)
     await rest.wait_state(ids["training"], "busy")
-    from reclaimer.observe.gateway import parse_last_activity
+    from reclaimer.observe.jupyter_rest import parse_last_activity
 
     last = {r: parse_last_activity((await rest.kernel(k))["last_activity"]) for r, k in ids.items()}
     proxy = RecordingProxy(gateway.url)

@@ -20,18 +20,20 @@ import structlog
 
 from reclaimer.core.config import GatewaySettings
 from reclaimer.observe.gateway import (
-    KERNEL_BODY_LIMIT,
-    LIST_BODY_LIMIT,
-    MAX_CONCURRENCY,
     CONFLICTING_GATEWAYS,
     NOT_KNOWN_ANYWHERE,
     GatewayClient,
     GatewayPool,
-    TokenError,
     claimed_by_a_gateway,
+)
+from reclaimer.observe.jupyter_rest import (
+    KERNEL_BODY_LIMIT,
+    LIST_BODY_LIMIT,
+    MAX_CONCURRENCY,
     is_kernel_id,
     parse_last_activity,
 )
+from reclaimer.observe.tokens import TokenError
 from tests.support.fake_gateway import (
     FakeGateway,
     chunked,

@@ -18,7 +18,7 @@ from reclaimer.observe import hub as hub_mod
 from reclaimer.core.config import ConfigError, parse_settings
 from reclaimer.app.daemon import Daemon, build_adapters
 from reclaimer.app.demo import free_port
-from reclaimer.observe.gateway import BadAnswer
+from reclaimer.observe.jupyter_rest import BadAnswer
 from reclaimer.observe.hub import HubClient
 from reclaimer.core.model import Candidate, ProcessSample, ServerRef, Verdict
 from reclaimer.core.policy import choose_policy, decide

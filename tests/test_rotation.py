@@ -185,7 +185,7 @@ limits: {{breaker_min_reclaims: 5}}
 
 def test_item6_token_source_rereads_on_change_keeps_the_last_good_token(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from reclaimer.observe.gateway import TokenError, TokenSource
+    from reclaimer.observe.tokens import TokenError, TokenSource
 
     path = tmp_path / "token"
     _rotate(path, "zq-one")

@@ -513,7 +513,7 @@ def test_invariant_19_clock_skew_is_unknown(skew: float | None, limit: str | Non
     ],
 )
 def test_invariant_19_naive_last_activity_is_unknown(raw: str, error: str | None) -> None:
-    from reclaimer.observe.gateway import parse_kernel_model
+    from reclaimer.observe.jupyter_rest import parse_kernel_model
 
     a = parse_kernel_model({"id": KID, "name": "python3", "execution_state": "idle", "last_activity": raw,
                             "connections": 0}, "eg", NOW, clock_skew=-0.5)

@@ -20,7 +20,8 @@ import aiohttp
 import pytest
 
 from reclaimer.core.config import GatewaySettings, HubSettings
-from reclaimer.observe.gateway import GatewayClient, GatewayPool, parse_last_activity
+from reclaimer.observe.gateway import GatewayClient, GatewayPool
+from reclaimer.observe.jupyter_rest import parse_last_activity
 from reclaimer.observe.hub import HubClient, loopback_origin
 from reclaimer.core.model import ServerRef
 from tests.support.jupyter_fixtures import (  # noqa: F401  (session fixtures used by name)

@@ -22,7 +22,7 @@ from aiohttp import web
 from reclaimer.core.model import CycleSnapshot
 from reclaimer.export.metrics import Metrics
 from reclaimer.export.report import build_report
-from reclaimer.observe.gateway import TokenError, TokenSource, read_bearer_token_file
+from reclaimer.observe.tokens import TokenError, TokenSource, read_bearer_token_file
 
 log = structlog.get_logger(__name__)
 
@@ -66,7 +66,7 @@ def _read_token_file(path: str) -> str:
 class BearerToken:
     """The token ``/metrics`` and ``/report`` require, from a file (a mounted Secret), re-read when it changes.
 
-    The same re-reading as every other token file (gateway.TokenSource): the file's identity (inode, size, mtime) is
+    The same re-reading as every other token file (tokens.TokenSource): the file's identity (inode, size, mtime) is
     checked on each request and a changed file is read again, so a rotated Secret takes effect without a restart; a
     file that becomes unreadable keeps the last good token and logs once; there is never a moment without a token.
     """

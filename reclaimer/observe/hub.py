@@ -11,9 +11,9 @@ Trust boundaries (docs/tokens.md):
   hub's proxy: configurable-http-proxy counts every proxied request as the user's activity. Requests carry
   ``no_track_activity=1`` so jupyter_server does not count them either; watching is not using.
 
-Same safety as the gateway client (``reclaimer.observe.gateway.RestEndpoint``): header token only, no redirects, capped
-bodies, timeouts; a server path from the hub is used only when it is a plain path under the configured base path, and
-a server origin only when it is ``http://<IP literal>:<port>``.
+Same safety as the gateway client (``reclaimer.observe.jupyter_rest.RestEndpoint``): header token only, no
+redirects, capped bodies, timeouts; a server path from the hub is used only when it is a plain path under the
+configured base path, and a server origin only when it is ``http://<IP literal>:<port>``.
 """
 
 from __future__ import annotations
@@ -33,20 +33,20 @@ import structlog
 from reclaimer.core.config import HubSettings
 from reclaimer.core.model import Candidate, KernelActivity, PodInfo, ServerRef
 from reclaimer.observe import procfs
-from reclaimer.observe.gateway import (
+from reclaimer.observe.jupyter_rest import (
     ERROR_BODY_LIMIT,
     LIST_BODY_LIMIT,
     SHUTDOWN_TIMEOUT_FACTOR,
     BadAnswer,
     RestEndpoint,
     SessionFactory,
-    TokenSource,
     answer_clock_skew,
     is_kernel_id,
     parse_kernel_listing,
     parse_last_activity,
     tls_context,
 )
+from reclaimer.observe.tokens import TokenSource
 
 log = structlog.get_logger(__name__)
 

@@ -4,7 +4,7 @@ A notebook pod is a StatefulSet pod labelled ``notebook-name`` (reclaimer.core.a
 is reached at a URL built from the configured template (``kubeflow.notebook_url``, by default
 ``http://{name}.{namespace}.svc/notebook/{namespace}/{name}`` as Kubeflow's own culler does) and only for a name and
 namespace that are valid DNS labels: never a URL read from the pod. Same request safety as every gateway
-(reclaimer.observe.gateway.RestEndpoint): header token only, no redirects, capped bodies, timeouts.
+(reclaimer.observe.jupyter_rest.RestEndpoint): header token only, no redirects, capped bodies, timeouts.
 """
 
 from __future__ import annotations
@@ -16,19 +16,19 @@ from collections.abc import Callable, Iterable
 
 from reclaimer.core.config import KubeflowSettings
 from reclaimer.core.model import NotebookRef
-from reclaimer.observe.gateway import (
+from reclaimer.observe.jupyter_rest import (
     ERROR_BODY_LIMIT,
     LIST_BODY_LIMIT,
     SHUTDOWN_TIMEOUT_FACTOR,
     BadAnswer,
     RestEndpoint,
     SessionFactory,
-    TokenSource,
     answer_clock_skew,
     is_kernel_id,
     parse_kernel_listing,
     tls_context,
 )
+from reclaimer.observe.tokens import TokenSource
 
 KUBEFLOW_GATEWAY = "kubeflow"  # KernelActivity.gateway for kernels observed through a notebook server
 MAX_NOTEBOOK_CLIENTS = 256  # notebook servers remembered between cycles (one per notebook pod on the node)
