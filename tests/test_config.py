@@ -30,7 +30,8 @@ from reclaimer.core.errors import ReclaimerError
 
 REPO = Path(__file__).resolve().parent.parent
 
-# The config example from the interface contract (DESIGN.md), verbatim: it must parse as-is.
+# The config example of docs/interface.md ("Configuration file"), verbatim: it must parse as-is
+# (tests/test_docs.py checks that the doc still holds this text).
 CONTRACT_EXAMPLE = """\
 mode: dry-run                # dry-run | enforce
 node_name: gpu-node-1        # default: $NODE_NAME, else hostname

@@ -1,4 +1,4 @@
-"""DESIGN.md "Decision rules": one named test per policy invariant (1-4, 6, 9), then Hypothesis properties.
+"""docs/safety.md invariants: one named test per policy invariant (1-4, 6, 9), then Hypothesis properties.
 
 Invariants 5, 7 and 8 are the executor's (tested with it).
 """

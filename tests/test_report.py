@@ -1,4 +1,4 @@
-"""The report: JSON per DESIGN.md, validation of a report read back, the table, and the waste counter's increments."""
+"""The report: JSON per docs/interface.md, reading a report back, the table, the waste counter's increments."""
 
 from __future__ import annotations
 

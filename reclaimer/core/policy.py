@@ -69,7 +69,7 @@ def decide(
 ) -> list[Decision]:
     """One decision per candidate, sorted by key; at most ``max_actions_per_cycle`` of them are ``reclaim``.
 
-    A ``reclaim`` verdict means every safety rule of DESIGN.md holds for that candidate right now; the executor
+    A ``reclaim`` verdict means every rule of docs/safety.md holds for that candidate right now; the executor
     must still ``recheck`` it just before acting. ``plan`` is the same with the next state and the breaker status.
     """
     return plan(candidates, sampler, settings, now, state).decisions
@@ -1343,7 +1343,7 @@ def _error_code(errors: Sequence[str], about: str) -> str:
 
 
 def _utc(moment: datetime) -> datetime:
-    """Naive datetimes are UTC (DESIGN: last_activity parsing)."""
+    """In UTC; a naive datetime is read as UTC, as observe.gateway.parse_last_activity reads it (invariant 19)."""
     return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
 
 

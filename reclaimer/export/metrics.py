@@ -381,7 +381,7 @@ class Metrics:
         result = _bounded(outcome.result, RESULTS, "result")
         mode = _bounded(outcome.mode, MODES, "mode")
         self.actions_total.labels(action, result, mode).inc()
-        # Memory counts as reclaimed only once verification saw it released (DESIGN rule 8).
+        # Memory counts as reclaimed only once verification saw it released (docs/safety.md invariant 8).
         if result == "verified" and outcome.reclaimed_bytes > 0:
             self.reclaimed_gpu_memory_bytes_total.inc(outcome.reclaimed_bytes)
         # An allocation counts as released only once the pod was seen gone (or no longer holding the GPU).

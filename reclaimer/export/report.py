@@ -149,7 +149,7 @@ def _kernel_entry(d: Decision, sampler: SamplerSnapshot) -> dict[str, Any]:
 
 
 def build_report(snap: CycleSnapshot) -> dict[str, Any]:
-    """The report JSON for one cycle, per DESIGN.md "Report JSON" (plus ``summary``, ``unattributed``, ...).
+    """The report JSON for one cycle, per docs/interface.md "Report JSON" (with ``summary``, ``unattributed``, ...).
 
     One ``kernels`` entry per Decision (pod candidates without a kernel have ``kernel_id`` null). JSON-safe:
     unknown values are null, never 0; no NaN.
