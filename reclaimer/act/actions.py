@@ -10,6 +10,7 @@ that ends the pod, the GPU allocation (the pod gone, or pod-resources no longer 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -55,6 +56,8 @@ class PodEvicter(Protocol):
 
 
 Recheck = Callable[[Decision], Awaitable[Decision]]
+# What an operation gives back: (result, detail) from its adapter, or an ActionResult when skipped before any call.
+Outcome = tuple[str, str] | ActionResult
 
 
 def _context(d: Decision) -> dict[str, Any]:
@@ -283,10 +286,11 @@ class LiveExecutor:
         if result == "failed":
             self._fail(c.key, self.clock(), detail)
             retry = format_duration(self._backoff[c.key].not_before - self.clock())
-            if d.action is not ActionKind.EVICT_POD:  # the gateway or hub failed; eviction failures are the API's
+            failure_event = actionkinds.spec(d.action).failure_event  # None: the API server's answer says it
+            if failure_event is not None:
                 await self._event(
                     d,
-                    reason="GatewayError",
+                    reason=failure_event,
                     action=EVENT_ACTIONS[d.action],
                     type="Warning",
                     note=f"{d.action.value} failed, next try in {retry}: {detail}"[:1024],
@@ -310,23 +314,23 @@ class LiveExecutor:
             return r
         return self._record(d, result, detail)
 
-    def _executors(self) -> dict[ActionKind, Callable[[Decision], Awaitable[tuple[str, str] | ActionResult]]]:
-        """How each executable kind (reclaimer.core.actionkinds.EXECUTABLE) is carried out."""
-        return {
-            ActionKind.SHUTDOWN_KERNEL: self._shutdown_kernel,
-            ActionKind.STOP_SERVER: self._stop_server,
-            ActionKind.EVICT_POD: self._evict_pod,
-            ActionKind.STOP_NOTEBOOK: self._stop_notebook,
-        }
+    def _executors(self) -> dict[ActionKind, Callable[[Decision], Awaitable[Outcome]]]:
+        """How each executable kind is carried out: the method ``OPERATIONS`` maps its row's ``operation`` to."""
+        out: dict[ActionKind, Callable[[Decision], Awaitable[Outcome]]] = {}
+        for kind in actionkinds.EXECUTABLE:
+            operation = OPERATIONS.get(actionkinds.spec(kind).operation or "")
+            if operation is not None:
+                out[kind] = functools.partial(operation, self)
+        return out
 
-    async def _stop_notebook(self, d: Decision) -> tuple[str, str] | ActionResult:
+    async def _stop_notebook(self, d: Decision) -> Outcome:
         c = d.candidate
         stop = getattr(self.kube, "stop_notebook", None)
         if stop is None or c.notebook is None:
             return self._record(d, "skipped", "no Kubeflow Notebook known for this candidate")
         return await asyncio.to_thread(stop, c.notebook.namespace, c.notebook.name, self.clock())
 
-    async def _shutdown_kernel(self, d: Decision) -> tuple[str, str] | ActionResult:
+    async def _shutdown_kernel(self, d: Decision) -> Outcome:
         c = d.candidate
         if c.kernel_id is None:
             return self._record(d, "skipped", "no kernel to shut down")
@@ -340,14 +344,14 @@ class LiveExecutor:
             return await self.kernels.shutdown(c.kernel_id)
         return self._record(d, "skipped", "no gateway to shut the kernel down through")
 
-    async def _stop_server(self, d: Decision) -> tuple[str, str] | ActionResult:
+    async def _stop_server(self, d: Decision) -> Outcome:
         c = d.candidate
         # Only the server the hub listed: never the user's default server as a fallback (invariant 13).
         if self.servers is None or c.server is None or not c.server.user:
             return self._record(d, "skipped", "no JupyterHub server listed for this candidate")
         return await self.servers.stop_server(c.server.user, c.server.server_name)
 
-    async def _evict_pod(self, d: Decision) -> tuple[str, str] | ActionResult:
+    async def _evict_pod(self, d: Decision) -> Outcome:
         c = d.candidate
         if self.kube is None or c.pod is None:
             return self._record(d, "skipped", "no pod known for this candidate")
@@ -363,7 +367,7 @@ class LiveExecutor:
             await self._event(
                 d,
                 reason="EvictionBlockedByPDB",
-                action="EvictPod",
+                action=EVENT_ACTIONS[d.action],
                 type="Warning",
                 note=f"eviction blocked by a PodDisruptionBudget: {ev.detail}"[:1024],
             )
@@ -480,6 +484,16 @@ class LiveExecutor:
     @property
     def pending(self) -> int:
         return len(self._pending) + len(self._allocation_pending)
+
+
+# How each operation the table names (reclaimer.core.actionkinds, ``ActionSpec.operation``) is carried out: one
+# LiveExecutor method each. A new action kind adds its row there and its method here.
+OPERATIONS: dict[str, Callable[[LiveExecutor, Decision], Awaitable[Outcome]]] = {
+    "shutdown_kernel": LiveExecutor._shutdown_kernel,
+    "stop_server": LiveExecutor._stop_server,
+    "evict_pod": LiveExecutor._evict_pod,
+    "stop_notebook": LiveExecutor._stop_notebook,
+}
 
 
 def _short(text: str, limit: int = 120) -> str:

@@ -25,7 +25,6 @@ from reclaimer.core import candidates as join_mod
 from reclaimer.core.config import Settings, format_duration
 from reclaimer.core.errors import StartupError
 from reclaimer.core.model import (
-    ActionKind,
     ActionResult,
     AttributedProcess,
     Candidate,
@@ -418,7 +417,7 @@ class Daemon:
         gateways: set[str] = set()
         for c in result.candidates:
             chosen = policy.select_policy(c, self.settings, models)
-            if chosen is None or chosen.action not in ("stop-server", "evict-pod", "auto"):
+            if chosen is None or not actionkinds.may_end_target(chosen.action):
                 continue
             if c.server is not None:
                 key = (c.server.user, c.server.server_name)
@@ -671,7 +670,7 @@ class Daemon:
             if pod.uid != c.pod.uid:
                 return c, f"pod {c.pod.namespace}/{c.pod.name} was replaced (uid {pod.uid}, planned for {c.pod.uid})"
             c = replace(c, pod=pod)
-        if d.action not in (ActionKind.STOP_SERVER, ActionKind.EVICT_POD):
+        if actionkinds.spec(d.action).whole != "target":
             return c, None
         hub = self.adapters.hub
         if c.server is not None:

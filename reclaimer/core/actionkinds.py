@@ -1,8 +1,11 @@
-"""What each action kind is: what it ends, what it needs, what it gives back, its Event name; and ``auto``.
+"""The one table of action kinds: what each ends and needs, how it is carried out and verified, what it gives back.
 
-Pure (``reclaimer.core.model`` only). The one place that knows the kinds: the policy asks it what an action would
-recover and whether it can release anything at all, the executors ask it for the Event action, the report and the
-metrics for the ``recovers`` value. A new kind (``stop-notebook``) is one more row in ``KINDS``.
+Pure (``reclaimer.core.model`` only). Every layer asks this table instead of naming kinds: the policy for what an
+action targets, needs and must find idle as a whole (``ends``, ``needs``, ``whole``) and whether it could release
+anything at all (``refuse``); the executors for the operation that carries it out (``operation``, which
+``reclaimer.act.actions.OPERATIONS`` maps once to a method) and its Events; the verification, the report and the
+metrics for what it ``recovers``. Adding a kind is one more ``ActionKind`` value, one row in ``KINDS`` and the
+executor method its ``operation`` names (tests/test_action_kinds.py walks the table and fails for a row without one).
 
 Freeing GPU memory is not freeing the GPU: a kernel shut down inside a notebook pod frees its VRAM, but the pod
 keeps its ``nvidia.com/gpu`` allocation and nothing else can be scheduled on that GPU. Only an action that ends the
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from reclaimer.core.model import ActionKind, Candidate, PodInfo, Recovers, Verdict
 
@@ -28,15 +32,30 @@ EG_KERNEL_POD_LABELS = {"app": "enterprise-gateway", "component": "kernel"}
 ELASTIC_KERNEL_LABEL = "kernel"  # elastic-jupyter-operator: the JupyterKernel's name on its Deployment's pods
 
 
+# What an action ends (its target, which the policy keys its one-action-per-target rule by) and the fact it cannot act
+# without: the candidate's kernel, its JupyterHub server, its pod, its Kubeflow Notebook; "" for none.
+Target = Literal["kernel", "server", "pod", "notebook", ""]
+# What else carrying it out ends, all of which must be idle too (the policy's whole-target checks): "" the kernel
+# alone; "target" every kernel of the candidate's pod or hub server (listed each cycle and again right before acting,
+# the server asked of the hub again); "notebook" every kernel of the Kubeflow notebook server.
+Whole = Literal["", "target", "notebook"]
+
+
 @dataclass(frozen=True, slots=True)
 class ActionSpec:
-    """One action kind. ``recovers`` says what carrying it out on a candidate gives back."""
+    """One action kind. ``recovers`` says what carrying it out on a candidate gives back; the executors verify that:
+    the GPU memory always (the candidate's processes gone from the samples), the allocation where it is ``allocation``
+    (the pod gone, or pod-resources no longer listing its GPUs)."""
 
     kind: ActionKind
-    ends: str  # what carrying it out ends: "kernel" | "server" | "pod" | "" (nothing)
-    needs: str  # the fact it cannot act without: "kernel" | "server" | "pod" | ""
+    ends: Target  # what carrying it out ends (its target); "": nothing
+    needs: Target  # the fact it cannot act without: missing -> unknown ("kernel": keep, a pod without one)
+    whole: Whole  # what else it ends that must be idle as a whole
+    operation: str | None  # the executor operation carrying it out (reclaimer.act.actions.OPERATIONS); None: none
     event_action: str | None  # events.k8s.io/v1 ``action`` of the Event recording it
+    failure_event: str | None  # reason of the Warning Event for a failed attempt; None: the API server reports it
     recovers: Callable[[Candidate], Recovers]
+    refuse: Callable[[Candidate], tuple[Verdict, str] | None] | None  # when it would release nothing: never planned
     summary: str  # one line for docs, the report and the demo
 
 
@@ -76,58 +95,6 @@ def _evict_pod_recovers(c: Candidate) -> Recovers:
     if c.pod is None or not c.pod.owners_known or c.pod.controller is not None:
         return Recovers.NONE  # a controller recreates the pod: the GPU is taken again, the user's state is lost
     return Recovers.ALLOCATION if _allocated(c) else Recovers.MEMORY
-
-
-KINDS: dict[ActionKind, ActionSpec] = {
-    spec.kind: spec
-    for spec in (
-        ActionSpec(
-            ActionKind.SHUTDOWN_KERNEL,
-            "kernel",
-            "kernel",
-            "ShutdownKernel",
-            _shutdown_kernel_recovers,
-            "shuts the kernel down through its gateway: frees its GPU memory; the pod keeps its GPU "
-            "allocation unless the pod is the kernel's own (Enterprise Gateway kernel pods)",
-        ),
-        ActionSpec(
-            ActionKind.STOP_SERVER,
-            "server",
-            "server",
-            "StopServer",
-            _stop_server_recovers,
-            "stops the user's JupyterHub server (every kernel of it): releases the pod's GPU allocation",
-        ),
-        ActionSpec(
-            ActionKind.EVICT_POD,
-            "pod",
-            "pod",
-            "EvictPod",
-            _evict_pod_recovers,
-            "evicts the pod (every process of it): releases its GPU allocation; never planned for a pod "
-            "a controller recreates",
-        ),
-        ActionSpec(
-            ActionKind.STOP_NOTEBOOK,
-            "notebook",
-            "notebook",
-            "StopNotebook",
-            _stop_notebook_recovers,
-            "stops the Kubeflow Notebook (annotation kubeflow-resource-stopped, as Kubeflow's culler does): "
-            "its controller scales it to 0, releasing the pod's GPU allocation",
-        ),
-        ActionSpec(ActionKind.NONE, "", "", None, lambda c: Recovers.NONE, "observes only"),
-    )
-}
-
-EXECUTABLE: tuple[ActionKind, ...] = tuple(k for k, s in KINDS.items() if s.ends)
-EVENT_ACTIONS: dict[ActionKind, str] = {k: s.event_action for k, s in KINDS.items() if s.event_action}
-
-
-def recovers(action: ActionKind, c: Candidate) -> Recovers:
-    """What carrying out ``action`` on ``c`` gives back (``none`` for an action that would be undone)."""
-    spec = KINDS.get(action)
-    return spec.recovers(c) if spec is not None else Recovers.NONE
 
 
 # --------------------------------------------------------------------------- actions that would release nothing
@@ -185,15 +152,13 @@ def kernel_pod_platform(pod: PodInfo) -> str:
     return "its gateway"
 
 
-def refusal(action: ActionKind, c: Candidate) -> tuple[Verdict, str] | None:
-    """(verdict, reason) when ``action`` could release nothing on ``c`` and must never be planned; else None.
-
-    Evicting a pod that a controller recreates (``ownerReferences[].controller: true``: ReplicaSet, StatefulSet,
+def _evict_pod_refusal(c: Candidate) -> tuple[Verdict, str] | None:
+    """Evicting a pod that a controller recreates (``ownerReferences[].controller: true``: ReplicaSet, StatefulSet,
     DaemonSet, Job, a Kubeflow Notebook, an elastic-jupyter-operator JupyterKernel, a static pod's Node) destroys
     the user's state and frees nothing: ``keep``, naming what would work. Owner references that cannot be read:
     ``unknown``.
     """
-    if action is not ActionKind.EVICT_POD or c.pod is None:
+    if c.pod is None:
         return None
     if c.kernel_pod:
         # EG's kernel pods are bare (no controller): an eviction would release the GPU, but behind the gateway's
@@ -216,6 +181,106 @@ def refusal(action: ActionKind, c: Candidate) -> tuple[Verdict, str] | None:
     if c.pod.controller is None:
         return None
     return Verdict.KEEP, (f"pod is owned by {_owner_text(c.pod)}; eviction would be recreated — {what_would_work(c)}")
+
+
+# --------------------------------------------------------------------------- the table
+
+
+KINDS: dict[ActionKind, ActionSpec] = {
+    spec.kind: spec
+    for spec in (
+        ActionSpec(
+            kind=ActionKind.SHUTDOWN_KERNEL,
+            ends="kernel",
+            needs="kernel",
+            whole="",
+            operation="shutdown_kernel",
+            event_action="ShutdownKernel",
+            failure_event="GatewayError",
+            recovers=_shutdown_kernel_recovers,
+            refuse=None,
+            summary="shuts the kernel down through its gateway: frees its GPU memory; the pod keeps its GPU "
+            "allocation unless the pod is the kernel's own (Enterprise Gateway kernel pods)",
+        ),
+        ActionSpec(
+            kind=ActionKind.STOP_SERVER,
+            ends="server",
+            needs="server",
+            whole="target",
+            operation="stop_server",
+            event_action="StopServer",
+            failure_event="GatewayError",
+            recovers=_stop_server_recovers,
+            refuse=None,
+            summary="stops the user's JupyterHub server (every kernel of it): releases the pod's GPU allocation",
+        ),
+        ActionSpec(
+            kind=ActionKind.EVICT_POD,
+            ends="pod",
+            needs="pod",
+            whole="target",
+            operation="evict_pod",
+            event_action="EvictPod",
+            failure_event=None,  # an eviction's failure is the API server's own answer, not a gateway's
+            recovers=_evict_pod_recovers,
+            refuse=_evict_pod_refusal,
+            summary="evicts the pod (every process of it): releases its GPU allocation; never planned for a pod "
+            "a controller recreates",
+        ),
+        ActionSpec(
+            kind=ActionKind.STOP_NOTEBOOK,
+            ends="notebook",
+            needs="notebook",
+            whole="notebook",
+            operation="stop_notebook",
+            event_action="StopNotebook",
+            failure_event="GatewayError",
+            recovers=_stop_notebook_recovers,
+            refuse=None,
+            summary="stops the Kubeflow Notebook (annotation kubeflow-resource-stopped, as Kubeflow's culler does): "
+            "its controller scales it to 0, releasing the pod's GPU allocation",
+        ),
+        ActionSpec(
+            kind=ActionKind.NONE,
+            ends="",
+            needs="",
+            whole="",
+            operation=None,
+            event_action=None,
+            failure_event=None,
+            recovers=lambda c: Recovers.NONE,
+            refuse=None,
+            summary="observes only",
+        ),
+    )
+}
+
+EXECUTABLE: tuple[ActionKind, ...] = tuple(k for k, s in KINDS.items() if s.ends)
+EVENT_ACTIONS: dict[ActionKind, str] = {k: s.event_action for k, s in KINDS.items() if s.event_action}
+
+
+def spec(action: ActionKind) -> ActionSpec:
+    """The row of ``action``. ``auto`` has none (the policy resolves it per candidate before anything acts): it reads
+    as ``none``, which ends, needs and recovers nothing."""
+    return KINDS.get(action) or KINDS[ActionKind.NONE]
+
+
+def recovers(action: ActionKind, c: Candidate) -> Recovers:
+    """What carrying out ``action`` on ``c`` gives back (``none`` for an action that would be undone)."""
+    return spec(action).recovers(c)
+
+
+def refusal(action: ActionKind, c: Candidate) -> tuple[Verdict, str] | None:
+    """(verdict, reason) when ``action`` could release nothing on ``c`` and must never be planned; else None."""
+    refuse = spec(action).refuse
+    return refuse(c) if refuse is not None else None
+
+
+def may_end_target(policy_action: str) -> bool:
+    """Whether a policy's ``action`` (``auto``: any kind it may pick) can end a whole target (``whole == "target"``),
+    whose kernels must then be listed every cycle."""
+    kinds = EXECUTABLE if policy_action == ActionKind.AUTO.value else (ActionKind(policy_action),)
+    return any(KINDS[k].whole == "target" for k in kinds)
 
 
 # --------------------------------------------------------------------------- auto
@@ -253,4 +318,6 @@ def choose_auto(c: Candidate) -> tuple[ActionKind, str]:
     return ActionKind.EVICT_POD, ""  # the refusal's reason says what would work
 
 
+# auto's milder plan when the larger target is not idle as a whole: end the kernel alone (frees its GPU memory only).
+AUTO_FALLBACK = ActionKind.SHUTDOWN_KERNEL
 FALLBACK_NOTE = "auto: shutdown-kernel frees GPU memory only, the pod keeps its GPU allocation"

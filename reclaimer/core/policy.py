@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextvars
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
@@ -315,7 +315,7 @@ def recheck(
         candidate = replace(candidate, activity=fresh)
     server = candidate.server
     if (
-        decision.action in (ActionKind.STOP_SERVER, ActionKind.EVICT_POD)
+        actionkinds.spec(decision.action).whole == "target"
         and server is not None
         and (server.listed_at is None or not now - server.listed_at <= settings.decide_interval)
     ):
@@ -390,6 +390,7 @@ def _evaluate(
         return _evaluate_auto(c, sampler, settings, now, warned_at=warned_at, gate=gate)
     policy, override_note = _with_override(policy, c.pod)
     action = chosen or ActionKind(policy.action)
+    spec = actionkinds.spec(action)
 
     problem = (
         _identity_problem(c)
@@ -404,8 +405,8 @@ def _evaluate(
     problem = next((v.unknown for v in views.values() if v.unknown is not None), None)
     if problem is None:
         problem = _taint(c, sampler, policy, now)
-    if problem is None and action is not ActionKind.NONE:
-        problem = _action_unknown(c, action, settings)
+    if problem is None and spec.ends:
+        problem = _action_unknown(c, spec, settings)
     if problem is not None:
         return _unknown(c, policy.name, problem)
 
@@ -418,29 +419,29 @@ def _evaluate(
         if verdict is Verdict.UNKNOWN:
             return _unknown(c, policy.name, why)
         return Decision(c, verdict, action, f"{why}; {detail}", policy.name, idle)
-    if action is ActionKind.STOP_NOTEBOOK:
-        blocker = _notebook_blocker(c, policy, settings, now)
+    if spec.whole == "notebook":
+        blocker = _notebook_blocker(c, action, policy, settings, now)
         if blocker is not None:
             verdict, why = blocker
             if verdict is Verdict.UNKNOWN:
                 return _unknown(c, policy.name, why)
             return Decision(c, verdict, action, f"{why}; {detail}", policy.name, idle)
-    if action is ActionKind.NONE:
+    if not spec.ends:
         return Decision(c, Verdict.KEEP, action, f"policy {policy.name} observes only; {detail}", policy.name, idle)
-    if c.kernel_id is None and action is ActionKind.SHUTDOWN_KERNEL:
+    if c.kernel_id is None and spec.needs == "kernel":
         return Decision(
             c,
             Verdict.KEEP,
             action,
-            f"shutdown-kernel cannot apply to {_pod_name(c.pod)}: it holds GPUs with no kernel "
+            f"{action.value} cannot apply to {_pod_name(c.pod)}: it holds GPUs with no kernel "
             f"(use evict-pod or stop-server); {detail}",
             policy.name,
             idle,
         )
-    not_ready = _pod_not_ready(c, action)
+    not_ready = _pod_not_ready(c, spec)
     if not_ready is not None:
         return Decision(c, Verdict.KEEP, action, f"{not_ready}; {detail}", policy.name, idle)
-    if action in (ActionKind.STOP_SERVER, ActionKind.EVICT_POD):
+    if spec.whole == "target":
         whole = _whole_target(c, action, policy, settings, now)
         if whole.unknown is not None:
             return _unknown(c, policy.name, whole.unknown)
@@ -483,11 +484,11 @@ def _evaluate_auto(
     # The choice is news only while the candidate is idle: "kernel busy" and unknowns stay just that.
     said = note and (raw.verdict in (Verdict.WARN, Verdict.RECLAIM) or (raw.idle_seconds or 0) > 0)
     primary = replace(raw, requested=ActionKind.AUTO, reason=f"{note}; {raw.reason}" if said else raw.reason)
-    if action is ActionKind.SHUTDOWN_KERNEL or c.kernel_id is None:
+    if action is actionkinds.AUTO_FALLBACK or c.kernel_id is None:
         return primary
     # The milder plan, reason without its note: _with_fallback says why it is used when it is.
     fallback = replace(
-        _evaluate(c, sampler, settings, now, chosen=ActionKind.SHUTDOWN_KERNEL, warned_at=warned_at, gate=gate),
+        _evaluate(c, sampler, settings, now, chosen=actionkinds.AUTO_FALLBACK, warned_at=warned_at, gate=gate),
         requested=ActionKind.AUTO,
     )
     if primary.verdict in (Verdict.RECLAIM, Verdict.WARN) or fallback.verdict not in (Verdict.RECLAIM, Verdict.WARN):
@@ -726,13 +727,13 @@ def _could_use(c: Candidate, held: set[str]) -> set[str] | None:
     return allocation if allocation and held <= allocation else None
 
 
-def _pod_not_ready(c: Candidate, action: ActionKind) -> str | None:
+def _pod_not_ready(c: Candidate, spec: actionkinds.ActionSpec) -> str | None:
     """Invariant 10: a pod candidate is judged only while Running with its containers started, and no pod is acted on
     while it is terminating. In words for the reason, or None."""
     pod = c.pod
     if pod is None:
         return None
-    if pod.deleting and (c.kernel_id is None or action in (ActionKind.EVICT_POD, ActionKind.STOP_SERVER)):
+    if pod.deleting and (c.kernel_id is None or spec.whole == "target"):
         return f"{_pod_name(pod)} is terminating (deletionTimestamp set): it gives its GPUs back by itself"
     if c.kernel_id is not None:
         return None
@@ -785,50 +786,83 @@ def _activity_problem(c: Candidate, settings: Settings, now: float) -> str | Non
     return None
 
 
-def _action_unknown(c: Candidate, action: ActionKind, settings: Settings) -> str | None:
-    """A fact the action needs and the candidate lacks, or None. stop-server needs the exact server the hub lists
-    (never the user's default server as a fallback), and it must be the one the pod names."""
-    if action is ActionKind.STOP_SERVER and c.server is None:
-        if c.server_error is not None:
-            return f"stop-server needs the user's server as the hub lists it: {c.server_error}"
-        users = _users(c)
-        if not users:
-            return "stop-server needs the user's server, but neither the server nor the user is known"
-        wanted = _pod_server_name(c.pod, settings)
-        named = f"server {wanted!r}" if wanted else "default server"
+def _action_unknown(c: Candidate, spec: actionkinds.ActionSpec, settings: Settings) -> str | None:
+    """A fact the action needs (``ActionSpec.needs``) and the candidate lacks, or None; an action that ends a whole
+    target must find the pod and the server it ends to be one (``_target_mismatch``)."""
+    missing = _NEEDS[spec.needs](c, spec.kind.value, settings)
+    if missing is None and spec.whole == "target":
+        return _target_mismatch(c, settings)
+    return missing
+
+
+def _needs_server(c: Candidate, verb: str, settings: Settings) -> str | None:
+    """The exact server the hub lists (never the user's default server as a fallback)."""
+    if c.server is not None:
+        return None
+    if c.server_error is not None:
+        return f"{verb} needs the user's server as the hub lists it: {c.server_error}"
+    users = _users(c)
+    if not users:
+        return f"{verb} needs the user's server, but neither the server nor the user is known"
+    wanted = _pod_server_name(c.pod, settings)
+    named = f"server {wanted!r}" if wanted else "default server"
+    return (
+        f"{verb} needs the server the hub lists this cycle, but it lists no {named} for user {users[0]} "
+        f"(never another server instead)"
+    )
+
+
+def _needs_pod(c: Candidate, verb: str, settings: Settings) -> str | None:
+    return f"{verb} needs the kernel's pod, which is unknown" if c.pod is None else None
+
+
+def _needs_notebook(c: Candidate, verb: str, settings: Settings) -> str | None:
+    """A Kubeflow Notebook's pod, and the notebook server's kernels listed."""
+    if c.pod is None or actionkinds.kubeflow_notebook(c.pod) is None:
+        return f"{verb} needs a Kubeflow Notebook's pod; {_pod_name(c.pod)} is not one"
+    if c.notebook is None:
+        return f"{verb} needs the notebook server's kernels (configure kubeflow.notebook_url)"
+    if c.notebook.kernels is None:
+        return f"notebook {c.notebook.namespace}/{c.notebook.name} kernels unknown ({_scrub(c.notebook.error or '')})"
+    return None
+
+
+def _needs_nothing(c: Candidate, verb: str, settings: Settings) -> str | None:
+    """No fact is missing: a candidate without the kernel a kernel action needs is kept (``_evaluate``), not unknown."""
+    return None
+
+
+# What each ``ActionSpec.needs`` asks of the candidate before the action may be planned.
+_NEEDS: dict[str, Callable[[Candidate, str, Settings], str | None]] = {
+    "server": _needs_server,
+    "pod": _needs_pod,
+    "notebook": _needs_notebook,
+    "kernel": _needs_nothing,
+    "": _needs_nothing,
+}
+
+
+def _target_mismatch(c: Candidate, settings: Settings) -> str | None:
+    """The pod and the server a whole-target action ends must be one: the pod names the server found."""
+    if c.server is None or c.pod is None:
+        return None
+    server, pod = c.server, c.pod
+    if pod.user is None:
         return (
-            f"stop-server needs the server the hub lists this cycle, but it lists no {named} for user {users[0]} "
-            f"(never another server instead)"
+            f"{_pod_name(pod)} names no JupyterHub user ({settings.kubernetes.user_label}), so it cannot be "
+            f"matched to server {server.label}"
         )
-    if action is ActionKind.EVICT_POD and c.pod is None:
-        return "evict-pod needs the kernel's pod, which is unknown"
-    if action is ActionKind.STOP_NOTEBOOK:
-        if c.pod is None or actionkinds.kubeflow_notebook(c.pod) is None:
-            return f"stop-notebook needs a Kubeflow Notebook's pod; {_pod_name(c.pod)} is not one"
-        if c.notebook is None:
-            return "stop-notebook needs the notebook server's kernels (configure kubeflow.notebook_url)"
-        if c.notebook.kernels is None:
-            return (
-                f"notebook {c.notebook.namespace}/{c.notebook.name} kernels unknown ({_scrub(c.notebook.error or '')})"
-            )
-    if action in (ActionKind.STOP_SERVER, ActionKind.EVICT_POD) and c.server is not None and c.pod is not None:
-        server, pod = c.server, c.pod
-        if pod.user is None:
-            return (
-                f"{_pod_name(pod)} names no JupyterHub user ({settings.kubernetes.user_label}), so it cannot be "
-                f"matched to server {server.label}"
-            )
-        wanted = _pod_server_name(pod, settings)
-        if (pod.user, wanted) != (server.user, server.server_name):
-            return (
-                f"{_pod_name(pod)} runs server {_quote(pod.user + ('/' + wanted if wanted else ''))} "
-                f"({settings.kubernetes.server_name_annotation}), not {server.label} as found"
-            )
+    wanted = _pod_server_name(pod, settings)
+    if (pod.user, wanted) != (server.user, server.server_name):
+        return (
+            f"{_pod_name(pod)} runs server {_quote(pod.user + ('/' + wanted if wanted else ''))} "
+            f"({settings.kubernetes.server_name_annotation}), not {server.label} as found"
+        )
     return None
 
 
 def _notebook_blocker(
-    c: Candidate, policy: PolicySettings, settings: Settings, now: float
+    c: Candidate, action: ActionKind, policy: PolicySettings, settings: Settings, now: float
 ) -> tuple[Verdict, str] | None:
     """stop-notebook ends every kernel of the notebook server: each must be idle with last_activity older than the
     window, and the listing fresh and naming the candidate's own kernel; else (verdict, why)."""
@@ -845,10 +879,10 @@ def _notebook_blocker(
         if k.error is not None or k.execution_state is None or k.last_activity is None:
             return Verdict.UNKNOWN, f"{label}: kernel {k.kernel_id} unknown ({_scrub(k.error or 'missing fields')})"
         if k.execution_state != "idle":
-            return Verdict.KEEP, f"stop-notebook would also end kernel {k.kernel_id} ({k.execution_state})"
+            return Verdict.KEEP, f"{action.value} would also end kernel {k.kernel_id} ({k.execution_state})"
         active = now - _utc(k.last_activity).timestamp()
         if active < policy.idle_after:
-            return Verdict.KEEP, f"stop-notebook would also end kernel {k.kernel_id} (active {_dur(active)} ago)"
+            return Verdict.KEEP, f"{action.value} would also end kernel {k.kernel_id} (active {_dur(active)} ago)"
     return None
 
 
@@ -1081,11 +1115,7 @@ def _guard_shared_targets(decisions: list[Decision]) -> list[Decision]:
     """An evict-pod / stop-server ends every kernel in that pod or server: all of them must be reclaimable."""
     out = []
     for d in decisions:
-        if d.verdict is Verdict.RECLAIM and d.action in (
-            ActionKind.EVICT_POD,
-            ActionKind.STOP_SERVER,
-            ActionKind.STOP_NOTEBOOK,
-        ):
+        if d.verdict is Verdict.RECLAIM and actionkinds.spec(d.action).whole:
             blocker = next(
                 (o for o in decisions if o is not d and o.verdict is not Verdict.RECLAIM and _shares_target(d, o)),
                 None,
@@ -1109,7 +1139,7 @@ def _shares_target(d: Decision, other: Decision) -> bool:
     if mine.pod is not None and theirs.pod is not None and mine.pod.uid == theirs.pod.uid:
         return True
     return (
-        d.action is ActionKind.STOP_SERVER
+        actionkinds.spec(d.action).ends == "server"
         and _server_key(mine) is not None
         and _server_key(mine) == _server_key(theirs)
     )
@@ -1283,17 +1313,26 @@ def _waste(d: Decision, sampler: SamplerSnapshot) -> float:
 
 
 def _target(d: Decision) -> str | None:
-    """What the action ends: the kernel, the pod or the user's server."""
-    c = d.candidate
-    if d.action is ActionKind.SHUTDOWN_KERNEL:
-        return c.key
-    if d.action is ActionKind.EVICT_POD and c.pod is not None:
-        return f"pod:{c.pod.uid}"
-    if d.action is ActionKind.STOP_SERVER:
-        return _server_key(c)
-    if d.action is ActionKind.STOP_NOTEBOOK and c.notebook is not None:
-        return f"notebook:{c.notebook.namespace}/{c.notebook.name}"
-    return None
+    """What the action ends (``ActionSpec.ends``): the kernel, the pod, the user's server or the Kubeflow Notebook."""
+    return _TARGETS[actionkinds.spec(d.action).ends](d.candidate)
+
+
+def _pod_key(c: Candidate) -> str | None:
+    return f"pod:{c.pod.uid}" if c.pod is not None else None
+
+
+def _notebook_key(c: Candidate) -> str | None:
+    return f"notebook:{c.notebook.namespace}/{c.notebook.name}" if c.notebook is not None else None
+
+
+# The key of each ``ActionSpec.ends``: two plans ending the same one are a single action.
+_TARGETS: dict[str, Callable[[Candidate], str | None]] = {
+    "kernel": lambda c: c.key,
+    "pod": _pod_key,
+    "server": lambda c: _server_key(c),
+    "notebook": _notebook_key,
+    "": lambda c: None,
+}
 
 
 # --------------------------------------------------------------------------- small helpers

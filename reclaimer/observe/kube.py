@@ -42,7 +42,14 @@ log = structlog.get_logger(__name__)
 REPORTING_CONTROLLER = "reclaimer.io/gpu-reclaimer"
 NOTEBOOK_GROUP, NOTEBOOK_VERSION, NOTEBOOK_PLURAL = "kubeflow.org", "v1", "notebooks"  # Kubeflow's Notebook CRD
 EVENT_ACTIONS = frozenset({*actionkinds.EVENT_ACTIONS.values(), "Warn"})
-EVENT_REASONS = frozenset({"GPUIdle", "GPUIdleWarning", "EvictionBlockedByPDB", "GatewayError"})
+EVENT_REASONS = frozenset(
+    {
+        "GPUIdle",
+        "GPUIdleWarning",
+        "EvictionBlockedByPDB",
+        *(s.failure_event for s in actionkinds.KINDS.values() if s.failure_event),
+    }
+)
 EVENT_TYPES = frozenset({"Normal", "Warning"})
 EVICTION_RESULTS = ("success", "already-gone", "blocked-pdb", "retry-after", "failed", "forbidden", "conflict")
 
