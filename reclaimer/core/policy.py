@@ -1112,7 +1112,8 @@ def _idle_run(
 
 
 def _guard_shared_targets(decisions: list[Decision]) -> list[Decision]:
-    """An evict-pod / stop-server ends every kernel in that pod or server: all of them must be reclaimable."""
+    """An action with a whole target (evict-pod, stop-server, stop-notebook: ``ActionSpec.whole``) ends every kernel
+    in that pod, server or notebook: all of them must be reclaimable."""
     out = []
     for d in decisions:
         if d.verdict is Verdict.RECLAIM and actionkinds.spec(d.action).whole:
