@@ -1383,7 +1383,7 @@ def _error_code(errors: Sequence[str], about: str) -> str:
 
 
 def _utc(moment: datetime) -> datetime:
-    """In UTC; a naive datetime is read as UTC, as observe.gateway.parse_last_activity reads it (invariant 19)."""
+    """In UTC; a naive datetime is read as UTC, as observe.jupyter_rest.parse_last_activity does (invariant 19)."""
     return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
 
 
