@@ -11,8 +11,10 @@ controls below patch such a row in).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, get_args
 
 import pytest
@@ -49,11 +51,13 @@ from tests.support.policy_fixtures import (
     activity,
     kernel,
     make_settings,
-    policy as policy_fields,
     pod,
     server,
     snapshot,
     warn_then_execute,
+)
+from tests.support.policy_fixtures import (
+    policy as policy_fields,
 )
 
 NS, NB = "team-a", "nb-alice"
@@ -336,3 +340,13 @@ def test_a_result_of_each_kind_counts_under_its_own_label() -> None:
     for kind in actionkinds.EXECUTABLE:
         assert f'reclaimer_actions_total{{action="{kind.value}",mode="enforce",result="success"}} 1.0' in text
 
+
+def test_the_docs_name_every_kind_and_its_events() -> None:
+    """An added row shows up where operators read about actions: the table of what each recovers and the Events."""
+    root = Path(__file__).resolve().parent.parent
+    configuration = (root / "docs" / "configuration.md").read_text()
+    interface = (root / "docs" / "interface.md").read_text()
+    for kind, spec in actionkinds.KINDS.items():
+        assert f"\n| `{kind.value}` |" in configuration, f"docs/configuration.md: no row for {kind.value}"
+        for name in (spec.event_action, spec.failure_event):
+            assert name is None or re.search(rf"\b{name}\b", interface), f"docs/interface.md: no Event {name}"
