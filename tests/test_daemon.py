@@ -326,7 +326,7 @@ limits: {{max_clock_skew: 1h}}  # the driven clock runs minutes ahead of the gat
                 sampler.tick()
             snap, _ = await daemon.cycle()
             (d,) = [d for d in snap.decisions if d.candidate.kernel_id == KID]
-            reasons.append(build_report(snap)["kernels"][0]["reason"])
+            reasons.append(build_report(snap).kernels[0].reason)
     finally:
         await daemon.close()
     assert FailingDeleteGateway.deletes == 2, reasons  # at ~60 s and ~120 s (one minute back-off), not every cycle

@@ -296,7 +296,8 @@ async def test_report_from_a_running_daemon_and_metrics(node: Node, tmp_path: Pa
         assert kernels[n.kernels["training"]]["execution_state"] == "busy"
         assert kernels[n.kernels["reserved"]]["verdict"] == "exempt"
         assert 'reclaimer_kernel_info{' in metrics and n.kernels["idle"] in metrics
-        from reclaimer.export.report import render_table, report_from_json
+        from reclaimer.export.report import report_from_json
+        from reclaimer.export.table import render_table
 
         table = render_table(report_from_json(body))
         assert n.kernels["idle"][:8] in table

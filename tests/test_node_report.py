@@ -4,6 +4,7 @@ says explicitly why it could not (issue "Attribution and observation", done-when
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from pathlib import Path
@@ -13,7 +14,8 @@ import pytest
 from reclaimer.core.config import parse_settings
 from reclaimer.app.daemon import Daemon, build_adapters
 from reclaimer.app.demo import free_port
-from reclaimer.export.report import build_report, render_table
+from reclaimer.export.report import build_report, render_json
+from reclaimer.export.table import render_table
 from tests.support.jupyter_fixtures import (  # noqa: F401  (session fixtures used by name)
     JupyterProcess,
     jupyter_server,
@@ -74,7 +76,8 @@ gateways:
             snap, _ = await daemon.cycle()
         finally:
             await daemon.close()
-        report = build_report(snap)
+        model = build_report(snap)
+        report = json.loads(render_json(model))
 
         kernels = {k["kernel_id"]: k for k in report["kernels"]}
         assert set(kernels) == set(all_kernels)
@@ -94,7 +97,7 @@ gateways:
         stray = by_pid[os.getpid()][1]
         assert stray["kernel_id"] is None and "no kernel connection file" in stray["reason"]
         assert snap.gateway_up == {"js": True, "kg": True}
-        table = render_table(report)
+        table = render_table(model)
         assert all(kid[:8] in table for kid in all_kernels)
     finally:
         for gw in ids:

@@ -544,10 +544,12 @@ limits: {{max_actions_per_cycle: 5, cooldown: 1m, max_fraction_per_cycle: 1.0}}
 
 def test_invariant_17_report_says_what_each_verdict_recovers() -> None:
     from tests.support.export_fixtures import K_ALICE, POD_UID_TRAIN, node_snapshot
-    from reclaimer.export.report import ReportSchemaError, build_report, render_json, render_table, report_from_json
+    from reclaimer.export.report import ReportSchemaError, build_report, render_json, report_from_json
+    from reclaimer.export.table import render_table
     import json
 
-    report = build_report(node_snapshot())
+    model = build_report(node_snapshot())
+    report = json.loads(render_json(model))
     by_key = {e["key"]: e for e in report["kernels"]}
     alice, train = by_key[f"kernel:{K_ALICE}"], by_key[f"pod:{POD_UID_TRAIN}"]
     assert (alice["action"], alice["recovers"], alice["allocated"]) == ("shutdown-kernel", "memory", False)
@@ -556,24 +558,24 @@ def test_invariant_17_report_says_what_each_verdict_recovers() -> None:
     assert all(e["recovers"] in ("allocation", "memory", "none") for e in report["kernels"])
     assert report["summary"]["allocated_gpus_held_idle"] == 1
     assert report["summary"]["memory_held_idle_bytes"] > 0
-    back = report_from_json(json.loads(render_json(report)))
-    assert back == report
+    back = report_from_json(json.loads(render_json(model)))
+    assert back == model
     table = render_table(back)
     header = next(line for line in table.splitlines() if line.startswith("NAMESPACE"))
     assert "ALLOC" in header.split() and "FREES" in header.split()
     row = next(line for line in table.splitlines() if "train-x" in line).split()  # MEM "0 B" is two words
     assert row[header.split().index("ALLOC") + 1] == "yes" and row[header.split().index("FREES") + 1] == "alloc"
     assert "1 GPU allocation;" in table
-    bad = json.loads(render_json(report))
+    bad = json.loads(render_json(model))
     bad["kernels"][0]["recovers"] = "everything"
     with pytest.raises(ReportSchemaError, match=r"kernels\[0\].recovers: expected one of allocation, memory, none"):
         report_from_json(bad)
-    old = json.loads(render_json(report))  # a report from a daemon before round 2: no recovers, still rendered
+    old = json.loads(render_json(model))  # a report from a daemon before round 2: no recovers, still rendered
     for e in old["kernels"]:
         for key in ("recovers", "allocated_gpus", "shared_gpu"):
             e.pop(key)
     assert "?" in render_table(report_from_json(old))
-    assert report_from_json(old)["summary"]["allocated_gpus_held_idle"] == 1
+    assert report_from_json(old).summary.allocated_gpus_held_idle == 1
 
 
 def test_invariant_17_join_marks_kernel_pods_shared_gpus_and_allocated_gpus() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import subprocess
@@ -19,18 +18,15 @@ from reclaimer.core.model import NO_NAMESPACE, ActionKind, Decision, ProcessSamp
 from reclaimer.core.views import held_idle_increments
 from reclaimer.export.report import (
     NOT_ATTRIBUTED_YET,
+    Report,
     ReportSchemaError,
     build_report,
-    human_bytes,
-    human_duration,
-    human_ratio,
     merge_reports,
-    render_cluster_table,
     render_json,
-    render_table,
     report_from_json,
     rfc3339,
 )
+from reclaimer.export.table import human_bytes, human_duration, human_ratio, render_cluster_table, render_table
 from tests.support.export_fixtures import (
     GIB,
     K_ALICE,
@@ -50,9 +46,19 @@ GPU_KEYS = {"index", "uuid", "model", "utilization", "memory_used_bytes", "memor
 PROCESS_KEYS = {"pid", "memory_bytes", "sm_utilization", "kernel_id", "pod", "namespace", "reason"}
 
 
+def as_json(report: Report) -> dict[str, Any]:
+    """The report as its consumers read it; NaN/Infinity in the text would fail here."""
+    return json.loads(render_json(report), parse_constant=lambda c: pytest.fail(f"{c} in the report JSON"))
+
+
 @pytest.fixture(scope="module")
-def report() -> dict[str, Any]:
+def report_model() -> Report:
     return build_report(node_snapshot())
+
+
+@pytest.fixture(scope="module")
+def report(report_model: Report) -> dict[str, Any]:
+    return as_json(report_model)
 
 
 def kernel(report: dict[str, Any], key: str) -> dict[str, Any]:
@@ -83,8 +89,8 @@ def test_report_has_the_contract_fields(report: dict[str, Any]) -> None:
             assert set(g) == {"uuid", "memory_bytes", "utilization"}
 
 
-def test_report_is_strict_json(report: dict[str, Any]) -> None:
-    assert json.loads(render_json(report)) == report
+def test_report_is_strict_json(report_model: Report) -> None:
+    assert as_json(report_model) == report_model.model_dump(mode="json")
 
 
 def test_unknown_values_are_null_never_zero(report: dict[str, Any]) -> None:
@@ -140,7 +146,7 @@ def test_gpu_processes_are_attributed_or_say_why_not(report: dict[str, Any]) -> 
 def test_process_seen_after_attribution_is_listed_as_not_attributed_yet() -> None:
     b = SnapshotBuilder()
     b.gpu(0, processes=(ProcessSample(77, 1 * GIB, None),), memory_used=1 * GIB)
-    (proc,) = build_report(b.build())["gpus"][0]["processes"]
+    (proc,) = as_json(build_report(b.build()))["gpus"][0]["processes"]
     assert (proc["pid"], proc["kernel_id"], proc["reason"]) == (77, None, NOT_ATTRIBUTED_YET)
 
 
@@ -168,23 +174,22 @@ def test_kernel_gpu_utilization(
     b = SnapshotBuilder()
     g = b.gpu(0, utilization=0.42, processes=gpu_processes)
     b.kernel(K_ALICE, {g: kernel_processes}, Verdict.KEEP, idle_seconds=0)
-    assert build_report(b.build())["kernels"][0]["gpus"][0]["utilization"] == expected
+    assert as_json(build_report(b.build()))["kernels"][0]["gpus"][0]["utilization"] == expected
 
 
 def test_unknown_process_memory_makes_kernel_memory_unknown() -> None:
     b = SnapshotBuilder()
     g = b.gpu(0, processes=(ProcessSample(1, None, None), ProcessSample(2, GIB, None)))
     b.kernel(K_ALICE, {g: [(1, None, None), (2, GIB, None)]}, Verdict.UNKNOWN)
-    assert build_report(b.build())["kernels"][0]["gpus"][0]["memory_bytes"] is None
+    assert as_json(build_report(b.build()))["kernels"][0]["gpus"][0]["memory_bytes"] is None
 
 
 def test_non_finite_values_become_null() -> None:
     b = SnapshotBuilder()
     g = b.gpu(0, utilization=float("nan"))
     b.kernel(K_ALICE, {g: [(1, GIB, float("inf"))]}, Verdict.KEEP, idle_seconds=float("nan"))
-    report = build_report(b.build())
+    report = as_json(build_report(b.build()))  # parsing fails on a NaN left behind
     assert report["gpus"][0]["utilization"] is None and report["kernels"][0]["idle_seconds"] is None
-    render_json(report)  # allow_nan=False would raise on a NaN left behind
 
 
 @pytest.mark.parametrize(
@@ -218,15 +223,15 @@ def test_summary_counts_idle_gpus_and_verdicts(report: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- report_from_json
 
 
-def test_report_round_trips_through_json(report: dict[str, Any]) -> None:
-    back = report_from_json(json.loads(render_json(report)))
-    assert back == report
-    assert render_table(back) == render_table(report)
+def test_report_round_trips_through_json(report_model: Report, report: dict[str, Any]) -> None:
+    back = report_from_json(json.loads(render_json(report_model)))
+    assert back == report_model and as_json(back) == report
+    assert render_table(back) == render_table(report_model)
 
 
 def _broken(path: str, value: Any) -> dict[str, Any]:
     """The fixture report with ``path`` (dotted, [i] indexes) set to ``value`` (``...`` deletes it)."""
-    payload = copy.deepcopy(build_report(node_snapshot()))
+    payload = as_json(build_report(node_snapshot()))
     parts = path.replace("[", ".").replace("]", "").split(".")
     target: Any = payload
     for part in parts[:-1]:
@@ -265,7 +270,7 @@ def test_report_from_json_rejects_other_payloads_naming_the_path(payload: Any, m
 def test_report_from_json_accepts_a_minimal_report() -> None:
     minimal = {"node": "n", "generated_at": "2024-01-01T00:00:00Z", "mode": "enforce", "gpus": [], "kernels": []}
     back = report_from_json(minimal)
-    assert back["summary"]["gpus_held_idle"] == 0
+    assert back.summary is not None and back.summary.gpus_held_idle == 0
     assert "No kernels or pods hold a GPU on this node." in render_table(back)
 
 
@@ -279,8 +284,8 @@ def _kernel_lines(table: str) -> list[str]:
     return lines[start:end]
 
 
-def test_table_sorts_by_waste_and_shows_human_units(report: dict[str, Any]) -> None:
-    table = render_table(report)
+def test_table_sorts_by_waste_and_shows_human_units(report_model: Report) -> None:
+    table = render_table(report_model)
     header, *rows = _kernel_lines(table)
     assert header.split() == ["NAMESPACE", "POD/KERNEL", "USER", "GPU", "MEM", "UTIL", "STATE", "IDLE", "ALLOC",
                               "VERDICT", "ACTION", "FREES", "ETA", "REASON"]  # fmt: skip
@@ -300,11 +305,11 @@ def test_table_sorts_by_waste_and_shows_human_units(report: dict[str, Any]) -> N
     assert "(verdicts show what enforce would do)" in table.splitlines()[0]
 
 
-def test_cluster_table_has_the_node_table_columns_after_node(report: dict[str, Any]) -> None:
+def test_cluster_table_has_the_node_table_columns_after_node(report: dict[str, Any], report_model: Report) -> None:
     # The cluster table is the node table with NODE in front: same headers, and every cell under its own header
     # (ALLOC and FREES included, REASON last and not cut off).
     node = report["node"]
-    merged = merge_reports([json.loads(render_json(report))], [], NOW)
+    merged = merge_reports([report_from_json(report)], [], NOW)
     lines = render_cluster_table(merged).splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("NODE"))
     header, rows = lines[start], lines[start + 1 : lines.index("", start)]
@@ -313,12 +318,12 @@ def test_cluster_table_has_the_node_table_columns_after_node(report: dict[str, A
     alice = next(r for r in rows if "jupyter-alice/11111111" in r)
     assert alice.split()[:14] == [node, "ml-team", "jupyter-alice/11111111", "alice", "0", "20.0", "GiB", "0%", "idle",
                                   "47m", "-", "reclaim", "shutdown-kernel", "mem"]  # fmt: skip
-    node_alice = next(r for r in _kernel_lines(render_table(report)) if "jupyter-alice/11111111" in r)
+    node_alice = next(r for r in _kernel_lines(render_table(report_model)) if "jupyter-alice/11111111" in r)
     assert alice.endswith(node_alice.split("mem", 1)[1].strip())  # the same ETA and REASON as the node table
 
 
-def test_table_lists_gpus_and_unattributed_processes(report: dict[str, Any]) -> None:
-    lines = render_table(report).splitlines()
+def test_table_lists_gpus_and_unattributed_processes(report_model: Report) -> None:
+    lines = render_table(report_model).splitlines()
     gpu_header = lines.index(next(line for line in lines if line.startswith("GPU  MODEL")))
     assert lines[gpu_header + 1].split()[:7] == ["0", "NVIDIA", "A100-SXM4-80GB", "0%", "20.0", "GiB", "/"]
     assert lines[gpu_header + 6].split()[:4] == ["5", "Tesla", "T4", "?"]
@@ -337,14 +342,14 @@ def test_table_has_no_colour_codes_and_neutralises_remote_text() -> None:
     assert "evil [31mred second line" in table
 
 
-def test_table_fits_a_width_by_shortening_only_the_reason(report: dict[str, Any]) -> None:
-    wide = _kernel_lines(render_table(report))
-    narrow = _kernel_lines(render_table(report, width=150))
+def test_table_fits_a_width_by_shortening_only_the_reason(report_model: Report) -> None:
+    wide = _kernel_lines(render_table(report_model))
+    narrow = _kernel_lines(render_table(report_model, width=150))
     assert max(len(line) for line in wide) > 150 >= max(len(line) for line in narrow)
     assert [line.split()[:13] for line in narrow] == [line.split()[:13] for line in wide]
     assert any(line.endswith("…") for line in narrow)
     # Narrower than the fixed columns: REASON keeps a readable minimum and the lines run long, as kubectl's do.
-    tiny = _kernel_lines(render_table(report, width=40))
+    tiny = _kernel_lines(render_table(report_model, width=40))
     reason_at = tiny[0].index("REASON")
     assert max(len(line) - reason_at for line in tiny) == 24
     assert [line.split()[:13] for line in tiny] == [line.split()[:13] for line in wide]
@@ -479,14 +484,14 @@ def test_table_eta_and_idle_columns_only_count_down_for_idle_holders() -> None:
     assert (rows["cccccccc"][idle_col], rows["cccccccc"][eta_col]) == ("16s", "4s")  # rounded like "in 4s"
 
 
-def test_invariant_18_breaker_in_the_report(report: dict[str, Any]) -> None:
+def test_invariant_18_breaker_in_the_report(report: dict[str, Any], report_model: Report) -> None:
     assert report["breaker"] == {
         "tripped": True, "cause": "sustained", "reclaimable": 3, "total": 5, "since": "2023-11-14T21:58:20Z",
         "released": f"kernel:{K_ALICE}",
         "reason": "tripped (sustained) since 21:58:20 UTC: 3 of 5 would be reclaimed, more than "
                   f"max_fraction_per_cycle=0.5; letting kernel:{K_ALICE} through this cycle (one per cycle)",
     }  # fmt: skip
-    assert "Circuit breaker tripped (sustained) since 21:58:20 UTC: 3 of 5 would be reclaimed" in render_table(report)
+    assert "Circuit breaker tripped (sustained) since 21:58:20 UTC: 3 of 5 would be reclaimed" in render_table(report_model)
     with pytest.raises(ReportSchemaError, match=r"report.breaker.tripped: expected bool, got str"):
         report_from_json(_broken("breaker.tripped", "yes"))
     older = _broken("breaker", ...)  # a report from a daemon without the breaker field still renders

@@ -5,7 +5,7 @@ Runs with the caller's own credentials (kubeconfig, or the in-cluster service ac
 daemon pod at all. Daemon pods are found by label selector; each is
 asked once, at most ``concurrency`` at a time, each request bounded by ``timeout`` and the whole by ``deadline``.
 A node that does not answer is named with the reason, never silently left out. Rendering is pure
-(``report.merge_reports`` / ``report.render_cluster_table``).
+(``report.merge_reports`` / ``table.render_cluster_table``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from kubernetes.client.exceptions import ApiException
 
 from reclaimer.core.config import KubernetesSettings
 from reclaimer.core.errors import ReclaimerError
-from reclaimer.export.report import ReportSchemaError, report_from_json
+from reclaimer.export.report import Report, ReportSchemaError, report_from_json
 from reclaimer.export.server import PROXY_TOKEN_HEADER
 from reclaimer.observe.kube import KubeError, _cut, _load_configuration, _prepare
 
@@ -135,7 +135,7 @@ class NodeUnanswered(ReclaimerError):
     """One node's report could not be read; the message is the reason shown to the user."""
 
 
-def fetch_report(api: k8s.CoreV1Api, pod: DaemonPod, timeout: float) -> dict[str, Any]:
+def fetch_report(api: k8s.CoreV1Api, pod: DaemonPod, timeout: float) -> Report:
     """GET ``/report`` of one daemon through ``pods/proxy``; validated. Raises ``NodeUnanswered`` with the reason."""
     try:
         resp = api.connect_get_namespaced_pod_proxy_with_path(
@@ -168,7 +168,7 @@ def fetch_report(api: k8s.CoreV1Api, pod: DaemonPod, timeout: float) -> dict[str
 
 @dataclass
 class ClusterResult:
-    reports: list[dict[str, Any]]
+    reports: list[Report]
     unanswered: list[Unanswered]
     pods: int
     notes: list[str]
@@ -222,10 +222,10 @@ def collect(api: k8s.CoreV1Api, options: ClusterOptions, clock: Callable[[], flo
             unanswered.append(Unanswered(pod.node, pod.name, f"pod is {pod.phase or 'in an unknown phase'}"))
         else:
             to_ask.append(pod)  # not Ready still answers /report (e.g. a gateway is down): ask anyway
-    reports: list[dict[str, Any]] = []
+    reports: list[Report] = []
     pool = ThreadPoolExecutor(max_workers=max(1, options.concurrency), thread_name_prefix="cluster-report")
     try:
-        pending: dict[Future[dict[str, Any]], DaemonPod] = {}
+        pending: dict[Future[Report], DaemonPod] = {}
         queue = list(to_ask)
 
         def submit() -> None:
@@ -252,13 +252,12 @@ def collect(api: k8s.CoreV1Api, options: ClusterOptions, clock: Callable[[], flo
                 except Exception as exc:  # a bug must not hide the other nodes
                     unanswered.append(Unanswered(pod.node, pod.name, f"error: {type(exc).__name__}: {_cut(str(exc))}"))
                     continue
-                if report.get("node") != pod.node:
+                if report.node != pod.node:
                     unanswered.append(
                         Unanswered(
                             pod.node,
                             pod.name,
-                            f"answered as node {report.get('node')!r}, "
-                            f"but the pod runs on {pod.node!r}: report ignored",
+                            f"answered as node {report.node!r}, but the pod runs on {pod.node!r}: report ignored",
                         )
                     )
                     continue
@@ -289,7 +288,8 @@ def run_cluster_report(args: Any) -> int:
     did not (the report still shows the others), ``KubeError`` (exit 1, one line) when no daemon could be listed."""
     import sys
 
-    from reclaimer.export.report import merge_reports, render_cluster_table, render_json
+    from reclaimer.export.report import merge_reports, render_json
+    from reclaimer.export.table import render_cluster_table
 
     token = None
     if args.token_file:

@@ -923,7 +923,8 @@ def run_report(
 ) -> int:
     """`reclaimer report`: from a running daemon's /report, or one-shot (sample for ``window``, observe, decide)."""
     from reclaimer.export.logs import configure_logging
-    from reclaimer.export.report import build_report, render_json, render_table, report_from_json
+    from reclaimer.export.report import build_report, render_json, report_from_json
+    from reclaimer.export.table import render_table
 
     configure_logging("warning", stream=sys.stderr)
     if source_url:

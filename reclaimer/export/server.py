@@ -21,7 +21,7 @@ from aiohttp import web
 
 from reclaimer.core.model import CycleSnapshot
 from reclaimer.export.metrics import Metrics
-from reclaimer.export.report import build_report
+from reclaimer.export.report import build_report, render_json
 from reclaimer.observe.tokens import TokenError, TokenSource, read_bearer_token_file
 
 log = structlog.get_logger(__name__)
@@ -118,7 +118,7 @@ async def _report(request: web.Request) -> web.Response:
         return web.json_response(
             {"error": "no decision cycle has completed yet; retry after the first decide interval"}, status=503
         )
-    return web.json_response(build_report(snap))
+    return web.Response(text=render_json(build_report(snap), indent=None), content_type="application/json")
 
 
 async def _index(request: web.Request) -> web.Response:
