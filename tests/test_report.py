@@ -258,6 +258,15 @@ def _broken(path: str, value: Any) -> dict[str, Any]:
         pytest.param(_broken("gpus[0].processes[0].pid", ...), "gpus[0].processes[0].pid: required", id="pid"),
         pytest.param(_broken("gpus[1].index", "1"), "gpus[1].index: expected int", id="index-str"),
         pytest.param(_broken("unattributed", "x"), "report.unattributed: expected list", id="unattributed"),
+        # Checked by the one model now, where the hand-written checks let them through to crash the table or the JSON:
+        pytest.param(_broken("gpus[0].idle_seconds", "1h"), "gpus[0].idle_seconds: expected int or float or null, "
+                     "got str '1h'", id="gpu-idle-str"),  # fmt: skip
+        pytest.param(_broken("kernels[0].gpus[0].memory_bytes", float("nan")),
+                     "kernels[0].gpus[0].memory_bytes: expected a finite number or null", id="nan"),  # fmt: skip
+        pytest.param(_broken("kernels[0].allocated_gpus", [7]), "kernels[0].allocated_gpus[0]: expected str, got int 7",
+                     id="allocated-gpu-not-a-uuid"),  # fmt: skip
+        pytest.param(_broken("halted", 1), "report.halted: expected str or null, got int 1", id="halted"),
+        pytest.param(_broken("unattributed[0].gpu", "2"), "unattributed[0].gpu: expected int or null", id="gpu-str"),
     ],
 )
 def test_report_from_json_rejects_other_payloads_naming_the_path(payload: Any, message: str) -> None:
@@ -265,6 +274,12 @@ def test_report_from_json_rejects_other_payloads_naming_the_path(payload: Any, m
         report_from_json(payload)
     assert message in str(exc.value)
     assert isinstance(exc.value, ReclaimerError)  # the CLI prints it without a traceback
+
+
+def test_report_from_json_computes_the_summary_itself(report: dict[str, Any], report_model: Report) -> None:
+    claimed = {**report, "summary": {"gpus_held_idle": 0, "reclaimable_now": "lots"}}  # a sender's word is not taken
+    back = report_from_json(claimed)
+    assert back.summary == report_model.summary and as_json(back)["summary"] == report["summary"]
 
 
 def test_report_from_json_accepts_a_minimal_report() -> None:
