@@ -11,6 +11,7 @@ controls below patch such a row in).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -39,7 +40,7 @@ from reclaimer.core.model import (
 )
 from reclaimer.core.policy import decide
 from reclaimer.export.metrics import Metrics
-from reclaimer.export.report import build_report
+from reclaimer.export.report import build_report, render_json
 from reclaimer.observe.kubeflow import KUBEFLOW_GATEWAY
 from tests.support.fake_kube import FakeKube
 from tests.support.policy_fixtures import (
@@ -238,7 +239,7 @@ async def walk(case: Case, api: FakeKube) -> None:
         assert released == [] and ex.pending == 0, "verify: a memory-only action claims no allocation"
 
     # Reported: the report says what it recovers, the metrics count it under its own label.
-    (entry,) = build_report(CycleSnapshot(NODE, "enforce", NOW, snap, (d,)))["kernels"]
+    (entry,) = json.loads(render_json(build_report(CycleSnapshot(NODE, "enforce", NOW, snap, (d,)))))["kernels"]
     assert (entry["action"], entry["recovers"]) == (case.kind.value, case.recovers.value), "report"
     metrics = Metrics(lambda: None)
     for r in (dry, done, memory, *released):
