@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
+import typing
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel
 
 from reclaimer.core.errors import ReclaimerError
 from reclaimer.core.model import NO_NAMESPACE, ActionKind, Decision, ProcessSample, Verdict
@@ -259,12 +263,21 @@ def _broken(path: str, value: Any) -> dict[str, Any]:
         pytest.param(_broken("gpus[1].index", "1"), "gpus[1].index: expected int", id="index-str"),
         pytest.param(_broken("unattributed", "x"), "report.unattributed: expected list", id="unattributed"),
         # Checked by the one model now, where the hand-written checks let them through to crash the table or the JSON:
-        pytest.param(_broken("gpus[0].idle_seconds", "1h"), "gpus[0].idle_seconds: expected int or float or null, "
-                     "got str '1h'", id="gpu-idle-str"),  # fmt: skip
-        pytest.param(_broken("kernels[0].gpus[0].memory_bytes", float("nan")),
-                     "kernels[0].gpus[0].memory_bytes: expected a finite number or null", id="nan"),  # fmt: skip
-        pytest.param(_broken("kernels[0].allocated_gpus", [7]), "kernels[0].allocated_gpus[0]: expected str, got int 7",
-                     id="allocated-gpu-not-a-uuid"),  # fmt: skip
+        pytest.param(
+            _broken("gpus[0].idle_seconds", "1h"),
+            "gpus[0].idle_seconds: expected int or float or null, got str '1h'",
+            id="gpu-idle-str",
+        ),
+        pytest.param(
+            _broken("kernels[0].gpus[0].memory_bytes", float("nan")),
+            "kernels[0].gpus[0].memory_bytes: expected a finite number or null",
+            id="nan",
+        ),
+        pytest.param(
+            _broken("kernels[0].allocated_gpus", [7]),
+            "kernels[0].allocated_gpus[0]: expected str, got int 7",
+            id="allocated-gpu-not-a-uuid",
+        ),
         pytest.param(_broken("halted", 1), "report.halted: expected str or null, got int 1", id="halted"),
         pytest.param(_broken("unattributed[0].gpu", "2"), "unattributed[0].gpu: expected int or null", id="gpu-str"),
     ],
@@ -511,3 +524,23 @@ def test_invariant_18_breaker_in_the_report(report: dict[str, Any], report_model
         report_from_json(_broken("breaker.tripped", "yes"))
     older = _broken("breaker", ...)  # a report from a daemon without the breaker field still renders
     assert "Circuit breaker" not in render_table(report_from_json(older))
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    """The model's fields depth first, as docs/interface.md writes the report: each name, then what it holds."""
+    names: list[str] = []
+    for name, info in model.model_fields.items():
+        names.append(name)
+        inner = [info.annotation, *typing.get_args(info.annotation)]
+        inner += [a for t in inner for a in typing.get_args(t)]
+        nested = [t for t in inner if isinstance(t, type) and issubclass(t, BaseModel)]
+        if nested:
+            names += _field_names(nested[0])
+    return names
+
+
+def test_interface_doc_gives_the_model_fields_in_order() -> None:
+    # The report's shape is the model; docs/interface.md's "Report JSON" block must say the same, in the same order.
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "interface.md").read_text(encoding="utf-8")
+    block = doc.split("## Report JSON", 1)[1].split("```", 2)[1]
+    assert re.findall(r'"(\w+)"', block) == _field_names(Report)
