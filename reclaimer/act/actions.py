@@ -389,7 +389,8 @@ class LiveExecutor:
         return "failed", f"{ev.result}: {ev.detail}"
 
     def verify(self, sampler: SamplerSnapshot, now: float) -> list[ActionResult]:
-        """Check pending actions against the newest samples: memory released -> verified, deadline passed -> unverified."""
+        """Check pending actions against the newest samples: memory released -> verified, deadline passed ->
+        unverified."""
         done: list[ActionResult] = []
         still: list[_Pending] = []
         latest = {uuid: sampler.latest(uuid) for uuid in {u for p in self._pending for u, _ in p.pids}}

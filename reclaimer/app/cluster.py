@@ -24,7 +24,7 @@ from reclaimer.core.config import KubernetesSettings
 from reclaimer.core.errors import ReclaimerError
 from reclaimer.export.report import Report, ReportSchemaError, report_from_json
 from reclaimer.export.server import PROXY_TOKEN_HEADER
-from reclaimer.observe.kube import KubeError, _cut, _load_configuration, _prepare
+from reclaimer.observe.kube import KubeError, _cut, _load_configuration, _prepare, raw_response
 
 DEFAULT_NAMESPACE = "gpu-reclaimer"
 DEFAULT_SELECTOR = "app.kubernetes.io/name=gpu-reclaimer,app.kubernetes.io/component=node-agent"
@@ -114,7 +114,7 @@ def list_daemon_pods(api: k8s.CoreV1Api, options: ClusterOptions) -> list[Daemon
         resp = api.list_namespaced_pod(
             options.namespace, label_selector=options.selector, _request_timeout=options.timeout, _preload_content=False
         )
-        items = json.loads(resp.data).get("items") or []
+        items = json.loads(raw_response(resp).data).get("items") or []
     except ApiException as exc:
         hint = " (you need list on pods in that namespace)" if exc.status == 403 else ""
         raise KubeError(
@@ -141,7 +141,7 @@ def fetch_report(api: k8s.CoreV1Api, pod: DaemonPod, timeout: float) -> Report:
         resp = api.connect_get_namespaced_pod_proxy_with_path(
             f"{pod.name}:{pod.port}", pod.namespace, "report", _preload_content=False, _request_timeout=timeout
         )
-        raw = resp.read(MAX_REPORT_BYTES + 1)
+        raw = raw_response(resp).read(MAX_REPORT_BYTES + 1)
     except ApiException as exc:
         reason = _api_reason(exc)
         if exc.status == 403:
@@ -182,7 +182,7 @@ def gpu_nodes(api: k8s.CoreV1Api, timeout: float) -> tuple[set[str] | None, str 
     (listing nodes is cluster-scoped: an on-call role may lack it)."""
     try:
         resp = api.list_node(_request_timeout=timeout, _preload_content=False)
-        items = json.loads(resp.data).get("items") or []
+        items = json.loads(raw_response(resp).data).get("items") or []
     except ApiException as exc:
         return None, f"cannot list nodes ({_api_reason(exc)}): GPU nodes without a daemon pod are not shown"
     except Exception as exc:

@@ -27,12 +27,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reclaimer.app.kernelclient import GatewayRest
 from reclaimer.core import actionkinds
-from reclaimer.core.config import format_duration, parse_settings
+from reclaimer.core.config import Settings, format_duration, parse_settings
 from reclaimer.core.model import ActionResult, CycleSnapshot, Recovers, Verdict
+
+if TYPE_CHECKING:
+    from rich.console import Group
 
 GiB = 1024**3
 RESERVED_KERNEL = "gpu-reserved"
@@ -148,7 +151,7 @@ class KernelGatewayProcess:
             self.proc.wait(timeout=5)
 
 
-def demo_settings(gateway_url: str, token_env: str, listen: str):
+def demo_settings(gateway_url: str, token_env: str, listen: str) -> Settings:
     return parse_settings(
         f"""
 mode: enforce
@@ -189,7 +192,7 @@ def _scenario() -> dict[str, Any]:
     }
 
 
-def _render(state: DemoState, now: float, metrics_url: str):
+def _render(state: DemoState, now: float, metrics_url: str) -> Group:
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text

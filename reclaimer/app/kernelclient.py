@@ -51,13 +51,15 @@ class GatewayRest:
         self.timeout = aiohttp.ClientTimeout(total=timeout)
 
     async def _request(self, method: str, path: str, body: Any = None) -> Any:
-        async with aiohttp.ClientSession(timeout=self.timeout, headers=self.headers) as s:
-            async with s.request(method, self.base + path, json=body) as r:
-                if r.status >= 400:
-                    raise KernelClientError(f"{method} {path}: HTTP {r.status}: {(await r.text())[:200]}")
-                if r.status == 204:
-                    return None
-                return await r.json(content_type=None)
+        async with (
+            aiohttp.ClientSession(timeout=self.timeout, headers=self.headers) as s,
+            s.request(method, self.base + path, json=body) as r,
+        ):
+            if r.status >= 400:
+                raise KernelClientError(f"{method} {path}: HTTP {r.status}: {(await r.text())[:200]}")
+            if r.status == 204:
+                return None
+            return await r.json(content_type=None)
 
     async def start_kernel(self, name: str = "python3", env: dict[str, str] | None = None) -> str:
         """``env``: the start request's kernel environment (Enterprise Gateway wants ``KERNEL_USERNAME``)."""
@@ -98,7 +100,7 @@ class GatewayRest:
         msg_id = req["header"]["msg_id"]
         out: list[str] = []
 
-        async def converse(ws: aiohttp.ClientWebSocketResponse) -> str:
+        async def converse(ws: aiohttp.ClientWebSocketResponse[bool]) -> str:
             async for m in ws:
                 if m.type != aiohttp.WSMsgType.TEXT:
                     continue
@@ -118,13 +120,15 @@ class GatewayRest:
                     return "".join(out)
             raise ChannelClosed("websocket closed before the kernel answered")
 
-        async with aiohttp.ClientSession(headers=self.headers) as s:
-            async with s.ws_connect(ws_url, timeout=aiohttp.ClientWSTimeout(ws_close=5)) as ws:
-                await ws.send_str(json.dumps(req))
-                try:
-                    return await asyncio.wait_for(converse(ws), timeout)
-                except (TimeoutError, asyncio.TimeoutError):
-                    raise KernelClientError(f"kernel did not answer within {timeout:g}s") from None
+        async with (
+            aiohttp.ClientSession(headers=self.headers) as s,
+            s.ws_connect(ws_url, timeout=aiohttp.ClientWSTimeout(ws_close=5)) as ws,
+        ):
+            await ws.send_str(json.dumps(req))
+            try:
+                return await asyncio.wait_for(converse(ws), timeout)
+            except (TimeoutError, asyncio.TimeoutError):
+                raise KernelClientError(f"kernel did not answer within {timeout:g}s") from None
 
     async def wait_state(self, kernel_id: str, state: str, timeout: float = 30.0) -> dict[str, Any]:
         """Poll the kernel model until ``execution_state == state`` (deadline, not sleep-as-sync)."""

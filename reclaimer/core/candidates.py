@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import TypedDict
 
 from reclaimer.core.model import (
     AttributedProcess,
@@ -143,7 +144,7 @@ def join(
 
     def target(
         kid: str | None, pod: PodInfo | None, server: ServerRef | None, activity: KernelActivity | None
-    ) -> dict[str, object]:
+    ) -> _Target:
         return _target(kid, pod, server, activity, server_kernels or {}, gateway_kernels or {}, kernel_pods or {})
 
     candidates: list[Candidate] = []
@@ -173,12 +174,12 @@ def join(
                 kernel_pod=bool(pod and (kernel_pods or {}).get(pod.uid) == kid),
                 held_since=_kernel_held_since(procs, first_seen),
                 server_error=server_problem if server is None and (pod is None or pod.user) else None,
-                **target(kid, pod, server, activity),  # type: ignore[arg-type]
+                **target(kid, pod, server, activity),
             )
         )
 
     if allocations is not None:
-        for uid, gpus in allocated_gpus.items():
+        for uid, uuids in allocated_gpus.items():
             if uid in busy_pods:
                 continue
             pod = pods_by_uid[uid]
@@ -190,14 +191,14 @@ def join(
                     pod=pod,
                     server=server,
                     user=pod.user or (server.user if server else None),
-                    gpu_uuids=tuple(sorted(gpus)),
+                    gpu_uuids=tuple(sorted(uuids)),
                     allocated=True,
                     # A kernel pod (EG / elastic-jupyter-operator) whose kernel holds no GPU process: still the
                     # kernel's own pod, which only its gateway may end.
                     kernel_pod=uid in (kernel_pods or {}),
                     held_since=_pod_held_since(pod, (allocation_seen or {}).get(uid)),
                     server_error=server_problem if server is None and pod.user else None,
-                    **target(None, pod, server, None),  # type: ignore[arg-type]
+                    **target(None, pod, server, None),
                 )
             )
 
@@ -229,6 +230,14 @@ def _pod_held_since(pod: PodInfo, allocation_seen: float | None) -> float | None
     return max(allocation_seen, pod.started_at) if pod.started_at is not None else allocation_seen
 
 
+class _Target(TypedDict, total=False):
+    """The Candidate.target_* fields."""
+
+    target_source: str
+    target_kernels: tuple[KernelActivity, ...] | None
+    target_error: str | None
+
+
 def _target(
     kid: str | None,
     pod: PodInfo | None,
@@ -237,7 +246,7 @@ def _target(
     server_kernels: Mapping[tuple[str, str], Sequence[KernelActivity] | None],
     gateway_kernels: Mapping[str, tuple[Sequence[KernelActivity] | None, str | None]],
     kernel_pods: Mapping[str, str],
-) -> dict[str, object]:
+) -> _Target:
     """Every kernel that stopping the candidate's server or evicting its pod would end (Candidate.target_*)."""
     if server is not None:
         source = f"{SERVER_TARGET}{server.label}"

@@ -59,7 +59,7 @@ def parse_duration(value: Any) -> float:
 
 def format_duration(seconds: float) -> str:
     """Inverse of ``parse_duration`` for display: 5400 -> ``1h30m``."""
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     if seconds <= 0:
         return "0s"
     h, rest = divmod(seconds, 3600)
@@ -301,7 +301,7 @@ class Settings(_Strict):
     @field_validator("listen")
     @classmethod
     def _host_port(cls, v: str) -> str:
-        host, sep, port = v.rpartition(":")
+        _host, sep, port = v.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"must be HOST:PORT, got {v!r}")
         return v
@@ -370,13 +370,13 @@ def _line_index(node: yaml.Node, path: tuple[Any, ...] = ()) -> dict[tuple[Any, 
     out: dict[tuple[Any, ...], int] = {path: node.start_mark.line + 1}
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
-            key = key_node.value
-            out[path + (key,)] = key_node.start_mark.line + 1
-            for sub, line in _line_index(value_node, path + (key,)).items():
-                out.setdefault(sub, line) if sub == path + (key,) else out.__setitem__(sub, line)
+            here = (*path, key_node.value)
+            out[here] = key_node.start_mark.line + 1
+            for sub, line in _line_index(value_node, here).items():
+                out.setdefault(sub, line) if sub == here else out.__setitem__(sub, line)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            out.update(_line_index(item, path + (i,)))
+            out.update(_line_index(item, (*path, i)))
     return out
 
 
@@ -390,13 +390,13 @@ def _duplicate_keys(node: yaml.Node, path: tuple[Any, ...] = ()) -> list[ConfigI
             line = key_node.start_mark.line + 1
             if key is not None and key in first:
                 message = f"duplicate key (first given on line {first[key]})"
-                issues.append(ConfigIssue(_format_loc(path + (key,)), line, message))
+                issues.append(ConfigIssue(_format_loc((*path, key)), line, message))
             elif key is not None:
                 first[key] = line
-            issues += _duplicate_keys(value_node, path + (key,))
+            issues += _duplicate_keys(value_node, (*path, key))
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            issues += _duplicate_keys(item, path + (i,))
+            issues += _duplicate_keys(item, (*path, i))
     return issues
 
 
@@ -467,7 +467,7 @@ def _issues_from(
             issues.append(ConfigIssue(_format_loc(loc), None, f"{msg} (value given on the command line)"))
             continue
         # A cross-check between two keys reports the line of whichever of them the file sets.
-        related = [loc[:-1] + (r,) for r in (err.get("ctx") or {}).get("related", ())]
+        related = [(*loc[:-1], r) for r in (err.get("ctx") or {}).get("related", ())]
         line = next((lines[r] for r in (loc, *related) if r in lines), None) or _nearest_line(lines, loc)
         issues.append(ConfigIssue(_format_loc(loc), line, msg))
     return issues
@@ -515,4 +515,4 @@ def load_settings(path: str | os.PathLike[str] | None, overrides: Mapping[str, A
 def redacted(settings: Settings) -> dict[str, Any]:
     """The effective config as plain data for the start-up log. Token *sources* are kept, values never read."""
     # Validation rejects credentials in URLs; redaction keeps a hand-built Settings from leaking them anyway.
-    return redact_data(settings.model_dump(mode="json"))  # type: ignore[no-any-return]
+    return redact_data(settings.model_dump(mode="json"))

@@ -32,7 +32,8 @@ class ActionKind(str, enum.Enum):
 
 
 class Recovers(str, enum.Enum):
-    """What an action gives back when it is carried out (reclaimer.core.actionkinds says which, per action and target)."""
+    """What an action gives back when it is carried out (reclaimer.core.actionkinds says which, per action and
+    target)."""
 
     ALLOCATION = "allocation"  # the pod goes away: its nvidia.com/gpu allocation (and the GPU memory) is released
     MEMORY = "memory"  # the processes end, the GPU memory is freed; the pod keeps its allocation

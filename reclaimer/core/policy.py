@@ -1098,7 +1098,7 @@ def _idle_run(
     if newest.utilization >= threshold:
         return 0.0, newest.utilization
     run_start, peak = newest.timestamp, newest.utilization
-    for earlier, later in zip(reversed(ordered[:-1]), reversed(ordered[1:])):
+    for earlier, later in zip(reversed(ordered[:-1]), reversed(ordered[1:]), strict=True):
         if later.timestamp - earlier.timestamp > limit or not earlier.up or not _valid_ratio(earlier.utilization):
             break
         assert earlier.utilization is not None
@@ -1209,7 +1209,7 @@ def _apply_circuit_breaker(
         return decisions, BreakerStatus(reclaimable=n, total=total), released_at
     fresh = [d for d in reclaims if d.candidate.key not in state.reclaimable_since]
     new_trip = state.breaker_since is None
-    if new_trip:
+    if state.breaker_since is None:
         mass = len(fresh) > limits.breaker_min_reclaims and len(fresh) > allowed
         cause, trip_since = (BREAKER_MASS_FLIP if mass else BREAKER_SUSTAINED), now
     else:

@@ -29,7 +29,8 @@ SECRET_WORDS: tuple[str, ...] = (
     "private_key",
     "private-key",
 )
-# Key suffixes that name where a secret lives (``token_env``, ``token_file``, ``listen_token_file``, ``--token-file``), never its value.
+# Key suffixes that name where a secret lives (``token_env``, ``token_file``, ``listen_token_file``, ``--token-file``),
+# never its value.
 SOURCE_SUFFIXES: tuple[str, ...] = ("_env", "_file", "-env", "-file")
 
 _WORDS = "|".join(re.escape(w) for w in SECRET_WORDS)

@@ -31,16 +31,16 @@ FORMAT_ENV = "RECLAIMER_LOG_FORMAT"  # json | console | auto: overrides the term
 _HANDLER_FLAG = "_reclaimer_handler"
 
 
-class _StdStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _StdStreamHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stdout`` / ``sys.stderr`` is at emit time (test capture swaps them)."""
 
     def __init__(self, name: Literal["stdout", "stderr"]) -> None:
         self._stream_name = name
         super().__init__()
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> TextIO:
-        return getattr(sys, self._stream_name)  # type: ignore[no-any-return]
+        return getattr(sys, self._stream_name)
 
     @stream.setter
     def stream(self, value: TextIO) -> None:
@@ -48,7 +48,8 @@ class _StdStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """structlog processor: every field through ``reclaimer.core.redact`` (secret keys at any depth, credentials in text)."""
+    """structlog processor: every field through ``reclaimer.core.redact`` (secret keys at any depth, credentials in
+    text)."""
     for key, value in list(event_dict.items()):
         if key.startswith("_"):
             continue  # structlog's own bookkeeping (_record, _from_structlog)

@@ -89,9 +89,9 @@ class BearerToken:
         return hmac.compare_digest(given.strip().encode("utf-8", "replace"), self.current().encode("utf-8"))
 
 
-VIEW_KEY: web.AppKey[DaemonView] = web.AppKey("reclaimer_view", DaemonView)  # type: ignore[type-abstract]
+VIEW_KEY: web.AppKey[DaemonView] = web.AppKey("reclaimer_view", DaemonView)
 METRICS_KEY: web.AppKey[Metrics] = web.AppKey("reclaimer_metrics", Metrics)
-TOKEN_KEY: web.AppKey[BearerToken | None] = web.AppKey("reclaimer_token", object)  # type: ignore[arg-type]
+TOKEN_KEY: web.AppKey[BearerToken | None] = web.AppKey("reclaimer_token")
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -123,7 +123,10 @@ async def _report(request: web.Request) -> web.Response:
 
 async def _index(request: web.Request) -> web.Response:
     items = "".join(f'<li><a href="{path}">{path}</a> — {html.escape(what)}</li>' for path, what in ENDPOINTS)
-    page = f"<!doctype html><html><head><title>gpu-reclaimer</title></head><body><h1>gpu-reclaimer</h1><ul>{items}</ul></body></html>\n"
+    page = (
+        "<!doctype html><html><head><title>gpu-reclaimer</title></head>"
+        f"<body><h1>gpu-reclaimer</h1><ul>{items}</ul></body></html>\n"
+    )
     return web.Response(text=page, content_type="text/html")
 
 

@@ -2,8 +2,8 @@
 
 A GPU process belongs to the first process up its parent chain whose cmdline names a ``kernel-<uuid>.json``
 connection file (the kernel itself, or e.g. ``!python train.py`` and its DataLoader workers), or whose connection file
-is a bind mount of a host ``kernel-<uuid>.json`` (a docker/podman kernel: ``procfs.kernel_id_from_mounts``). The walk never
-crosses a pod or container boundary. A kernel pod (Enterprise Gateway, elastic-jupyter-operator) may name
+is a bind mount of a host ``kernel-<uuid>.json`` (a docker/podman kernel: ``procfs.kernel_id_from_mounts``). The walk
+never crosses a pod or container boundary. A kernel pod (Enterprise Gateway, elastic-jupyter-operator) may name
 its kernel through a ``kernel_id`` pod label instead. Anything else comes out unattributed with a reason:
 never a guess.
 

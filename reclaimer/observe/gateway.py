@@ -332,7 +332,7 @@ class GatewayPool:
         unknown = [k for k in asked if homes[k] is None]
         per_client = {c: [k for k in asked if homes[k] is c] + unknown for c in self.clients}
         answers = await asyncio.gather(*(self._ask(c, per_client[c]) for c in self.clients))
-        by_client = dict(zip(self.clients, answers))
+        by_client = dict(zip(self.clients, answers, strict=True))
         for kid in asked:
             home = homes[kid]
             if home is not None:

@@ -60,7 +60,7 @@ def parse_last_activity(value: object) -> datetime | None:
     m = _TIMESTAMP_RE.fullmatch(value.strip())
     if m is None:
         return None
-    year, month, day, hour, minute, second, fraction, zulu, sign, off_h, off_m = m.groups()
+    year, month, day, hour, minute, second, fraction, _zulu, sign, off_h, off_m = m.groups()
     micros = int((fraction or "0")[:6].ljust(6, "0"))
     try:
         offset = timedelta(0)

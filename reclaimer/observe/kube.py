@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import structlog
 from kubernetes import client as k8s
@@ -36,6 +36,9 @@ from reclaimer.core.config import KubernetesSettings
 from reclaimer.core.errors import ReclaimerError
 from reclaimer.core.model import OwnerRef, PodInfo
 from reclaimer.core.redact import redact_text
+
+if TYPE_CHECKING:
+    import urllib3
 
 log = structlog.get_logger(__name__)
 
@@ -263,6 +266,12 @@ def _is_pdb_block(status: Mapping[str, Any]) -> bool:
     return "disruption budget" in str(status.get("message", "")).lower()
 
 
+def raw_response(resp: object) -> urllib3.BaseHTTPResponse:
+    """The undecoded answer of a client call made with ``_preload_content=False`` (the generated client's annotations
+    name the decoded model it returns otherwise)."""
+    return cast("urllib3.BaseHTTPResponse", resp)
+
+
 def describe_error(exc: BaseException) -> str:
     """One line for logs and results: HTTP status and the API's own message, or the transport error; no headers."""
     if isinstance(exc, ApiException):
@@ -423,7 +432,7 @@ class KubeClient:
                     _request_timeout=self._timeout,
                     _preload_content=False,
                 )
-                page = json.loads(resp.data)
+                page = json.loads(raw_response(resp).data)
             except Exception as exc:  # ApiException, urllib3 transport errors, a body that is not JSON
                 raise KubeError(f"listing pods on node {node}: {describe_error(exc)}") from None
             items, token = _page_parts(page)
@@ -458,7 +467,7 @@ class KubeClient:
             resp = self._core.read_namespaced_pod(
                 name, namespace, _request_timeout=self._timeout, _preload_content=False
             )
-            return pod_info_from_json(json.loads(resp.data), self.settings.user_label)
+            return pod_info_from_json(json.loads(raw_response(resp).data), self.settings.user_label)
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -493,7 +502,7 @@ class KubeClient:
                 _request_timeout=self._timeout,
                 _preload_content=False,
             )
-            resp.read()
+            raw_response(resp).read()
             result = EvictionResult("success", f"evicted {namespace}/{name}" + (" (server dry-run)" if dry_run else ""))
         except ApiException as exc:
             result = self._eviction_failure(exc)
@@ -593,7 +602,7 @@ class KubeClient:
             resp = self._events.create_namespaced_event(
                 pod.namespace, body, _request_timeout=self._timeout, _preload_content=False
             )
-            resp.read()
+            raw_response(resp).read()
         except Exception as exc:  # an Event failure must never change an action's outcome
             elog.warning("event not created", error=describe_error(exc))
             return False

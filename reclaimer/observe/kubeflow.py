@@ -1,7 +1,7 @@
 """Kubeflow notebooks: the notebook server of a Notebook's pod, asked for its kernels; the stop annotation.
 
-A notebook pod is a StatefulSet pod labelled ``notebook-name`` (reclaimer.core.actionkinds.kubeflow_notebook). Its server
-is reached at a URL built from the configured template (``kubeflow.notebook_url``, by default
+A notebook pod is a StatefulSet pod labelled ``notebook-name`` (reclaimer.core.actionkinds.kubeflow_notebook). Its
+server is reached at a URL built from the configured template (``kubeflow.notebook_url``, by default
 ``http://{name}.{namespace}.svc/notebook/{namespace}/{name}`` as Kubeflow's own culler does) and only for a name and
 namespace that are valid DNS labels: never a URL read from the pod. Same request safety as every gateway
 (reclaimer.observe.jupyter_rest.RestEndpoint): header token only, no redirects, capped bodies, timeouts.

@@ -87,7 +87,7 @@ class _Device:
     unsupported: dict[str, float] = field(default_factory=dict)  # function -> when to ask again (NOT_SUPPORTED)
 
 
-def _one_line(text: str) -> str:
+def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
@@ -197,11 +197,13 @@ class NvmlBackend:
         try:
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         except pynvml.NVMLError as exc:
-            return self._skip_device(index, "nvmlDeviceGetHandleByIndex_v2", exc)
+            self._skip_device(index, "nvmlDeviceGetHandleByIndex_v2", exc)
+            return None
         try:
             uuid = pynvml.nvmlDeviceGetUUID(handle)
         except pynvml.NVMLError as exc:
-            return self._skip_device(index, "nvmlDeviceGetUUID", exc)
+            self._skip_device(index, "nvmlDeviceGetUUID", exc)
+            return None
         model = self._at_open(uuid, "nvmlDeviceGetName", lambda: pynvml.nvmlDeviceGetName(handle)) or "unknown"
         mig = self._at_open(uuid, "nvmlDeviceGetMigMode", lambda: pynvml.nvmlDeviceGetMigMode(handle))
         memory = self._at_open(uuid, "nvmlDeviceGetMemoryInfo", lambda: pynvml.nvmlDeviceGetMemoryInfo(handle))
@@ -218,7 +220,6 @@ class NvmlBackend:
         code = code_name(exc.value)
         self._count(function, code)
         log.error("nvml: GPU skipped, it cannot be identified", gpu=index, function=function, code=code)
-        return
 
     def _at_open(self, uuid: str, function: str, call: Callable[[], T]) -> T | None:
         try:
@@ -327,12 +328,14 @@ class NvmlBackend:
         try:
             result = reader(*args)
         except pynvml.NVMLError as exc:
-            return self._failed(dev, getattr(exc, "nvml_function", function), code_name(exc.value), now, errors)
+            self._failed(dev, getattr(exc, "nvml_function", function), code_name(exc.value), now, errors)
+            return None
         except Exception as exc:  # a pynvml or ctypes failure that is not an NVML code; still never escapes
             if (dev.info.uuid, function, type(exc).__name__) not in self._logged:
                 self._logged.add((dev.info.uuid, function, type(exc).__name__))
                 log.error("nvml call raised", uuid=dev.info.uuid, function=function, error=repr(exc), exc_info=exc)
-            return self._failed(dev, function, "UNKNOWN", now, errors)
+            self._failed(dev, function, "UNKNOWN", now, errors)
+            return None
         if unsupported:
             unsupported.pop(function, None)
         return result
@@ -361,7 +364,7 @@ class NvmlBackend:
                 return _read_processes(symbol, handle)
             except pynvml.NVMLError as exc:
                 if exc.value != pynvml.NVML_ERROR_FUNCTION_NOT_FOUND or self._process_level + 1 >= len(PROCESS_SYMBOLS):
-                    exc.nvml_function = symbol  # type: ignore[attr-defined]
+                    exc.nvml_function = symbol
                     raise
                 self._count(symbol, "FUNCTION_NOT_FOUND")
                 self._process_level += 1

@@ -93,7 +93,7 @@ class StageWorker:
                 # (ThreadPoolExecutor's threads are joined at exit).
                 self._thread = threading.Thread(target=self._serve, name=f"stage-{self.stage}", daemon=True)
                 self._thread.start()
-            self._running = future = concurrent.futures.Future()
+            self._running = future = concurrent.futures.Future[Any]()
             self._queue.put((fn, args, future))
             self._what, self._started, self._timed_out = what, self._clock(), False
         future.add_done_callback(self._returned)
