@@ -99,6 +99,8 @@ def demo(monkeypatch: pytest.MonkeyPatch) -> Recorder:
         return int(recorder(duration=duration, port=port, live=live, keep_going=keep_going))
 
     module.run_demo = run_demo  # type: ignore[attr-defined]
+    module.missing_demo_dependencies = list  # type: ignore[attr-defined]  # the demo extra is installed
+    module.DEMO_INSTALL = "pip install 'gpu-reclaimer[demo]'"  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "reclaimer.app.demo", module)
     return recorder
 
@@ -410,6 +412,47 @@ def test_missing_module_is_exit_3_not_available_yet(
     monkeypatch.setitem(sys.modules, module, None)  # makes `import` raise ImportError
     assert main(argv) == 3
     assert capsys.readouterr().err.startswith(f"reclaimer {argv[0]}: not available yet")
+
+
+@pytest.mark.parametrize(
+    ("missing", "dist"),
+    [
+        pytest.param("rich", "rich", id="rich"),
+        pytest.param("kernel_gateway", "jupyter-kernel-gateway", id="kernel-gateway"),
+        pytest.param("ipykernel", "ipykernel", id="ipykernel"),
+    ],
+)
+def test_demo_without_its_extra_says_which_and_how_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], missing: str, dist: str
+) -> None:
+    """The daemon's install lacks the demo's dependencies: one line naming the extra, the missing one, the command."""
+    monkeypatch.setitem(sys.modules, missing, None)  # as if not installed
+    assert main(["demo"]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"reclaimer demo: needs the demo extra ({dist} not installed): ")
+    assert "pip install 'gpu-reclaimer[demo]'" in err and "pip install '.[demo]'" in err
+
+
+def test_demo_extra_is_complete_in_the_test_environment() -> None:
+    """The control: with the test extra (which includes demo) installed nothing is missing."""
+    from reclaimer.app.demo import missing_demo_dependencies
+
+    assert missing_demo_dependencies() == []
+
+
+def test_the_daemon_does_not_import_the_demo_dependencies() -> None:
+    """rich and jupyter_client are not runtime dependencies: running the daemon's code paths must not need them."""
+    code = (
+        "import sys\n"
+        "for name in ('rich', 'jupyter_client', 'kernel_gateway', 'ipykernel'):\n"
+        "    sys.modules[name] = None\n"
+        "import reclaimer.app.cli, reclaimer.app.daemon, reclaimer.app.cluster, reclaimer.act.actions\n"
+        "import reclaimer.export.server, reclaimer.observe.hub, reclaimer.observe.kubeflow, reclaimer.observe.nvml\n"
+        "sys.exit(reclaimer.app.cli.main(['--version']))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
 
 
 # --------------------------------------------------------------------------- help text

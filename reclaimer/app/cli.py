@@ -558,9 +558,16 @@ def summarize(settings: Settings) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     """`reclaimer demo`: the simulated node, live table when stdout is a terminal."""
     try:
-        from reclaimer.app.demo import run_demo
+        from reclaimer.app.demo import DEMO_INSTALL, missing_demo_dependencies, run_demo
     except ImportError as exc:
         return _not_available("demo", exc)
+    missing = missing_demo_dependencies()
+    if missing:
+        print(
+            f"reclaimer demo: needs the demo extra ({', '.join(missing)} not installed): {DEMO_INSTALL}",
+            file=sys.stderr,
+        )
+        return EXIT_UNAVAILABLE
     live = bool(args.live) if args.live is not None else _stdout_is_tty()
     return int(run_demo(duration=args.duration, port=args.port, live=live, keep_going=bool(args.keep_going)))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import secrets
@@ -39,6 +40,14 @@ if TYPE_CHECKING:
 
 GiB = 1024**3
 RESERVED_KERNEL = "gpu-reserved"
+# What the demo needs beyond the daemon (the `demo` extra): module -> the distribution that provides it.
+DEMO_MODULES = {"kernel_gateway": "jupyter-kernel-gateway", "ipykernel": "ipykernel", "rich": "rich"}
+DEMO_INSTALL = "pip install 'gpu-reclaimer[demo]' (in a checkout: pip install '.[demo]')"
+
+
+def missing_demo_dependencies() -> list[str]:
+    """The distributions of the `demo` extra that are not installed; empty when the demo can run."""
+    return [dist for module, dist in DEMO_MODULES.items() if importlib.util.find_spec(module) is None]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
