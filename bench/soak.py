@@ -361,11 +361,11 @@ def _tracked(daemon: Any, pool: Any, pods: Any) -> dict[str, int]:
     return {
         **daemon.executor.tracked(),
         **pool.tracked(),
-        "attribution_cache": daemon._attributor.cache_size,
+        "attribution_cache": daemon.pipeline.attributor.cache_size,
         **daemon.metrics.tracked(),
-        "cooldowns": len(daemon._state.last_action_at),
-        "reclaimable_since": len(daemon._state.reclaimable_since),
-        "breaker_released": len(daemon._state.breaker_released_at),
+        "cooldowns": len(daemon.pipeline.state.last_action_at),
+        "reclaimable_since": len(daemon.pipeline.state.reclaimable_since),
+        "breaker_released": len(daemon.pipeline.state.breaker_released_at),
         "gpu_history": len(snap.history),
         "bad_label_pods": len(pods._bad_kernel_labels),
     }

@@ -413,7 +413,7 @@ def test_item4_cooldowns_stay_bounded_by_the_recent_actions() -> None:
         results = [ActionResult(Decision(Candidate(key=f"kernel:{cycle}-{i}", node="n"), Verdict.RECLAIM,
                                          ActionKind.SHUTDOWN_KERNEL, "idle"), "success", "done", mode="enforce")
                    for i in range(5)] if cycle < 24 * 240 - 100 else []
-        daemon._remember(results, now)
-        assert len(daemon._state.last_action_at) <= 5 * (2 * 600 / 15 + 1)
+        daemon.pipeline.remember(results, now)
+        assert len(daemon.pipeline.state.last_action_at) <= 5 * (2 * 600 / 15 + 1)
         now += 15
-    assert daemon._state.last_action_at == {}  # 25 minutes without actions: every cooldown is over and forgotten
+    assert daemon.pipeline.state.last_action_at == {}  # 25 minutes without actions: every cooldown is over and forgotten

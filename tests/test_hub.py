@@ -580,29 +580,29 @@ async def test_item4_hub_listing_is_asked_only_when_needed_and_cached(make_hub: 
         await daemon.cycle()
         now[0] += 15
     assert hub.requests == []
-    assert await daemon._servers(False) == [] and listings() == 0
+    assert await daemon.pipeline.hub.servers(False) == [] and listings() == 0
 
-    assert _keys(await daemon._servers(True)) == {("alice", "")} and listings() == 1
+    assert _keys(await daemon.pipeline.hub.servers(True)) == {("alice", "")} and listings() == 1
     now[0] += 30
-    assert _keys(await daemon._servers(True, frozenset({("alice", "")}))) == {("alice", "")}
+    assert _keys(await daemon.pipeline.hub.servers(True, frozenset({("alice", "")}))) == {("alice", "")}
     assert listings() == 1  # fresh enough, and it has what is needed
     # A server a candidate names that the listing lacks: re-listed, but not more than once per decide interval.
     hub.add_server("bob")
     now[0] += 5
-    await daemon._servers(True, frozenset({("bob", "")}))
+    await daemon.pipeline.hub.servers(True, frozenset({("bob", "")}))
     assert listings() == 2
     now[0] += 5
-    assert ("bob", "") in _keys(await daemon._servers(True, frozenset({("bob", "")}))) and listings() == 2
+    assert ("bob", "") in _keys(await daemon.pipeline.hub.servers(True, frozenset({("bob", "")}))) and listings() == 2
     # Older than cache_ttl: asked again.
     now[0] += 61
-    await daemon._servers(True)
+    await daemon.pipeline.hub.servers(True)
     assert listings() == 3
     # A failed listing keeps nothing: unknown now, asked again next time.
     hub.fault = status(500)
     now[0] += 61
-    assert await daemon._servers(True) is None and listings() == 4  # None: unknown, never "no servers" (inv. 13)
+    assert await daemon.pipeline.hub.servers(True) is None and listings() == 4  # None: unknown, never "no servers" (inv. 13)
     hub.fault = None
-    assert _keys(await daemon._servers(True)) == {("alice", ""), ("bob", "")} and listings() == 5
+    assert _keys(await daemon.pipeline.hub.servers(True)) == {("alice", ""), ("bob", "")} and listings() == 5
 
 
 # --------------------------------------------------------------------------- where a kernel's server is

@@ -227,7 +227,7 @@ gateways: [{{name: slow, url: "{server.make_url('')}", timeout: 5s}}]
                                        gateways=GatewayPool([GatewayClient(settings.gateways[0])])))
     try:
         with capture_logs() as logs:
-            got = await daemon._observe({KID})
+            got = await daemon.pipeline.observe({KID})
             await asyncio.sleep(0.2)
             gc.collect()
             await asyncio.sleep(0.05)

@@ -218,6 +218,37 @@ def gpu_idle_seconds(
     return idle
 
 
+def idle_threshold(settings: Settings, policy_name: str | None) -> float:
+    """The utilisation below which the named policy counts a GPU idle; the last policy's for an unknown name."""
+    for p in settings.policies:
+        if p.name == policy_name:
+            return p.gpu_idle_below
+    return settings.policies[-1].gpu_idle_below
+
+
+def gpu_idle_by_device(
+    sampler: SamplerSnapshot, decisions: Sequence[Decision], settings: Settings, now: float
+) -> dict[str, float | None]:
+    """Each GPU's idle seconds (``gpu_idle_seconds``) under the lowest threshold of the policies of the candidates
+    holding it; a GPU nobody holds under the lowest threshold of all policies."""
+    holder_threshold: dict[str, float] = {}
+    for d in decisions:
+        for u in d.candidate.gpu_uuids:
+            holder_threshold[u] = min(holder_threshold.get(u, 1.0), idle_threshold(settings, d.policy))
+    default = min(p.gpu_idle_below for p in settings.policies)
+    return {
+        dev.uuid: gpu_idle_seconds(
+            sampler.samples.get(dev.uuid, ()),
+            holder_threshold.get(dev.uuid, default),
+            now,
+            sampler.started_at,
+            sampler.sample_interval,
+            sampler.history.get(dev.uuid),
+        )
+        for dev in sampler.devices
+    }
+
+
 def fold_sample(
     history: GpuHistory | None, sample: GpuSample, thresholds: Iterable[float], sample_interval: float
 ) -> GpuHistory:

@@ -1,0 +1,569 @@
+"""One decide cycle of one node, as the sequence of its stages.
+
+``Pipeline.cycle`` reads top to bottom as the pipeline does:
+
+1. snapshot the sampler (the window of NVML samples the sampler thread keeps);
+2. pods (the API server's list, cached) and GPU allocations (kubelet pod-resources), side by side;
+3. attribute each GPU process to a kernel through /proc;
+4. observe the kernels at the configured gateways, then (only for candidates that need it) the hub and the
+   servers it names, the whole target of each stop-server / evict-pod, and the Kubeflow notebook servers;
+5. join everything into candidates (core.candidates) and plan (core.policy): pure, ``now`` is an argument;
+6. execute the plan (the executor re-checks each reclaim right before acting: ``recheck``), verify what earlier
+   actions freed;
+7. export: the snapshot, and what this cycle adds to the cumulative counters (export.accounting).
+
+Blocking calls (procfs, the kubernetes client, the kubelet socket) run on one thread per stage (observe.stall)
+within a timeout shorter than the decide interval, so one slow dependency never stalls the loop, the scrape or
+the other dependencies. The hub fallback (its cached server listing and the kernels of the servers it names) is
+its own class in app.hubfallback: it composes the hub adapter with what the gateways and /proc said, which no
+single adapter may do. The loops, endpoints and lifecycle are app.daemon's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from reclaimer.act.actions import DryRunExecutor, LiveExecutor
+from reclaimer.app.adapters import Adapters
+from reclaimer.app.hubfallback import HubFallback, describe
+from reclaimer.core import actionkinds, policy
+from reclaimer.core import candidates as join_mod
+from reclaimer.core.config import Settings
+from reclaimer.core.model import (
+    ActionResult,
+    AttributedProcess,
+    Candidate,
+    CycleSnapshot,
+    Decision,
+    KernelActivity,
+    NotebookRef,
+    PodGpuAllocation,
+    PodInfo,
+    PolicyState,
+    SamplerSnapshot,
+    ServerRef,
+    Verdict,
+    halted_reason,
+)
+from reclaimer.observe.attribution import Attributor
+from reclaimer.observe.gateway import claimed_by_a_gateway
+from reclaimer.observe.hub import pod_server
+from reclaimer.observe.kubeflow import KUBEFLOW_GATEWAY
+from reclaimer.observe.sampler import Sampler
+from reclaimer.observe.stall import STAGES, CallTimedOut, StageState, StageWorker, Stalled
+
+if TYPE_CHECKING:
+    from reclaimer.export.accounting import ExportAccounting
+    from reclaimer.export.metrics import Metrics
+
+log = structlog.get_logger(__name__)
+
+GatewayLists = dict[str, tuple[list[KernelActivity] | None, str | None]]
+ServerLists = dict[tuple[str, str], list[KernelActivity] | None]
+
+
+class Pipeline:
+    """The stages of one decide cycle and what they keep between cycles (policy state, caches, dependency health)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        adapters: Adapters,
+        *,
+        sampler: Sampler,
+        executor: DryRunExecutor | LiveExecutor,
+        metrics: Metrics,
+        clock: Callable[[], float],
+    ) -> None:
+        from reclaimer.export.accounting import ExportAccounting
+
+        self.settings = settings
+        self.adapters = adapters
+        self.sampler = sampler
+        self.executor = executor
+        self.metrics = metrics
+        self.clock = clock
+        self.state = PolicyState()
+        self.attributor = Attributor(procfs_root=settings.procfs_root)
+        # One thread per blocking stage: a /proc read or API call that never returns stalls its stage, nothing else.
+        self.stages = {stage: StageWorker(stage) for stage in ("procfs", "pod-list", "pod-resources")}
+        self.call_timeout = max(0.5, min(10.0, settings.decide_interval * 0.6))
+        self.hub: HubFallback | None = (
+            HubFallback(adapters.hub, settings, clock=clock, timeout=self.call_timeout, procfs=self.stages["procfs"])
+            if adapters.hub is not None
+            else None
+        )
+        self.accounting: ExportAccounting = ExportAccounting(metrics, settings)
+        self.kube_ok: bool | None = None
+        self.podres_ok: bool | None = None
+        self._allocation_seen: dict[str, float] = {}  # pod uid -> first cycle that saw its allocation
+
+    # ------------------------------------------------------------------ the cycle
+
+    async def cycle(self, now: float) -> tuple[CycleSnapshot, list[ActionResult]]:
+        """One decide cycle at ``now`` over the samples held now. Never raises for a dependency's failure."""
+        s = self.settings
+        t0 = time.perf_counter()
+        # 1. the samples
+        samp = self.sampler.snapshot()
+        procs = [
+            (uuid, p)
+            for uuid, series in samp.samples.items()
+            if series and series[-1].up and series[-1].processes
+            for p in series[-1].processes
+        ]
+        # 2. pods and their GPU allocations
+        allocations_at = self.clock()
+        (pods_by_uid, pod_kernel_ids), allocations = await asyncio.gather(self._pods(), self._allocations())
+        # 3. GPU processes -> kernels. When each GPU's process list was read: a process started after that is not
+        # the one listed (invariant 19).
+        listed_at = {uuid: series[-1].timestamp for uuid, series in samp.samples.items() if series}
+        attributed = await self._attribute(procs, pod_kernel_ids, listed_at)
+        # 4. what the gateways, the hub and Kubeflow say about those kernels
+        kernel_ids = {p.kernel_id for p in attributed if p.kernel_id}
+        activities = await self.observe(kernel_ids)
+        servers: list[ServerRef] | None = []
+        kernel_servers: dict[str, ServerRef] = {}
+        server_lists: ServerLists = {}
+        gateway_lists: GatewayLists = {}
+
+        if allocations is not None:  # invariant 10: a pod holds its allocation from the first cycle that saw it
+            held = join_mod.allocated_gpus_by_pod(pods_by_uid, allocations)
+            self._allocation_seen = {uid: self._allocation_seen.get(uid, now) for uid in held}
+
+        # 5a. join: every view of the node into candidates (again whenever a stage below learnt more)
+        def joined_with() -> join_mod.JoinResult:
+            return join_mod.join(
+                node=s.node_name,
+                processes=attributed,
+                pods_by_uid=pods_by_uid,
+                allocations=allocations,
+                activities=activities,
+                servers=servers,
+                kernel_servers=kernel_servers,
+                server_name_annotation=s.kubernetes.server_name_annotation,
+                server_kernels=server_lists,
+                gateway_kernels=gateway_lists,
+                kernel_pods=pod_kernel_ids,
+                first_seen=samp.first_seen,
+                allocation_seen=self._allocation_seen,
+                hub_error=self.hub.error if self.hub is not None else None,
+                pods_listed_at=getattr(self.adapters.pods, "last_success_at", None),
+            )
+
+        joined = joined_with()
+        if self.hub is not None:
+            # The hub is asked only for candidates that need it: a kernel no gateway could tell about, or a
+            # candidate whose pod names a user (its server is part of what a decision covers).
+            unobserved = any(
+                c.kernel_id and (activities.get(c.kernel_id) is None or activities[c.kernel_id].error)
+                for c in joined.candidates
+            )
+            named = frozenset(
+                (c.pod.user, c.pod.annotations.get(s.kubernetes.server_name_annotation, ""))
+                for c in joined.candidates
+                if c.pod is not None and c.pod.user
+            )
+            if unobserved or named:
+                servers = await self.hub.servers(True, named)
+                joined = joined_with()
+            if unobserved and servers:
+                kernel_servers.update(await self.hub.kernels(joined, activities, servers, server_lists))
+                joined = joined_with()
+        if await self._list_targets(joined, samp, pod_kernel_ids, server_lists, gateway_lists):
+            joined = joined_with()
+        joined = await self._notebooks(joined)
+        observed_at = self.clock()
+        # 5b. plan: pure policy over the candidates and the samples
+        planned = policy.plan(joined.candidates, samp, s, now, self.state)
+        decisions, self.state = planned.decisions, planned.state
+        if planned.breaker.new_trip:
+            log.warning("circuit breaker tripped", cause=planned.breaker.cause, reason=planned.breaker.reason)
+        credentials = self.credentials()
+        halted = halted_reason(credentials)
+        if halted:
+            # A credential the other side refused even after re-reading its file: what the daemon sees may be
+            # partial and what it would do may fail half-way. Nothing is acted on until it is accepted again.
+            decisions = [
+                replace(d, verdict=Verdict.UNKNOWN, reason=f"actions halted ({halted}); was: {d.reason}")
+                if d.verdict is Verdict.RECLAIM
+                else d
+                for d in decisions
+            ]
+        # 6. act (each reclaim re-checked right before), then verify what earlier actions freed
+        results = await self.executor.execute(decisions, recheck=self.recheck)
+        results += self.executor.verify(self.sampler.snapshot(), self.clock())
+        results += await self.executor.verify_allocations(allocations, allocations_at, self.clock())
+        decisions = self._with_holds(decisions, self.clock())
+        self.remember(results, now)
+        # 7. export: the snapshot, the counters
+        gpu_idle = policy.gpu_idle_by_device(samp, decisions, s, now)
+        gw_up = self.adapters.gateways.gateway_up() if self.adapters.gateways is not None else {}
+        snap = CycleSnapshot(
+            node=s.node_name,
+            mode=s.mode,
+            generated_at=now,
+            sampler=samp,
+            decisions=tuple(decisions),
+            unattributed=joined.unattributed,
+            gpu_idle_seconds=gpu_idle,
+            gateway_up=gw_up,
+            observed_at=observed_at,
+            breaker=planned.breaker,
+            credentials=credentials,
+        )
+        self.accounting.record(snap, results)
+        self.metrics.prepare(snap)  # the per-kernel series are rendered here, once, not in every scrape
+        duration = time.perf_counter() - t0
+        self.metrics.decide_duration_seconds.observe(duration)
+        counts: dict[str, int] = {}
+        for d in decisions:
+            counts[d.verdict.value] = counts.get(d.verdict.value, 0) + 1
+        log.info(
+            "cycle",
+            mode=s.mode,
+            gpus=len(samp.devices),
+            gpu_processes=len(procs),
+            candidates=len(decisions),
+            unattributed=len(joined.unattributed),
+            actions=len(results),
+            duration_ms=round(duration * 1000, 1),
+            stalled=sorted(stage for stage, st in self.stalls().items() if st.stalled),
+            **counts,
+        )
+        return snap, results
+
+    # ------------------------------------------------------------------ health of the stages and credentials
+
+    def stalls(self) -> dict[str, StageState]:
+        """Every stage's stall state (the NVML sampling tick included), for /readyz and the metrics."""
+        out = {stage: worker.state() for stage, worker in self.stages.items()}
+        out["nvml"] = self.sampler.stall_state()
+        return {stage: out[stage] for stage in STAGES if stage in out}
+
+    def credentials(self) -> dict[str, str | None]:
+        """Every credential the daemon holds -> why it was refused (None: not refused)."""
+        out: dict[str, str | None] = {}
+        for client in getattr(self.adapters.gateways, "clients", ()):
+            source = getattr(client, "credential", None)
+            if source is not None:
+                out[f"gateway:{client.name}"] = source.rejected
+        hub_source = getattr(self.adapters.hub, "credential", None)
+        if hub_source is not None:
+            out["hub"] = hub_source.rejected
+        notebook_source = getattr(self.adapters.notebooks, "credential", None)
+        if notebook_source is not None:
+            out["kubeflow"] = notebook_source.rejected
+        if self.adapters.kube is not None and hasattr(self.adapters.kube, "rejected"):
+            out["kubernetes"] = self.adapters.kube.rejected
+        return out
+
+    def close(self) -> None:
+        for worker in self.stages.values():
+            worker.close()
+
+    # ------------------------------------------------------------------ 2. pods and allocations
+
+    async def _in_stage(self, stage: str, fn: Callable[..., Any], *args: Any, what: str) -> Any:
+        """``fn(*args)`` on the stage's own thread within the call timeout (raises Stalled / CallTimedOut)."""
+        return await self.stages[stage].call(fn, *args, timeout=self.call_timeout, what=what)
+
+    async def _pods(self) -> tuple[dict[str, PodInfo], dict[str, str]]:
+        pods = self.adapters.pods
+        if pods is None:
+            return {}, {}
+        try:
+            await self._in_stage("pod-list", pods.refresh_if_due, what="pod list from the API server")
+            self.kube_ok = bool(getattr(pods, "up", True))
+        except Exception as exc:
+            self.kube_ok = False
+            log.warning("pod list failed; using last known pods", error=describe(exc))
+        return {p.uid: p for p in pods.pods()}, dict(pods.kernel_ids())
+
+    async def _allocations(self) -> list[PodGpuAllocation] | None:
+        if self.adapters.pod_resources is None:
+            return None
+        try:
+            out = await self._in_stage("pod-resources", self.adapters.pod_resources, what="kubelet pod-resources List")
+            self.podres_ok = True
+            return list(out)
+        except Exception as exc:
+            self.podres_ok = False
+            log.warning("pod-resources unavailable", error=describe(exc))
+            return None
+
+    # ------------------------------------------------------------------ 3. attribution
+
+    async def _attribute(
+        self,
+        procs: list[tuple[str, Any]],
+        pod_kernel_ids: Mapping[str, str],
+        listed_at: Mapping[str, float] | None = None,
+    ) -> list[AttributedProcess]:
+        """GPU processes -> kernels through /proc on the procfs stage's thread. A read that blocks (a process stuck in
+        the driver) leaves every process unattributed with the reason (unknown, never idle) and stalls only this
+        stage: the cycle, the metrics and the report go on."""
+        attributor = self.attributor
+        try:
+            return list(
+                await self._in_stage(
+                    "procfs",
+                    lambda: attributor.attribute(procs, pod_kernel_ids=pod_kernel_ids, listed_at=listed_at),
+                    what=f"/proc reads for {len(procs)} GPU process(es)",
+                )
+            )
+        except (Stalled, CallTimedOut) as exc:
+            reason = f"attribution unknown: {exc}"
+            if isinstance(exc, Stalled):
+                log.warning("attribution skipped", error=str(exc))
+            return [
+                AttributedProcess(
+                    pid=p.pid,
+                    starttime=None,
+                    gpu_uuid=uuid,
+                    used_memory_bytes=p.used_memory_bytes,
+                    sm_utilization=p.sm_utilization,
+                    reason=reason,
+                )
+                for uuid, p in procs
+            ]
+
+    # ------------------------------------------------------------------ 4. gateways, hub, whole targets, Kubeflow
+
+    async def observe(self, kernel_ids: set[str], confirm: bool = False) -> dict[str, KernelActivity]:
+        """What the configured gateways say about ``kernel_ids`` (each unknown, with the reason, when they cannot)."""
+        gateways = self.adapters.gateways
+        if gateways is not None:
+            try:  # keeps reclaimer_gateway_up meaningful when no kernel here asks a gateway anything
+                await asyncio.wait_for(
+                    gateways.probe_quiet(older_than=max(60.0, self.settings.decide_interval)), self.call_timeout
+                )
+            except Exception as exc:
+                log.debug("gateway probe did not finish", error=describe(exc, "gateway probe", self.call_timeout))
+        if not kernel_ids:
+            return {}
+        now = self.clock()
+        if self.adapters.gateways is None:
+            return {k: KernelActivity(k, "", now, error="no gateway configured") for k in kernel_ids}
+        try:
+            observing = (
+                self.adapters.gateways.observe(sorted(kernel_ids), confirm=True)
+                if confirm
+                else self.adapters.gateways.observe(sorted(kernel_ids))
+            )
+            return dict(await asyncio.wait_for(observing, self.call_timeout + 1))
+        except Exception as exc:
+            names = ", ".join(c.name for c in getattr(self.adapters.gateways, "clients", ()))
+            error = describe(
+                exc, f"gateway observation of {len(kernel_ids)} kernel(s) (gateways: {names})", self.call_timeout + 1
+            )
+            log.warning("gateway observation failed", error=error, kernels=len(kernel_ids))
+            return {k: KernelActivity(k, "", now, error=error) for k in kernel_ids}
+
+    async def _list_targets(
+        self,
+        result: join_mod.JoinResult,
+        samp: SamplerSnapshot,
+        pod_kernel_ids: Mapping[str, str],
+        server_lists: ServerLists,
+        gateway_lists: GatewayLists,
+    ) -> bool:
+        """List the whole target (every kernel) of each candidate whose policy stops its server or evicts its pod:
+        the server's kernels through the hub, or the listing of the gateway that serves the pod's kernels. Returns
+        whether anything new was listed."""
+        models = {d.uuid: d.model for d in samp.devices}
+        servers: dict[tuple[str, str], ServerRef] = {}
+        gateways: set[str] = set()
+        for c in result.candidates:
+            chosen = policy.select_policy(c, self.settings, models)
+            if chosen is None or not actionkinds.may_end_target(chosen.action):
+                continue
+            if c.server is not None:
+                key = (c.server.user, c.server.server_name)
+                server = c.server
+                if server.origin is None and c.pod is not None:  # a pod's server, reached at the pod's IP
+                    server = pod_server(c.pod, server, self.settings.hub.server_port) if self.settings.hub else None
+                if key not in server_lists and self.hub is not None:
+                    if server is None:
+                        server_lists[key] = None  # no direct address yet (no pod IP): its kernels are unknown
+                    else:
+                        servers[key] = server
+            elif c.pod is not None and c.kernel_id and pod_kernel_ids.get(c.pod.uid) != c.kernel_id:
+                gw = c.activity.gateway if c.activity is not None and c.activity.error is None else None
+                if gw and gw not in gateway_lists and self.adapters.gateways is not None:
+                    gateways.add(gw)
+        if not servers and not gateways:
+            return False
+        hub = self.hub
+
+        async def server_listing(key: tuple[str, str], server: ServerRef) -> None:
+            assert hub is not None
+            server_lists[key] = await hub.server_kernels(server)
+
+        async def gateway_listing(name: str) -> None:
+            try:
+                got = await asyncio.wait_for(self.adapters.gateways.listing(name), self.call_timeout)
+                gateway_lists[name] = (got.kernels, got.error)
+            except Exception as exc:
+                gateway_lists[name] = (None, f"listing failed: {type(exc).__name__}")
+
+        await asyncio.gather(
+            *(server_listing(k, v) for k, v in servers.items()), *(gateway_listing(g) for g in sorted(gateways))
+        )
+        return True
+
+    async def _notebook_ref(self, namespace: str, name: str) -> NotebookRef:
+        try:
+            return await asyncio.wait_for(self.adapters.notebooks.kernels(namespace, name), self.call_timeout)
+        except Exception as exc:  # unknown, never idle
+            return NotebookRef(namespace, name, None, f"notebook server: {type(exc).__name__}", self.clock())
+
+    async def _notebooks(self, joined: join_mod.JoinResult) -> join_mod.JoinResult:
+        """Kubeflow notebook pods: each notebook server's kernels (stop-notebook's whole target), asked at the URL
+        built from ``kubeflow.notebook_url``; a kernel no configured gateway knows is observed there."""
+        if self.adapters.notebooks is None:
+            return joined
+        wanted = {
+            (c.pod.namespace, nb)
+            for c in joined.candidates
+            if c.pod is not None and (nb := actionkinds.kubeflow_notebook(c.pod)) is not None
+        }
+        await self.adapters.notebooks.prune(wanted)
+        if not wanted:
+            return joined
+        refs = dict(zip(wanted, await asyncio.gather(*(self._notebook_ref(ns, nb) for ns, nb in wanted)), strict=True))
+        out = []
+        for c in joined.candidates:
+            nb = actionkinds.kubeflow_notebook(c.pod) if c.pod is not None else None
+            if nb is None:
+                out.append(c)
+                continue
+            ref = refs[(c.pod.namespace, nb)]
+            c = replace(c, notebook=ref)
+            if c.kernel_id is not None and not claimed_by_a_gateway(c.activity):
+                seen = next((k for k in ref.kernels or () if k.kernel_id == c.kernel_id), None)
+                if seen is not None:
+                    c = replace(c, activity=seen, gateway=seen.gateway if seen.error is None else None)
+            out.append(c)
+        return replace(joined, candidates=tuple(out))
+
+    # ------------------------------------------------------------------ 6. re-check right before acting
+
+    async def recheck(self, d: Decision) -> Decision:
+        """Right before acting: fresh gateway view and the newest samples must still say reclaim. For a pod-bound
+        candidate the pod itself is read again (a GET, not the cached list: an exemption added after the warning
+        wins); for stop-server / evict-pod the server is asked of the hub again and every kernel of the target is
+        listed again."""
+        c = d.candidate
+        fresh: KernelActivity | None = None
+        notebook_kernel = False
+        nb = c.notebook
+        if nb is not None and self.adapters.notebooks is not None:
+            # The notebook server's kernels again: stop-notebook ends all of them; its own kernel may be seen there.
+            ref = await self._notebook_ref(nb.namespace, nb.name)
+            d = replace(d, candidate=replace(c, notebook=ref))
+            c = d.candidate
+            if c.kernel_id is not None and c.gateway == KUBEFLOW_GATEWAY:
+                fresh = next((k for k in ref.kernels or () if k.kernel_id == c.kernel_id), None)
+                notebook_kernel = True
+        if c.kernel_id is not None and not notebook_kernel:
+            # Every gateway is asked again (not only the one cached): two answering for one id is unknown (inv. 14).
+            got = await self.observe({c.kernel_id}, confirm=True)
+            fresh = got.get(c.kernel_id)
+            if (fresh is None or fresh.error) and c.server is not None and self.adapters.hub is not None:
+                listed = await asyncio.wait_for(self.adapters.hub.server_kernels(c.server), self.call_timeout)
+                fresh = next((k for k in listed or () if k.kernel_id == c.kernel_id), fresh)
+        refreshed, problem = await self._reread_target(d, fresh)
+        if problem is not None:
+            return policy.recheck_failed(d, problem)
+        return policy.recheck(d, fresh, self.sampler.snapshot(), self.settings, self.clock(), refreshed=refreshed)
+
+    async def _reread_target(self, d: Decision, fresh: KernelActivity | None) -> tuple[Candidate, str | None]:
+        """The candidate with its pod, server and whole target read again now; or the reason they cannot be."""
+        c = d.candidate
+        kube = self.adapters.kube
+        if c.pod is not None and kube is not None:
+            try:
+                # On the API server's stage thread: a GET that hangs stalls that stage only, never the cycle.
+                pod = await self._in_stage(
+                    "pod-list",
+                    kube.get_pod,
+                    c.pod.namespace,
+                    c.pod.name,
+                    what=f"GET pod {c.pod.namespace}/{c.pod.name}",
+                )
+            except Exception as exc:
+                return c, f"cannot read pod {c.pod.namespace}/{c.pod.name} again ({exc})"
+            if pod is None:
+                return c, f"pod {c.pod.namespace}/{c.pod.name} is gone"
+            if pod.uid != c.pod.uid:
+                return c, f"pod {c.pod.namespace}/{c.pod.name} was replaced (uid {pod.uid}, planned for {c.pod.uid})"
+            c = replace(c, pod=pod)
+        if actionkinds.spec(d.action).whole != "target":
+            return c, None
+        hub = self.adapters.hub
+        if c.server is not None:
+            if hub is None or self.hub is None:
+                return c, "no hub to ask for the server again"
+            try:
+                servers = await asyncio.wait_for(hub.user_servers(c.server.user), self.call_timeout)
+            except Exception as exc:
+                servers = None
+                log.warning("hub user lookup failed", user=c.server.user, error=str(exc))
+            if servers is None:
+                return c, f"cannot ask the hub for {c.server.user}'s servers again"
+            server = next((s for s in servers if s.server_name == c.server.server_name), None)
+            if server is None:
+                return c, f"the hub no longer lists server {c.server.label}"
+            # Reached where the cycle found it (the pod's IP, or the server process's loopback port).
+            server = replace(server, origin=c.server.origin, pid=server.pid or c.server.pid)
+            if server.origin is None and c.pod is not None and self.settings.hub is not None:
+                server = pod_server(c.pod, server, self.settings.hub.server_port) or server
+            kernels = await self.hub.server_kernels(server)
+            return replace(
+                c,
+                server=server,
+                target_kernels=tuple(kernels) if kernels is not None else None,
+                target_error=None if kernels is not None else "its kernel list could not be read",
+            ), None
+        if c.target_source.startswith(join_mod.KERNEL_POD_TARGET):
+            return replace(
+                c,
+                target_kernels=(fresh,) if fresh is not None and fresh.error is None else None,
+                target_error="its kernel's state is unknown",
+            ), None
+        if c.target_source.startswith(join_mod.GATEWAY_TARGET) and self.adapters.gateways is not None:
+            name = c.target_source.removeprefix(join_mod.GATEWAY_TARGET)
+            try:
+                got = await asyncio.wait_for(self.adapters.gateways.listing(name), self.call_timeout)
+                kernels, error = got.kernels, got.error
+            except Exception as exc:
+                kernels, error = None, f"listing failed: {type(exc).__name__}"
+            return replace(c, target_kernels=tuple(kernels) if kernels is not None else None, target_error=error), None
+        return c, None
+
+    # ------------------------------------------------------------------ after acting
+
+    def _with_holds(self, decisions: Sequence[Decision], now: float) -> list[Decision]:
+        """A reclaim the executor is backing off from says so in its reason (the report and the logs show it)."""
+        out = []
+        for d in decisions:
+            held = self.executor.hold(d.candidate.key, now) if d.verdict is Verdict.RECLAIM else None
+            out.append(replace(d, reason=f"{d.reason}; {held}") if held else d)
+        return out
+
+    def remember(self, results: Sequence[ActionResult], now: float) -> None:
+        """Start the cooldown of every target acted on; forget cooldowns that ended long ago."""
+        acted = {r.decision.candidate.key for r in results if r.result in ("success", "already-gone", "blocked")}
+        last = dict(self.state.last_action_at)
+        last.update(dict.fromkeys(acted, now))
+        # Forget cooldowns that ended long ago: bounded by the actions of the last two cooldowns, not by history.
+        horizon = now - 2 * self.settings.limits.cooldown
+        if acted or any(v < horizon for v in last.values()):
+            self.state = replace(self.state, last_action_at={k: v for k, v in last.items() if v >= horizon})
