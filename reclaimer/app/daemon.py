@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -24,6 +24,11 @@ from reclaimer.core.config import Settings, format_duration
 from reclaimer.core.model import ActionResult, CycleSnapshot, halted_reason
 from reclaimer.observe.sampler import Sampler
 from reclaimer.observe.stall import StageState
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from reclaimer.export.metrics import Metrics
 
 __all__ = ["Adapters", "Daemon", "build_adapters", "create_guarded_task", "run_daemon", "run_report"]
 
@@ -54,7 +59,7 @@ class Daemon:
     clock: Callable[[], float] = time.time
     executor: DryRunExecutor | LiveExecutor | None = None
     sampler: Sampler | None = None
-    metrics: Any | None = None
+    metrics: Metrics | None = None
     on_cycle: Callable[[CycleSnapshot, Sequence[ActionResult]], None] | None = None
     pipeline: Pipeline = field(init=False)
     _snapshot: CycleSnapshot | None = None
@@ -73,7 +78,7 @@ class Daemon:
                 self.snapshot, nvml_error_counts=self.adapters.backend.error_counts, stalls=self.stalls
             )
         hist = self.metrics.gateway_request_duration_seconds
-        for client in getattr(self.adapters.gateways, "clients", ()):
+        for client in self.adapters.gateways.clients if self.adapters.gateways is not None else ():
             client.on_request = lambda name, secs, _h=hist: _h.labels(gateway=name).observe(secs)
         if self.sampler is None:
             self.sampler = Sampler(
@@ -198,6 +203,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._stop.set)
+        assert self.metrics is not None
         self.sampler.start()
         runner = None
         try:
@@ -225,7 +231,7 @@ class Daemon:
         if self._stop is not None:
             self._stop.set()
 
-    async def close(self, runner: Any = None) -> None:
+    async def close(self, runner: web.AppRunner | None = None) -> None:
         for t in list(self._tasks):
             t.cancel()
         if self._tasks:
@@ -236,7 +242,7 @@ class Daemon:
         stopped = await asyncio.to_thread(self.sampler.stop, 2.0)
         self.pipeline.close()
         for closer in (self.adapters.gateways, self.adapters.hub, self.adapters.notebooks):
-            if closer is not None and hasattr(closer, "close"):
+            if closer is not None:
                 with contextlib.suppress(Exception):
                     await closer.close()
         if not stopped:  # the sampling thread is inside an NVML call: shutting NVML down now could block too

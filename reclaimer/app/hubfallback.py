@@ -1,6 +1,7 @@
 """The JupyterHub fallback of one node: the hub's server listing (cached) and the kernels of the servers it names.
 
-Why here (app/) and not in observe/hub.py: ``HubClient`` is one adapter and speaks only to the hub; the fallback
+Why here (app/) and not in observe/hub.py: the hub client (observe.hub.HubClient, typed here as the ``Hub`` role
+of app.adapters) is one adapter and speaks only to the hub; the fallback
 combines it with what the gateways answered (a kernel no configured gateway claims, invariant 14), with /proc (which
 server process a kernel runs under, on the procfs stage's thread) and with the decide interval. Composing adapters is
 the application's job; the adapters stay independent of one another (import-linter independence contract).
@@ -14,11 +15,12 @@ from collections.abc import Callable
 
 import structlog
 
+from reclaimer.app.adapters import Hub
 from reclaimer.core import candidates as join_mod
 from reclaimer.core.config import Settings
 from reclaimer.core.model import KernelActivity, ServerRef
 from reclaimer.observe.gateway import claimed_by_a_gateway
-from reclaimer.observe.hub import HubClient, locate_servers
+from reclaimer.observe.hub import locate_servers
 from reclaimer.observe.stall import StageWorker
 
 log = structlog.get_logger(__name__)
@@ -41,7 +43,7 @@ class HubFallback:
 
     def __init__(
         self,
-        hub: HubClient,
+        hub: Hub,
         settings: Settings,
         *,
         clock: Callable[[], float],

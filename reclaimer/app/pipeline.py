@@ -25,7 +25,7 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypeVar
 
 import structlog
 
@@ -46,6 +46,7 @@ from reclaimer.core.model import (
     PodGpuAllocation,
     PodInfo,
     PolicyState,
+    ProcessSample,
     SamplerSnapshot,
     ServerRef,
     Verdict,
@@ -63,6 +64,7 @@ if TYPE_CHECKING:
     from reclaimer.export.metrics import Metrics
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 GatewayLists = dict[str, tuple[list[KernelActivity] | None, str | None]]
 ServerLists = dict[tuple[str, str], list[KernelActivity] | None]
@@ -154,7 +156,7 @@ class Pipeline:
                 first_seen=samp.first_seen,
                 allocation_seen=self._allocation_seen,
                 hub_error=self.hub.error if self.hub is not None else None,
-                pods_listed_at=getattr(self.adapters.pods, "last_success_at", None),
+                pods_listed_at=self.adapters.pods.last_success_at if self.adapters.pods is not None else None,
             )
 
         joined = joined_with()
@@ -249,19 +251,17 @@ class Pipeline:
 
     def credentials(self) -> dict[str, str | None]:
         """Every credential the daemon holds -> why it was refused (None: not refused)."""
+        a = self.adapters
         out: dict[str, str | None] = {}
-        for client in getattr(self.adapters.gateways, "clients", ()):
-            source = getattr(client, "credential", None)
-            if source is not None:
-                out[f"gateway:{client.name}"] = source.rejected
-        hub_source = getattr(self.adapters.hub, "credential", None)
-        if hub_source is not None:
-            out["hub"] = hub_source.rejected
-        notebook_source = getattr(self.adapters.notebooks, "credential", None)
-        if notebook_source is not None:
-            out["kubeflow"] = notebook_source.rejected
-        if self.adapters.kube is not None and hasattr(self.adapters.kube, "rejected"):
-            out["kubernetes"] = self.adapters.kube.rejected
+        for client in a.gateways.clients if a.gateways is not None else ():
+            if client.credential is not None:
+                out[f"gateway:{client.name}"] = client.credential.rejected
+        if a.hub is not None and a.hub.credential is not None:
+            out["hub"] = a.hub.credential.rejected
+        if a.notebooks is not None and a.notebooks.credential is not None:
+            out["kubeflow"] = a.notebooks.credential.rejected
+        if a.kube is not None:
+            out["kubernetes"] = a.kube.rejected
         return out
 
     def close(self) -> None:
@@ -270,7 +270,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------ 2. pods and allocations
 
-    async def _in_stage(self, stage: str, fn: Callable[..., Any], *args: Any, what: str) -> Any:
+    async def _in_stage(self, stage: str, fn: Callable[..., T], *args: object, what: str) -> T:
         """``fn(*args)`` on the stage's own thread within the call timeout (raises Stalled / CallTimedOut)."""
         return await self.stages[stage].call(fn, *args, timeout=self.call_timeout, what=what)
 
@@ -280,17 +280,18 @@ class Pipeline:
             return {}, {}
         try:
             await self._in_stage("pod-list", pods.refresh_if_due, what="pod list from the API server")
-            self.kube_ok = bool(getattr(pods, "up", True))
+            self.kube_ok = bool(pods.up)
         except Exception as exc:
             self.kube_ok = False
             log.warning("pod list failed; using last known pods", error=describe(exc))
         return {p.uid: p for p in pods.pods()}, dict(pods.kernel_ids())
 
     async def _allocations(self) -> list[PodGpuAllocation] | None:
-        if self.adapters.pod_resources is None:
+        pod_resources = self.adapters.pod_resources
+        if pod_resources is None:
             return None
         try:
-            out = await self._in_stage("pod-resources", self.adapters.pod_resources, what="kubelet pod-resources List")
+            out = await self._in_stage("pod-resources", pod_resources, what="kubelet pod-resources List")
             self.podres_ok = True
             return list(out)
         except Exception as exc:
@@ -302,7 +303,7 @@ class Pipeline:
 
     async def _attribute(
         self,
-        procs: list[tuple[str, Any]],
+        procs: list[tuple[str, ProcessSample]],
         pod_kernel_ids: Mapping[str, str],
         listed_at: Mapping[str, float] | None = None,
     ) -> list[AttributedProcess]:
@@ -349,17 +350,15 @@ class Pipeline:
         if not kernel_ids:
             return {}
         now = self.clock()
-        if self.adapters.gateways is None:
+        if gateways is None:
             return {k: KernelActivity(k, "", now, error="no gateway configured") for k in kernel_ids}
         try:
             observing = (
-                self.adapters.gateways.observe(sorted(kernel_ids), confirm=True)
-                if confirm
-                else self.adapters.gateways.observe(sorted(kernel_ids))
+                gateways.observe(sorted(kernel_ids), confirm=True) if confirm else gateways.observe(sorted(kernel_ids))
             )
             return dict(await asyncio.wait_for(observing, self.call_timeout + 1))
         except Exception as exc:
-            names = ", ".join(c.name for c in getattr(self.adapters.gateways, "clients", ()))
+            names = ", ".join(c.name for c in gateways.clients)
             error = describe(
                 exc, f"gateway observation of {len(kernel_ids)} kernel(s) (gateways: {names})", self.call_timeout + 1
             )
@@ -386,9 +385,9 @@ class Pipeline:
                 continue
             if c.server is not None:
                 key = (c.server.user, c.server.server_name)
-                server = c.server
-                if server.origin is None and c.pod is not None:  # a pod's server, reached at the pod's IP
-                    server = pod_server(c.pod, server, self.settings.hub.server_port) if self.settings.hub else None
+                server: ServerRef | None = c.server
+                if c.server.origin is None and c.pod is not None:  # a pod's server, reached at the pod's IP
+                    server = pod_server(c.pod, c.server, self.settings.hub.server_port) if self.settings.hub else None
                 if key not in server_lists and self.hub is not None:
                     if server is None:
                         server_lists[key] = None  # no direct address yet (no pod IP): its kernels are unknown
@@ -400,15 +399,16 @@ class Pipeline:
                     gateways.add(gw)
         if not servers and not gateways:
             return False
-        hub = self.hub
+        hub, pool = self.hub, self.adapters.gateways
 
         async def server_listing(key: tuple[str, str], server: ServerRef) -> None:
             assert hub is not None
             server_lists[key] = await hub.server_kernels(server)
 
         async def gateway_listing(name: str) -> None:
+            assert pool is not None
             try:
-                got = await asyncio.wait_for(self.adapters.gateways.listing(name), self.call_timeout)
+                got = await asyncio.wait_for(pool.listing(name), self.call_timeout)
                 gateway_lists[name] = (got.kernels, got.error)
             except Exception as exc:
                 gateway_lists[name] = (None, f"listing failed: {type(exc).__name__}")
@@ -419,6 +419,7 @@ class Pipeline:
         return True
 
     async def _notebook_ref(self, namespace: str, name: str) -> NotebookRef:
+        assert self.adapters.notebooks is not None
         try:
             return await asyncio.wait_for(self.adapters.notebooks.kernels(namespace, name), self.call_timeout)
         except Exception as exc:  # unknown, never idle
@@ -427,14 +428,15 @@ class Pipeline:
     async def _notebooks(self, joined: join_mod.JoinResult) -> join_mod.JoinResult:
         """Kubeflow notebook pods: each notebook server's kernels (stop-notebook's whole target), asked at the URL
         built from ``kubeflow.notebook_url``; a kernel no configured gateway knows is observed there."""
-        if self.adapters.notebooks is None:
+        notebooks = self.adapters.notebooks
+        if notebooks is None:
             return joined
         wanted = {
             (c.pod.namespace, nb)
             for c in joined.candidates
             if c.pod is not None and (nb := actionkinds.kubeflow_notebook(c.pod)) is not None
         }
-        await self.adapters.notebooks.prune(wanted)
+        await notebooks.prune(wanted)
         if not wanted:
             return joined
         refs = dict(zip(wanted, await asyncio.gather(*(self._notebook_ref(ns, nb) for ns, nb in wanted)), strict=True))
@@ -444,6 +446,7 @@ class Pipeline:
             if nb is None:
                 out.append(c)
                 continue
+            assert c.pod is not None
             ref = refs[(c.pod.namespace, nb)]
             c = replace(c, notebook=ref)
             if c.kernel_id is not None and not claimed_by_a_gateway(c.activity):
@@ -538,10 +541,11 @@ class Pipeline:
                 target_kernels=(fresh,) if fresh is not None and fresh.error is None else None,
                 target_error="its kernel's state is unknown",
             ), None
-        if c.target_source.startswith(join_mod.GATEWAY_TARGET) and self.adapters.gateways is not None:
+        gateways = self.adapters.gateways
+        if c.target_source.startswith(join_mod.GATEWAY_TARGET) and gateways is not None:
             name = c.target_source.removeprefix(join_mod.GATEWAY_TARGET)
             try:
-                got = await asyncio.wait_for(self.adapters.gateways.listing(name), self.call_timeout)
+                got = await asyncio.wait_for(gateways.listing(name), self.call_timeout)
                 kernels, error = got.kernels, got.error
             except Exception as exc:
                 kernels, error = None, f"listing failed: {type(exc).__name__}"
