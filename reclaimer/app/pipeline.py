@@ -6,8 +6,9 @@
 2. pods (the API server's list, cached) and GPU allocations (kubelet pod-resources), side by side;
 3. attribute each GPU process to a kernel through /proc;
 4. observe the kernels at the configured gateways, then (only for candidates that need it) the hub and the
-   servers it names, the whole target of each stop-server / evict-pod, and the Kubeflow notebook servers;
-5. join everything into candidates (core.candidates) and plan (core.policy): pure, ``now`` is an argument;
+   servers it names, the whole target of each stop-server / evict-pod, and the Kubeflow notebook servers; every
+   view joined into candidates (core.candidates, pure) again whenever one told more (``NodeView``, ``_views``);
+5. plan (core.policy, pure: ``now`` is an argument); every reclaim unknown while a credential is refused;
 6. execute the plan (the executor re-checks each reclaim right before acting: ``recheck``), verify what earlier
    actions freed;
 7. export: the snapshot, and what this cycle adds to the cumulative counters (export.accounting).
@@ -24,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, TypeVar
 
 import structlog
@@ -70,6 +71,52 @@ GatewayLists = dict[str, tuple[list[KernelActivity] | None, str | None]]
 ServerLists = dict[tuple[str, str], list[KernelActivity] | None]
 
 
+def gpu_processes(samp: SamplerSnapshot) -> list[tuple[str, ProcessSample]]:
+    """(GPU uuid, process) for every process of each GPU's newest tick (none from a GPU that is down)."""
+    return [
+        (uuid, p)
+        for uuid, series in samp.samples.items()
+        if series and series[-1].up and series[-1].processes
+        for p in series[-1].processes
+    ]
+
+
+def listed_at(samp: SamplerSnapshot) -> dict[str, float]:
+    """When each GPU's process list was read: a process started after that is not the one listed (invariant 19)."""
+    return {uuid: series[-1].timestamp for uuid, series in samp.samples.items() if series}
+
+
+def halt_if_refused(decisions: Sequence[Decision], credentials: Mapping[str, str | None]) -> list[Decision]:
+    """Every reclaim unknown while a credential is refused (even after re-reading its file): what the daemon sees
+    may be partial and what it would do may fail half-way. Nothing is acted on until it is accepted again."""
+    halted = halted_reason(credentials)
+    if not halted:
+        return list(decisions)
+    return [
+        replace(d, verdict=Verdict.UNKNOWN, reason=f"actions halted ({halted}); was: {d.reason}")
+        if d.verdict is Verdict.RECLAIM
+        else d
+        for d in decisions
+    ]
+
+
+@dataclass
+class NodeView:
+    """What one cycle has learnt about the node so far; each observing stage adds to it, ``Pipeline._join`` turns
+    it into candidates."""
+
+    samples: SamplerSnapshot
+    processes: list[AttributedProcess]
+    pods_by_uid: dict[str, PodInfo]
+    kernel_pods: dict[str, str]  # pod uid -> the kernel id its labels name
+    allocations: list[PodGpuAllocation] | None  # None: unknown
+    activities: dict[str, KernelActivity]  # kernel id -> what its gateway (or the hub, or Kubeflow) says
+    servers: list[ServerRef] | None = field(default_factory=list)  # the hub's user servers (None: unknown)
+    kernel_servers: dict[str, ServerRef] = field(default_factory=dict)  # kernel id -> the server it was found in
+    server_lists: ServerLists = field(default_factory=dict)  # every kernel of a server (a whole target)
+    gateway_lists: GatewayLists = field(default_factory=dict)  # every kernel of a gateway (a whole target)
+
+
 class Pipeline:
     """The stages of one decide cycle and what they keep between cycles (policy state, caches, dependency health)."""
 
@@ -110,136 +157,123 @@ class Pipeline:
 
     async def cycle(self, now: float) -> tuple[CycleSnapshot, list[ActionResult]]:
         """One decide cycle at ``now`` over the samples held now. Never raises for a dependency's failure."""
-        s = self.settings
         t0 = time.perf_counter()
-        # 1. the samples
+        # 1. the samples: the window the sampler thread keeps, and the GPU processes of the newest tick
         samp = self.sampler.snapshot()
-        procs = [
-            (uuid, p)
-            for uuid, series in samp.samples.items()
-            if series and series[-1].up and series[-1].processes
-            for p in series[-1].processes
-        ]
-        # 2. pods and their GPU allocations
+        procs = gpu_processes(samp)
+        # 2. pods (cached list) and their GPU allocations (kubelet), side by side
         allocations_at = self.clock()
-        (pods_by_uid, pod_kernel_ids), allocations = await asyncio.gather(self._pods(), self._allocations())
-        # 3. GPU processes -> kernels. When each GPU's process list was read: a process started after that is not
-        # the one listed (invariant 19).
-        listed_at = {uuid: series[-1].timestamp for uuid, series in samp.samples.items() if series}
-        attributed = await self._attribute(procs, pod_kernel_ids, listed_at)
-        # 4. what the gateways, the hub and Kubeflow say about those kernels
-        kernel_ids = {p.kernel_id for p in attributed if p.kernel_id}
-        activities = await self.observe(kernel_ids)
-        servers: list[ServerRef] | None = []
-        kernel_servers: dict[str, ServerRef] = {}
-        server_lists: ServerLists = {}
-        gateway_lists: GatewayLists = {}
-
-        if allocations is not None:  # invariant 10: a pod holds its allocation from the first cycle that saw it
-            held = join_mod.allocated_gpus_by_pod(pods_by_uid, allocations)
-            self._allocation_seen = {uid: self._allocation_seen.get(uid, now) for uid in held}
-
-        # 5a. join: every view of the node into candidates (again whenever a stage below learnt more)
-        def joined_with() -> join_mod.JoinResult:
-            return join_mod.join(
-                node=s.node_name,
-                processes=attributed,
-                pods_by_uid=pods_by_uid,
-                allocations=allocations,
-                activities=activities,
-                servers=servers,
-                kernel_servers=kernel_servers,
-                server_name_annotation=s.kubernetes.server_name_annotation,
-                server_kernels=server_lists,
-                gateway_kernels=gateway_lists,
-                kernel_pods=pod_kernel_ids,
-                first_seen=samp.first_seen,
-                allocation_seen=self._allocation_seen,
-                hub_error=self.hub.error if self.hub is not None else None,
-                pods_listed_at=self.adapters.pods.last_success_at if self.adapters.pods is not None else None,
-            )
-
-        joined = joined_with()
-        if self.hub is not None:
-            # The hub is asked only for candidates that need it: a kernel no gateway could tell about, or a
-            # candidate whose pod names a user (its server is part of what a decision covers).
-            unobserved = any(
-                c.kernel_id and (activities.get(c.kernel_id) is None or activities[c.kernel_id].error)
-                for c in joined.candidates
-            )
-            named = frozenset(
-                (c.pod.user, c.pod.annotations.get(s.kubernetes.server_name_annotation, ""))
-                for c in joined.candidates
-                if c.pod is not None and c.pod.user
-            )
-            if unobserved or named:
-                servers = await self.hub.servers(True, named)
-                joined = joined_with()
-            if unobserved and servers:
-                kernel_servers.update(await self.hub.kernels(joined, activities, servers, server_lists))
-                joined = joined_with()
-        if await self._list_targets(joined, samp, pod_kernel_ids, server_lists, gateway_lists):
-            joined = joined_with()
-        joined = await self._notebooks(joined)
+        (pods_by_uid, kernel_pods), allocations = await asyncio.gather(self._pods(), self._allocations())
+        self._note_allocations(pods_by_uid, allocations, now)
+        # 3. GPU processes -> kernels through /proc
+        attributed = await self._attribute(procs, kernel_pods, listed_at(samp))
+        # 4. the gateways' view of those kernels; then the hub, whole targets and Kubeflow where candidates need them
+        activities = await self.observe({p.kernel_id for p in attributed if p.kernel_id})
+        view = NodeView(samp, attributed, pods_by_uid, kernel_pods, allocations, activities)
+        joined = await self._views(view)
         observed_at = self.clock()
-        # 5b. plan: pure policy over the candidates and the samples
-        planned = policy.plan(joined.candidates, samp, s, now, self.state)
-        decisions, self.state = planned.decisions, planned.state
+        # 5. plan: pure policy over the candidates and the samples (nothing reclaimed while a credential is refused)
+        planned = policy.plan(joined.candidates, samp, self.settings, now, self.state)
+        self.state = planned.state
         if planned.breaker.new_trip:
             log.warning("circuit breaker tripped", cause=planned.breaker.cause, reason=planned.breaker.reason)
         credentials = self.credentials()
-        halted = halted_reason(credentials)
-        if halted:
-            # A credential the other side refused even after re-reading its file: what the daemon sees may be
-            # partial and what it would do may fail half-way. Nothing is acted on until it is accepted again.
-            decisions = [
-                replace(d, verdict=Verdict.UNKNOWN, reason=f"actions halted ({halted}); was: {d.reason}")
-                if d.verdict is Verdict.RECLAIM
-                else d
-                for d in decisions
-            ]
-        # 6. act (each reclaim re-checked right before), then verify what earlier actions freed
+        decisions = halt_if_refused(planned.decisions, credentials)
+        # 6. act (each reclaim re-checked right before: ``recheck``), then verify what earlier actions freed
         results = await self.executor.execute(decisions, recheck=self.recheck)
         results += self.executor.verify(self.sampler.snapshot(), self.clock())
         results += await self.executor.verify_allocations(allocations, allocations_at, self.clock())
         decisions = self._with_holds(decisions, self.clock())
         self.remember(results, now)
-        # 7. export: the snapshot, the counters
-        gpu_idle = policy.gpu_idle_by_device(samp, decisions, s, now)
-        gw_up = self.adapters.gateways.gateway_up() if self.adapters.gateways is not None else {}
+        # 7. export: the snapshot the endpoints serve, the counters, one log line
         snap = CycleSnapshot(
-            node=s.node_name,
-            mode=s.mode,
+            node=self.settings.node_name,
+            mode=self.settings.mode,
             generated_at=now,
             sampler=samp,
             decisions=tuple(decisions),
             unattributed=joined.unattributed,
-            gpu_idle_seconds=gpu_idle,
-            gateway_up=gw_up,
+            gpu_idle_seconds=policy.gpu_idle_by_device(samp, decisions, self.settings, now),
+            gateway_up=self.adapters.gateways.gateway_up() if self.adapters.gateways is not None else {},
             observed_at=observed_at,
             breaker=planned.breaker,
             credentials=credentials,
         )
+        self._export(snap, results, gpu_processes=len(procs), started=t0)
+        return snap, results
+
+    async def _views(self, view: NodeView) -> join_mod.JoinResult:
+        """Step 4 past the gateways: join the views into candidates, and ask the hub, the targets' listings and the
+        Kubeflow notebook servers only for the candidates that need them (joining again whenever one told more)."""
+        joined = self._join(view)
+        if self.hub is not None:
+            # The hub is asked only for candidates that need it: a kernel no gateway could tell about, or a
+            # candidate whose pod names a user (its server is part of what a decision covers).
+            unobserved = any(
+                c.kernel_id and (view.activities.get(c.kernel_id) is None or view.activities[c.kernel_id].error)
+                for c in joined.candidates
+            )
+            annotation = self.settings.kubernetes.server_name_annotation
+            named = frozenset(
+                (c.pod.user, c.pod.annotations.get(annotation, ""))
+                for c in joined.candidates
+                if c.pod is not None and c.pod.user
+            )
+            if unobserved or named:
+                view.servers = await self.hub.servers(True, named)
+                joined = self._join(view)
+            if unobserved and view.servers:
+                found = await self.hub.kernels(joined, view.activities, view.servers, view.server_lists)
+                view.kernel_servers.update(found)
+                joined = self._join(view)
+        if await self._list_targets(joined, view.samples, view.kernel_pods, view.server_lists, view.gateway_lists):
+            joined = self._join(view)
+        return await self._notebooks(joined)
+
+    def _join(self, view: NodeView) -> join_mod.JoinResult:
+        """Every view of the node so far into candidates (core.candidates, pure)."""
+        s = self.settings
+        return join_mod.join(
+            node=s.node_name,
+            processes=view.processes,
+            pods_by_uid=view.pods_by_uid,
+            allocations=view.allocations,
+            activities=view.activities,
+            servers=view.servers,
+            kernel_servers=view.kernel_servers,
+            server_name_annotation=s.kubernetes.server_name_annotation,
+            server_kernels=view.server_lists,
+            gateway_kernels=view.gateway_lists,
+            kernel_pods=view.kernel_pods,
+            first_seen=view.samples.first_seen,
+            allocation_seen=self._allocation_seen,
+            hub_error=self.hub.error if self.hub is not None else None,
+            pods_listed_at=self.adapters.pods.last_success_at if self.adapters.pods is not None else None,
+        )
+
+    def _export(
+        self, snap: CycleSnapshot, results: Sequence[ActionResult], *, gpu_processes: int, started: float
+    ) -> None:
+        """What the cycle adds to the counters, the series rendered once for the scrapes, and the cycle's log line."""
         self.accounting.record(snap, results)
         self.metrics.prepare(snap)  # the per-kernel series are rendered here, once, not in every scrape
-        duration = time.perf_counter() - t0
-        self.metrics.decide_duration_seconds.observe(duration)
+        seconds = time.perf_counter() - started  # the whole cycle, this export included
+        self.metrics.decide_duration_seconds.observe(seconds)
         counts: dict[str, int] = {}
-        for d in decisions:
+        for d in snap.decisions:
             counts[d.verdict.value] = counts.get(d.verdict.value, 0) + 1
         log.info(
             "cycle",
-            mode=s.mode,
-            gpus=len(samp.devices),
-            gpu_processes=len(procs),
-            candidates=len(decisions),
-            unattributed=len(joined.unattributed),
+            mode=snap.mode,
+            gpus=len(snap.sampler.devices),
+            gpu_processes=gpu_processes,
+            candidates=len(snap.decisions),
+            unattributed=len(snap.unattributed),
             actions=len(results),
-            duration_ms=round(duration * 1000, 1),
+            duration_ms=round(seconds * 1000, 1),
             stalled=sorted(stage for stage, st in self.stalls().items() if st.stalled),
             **counts,
         )
-        return snap, results
 
     # ------------------------------------------------------------------ health of the stages and credentials
 
@@ -298,6 +332,15 @@ class Pipeline:
             self.podres_ok = False
             log.warning("pod-resources unavailable", error=describe(exc))
             return None
+
+    def _note_allocations(
+        self, pods_by_uid: Mapping[str, PodInfo], allocations: Sequence[PodGpuAllocation] | None, now: float
+    ) -> None:
+        """Invariant 10: a pod holds its allocation from the first cycle that saw it (pods no longer holding one
+        are forgotten; an unknown allocation list changes nothing)."""
+        if allocations is not None:
+            held = join_mod.allocated_gpus_by_pod(pods_by_uid, allocations)
+            self._allocation_seen = {uid: self._allocation_seen.get(uid, now) for uid in held}
 
     # ------------------------------------------------------------------ 3. attribution
 
