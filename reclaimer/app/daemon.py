@@ -317,13 +317,15 @@ async def _fetch_report(url: str, timeout: float, token: str | None = None) -> d
     target = url.rstrip("/") + "/report"
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
-            async with session.get(target, allow_redirects=False, headers=headers) as resp:
-                if resp.status == 401:
-                    hint = "the token was refused" if token else "it needs a bearer token: pass --token-file"
-                    raise ReclaimerError(f"{target} answered HTTP 401: {hint}")
-                if resp.status != 200:
-                    raise ReclaimerError(f"{target} answered HTTP {resp.status}")
-                return await resp.json(content_type=None)
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+            session.get(target, allow_redirects=False, headers=headers) as resp,
+        ):
+            if resp.status == 401:
+                hint = "the token was refused" if token else "it needs a bearer token: pass --token-file"
+                raise ReclaimerError(f"{target} answered HTTP 401: {hint}")
+            if resp.status != 200:
+                raise ReclaimerError(f"{target} answered HTTP {resp.status}")
+            return await resp.json(content_type=None)
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
         raise ReclaimerError(f"cannot read {target}: {exc or type(exc).__name__}") from None
