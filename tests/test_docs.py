@@ -77,7 +77,14 @@ def _index() -> tuple[dict[str, set[str]], dict[str, set[str]], dict[str, set[st
         stems.setdefault(name.rsplit(".", 1)[-1], set()).update(top[name])
         for node in ast.walk(tree):
             if isinstance(node, ast.ClassDef):
-                classes.setdefault(node.name, set()).update(_defined(node.body))
+                members = classes.setdefault(node.name, set())
+                members.update(_defined(node.body))
+                members.update(  # attributes set in its methods (``self.call_timeout = ...``)
+                    t.attr
+                    for sub in ast.walk(node)
+                    for t in (sub.targets if isinstance(sub, ast.Assign) else [getattr(sub, "target", None)])
+                    if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"
+                )
     words: set[str] = set()
     for folder, pattern in (("reclaimer", "*.py"), ("deploy", "*.yaml"), ("dashboards", "*.py"), ("scripts", "*.py")):
         for path in (ROOT / folder).rglob(pattern):
