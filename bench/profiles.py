@@ -115,10 +115,11 @@ async def _cycles(args: dict[str, Any]) -> dict[str, Any]:
 async def _profile(daemon: Any, cycles: int) -> str:
     from pyinstrument import Profiler
 
-    async def inline(fn: Any, *fn_args: Any, timeout: float) -> Any:
+    async def inline(fn: Any, *fn_args: Any, timeout: float, what: str) -> Any:
         return fn(*fn_args)
 
-    daemon._to_thread = inline  # profile only: pyinstrument samples one thread
+    for worker in daemon.pipeline.stages.values():  # profile only: pyinstrument samples one thread
+        worker.call = inline
     profiler = Profiler(interval=0.0001, async_mode="enabled")
     for _ in range(cycles):
         daemon.sampler.tick()
