@@ -29,7 +29,9 @@ from bench.common import (
     stage,
     verdict,
 )
-from reclaimer.core.model import ActionKind, CycleSnapshot, ProcessSample, Verdict
+from reclaimer.core.actions import ActionKind
+from reclaimer.core.verdicts import Verdict
+from reclaimer.core.model import CycleSnapshot, ProcessSample
 
 TARGET_SECONDS = 0.020
 _VERDICTS = (Verdict.KEEP, Verdict.KEEP, Verdict.WARN, Verdict.RECLAIM, Verdict.UNKNOWN, Verdict.EXEMPT)

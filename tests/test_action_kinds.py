@@ -24,20 +24,9 @@ from reclaimer.act import actions
 from reclaimer.act.actions import DryRunExecutor, LiveExecutor
 from reclaimer.core import actionkinds, policy
 from reclaimer.core.config import PolicySettings
-from reclaimer.core.model import (
-    ActionKind,
-    ActionResult,
-    Candidate,
-    CycleSnapshot,
-    Decision,
-    GpuSample,
-    NotebookRef,
-    OwnerRef,
-    PodGpuAllocation,
-    Recovers,
-    SamplerSnapshot,
-    Verdict,
-)
+from reclaimer.core.actions import ActionKind, Recovers
+from reclaimer.core.verdicts import Verdict
+from reclaimer.core.model import ActionResult, Candidate, CycleSnapshot, Decision, GpuSample, NotebookRef, OwnerRef, PodGpuAllocation, SamplerSnapshot
 from reclaimer.core.policy import decide
 from reclaimer.export.metrics import Metrics
 from reclaimer.export.report import build_report, render_json

@@ -16,19 +16,9 @@ from aiohttp import web
 from reclaimer.act.actions import DryRunExecutor, LiveExecutor, executor_for
 from reclaimer.core.config import GatewaySettings
 from reclaimer.observe.gateway import GatewayClient, GatewayPool
-from reclaimer.core.model import (
-    ActionKind,
-    ActionResult,
-    AttributedProcess,
-    Candidate,
-    Decision,
-    GpuSample,
-    PodInfo,
-    ProcessSample,
-    SamplerSnapshot,
-    ServerRef,
-    Verdict,
-)
+from reclaimer.core.actions import ActionKind
+from reclaimer.core.verdicts import Verdict
+from reclaimer.core.model import ActionResult, AttributedProcess, Candidate, Decision, GpuSample, PodInfo, ProcessSample, SamplerSnapshot, ServerRef
 from tests.support import policy_fixtures
 from tests.support.fake_kube import FakeKube, Reply, forbidden, multiple_pdbs, not_found, pdb_blocked, retry_after, \
     server_error

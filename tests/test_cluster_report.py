@@ -19,7 +19,8 @@ import pytest
 
 from reclaimer.app.cli import main
 from reclaimer.export.metrics import Metrics
-from reclaimer.core.model import CycleSnapshot, Verdict
+from reclaimer.core.verdicts import Verdict
+from reclaimer.core.model import CycleSnapshot
 from reclaimer.export.server import BearerToken, make_app
 from tests.support.export_fixtures import GIB, SnapshotBuilder, node_snapshot, serve_in_thread
 from tests.support.fake_kube import FakeKube, Reply, status_body

@@ -22,7 +22,7 @@ from reclaimer.app.daemon import Adapters, Daemon
 from reclaimer.app.demo import free_port
 from reclaimer.observe.gateway import GatewayClient, GatewayPool
 from reclaimer.observe.gpusim import SimulatedBackend
-from reclaimer.core.model import Verdict
+from reclaimer.core.verdicts import Verdict
 from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, fake_nvml, fake_nvml_libs, gpu_uuid  # noqa: F401
 
 KID = "5e5e5e5e-0000-4000-8000-000000000001"
@@ -403,7 +403,8 @@ def test_item5_real_daemon_survives_a_blocking_proc_read_and_a_wedged_nvml_call(
 
 def test_item4_cooldowns_stay_bounded_by_the_recent_actions() -> None:
     """Five actions every cycle for a simulated day: the cooldown map keeps only the last two cooldowns' keys."""
-    from reclaimer.core.model import ActionKind, ActionResult, Candidate, Decision
+    from reclaimer.core.actions import ActionKind
+    from reclaimer.core.model import ActionResult, Candidate, Decision
 
     settings = parse_settings("gpu: {backend: simulated}\nkubernetes: {enabled: false}\ndecide_interval: 15s\n"
                               "limits: {cooldown: 10m, max_actions_per_cycle: 5}\n")

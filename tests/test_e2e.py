@@ -27,7 +27,8 @@ from reclaimer.core.config import Settings, parse_settings
 from reclaimer.app.daemon import Daemon, build_adapters
 from reclaimer.app.demo import RESERVED_KERNEL, KernelGatewayProcess, _write_reserved_kernelspec, free_port
 from reclaimer.app.kernelclient import GatewayRest
-from reclaimer.core.model import ActionResult, CycleSnapshot, Verdict
+from reclaimer.core.verdicts import Verdict
+from reclaimer.core.model import ActionResult, CycleSnapshot
 from tests.support.fake_kube import FakeKube
 from tests.support.fake_kubelet import FakeKubelet, pod
 from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, fake_nvml, fake_nvml_libs, gpu_uuid  # noqa: F401

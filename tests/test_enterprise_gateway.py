@@ -19,7 +19,7 @@ from reclaimer.core.config import GatewaySettings, parse_settings
 from reclaimer.app.daemon import Daemon, build_adapters
 from reclaimer.app.demo import free_port
 from reclaimer.observe.gateway import CONFLICTING_GATEWAYS, GatewayClient, GatewayPool
-from reclaimer.core.model import Verdict
+from reclaimer.core.verdicts import Verdict
 from tests.support.jupyter_fixtures import (  # noqa: F401  (session fixtures used by name)
     EG_USER,
     JupyterProcess,

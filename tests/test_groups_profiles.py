@@ -20,7 +20,8 @@ from reclaimer.app.daemon import Daemon, build_adapters
 from reclaimer.app.demo import free_port
 from reclaimer.observe.jupyter_rest import BadAnswer
 from reclaimer.observe.hub import HubClient
-from reclaimer.core.model import Candidate, ProcessSample, ServerRef, Verdict
+from reclaimer.core.verdicts import Verdict
+from reclaimer.core.model import Candidate, ProcessSample, ServerRef
 from reclaimer.core.policy import choose_policy, decide
 from reclaimer.core.model import PolicyState
 from tests.support.jupyter_fixtures import (  # noqa: F401  (session fixtures used by name)

@@ -693,7 +693,8 @@ async def test_invariant_13_daemon_never_stops_another_server_and_a_failed_listi
     from reclaimer.app.daemon import Adapters, Daemon
     from reclaimer.observe.gpusim import SimulatedBackend
     from reclaimer.observe.kube import PodCache
-    from reclaimer.core.model import PodGpuAllocation, Verdict
+    from reclaimer.core.model import PodGpuAllocation
+    from reclaimer.core.verdicts import Verdict
     from reclaimer.observe.sampler import Sampler
     from tests.support.fake_kube import FakeKube
 

@@ -19,7 +19,7 @@ from reclaimer.core.config import parse_settings
 from reclaimer.app.daemon import Daemon, build_adapters
 from reclaimer.app.demo import free_port
 from reclaimer.observe.hub import HubClient
-from reclaimer.core.model import Verdict
+from reclaimer.core.verdicts import Verdict
 from tests.support.jupyter_fixtures import (  # noqa: F401  (session fixtures used by name)
     JupyterProcess,
     hub_request,

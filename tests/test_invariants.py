@@ -14,7 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
 
 from reclaimer.core.config import Settings
-from reclaimer.core.model import ActionKind, Candidate, Decision, PolicyState, SamplerSnapshot, Verdict
+from reclaimer.core.actions import ActionKind
+from reclaimer.core.verdicts import Verdict
+from reclaimer.core.model import Candidate, Decision, PolicyState, SamplerSnapshot
 from reclaimer.core.policy import IDLE_AFTER_ANNOTATION, decide, plan, recheck
 from tests.support.policy_fixtures import (
     WARNED,

@@ -23,7 +23,9 @@ from reclaimer.core.config import KubernetesSettings, parse_settings
 from reclaimer.app.daemon import Daemon, build_adapters
 from reclaimer.app.demo import free_port
 from reclaimer.observe.kube import PodCache
-from reclaimer.core.model import ActionKind, Candidate, PodGpuAllocation, PolicyState, ProcessSample, Recovers, Verdict
+from reclaimer.core.actions import ActionKind, Recovers
+from reclaimer.core.verdicts import Verdict
+from reclaimer.core.model import Candidate, PodGpuAllocation, PolicyState, ProcessSample
 from reclaimer.core.policy import decide
 from tests.support.fake_kube import FakeKube
 from tests.support.fake_kubelet import FakeKubelet

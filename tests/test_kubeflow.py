@@ -21,7 +21,9 @@ from reclaimer.app.daemon import Daemon, build_adapters
 from reclaimer.app.demo import free_port
 from reclaimer.observe.kube import pod_info_from_json
 from reclaimer.observe.kubeflow import KUBEFLOW_GATEWAY, NotebookServers, is_dns_label, notebook_url
-from reclaimer.core.model import ActionKind, Candidate, NotebookRef, PolicyState, ProcessSample, Recovers, Verdict
+from reclaimer.core.actions import ActionKind, Recovers
+from reclaimer.core.verdicts import Verdict
+from reclaimer.core.model import Candidate, NotebookRef, PolicyState, ProcessSample
 from reclaimer.core.policy import decide
 from tests.support.fake_kube import FakeKube, Reply, forbidden
 from tests.support.fake_kubelet import FakeKubelet

@@ -12,7 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from reclaimer.export.metrics import ACTIONS, FAST_BUCKETS, MODES, RESULTS, Metrics
-from reclaimer.core.model import ActionKind, ActionResult, BreakerStatus, CycleSnapshot, Verdict
+from reclaimer.core.actions import ActionKind
+from reclaimer.core.verdicts import Verdict
+from reclaimer.core.model import ActionResult, BreakerStatus, CycleSnapshot
 from tests.support.export_fixtures import (
     GIB,
     K_ALICE,

@@ -8,7 +8,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from reclaimer.core.config import parse_settings
-from reclaimer.core.model import ActionKind, ActionResult, Verdict
+from reclaimer.core.actions import ActionKind
+from reclaimer.core.verdicts import Verdict
+from reclaimer.core.model import ActionResult
 from reclaimer.core.policy import gpu_idle_by_device, gpu_idle_seconds, idle_threshold
 from reclaimer.export.accounting import ExportAccounting
 from reclaimer.export.metrics import Metrics

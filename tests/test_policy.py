@@ -10,7 +10,9 @@ import pytest
 
 from reclaimer.core.config import Settings
 from reclaimer.observe.gpusim import SimulatedBackend
-from reclaimer.core.model import ActionKind, Candidate, Decision, KernelActivity, PolicyState, ProcessSample, ServerRef, Verdict
+from reclaimer.core.actions import ActionKind
+from reclaimer.core.verdicts import Verdict
+from reclaimer.core.model import Candidate, Decision, KernelActivity, PolicyState, ProcessSample, ServerRef
 from reclaimer.core.policy import IDLE_AFTER_ANNOTATION, decide, gpu_idle_seconds, recheck, select_policy
 from reclaimer.observe.sampler import Sampler
 from tests.support.policy_fixtures import (

@@ -23,18 +23,9 @@ from reclaimer.act.actions import LiveExecutor
 from reclaimer.core.config import parse_settings
 from reclaimer.observe.kube import pod_info_from_json
 from reclaimer.export.metrics import ACTIONS, Metrics
-from reclaimer.core.model import (
-    ActionKind,
-    ActionResult,
-    Candidate,
-    Decision,
-    OwnerRef,
-    PodGpuAllocation,
-    PodInfo,
-    Recovers,
-    ServerRef,
-    Verdict,
-)
+from reclaimer.core.actions import ActionKind, Recovers
+from reclaimer.core.verdicts import Verdict
+from reclaimer.core.model import ActionResult, Candidate, Decision, OwnerRef, PodGpuAllocation, PodInfo, ServerRef
 from reclaimer.core.model import PolicyState
 from reclaimer.core.policy import decide, recheck
 from tests.support.fake_kube import FakeKube, Reply

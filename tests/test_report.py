@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from reclaimer.core.errors import ReclaimerError
-from reclaimer.core.model import NO_NAMESPACE, ActionKind, Decision, ProcessSample, Verdict
+from reclaimer.core.actions import ActionKind
+from reclaimer.core.verdicts import Verdict
+from reclaimer.core.model import NO_NAMESPACE, Decision, ProcessSample
 from reclaimer.core.views import held_idle_increments
 from reclaimer.export.report import (
     NOT_ATTRIBUTED_YET,

@@ -19,7 +19,8 @@ from reclaimer.core.config import Settings, parse_settings
 from reclaimer.app.daemon import Daemon, build_adapters
 from reclaimer.app.demo import KernelGatewayProcess, free_port
 from reclaimer.app.kernelclient import GatewayRest
-from reclaimer.core.model import ActionResult, CycleSnapshot, Decision, Verdict
+from reclaimer.core.verdicts import Verdict
+from reclaimer.core.model import ActionResult, CycleSnapshot, Decision
 from tests.support.fake_kube import FakeKube
 from tests.support.fake_kubelet import FakeKubelet, pod
 from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, fake_nvml, fake_nvml_libs, gpu_uuid  # noqa: F401

@@ -11,17 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
 
 from reclaimer.core.candidates import join
-from reclaimer.core.model import (
-    ActionKind,
-    Candidate,
-    Decision,
-    GpuSample,
-    PodGpuAllocation,
-    PolicyState,
-    ProcessSample,
-    SamplerSnapshot,
-    Verdict,
-)
+from reclaimer.core.actions import ActionKind
+from reclaimer.core.verdicts import Verdict
+from reclaimer.core.model import Candidate, Decision, GpuSample, PodGpuAllocation, PolicyState, ProcessSample, SamplerSnapshot
 from reclaimer.core.policy import decide, fold_presence, remember
 from tests.support.policy_fixtures import (
     GIB,

@@ -23,7 +23,8 @@ from reclaimer.core.config import parse_settings
 from reclaimer.app.daemon import Adapters, Daemon
 from reclaimer.observe.gateway import GatewayClient, GatewayPool
 from reclaimer.observe.gpusim import SimulatedBackend
-from reclaimer.core.model import GpuDevice, GpuSample, Verdict
+from reclaimer.core.verdicts import Verdict
+from reclaimer.core.model import GpuDevice, GpuSample
 from reclaimer.observe.sampler import Sampler
 from reclaimer.observe.stall import STAGES, CallTimedOut, Stalled, StageWorker
 from tests.support.fake_gateway import FakeGateway, hang

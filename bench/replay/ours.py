@@ -28,20 +28,9 @@ from reclaimer.core import candidates as join_mod
 from reclaimer.core import policy
 from reclaimer.core.config import Settings, parse_settings
 from reclaimer.observe.hub import HUB_GATEWAY
-from reclaimer.core.model import (
-    ActionKind,
-    AttributedProcess,
-    Decision,
-    GpuDevice,
-    GpuSample,
-    KernelActivity,
-    PodGpuAllocation,
-    PodInfo,
-    PolicyState,
-    ProcessSample,
-    ServerRef,
-    Verdict,
-)
+from reclaimer.core.actions import ActionKind
+from reclaimer.core.verdicts import Verdict
+from reclaimer.core.model import AttributedProcess, Decision, GpuDevice, GpuSample, KernelActivity, PodGpuAllocation, PodInfo, PolicyState, ProcessSample, ServerRef
 from reclaimer.observe.sampler import Sampler
 
 USER_LABEL = "hub.jupyter.org/username"

@@ -18,17 +18,11 @@ from typing import Any, Protocol
 import structlog
 
 from reclaimer.core import actionkinds
+from reclaimer.core.actions import ActionKind, Recovers
 from reclaimer.core.config import format_duration
-from reclaimer.core.model import (
-    ActionKind,
-    ActionResult,
-    Decision,
-    PodGpuAllocation,
-    Recovers,
-    SamplerSnapshot,
-    Verdict,
-)
+from reclaimer.core.model import ActionResult, Decision, PodGpuAllocation, SamplerSnapshot
 from reclaimer.core.redact import redact_text
+from reclaimer.core.verdicts import Verdict
 from reclaimer.observe.hub import HUB_GATEWAY
 from reclaimer.observe.kubeflow import KUBEFLOW_GATEWAY
 

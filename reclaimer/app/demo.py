@@ -32,8 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 from reclaimer.app.kernelclient import GatewayRest
 from reclaimer.core import actionkinds
+from reclaimer.core.actions import Recovers
 from reclaimer.core.config import Settings, format_duration, parse_settings
-from reclaimer.core.model import ActionResult, CycleSnapshot, Recovers, Verdict
+from reclaimer.core.model import ActionResult, CycleSnapshot
+from reclaimer.core.verdicts import Verdict
 
 if TYPE_CHECKING:
     from rich.console import Group

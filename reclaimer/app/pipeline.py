@@ -50,9 +50,9 @@ from reclaimer.core.model import (
     ProcessSample,
     SamplerSnapshot,
     ServerRef,
-    Verdict,
     halted_reason,
 )
+from reclaimer.core.verdicts import Verdict
 from reclaimer.observe.attribution import Attributor
 from reclaimer.observe.gateway import claimed_by_a_gateway
 from reclaimer.observe.hub import pod_server

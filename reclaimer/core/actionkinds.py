@@ -19,7 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from reclaimer.core.model import ActionKind, Candidate, PodInfo, Recovers, Verdict
+from reclaimer.core.actions import ActionKind, Recovers
+from reclaimer.core.model import Candidate, PodInfo
+from reclaimer.core.verdicts import Verdict
 
 KUBEFLOW_STOP_ANNOTATION = (
     "kubeflow-resource-stopped"  # on a Notebook: its controller scales it to 0 (Kubeflow's culler)

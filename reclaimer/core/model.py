@@ -6,39 +6,13 @@ Ratios are 0..1, memory in bytes, times are POSIX seconds (``float``) unless a f
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-
-class Verdict(str, enum.Enum):
-    KEEP = "keep"
-    WARN = "warn"
-    RECLAIM = "reclaim"
-    EXEMPT = "exempt"
-    UNKNOWN = "unknown"
-
-
-class ActionKind(str, enum.Enum):
-    SHUTDOWN_KERNEL = "shutdown-kernel"
-    STOP_SERVER = "stop-server"
-    EVICT_POD = "evict-pod"
-    STOP_NOTEBOOK = "stop-notebook"  # Kubeflow: the kubeflow-resource-stopped annotation on the Notebook
-    AUTO = (
-        "auto"  # a policy setting only: the policy resolves it per candidate (reclaimer.core.actionkinds.choose_auto)
-    )
-    NONE = "none"
-
-
-class Recovers(str, enum.Enum):
-    """What an action gives back when it is carried out (reclaimer.core.actionkinds says which, per action and
-    target)."""
-
-    ALLOCATION = "allocation"  # the pod goes away: its nvidia.com/gpu allocation (and the GPU memory) is released
-    MEMORY = "memory"  # the processes end, the GPU memory is freed; the pod keeps its allocation
-    NONE = "none"  # nothing (no action, or an action that would be undone, e.g. a pod its controller recreates)
-
+from reclaimer.core.actions import ActionKind
+from reclaimer.core.modes import DRY_RUN
+from reclaimer.core.verdicts import Verdict
 
 # --------------------------------------------------------------------------- GPUs (nvml.py / sampler.py)
 
@@ -337,32 +311,15 @@ class Decision:
     warned_at: float | None = None
 
 
-# Every value ActionResult.result takes: a bounded label set. "verified" / "unverified": whether the GPU memory was
-# seen released after a successful action; "released" / "unreleased": whether the GPU allocation was (the pod gone,
-# or pod-resources no longer listing its GPUs) after an action that should release it.
-ACTION_RESULTS: tuple[str, ...] = (
-    "success",
-    "already-gone",
-    "failed",
-    "blocked",
-    "skipped",
-    "dry-run",
-    "verified",
-    "unverified",
-    "released",
-    "unreleased",
-)
-
-
 @dataclass(frozen=True, slots=True)
 class ActionResult:
     """What an executor did with one planned decision. ``result`` is a bounded label value."""
 
     decision: Decision
-    result: str  # one of ACTION_RESULTS
+    result: str  # one of reclaimer.core.results.ACTION_RESULTS
     detail: str = ""
     reclaimed_bytes: int = 0
-    mode: str = "dry-run"
+    mode: str = DRY_RUN
     released_gpus: int = 0  # "released": GPU allocations seen released
 
 
@@ -421,7 +378,7 @@ class CycleSnapshot:
     """
 
     node: str
-    mode: str  # dry-run | enforce
+    mode: str  # one of reclaimer.core.modes.MODES
     generated_at: float
     sampler: SamplerSnapshot
     decisions: tuple[Decision, ...] = ()

@@ -24,11 +24,11 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 from reclaimer.core import actionkinds
+from reclaimer.core.actions import ActionKind
 from reclaimer.core.config import PolicySettings, Settings, format_duration, parse_duration
 from reclaimer.core.model import (
     BREAKER_MASS_FLIP,
     BREAKER_SUSTAINED,
-    ActionKind,
     BreakerStatus,
     Candidate,
     Decision,
@@ -39,9 +39,9 @@ from reclaimer.core.model import (
     PodInfo,
     PolicyState,
     SamplerSnapshot,
-    Verdict,
 )
 from reclaimer.core.redact import redact_text
+from reclaimer.core.verdicts import Verdict
 
 STALE_FACTOR = 3.0  # a sample (or observation) older than this many intervals is stale; so is a gap this long
 IDLE_AFTER_ANNOTATION = "reclaimer.io/idle-after"  # per-pod override; it may lengthen the window, never shorten it

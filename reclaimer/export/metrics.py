@@ -21,17 +21,10 @@ from prometheus_client.registry import Collector
 
 from reclaimer import __version__
 from reclaimer.core.actionkinds import EXECUTABLE
-from reclaimer.core.model import (
-    ACTION_RESULTS,
-    BREAKER_CAUSES,
-    NO_NAMESPACE,
-    ActionKind,
-    ActionResult,
-    BreakerStatus,
-    CycleSnapshot,
-    Decision,
-    Verdict,
-)
+from reclaimer.core.actions import ActionKind
+from reclaimer.core.model import BREAKER_CAUSES, NO_NAMESPACE, ActionResult, BreakerStatus, CycleSnapshot, Decision
+from reclaimer.core.results import ACTION_RESULTS
+from reclaimer.core.verdicts import Verdict
 from reclaimer.core.views import candidate_namespace, candidate_user, is_idle, kernel_gpu_usage, metric_kernel_id
 
 log = structlog.get_logger(__name__)

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator, Strict, Valid
 from pydantic_core import PydanticCustomError
 
 from reclaimer.core import actionkinds
+from reclaimer.core.actions import Recovers
 from reclaimer.core.errors import ReclaimerError
 from reclaimer.core.model import (
     AttributedProcess,
@@ -31,10 +32,9 @@ from reclaimer.core.model import (
     CycleSnapshot,
     Decision,
     PodInfo,
-    Recovers,
     SamplerSnapshot,
-    Verdict,
 )
+from reclaimer.core.verdicts import Verdict
 from reclaimer.core.views import candidate_user, finite, kernel_gpu_usage
 
 VERDICTS: tuple[str, ...] = tuple(v.value for v in Verdict)

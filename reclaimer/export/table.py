@@ -8,7 +8,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
-from reclaimer.core.model import Recovers, Verdict
+from reclaimer.core.actions import Recovers
+from reclaimer.core.verdicts import Verdict
 from reclaimer.export.report import ClusterReport, KernelEntry, Report, Summary, summarize, waste
 
 _GIB = 1024**3

@@ -11,21 +11,9 @@ from datetime import datetime, timezone
 
 from aiohttp import web
 
-from reclaimer.core.model import (
-    BreakerStatus,
-    ActionKind,
-    AttributedProcess,
-    Candidate,
-    CycleSnapshot,
-    Decision,
-    GpuDevice,
-    GpuSample,
-    KernelActivity,
-    PodInfo,
-    ProcessSample,
-    SamplerSnapshot,
-    Verdict,
-)
+from reclaimer.core.actions import ActionKind
+from reclaimer.core.verdicts import Verdict
+from reclaimer.core.model import BreakerStatus, AttributedProcess, Candidate, CycleSnapshot, Decision, GpuDevice, GpuSample, KernelActivity, PodInfo, ProcessSample, SamplerSnapshot
 
 GIB = 1024**3
 NOW = 1_700_000_000.0  # 2023-11-14T22:13:20Z

@@ -324,7 +324,7 @@ async def warn_then_execute(ex: Any, plan: list[Any], recheck: Any = None) -> li
     the later cycle's results (``ex`` a LiveExecutor, ``plan`` Decisions)."""
     from dataclasses import replace
 
-    from reclaimer.core.model import Verdict
+    from reclaimer.core.verdicts import Verdict
 
     assert await ex.execute([replace(d, verdict=Verdict.WARN) for d in plan], recheck=recheck) == []
     return await ex.execute(plan, recheck=recheck)
