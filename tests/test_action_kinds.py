@@ -30,7 +30,7 @@ from reclaimer.core.model import ActionResult, Candidate, CycleSnapshot, Decisio
 from reclaimer.core.policy import decide
 from reclaimer.export.metrics import Metrics
 from reclaimer.export.report import build_report, render_json
-from reclaimer.observe.kubeflow import KUBEFLOW_GATEWAY
+from reclaimer.core.sources import KUBEFLOW_GATEWAY
 from tests.support.fake_kube import FakeKube
 from tests.support.policy_fixtures import (
     KID,

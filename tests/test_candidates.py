@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from reclaimer.core.candidates import join, kernel_key, pod_key
+from reclaimer.core.candidates import join
+from reclaimer.core.keys import kernel_key, pod_key
 from reclaimer.core.model import AttributedProcess, KernelActivity, PodGpuAllocation, PodInfo, ServerRef
 
 K1 = "6f1c2d3e-0000-4000-8000-000000000001"

@@ -19,6 +19,7 @@ import pytest
 import structlog
 
 from reclaimer.core.config import GatewaySettings
+from reclaimer.core.kernelids import is_kernel_id
 from reclaimer.observe.gateway import (
     CONFLICTING_GATEWAYS,
     NOT_KNOWN_ANYWHERE,
@@ -30,7 +31,6 @@ from reclaimer.observe.jupyter_rest import (
     KERNEL_BODY_LIMIT,
     LIST_BODY_LIMIT,
     MAX_CONCURRENCY,
-    is_kernel_id,
     parse_last_activity,
 )
 from reclaimer.observe.tokens import TokenError

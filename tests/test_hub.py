@@ -16,7 +16,8 @@ import structlog
 from reclaimer.core.config import HubSettings
 from reclaimer.observe.jupyter_rest import LIST_BODY_LIMIT
 from reclaimer.observe.tokens import TokenError
-from reclaimer.observe.hub import HUB_GATEWAY, PAGINATION_ACCEPT, HubClient, loopback_origin, safe_origin, safe_server_path
+from reclaimer.core.sources import HUB_GATEWAY
+from reclaimer.observe.hub import PAGINATION_ACCEPT, HubClient, loopback_origin, safe_origin, safe_server_path
 from reclaimer.core.model import ServerRef
 from tests.support.fake_gateway import hang, html, json_body, raw, redirect, status
 from tests.support.fake_hub import FakeHub

@@ -20,7 +20,8 @@ from reclaimer.core.config import KubeflowSettings, ConfigError, parse_settings
 from reclaimer.app.daemon import Daemon, build_adapters
 from reclaimer.app.demo import free_port
 from reclaimer.observe.kube import pod_info_from_json
-from reclaimer.observe.kubeflow import KUBEFLOW_GATEWAY, NotebookServers, is_dns_label, notebook_url
+from reclaimer.core.sources import KUBEFLOW_GATEWAY
+from reclaimer.observe.kubeflow import NotebookServers, is_dns_label, notebook_url
 from reclaimer.core.actions import ActionKind, Recovers
 from reclaimer.core.verdicts import Verdict
 from reclaimer.core.model import Candidate, NotebookRef, PolicyState, ProcessSample

@@ -11,7 +11,8 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from reclaimer.export.metrics import ACTIONS, FAST_BUCKETS, MODES, RESULTS, Metrics
+from reclaimer.core.modes import MODES
+from reclaimer.export.metrics import ACTIONS, FAST_BUCKETS, RESULTS, Metrics
 from reclaimer.core.actions import ActionKind
 from reclaimer.core.verdicts import Verdict
 from reclaimer.core.model import ActionResult, BreakerStatus, CycleSnapshot

@@ -10,13 +10,11 @@ from typing import Any
 import pytest
 import structlog
 
-from reclaimer.act.actions import _short as backoff_detail
 from reclaimer.core import redact
 from reclaimer.core.config import GatewaySettings, parse_settings, redacted
 from reclaimer.observe.kube import scrub_note
 from reclaimer.export.logs import configure_logging, reset_logging
-from reclaimer.core.policy import _scrub as policy_scrub
-from reclaimer.core.redact import REDACTED, is_secret_key, redact_data, redact_text
+from reclaimer.core.redact import REDACTED, is_secret_key, redact_data, redact_line, redact_text
 
 JWT = "eyJhbGciOiJSUzI1NiIsImtpZCI6IjEifQ.eyJzdWIiOiJzeXN0ZW06c2EifQ.c2lnbmF0dXJlLXZhbHVl"
 
@@ -105,9 +103,9 @@ def test_redact_data_too_deep_is_replaced_whole() -> None:
 
 @pytest.mark.parametrize("text, secret", CORPUS)
 def test_every_writer_redacts_the_corpus(text: str, secret: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert secret not in policy_scrub(text), "decision reason"
+    assert secret not in redact_line(text), "decision reason (policy) / back-off detail (executor)"
     assert secret not in scrub_note(text), "Event note"
-    assert secret not in backoff_detail(text, limit=100_000), "failure detail in a back-off reason (/report)"
+    assert secret not in redact_line(text, limit=100_000), "the whole line, uncut"
     configure_logging("info", json=True)
     try:
         structlog.get_logger("reclaimer.t").warning(text, error=text, detail={"nested": [text]})

@@ -27,7 +27,7 @@ from bench.replay.world import GPU_MODEL, Kernel, Pod, Server, World
 from reclaimer.core import candidates as join_mod
 from reclaimer.core import policy
 from reclaimer.core.config import Settings, parse_settings
-from reclaimer.observe.hub import HUB_GATEWAY
+from reclaimer.core.sources import HUB_GATEWAY
 from reclaimer.core.actions import ActionKind
 from reclaimer.core.verdicts import Verdict
 from reclaimer.core.model import AttributedProcess, Decision, GpuDevice, GpuSample, KernelActivity, PodGpuAllocation, PodInfo, PolicyState, ProcessSample, ServerRef

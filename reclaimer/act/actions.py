@@ -17,14 +17,27 @@ from typing import Any, Protocol
 
 import structlog
 
-from reclaimer.core import actionkinds
+from reclaimer.core import actionkinds, modes
 from reclaimer.core.actions import ActionKind, Recovers
 from reclaimer.core.config import format_duration
 from reclaimer.core.model import ActionResult, Decision, PodGpuAllocation, SamplerSnapshot
-from reclaimer.core.redact import redact_text
+from reclaimer.core.redact import redact_line
+from reclaimer.core.results import (
+    BLOCKED,
+    BLOCKED_PDB,
+    DONE,
+    DRY_RUN,
+    FAILED,
+    RELEASED,
+    RETRY_AFTER,
+    SKIPPED,
+    UNRELEASED,
+    UNVERIFIED,
+    VERIFIED,
+    AdapterOutcome,
+)
+from reclaimer.core.sources import HUB_GATEWAY, KUBEFLOW_GATEWAY
 from reclaimer.core.verdicts import Verdict
-from reclaimer.observe.hub import HUB_GATEWAY
-from reclaimer.observe.kubeflow import KUBEFLOW_GATEWAY
 
 log = structlog.get_logger(__name__)
 
@@ -32,13 +45,13 @@ EVENT_ACTIONS = actionkinds.EVENT_ACTIONS
 
 
 class KernelStopper(Protocol):
-    async def shutdown(self, kernel_id: str) -> tuple[str, str]: ...
+    async def shutdown(self, kernel_id: str) -> AdapterOutcome: ...
 
 
 class ServerStopper(Protocol):
-    async def stop_server(self, user: str, server_name: str = "") -> tuple[str, str]: ...
+    async def stop_server(self, user: str, server_name: str = "") -> AdapterOutcome: ...
 
-    async def shutdown_server_kernel(self, server: Any, kernel_id: str) -> tuple[str, str]: ...
+    async def shutdown_server_kernel(self, server: Any, kernel_id: str) -> AdapterOutcome: ...
 
 
 class PodEvicter(Protocol):
@@ -78,7 +91,7 @@ class DryRunExecutor:
     busy node in dry-run for months must not grow); ``recorded_total`` counts them all.
     """
 
-    mode = "dry-run"
+    mode = modes.DRY_RUN
 
     def __init__(self) -> None:
         self.records: dict[str, ActionResult] = {}
@@ -89,7 +102,7 @@ class DryRunExecutor:
         for d in plan:
             if d.verdict is Verdict.RECLAIM and d.action is not ActionKind.NONE:
                 log.info("reclaim", would=True, mode=self.mode, reason=d.reason, **_context(d))
-                out.append(ActionResult(d, "dry-run", "would act", mode=self.mode))
+                out.append(ActionResult(d, DRY_RUN, "would act", mode=self.mode))
             elif d.verdict is Verdict.WARN:
                 log.info("warn", would=True, mode=self.mode, reason=d.reason, eta_seconds=d.eta_seconds, **_context(d))
         live = {d.candidate.key for d in plan}
@@ -166,7 +179,7 @@ class LiveExecutor:
     default_backoff: float = 300.0
     failure_backoff: float = 60.0
     failure_backoff_max: float = 3600.0
-    mode: str = "enforce"
+    mode: str = modes.ENFORCE
     _warned: set[str] = field(default_factory=set)
     _backoff: dict[str, _Backoff] = field(default_factory=dict)
     _pending: list[_Pending] = field(default_factory=list)
@@ -193,7 +206,7 @@ class LiveExecutor:
         previous = self._backoff.get(key)
         failures = (previous.failures if previous else 0) + 1
         delay = min(self.failure_backoff * 2 ** min(failures - 1, 30), self.failure_backoff_max)
-        self._backoff[key] = _Backoff(now + delay, failures, _short(detail))
+        self._backoff[key] = _Backoff(now + delay, failures, redact_line(str(detail)))
 
     async def execute(self, plan: Sequence[Decision], recheck: Recheck | None = None) -> list[ActionResult]:
         now = self.clock()
@@ -217,28 +230,28 @@ class LiveExecutor:
                 if d.candidate.key not in warned_before:
                     # Invariant 11, defence in depth (the policy already waits): never act in the cycle that warns.
                     await self._warn(d)
-                    out.append(self._record(d, "skipped", "warned now; acting no earlier than a later cycle"))
+                    out.append(self._record(d, SKIPPED, "warned now; acting no earlier than a later cycle"))
                     continue
                 held = self.hold(d.candidate.key, now)
                 if held is not None:
-                    out.append(self._record(d, "skipped", held))
+                    out.append(self._record(d, SKIPPED, held))
                     continue
                 if recheck is not None:
                     try:
                         fresh = await recheck(d)
                     except Exception as exc:  # unknown is never idle
-                        out.append(self._record(d, "skipped", f"re-check failed: {exc}"))
+                        out.append(self._record(d, SKIPPED, f"re-check failed: {exc}"))
                         continue
                     if fresh.verdict is not Verdict.RECLAIM:
                         reason = fresh.reason if fresh.reason.startswith("re-check:") else f"re-check: {fresh.reason}"
-                        out.append(self._record(d, "skipped", reason))
+                        out.append(self._record(d, SKIPPED, reason))
                         continue
                 out.append(await self._act(d))
         return out
 
     def _record(self, d: Decision, result: str, detail: str, reclaimed: int = 0) -> ActionResult:
         r = ActionResult(d, result, detail, reclaimed, mode=self.mode)
-        level = "warning" if result in ("failed", "blocked", "unverified") else "info"
+        level = "warning" if result in (FAILED, BLOCKED, UNVERIFIED) else "info"
         getattr(log, level)("action", result=result, detail=detail, would=False, mode=self.mode, **_context(d))
         return r
 
@@ -269,15 +282,15 @@ class LiveExecutor:
         c = d.candidate
         carry_out = self._executors().get(d.action)
         if carry_out is None:
-            return self._record(d, "skipped", f"unknown action {d.action.value}")
+            return self._record(d, SKIPPED, f"unknown action {d.action.value}")
         try:
             outcome = await carry_out(d)
         except Exception as exc:  # a crash in an adapter is a failed action, retried next cycle
-            outcome = ("failed", f"{type(exc).__name__}: {exc}")
+            outcome = (FAILED, f"{type(exc).__name__}: {exc}")
         if isinstance(outcome, ActionResult):  # skipped before any call
             return outcome
         result, detail = outcome
-        if result == "failed":
+        if result == FAILED:
             self._fail(c.key, self.clock(), detail)
             retry = format_duration(self._backoff[c.key].not_before - self.clock())
             failure_event = actionkinds.spec(d.action).failure_event  # None: the API server's answer says it
@@ -289,8 +302,8 @@ class LiveExecutor:
                     type="Warning",
                     note=f"{d.action.value} failed, next try in {retry}: {detail}"[:1024],
                 )
-            return self._record(d, "failed", f"{detail}; next try in {retry}")
-        if result in ("success", "already-gone"):
+            return self._record(d, FAILED, f"{detail}; next try in {retry}")
+        if result in DONE:
             self._backoff.pop(c.key, None)
             r = self._record(d, result, detail)
             await self._event(d, reason="GPUIdle", action=EVENT_ACTIONS[d.action], note=d.reason)
@@ -321,13 +334,13 @@ class LiveExecutor:
         c = d.candidate
         stop = getattr(self.kube, "stop_notebook", None)
         if stop is None or c.notebook is None:
-            return self._record(d, "skipped", "no Kubeflow Notebook known for this candidate")
+            return self._record(d, SKIPPED, "no Kubeflow Notebook known for this candidate")
         return await asyncio.to_thread(stop, c.notebook.namespace, c.notebook.name, self.clock())
 
     async def _shutdown_kernel(self, d: Decision) -> Outcome:
         c = d.candidate
         if c.kernel_id is None:
-            return self._record(d, "skipped", "no kernel to shut down")
+            return self._record(d, SKIPPED, "no kernel to shut down")
         if c.gateway == HUB_GATEWAY and c.server is not None and self.servers is not None:
             # Seen only through the user's server (JupyterHub): shut it down there, not via a gateway.
             return await self.servers.shutdown_server_kernel(c.server, c.kernel_id)
@@ -336,28 +349,28 @@ class LiveExecutor:
             return await self.notebooks.shutdown_kernel(c.notebook.namespace, c.notebook.name, c.kernel_id)
         if self.kernels is not None:
             return await self.kernels.shutdown(c.kernel_id)
-        return self._record(d, "skipped", "no gateway to shut the kernel down through")
+        return self._record(d, SKIPPED, "no gateway to shut the kernel down through")
 
     async def _stop_server(self, d: Decision) -> Outcome:
         c = d.candidate
         # Only the server the hub listed: never the user's default server as a fallback (invariant 13).
         if self.servers is None or c.server is None or not c.server.user:
-            return self._record(d, "skipped", "no JupyterHub server listed for this candidate")
+            return self._record(d, SKIPPED, "no JupyterHub server listed for this candidate")
         return await self.servers.stop_server(c.server.user, c.server.server_name)
 
     async def _evict_pod(self, d: Decision) -> Outcome:
         c = d.candidate
         if self.kube is None or c.pod is None:
-            return self._record(d, "skipped", "no pod known for this candidate")
+            return self._record(d, SKIPPED, "no pod known for this candidate")
         if actionkinds.recovers(d.action, c) is Recovers.NONE:  # the policy never plans this; never act on it
             return self._record(
                 d,
-                "skipped",
+                SKIPPED,
                 f"evicting {c.pod.namespace}/{c.pod.name} would release nothing (a controller recreates it)",
             )
         ev = await asyncio.to_thread(self.kube.evict, c.pod.namespace, c.pod.name, c.pod.uid)
         result, detail = self._eviction_outcome(d, ev)
-        if ev.result == "blocked-pdb":
+        if ev.result == BLOCKED_PDB:
             await self._event(
                 d,
                 reason="EvictionBlockedByPDB",
@@ -369,18 +382,16 @@ class LiveExecutor:
 
     def _eviction_outcome(self, d: Decision, ev: Any) -> tuple[str, str]:
         now = self.clock()
-        if ev.result in ("success", "already-gone"):
+        if ev.result in DONE:
             return ev.result, ev.detail
-        if ev.result in ("blocked-pdb", "retry-after"):
+        if ev.result in (BLOCKED_PDB, RETRY_AFTER):
             why = (
-                "eviction blocked by a PodDisruptionBudget"
-                if ev.result == "blocked-pdb"
-                else "API asked to retry later"
+                "eviction blocked by a PodDisruptionBudget" if ev.result == BLOCKED_PDB else "API asked to retry later"
             )
             self._backoff[d.candidate.key] = _Backoff(now + (ev.retry_after or self.default_backoff), 0, why)
-            return "blocked", ev.detail
+            return BLOCKED, ev.detail
         # 500 (several PDBs), 403, 409 (pod replaced) and anything else: no action, and never a DELETE instead.
-        return "failed", f"{ev.result}: {ev.detail}"
+        return FAILED, f"{ev.result}: {ev.detail}"
 
     def verify(self, sampler: SamplerSnapshot, now: float) -> list[ActionResult]:
         """Check pending actions against the newest samples: memory released -> verified, deadline passed ->
@@ -399,17 +410,17 @@ class LiveExecutor:
                 remaining += sum(1 for ps in s.processes if ps.pid == pid)
             if known and remaining == 0:
                 freed = held_memory(p.result.decision)
-                done.append(replace(p.result, result="verified", detail="GPU memory released", reclaimed_bytes=freed))
-                log.info("verified", reclaimed_bytes=freed, **_context(p.result.decision))
+                done.append(replace(p.result, result=VERIFIED, detail="GPU memory released", reclaimed_bytes=freed))
+                log.info(VERIFIED, reclaimed_bytes=freed, **_context(p.result.decision))
             elif now > p.deadline:
                 done.append(
                     replace(
                         p.result,
-                        result="unverified",
+                        result=UNVERIFIED,
                         detail=f"GPU memory still held {format_duration(self.verify_within)} after acting",
                     )
                 )
-                log.warning("unverified", **_context(p.result.decision))
+                log.warning(UNVERIFIED, **_context(p.result.decision))
             else:
                 still.append(p)
         self._pending = still
@@ -438,7 +449,7 @@ class LiveExecutor:
                 done.append(
                     replace(
                         p.result,
-                        result="released",
+                        result=RELEASED,
                         released_gpus=n,
                         reclaimed_bytes=0,
                         detail=f"GPU allocation released ({n} GPU{'s' if n != 1 else ''}): {released}",
@@ -449,7 +460,7 @@ class LiveExecutor:
                 done.append(
                     replace(
                         p.result,
-                        result="unreleased",
+                        result=UNRELEASED,
                         reclaimed_bytes=0,
                         detail=f"pod {p.namespace}/{p.name} still holds its GPU allocation "
                         f"{format_duration(self.verify_within)} after acting",
@@ -491,14 +502,8 @@ OPERATIONS: dict[str, Callable[[LiveExecutor, Decision], Awaitable[Outcome]]] = 
 }
 
 
-def _short(text: str, limit: int = 120) -> str:
-    """A failure detail for the back-off reason in /report: one line, bounded, with secrets redacted (foreign text)."""
-    text = " ".join(redact_text(str(text)).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def executor_for(mode: str, **adapters: Any) -> DryRunExecutor | LiveExecutor:
     """Dry-run gets no adapters at all: it cannot call anything even by mistake."""
-    if mode == "enforce":
+    if mode == modes.ENFORCE:
         return LiveExecutor(**adapters)
     return DryRunExecutor()

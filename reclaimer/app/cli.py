@@ -18,6 +18,7 @@ from typing import Any
 from reclaimer import __version__
 from reclaimer.core.config import ConfigError, Settings, format_duration, load_settings, parse_duration
 from reclaimer.core.errors import ReclaimerError
+from reclaimer.core.modes import DRY_RUN, ENFORCE, MODES
 
 ENV_PREFIX = "RECLAIMER_"
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 3, 130, 141
@@ -30,7 +31,6 @@ DEFAULT_CLUSTER_CONCURRENCY = 16
 DEFAULT_CLUSTER_DEADLINE = 30.0
 OUTPUT_FORMATS = ("table", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-MODES = ("dry-run", "enforce")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
@@ -447,9 +447,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def _resolve_mode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str | None:
     """--enforce / --dry-run, else the agreeing RECLAIMER_MODE / _ENFORCE / _DRY_RUN, else None (the file decides)."""
     if args.enforce:
-        return "enforce"
+        return ENFORCE
     if args.dry_run:
-        return "dry-run"
+        return DRY_RUN
     wanted: dict[str, str] = {}
     raw_mode = os.environ.get("RECLAIMER_MODE", "").strip()
     if raw_mode:
@@ -457,7 +457,7 @@ def _resolve_mode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             wanted["RECLAIMER_MODE"] = choice_arg(MODES)(raw_mode)
         except argparse.ArgumentTypeError as exc:
             parser.error(f"environment variable RECLAIMER_MODE: {exc}")
-    for env, mode in (("RECLAIMER_ENFORCE", "enforce"), ("RECLAIMER_DRY_RUN", "dry-run")):
+    for env, mode in (("RECLAIMER_ENFORCE", ENFORCE), ("RECLAIMER_DRY_RUN", DRY_RUN)):
         raw = os.environ.get(env, "").strip()
         if not raw:
             continue

@@ -35,6 +35,7 @@ from reclaimer.core import actionkinds
 from reclaimer.core.actions import Recovers
 from reclaimer.core.config import Settings, format_duration, parse_settings
 from reclaimer.core.model import ActionResult, CycleSnapshot
+from reclaimer.core.results import DONE, RELEASED, VERIFIED
 from reclaimer.core.verdicts import Verdict
 
 if TYPE_CHECKING:
@@ -216,7 +217,13 @@ def _render(state: DemoState, now: float, metrics_url: str) -> Group:
     for col in ("ROLE", "KERNEL", "GPU", "MEM", "STATE", "IDLE", "VERDICT", "ETA", "REASON"):
         table.add_column(col, overflow="fold")
     by_kernel = {d.candidate.kernel_id: d for d in (state.last.decisions if state.last else ())}
-    colours = {"reclaim": "bold red", "warn": "yellow", "keep": "green", "exempt": "cyan", "unknown": "magenta"}
+    colours = {
+        Verdict.RECLAIM.value: "bold red",
+        Verdict.WARN.value: "yellow",
+        Verdict.KEEP.value: "green",
+        Verdict.EXEMPT.value: "cyan",
+        Verdict.UNKNOWN.value: "magenta",
+    }
     for k in state.kernels:
         d = by_kernel.get(k.kernel_id)
         if k.kernel_id in state.reclaimed:
@@ -318,14 +325,14 @@ def run_demo(duration: float = 90.0, port: int = 9400, live: bool | None = None,
         for r in results:
             kid = r.decision.candidate.kernel_id or r.decision.candidate.key
             who = f"{roles.get(kid, '?')} kernel {kid[:8]}"
-            if r.result == "verified":
+            if r.result == VERIFIED:
                 state.reclaimed[kid] = r.reclaimed_bytes
                 state.recovered[kid] = actionkinds.recovers(r.decision.action, r.decision.candidate)
                 note(f"verified: {who} released {r.reclaimed_bytes / GiB:.0f} GiB of GPU memory")
-            elif r.result == "released":
+            elif r.result == RELEASED:
                 state.released_gpus += r.released_gpus
                 note(f"released: {who}: {r.detail}")
-            elif kid not in state.acted or r.result not in ("success", "already-gone"):
+            elif kid not in state.acted or r.result not in DONE:
                 state.acted.add(kid)
                 note(f"{r.decision.action.value} {who}: {r.result} {r.detail}".rstrip())
         for d in snap.decisions:

@@ -52,11 +52,12 @@ from reclaimer.core.model import (
     ServerRef,
     halted_reason,
 )
+from reclaimer.core.results import ALREADY_GONE, BLOCKED, SUCCESS
+from reclaimer.core.sources import KUBEFLOW_GATEWAY
 from reclaimer.core.verdicts import Verdict
 from reclaimer.observe.attribution import Attributor
 from reclaimer.observe.gateway import claimed_by_a_gateway
 from reclaimer.observe.hub import pod_server
-from reclaimer.observe.kubeflow import KUBEFLOW_GATEWAY
 from reclaimer.observe.sampler import Sampler
 from reclaimer.observe.stall import STAGES, CallTimedOut, StageState, StageWorker, Stalled
 
@@ -607,7 +608,7 @@ class Pipeline:
 
     def remember(self, results: Sequence[ActionResult], now: float) -> None:
         """Start the cooldown of every target acted on; forget cooldowns that ended long ago."""
-        acted = {r.decision.candidate.key for r in results if r.result in ("success", "already-gone", "blocked")}
+        acted = {r.decision.candidate.key for r in results if r.result in (SUCCESS, ALREADY_GONE, BLOCKED)}
         last = dict(self.state.last_action_at)
         last.update(dict.fromkeys(acted, now))
         # Forget cooldowns that ended long ago: bounded by the actions of the last two cooldowns, not by history.

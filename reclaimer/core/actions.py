@@ -7,6 +7,7 @@ are ``reclaimer.act.actions``.
 from __future__ import annotations
 
 import enum
+from typing import Literal
 
 
 class ActionKind(str, enum.Enum):
@@ -20,8 +21,13 @@ class ActionKind(str, enum.Enum):
     NONE = "none"
 
 
+# A policy's ``action`` setting: every ActionKind value, in the order check-config lists them.
+ActionName = Literal["auto", "shutdown-kernel", "stop-server", "evict-pod", "stop-notebook", "none"]
+
+
 class Recovers(str, enum.Enum):
-    """What an action gives back when it is carried out (reclaimer.core.actionkinds says which, per action and target)."""
+    """What an action gives back when it is carried out (``reclaimer.core.actionkinds`` says which, per action and
+    target)."""
 
     ALLOCATION = "allocation"  # the pod goes away: its nvidia.com/gpu allocation (and the GPU memory) is released
     MEMORY = "memory"  # the processes end, the GPU memory is freed; the pod keeps its allocation

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TypedDict
 
+from reclaimer.core.keys import kernel_key, pod_key
 from reclaimer.core.model import (
     AttributedProcess,
     Candidate,
@@ -30,14 +31,6 @@ GATEWAY_TARGET = "gateway "
 class JoinResult:
     candidates: tuple[Candidate, ...]
     unattributed: tuple[AttributedProcess, ...]
-
-
-def kernel_key(kernel_id: str) -> str:
-    return f"kernel:{kernel_id}"
-
-
-def pod_key(pod_uid: str) -> str:
-    return f"pod:{pod_uid}"
 
 
 def server_for_pod(pod: PodInfo | None, servers: Sequence[ServerRef], server_name_annotation: str) -> ServerRef | None:

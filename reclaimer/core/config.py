@@ -27,7 +27,9 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from reclaimer.core.actions import ActionKind, ActionName
 from reclaimer.core.errors import ReclaimerError
+from reclaimer.core.modes import DRY_RUN, Mode
 from reclaimer.core.redact import redact_data
 
 _DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+)ms)?$")
@@ -239,7 +241,7 @@ class PolicySettings(_Strict):
     gpu_idle_below: Ratio = 0.05
     idle_after: Duration = 1800.0
     warn_before: Duration = 300.0
-    action: Literal["auto", "shutdown-kernel", "stop-server", "evict-pod", "stop-notebook", "none"] = "shutdown-kernel"
+    action: ActionName = ActionKind.SHUTDOWN_KERNEL.value
     # A pod holding an allocated GPU with no process and no kernel or server to vouch that it is unused is acted on
     # only when a policy opts in: its idle GPU says nothing about the CPU work the pod may be doing.
     reclaim_bare_allocations: bool = False
@@ -281,7 +283,7 @@ def _default_node_name() -> str:
 
 
 class Settings(_Strict):
-    mode: Literal["dry-run", "enforce"] = "dry-run"
+    mode: Mode = DRY_RUN
     node_name: str = Field(default_factory=_default_node_name, min_length=1)
     listen: str = "0.0.0.0:9400"
     listen_token_file: str | None = None  # bearer token required on /metrics and /report (a mounted Secret)

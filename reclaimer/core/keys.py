@@ -1,5 +1,6 @@
-"""Candidate keys: ``kernel:<kernel id>`` or ``pod:<pod uid>``. Cooldowns, warnings and the breaker are keyed on
-them, and a pod candidate's key is its ``kernel_id`` label value."""
+"""Keys: a candidate's (``kernel:<kernel id>`` or ``pod:<pod uid>``), on which cooldowns, warnings and the breaker
+are keyed (a pod candidate's key is also its ``kernel_id`` label value), and the target keys that tell two decisions
+apart when they would end the same pod, server or Notebook."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Final
 
 KERNEL_PREFIX: Final = "kernel:"
 POD_PREFIX: Final = "pod:"
+SERVER_PREFIX: Final = "server:"
+NOTEBOOK_PREFIX: Final = "notebook:"
 
 
 def kernel_key(kernel_id: str) -> str:
@@ -17,3 +20,13 @@ def kernel_key(kernel_id: str) -> str:
 def pod_key(pod_uid: str) -> str:
     """The key of a pod candidate (GPUs allocated, no kernel), and the pod's own key beside a kernel's."""
     return POD_PREFIX + pod_uid
+
+
+def server_key(user: str, server_name: str) -> str:
+    """The target key of a JupyterHub server (``server_name`` "" is the default one)."""
+    return f"{SERVER_PREFIX}{user}/{server_name}"
+
+
+def notebook_key(namespace: str, name: str) -> str:
+    """The target key of a Kubeflow Notebook."""
+    return f"{NOTEBOOK_PREFIX}{namespace}/{name}"

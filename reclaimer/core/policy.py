@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from reclaimer.core import actionkinds
 from reclaimer.core.actions import ActionKind
 from reclaimer.core.config import PolicySettings, Settings, format_duration, parse_duration
+from reclaimer.core.keys import notebook_key, pod_key, server_key
 from reclaimer.core.model import (
     BREAKER_MASS_FLIP,
     BREAKER_SUSTAINED,
@@ -40,12 +41,11 @@ from reclaimer.core.model import (
     PolicyState,
     SamplerSnapshot,
 )
-from reclaimer.core.redact import redact_text
+from reclaimer.core.redact import redact_line
 from reclaimer.core.verdicts import Verdict
 
 STALE_FACTOR = 3.0  # a sample (or observation) older than this many intervals is stale; so is a gap this long
 IDLE_AFTER_ANNOTATION = "reclaimer.io/idle-after"  # per-pod override; it may lengthen the window, never shorten it
-_TEXT_LIMIT = 120  # longest piece of foreign text (gateway errors, annotation values) copied into a reason
 
 
 # --------------------------------------------------------------------------- public API
@@ -727,7 +727,7 @@ def _taint(c: Candidate, sampler: SamplerSnapshot, policy: PolicySettings, now: 
     what = "this kernel" if c.kernel_id is not None else _pod_name(c.pod)
     for p in c.unattributed:
         where = "pod" if p.pod_uid is not None else "container"
-        why = _scrub(p.reason) if p.reason else "not attributed"
+        why = redact_line(p.reason) if p.reason else "not attributed"
         return (
             f"GPU process {p.pid} on {_gpu_label(p.gpu_uuid, sampler)} in the same {where} belongs to no kernel "
             f"({why}): it may be {what}'s work"
@@ -790,7 +790,11 @@ def _activity_problem(c: Candidate, settings: Settings, now: float) -> str | Non
         return "kernel activity unknown (no answer from the gateway)"
     if a.error is not None:
         # No gateway name: none answered alone (not found anywhere, or several answered: conflicting sources).
-        return f"gateway {a.gateway} error: {_scrub(a.error)}" if a.gateway else f"kernel unknown: {_scrub(a.error)}"
+        return (
+            f"gateway {a.gateway} error: {redact_line(a.error)}"
+            if a.gateway
+            else f"kernel unknown: {redact_line(a.error)}"
+        )
     age = now - a.observed_at
     if not math.isfinite(age) or age > STALE_FACTOR * settings.decide_interval:
         return f"kernel activity stale (observed {_dur(age)} ago)"
@@ -854,7 +858,8 @@ def _needs_notebook(c: Candidate, verb: str, settings: Settings) -> str | None:
     if c.notebook is None:
         return f"{verb} needs the notebook server's kernels (configure kubeflow.notebook_url)"
     if c.notebook.kernels is None:
-        return f"notebook {c.notebook.namespace}/{c.notebook.name} kernels unknown ({_scrub(c.notebook.error or '')})"
+        why = redact_line(c.notebook.error or "")
+        return f"notebook {c.notebook.namespace}/{c.notebook.name} kernels unknown ({why})"
     return None
 
 
@@ -908,7 +913,10 @@ def _notebook_blocker(
         return Verdict.UNKNOWN, f"{label} does not list kernel {c.kernel_id} (not this notebook's kernel?)"
     for k in sorted(nb.kernels, key=lambda k: k.kernel_id):
         if k.error is not None or k.execution_state is None or k.last_activity is None:
-            return Verdict.UNKNOWN, f"{label}: kernel {k.kernel_id} unknown ({_scrub(k.error or 'missing fields')})"
+            return (
+                Verdict.UNKNOWN,
+                f"{label}: kernel {k.kernel_id} unknown ({redact_line(k.error or 'missing fields')})",
+            )
         if k.execution_state != "idle":
             return Verdict.KEEP, f"{action.value} would also end kernel {k.kernel_id} ({k.execution_state})"
         active = now - _utc(k.last_activity).timestamp()
@@ -979,7 +987,7 @@ def _whole_target(c: Candidate, action: ActionKind, policy: PolicySettings, sett
     for k in sorted(c.target_kernels, key=lambda k: k.kernel_id):
         who = f"kernel {k.kernel_id[:8]} in {source}"
         if k.error is not None:
-            return _Whole(unknown=f"{verb} would also end {who}, whose state is unknown ({_scrub(k.error)})")
+            return _Whole(unknown=f"{verb} would also end {who}, whose state is unknown ({redact_line(k.error)})")
         skew = k.clock_skew  # invariant 19 for every kernel the action ends, not only the candidate's own
         if skew is not None and not abs(skew) <= settings.limits.max_clock_skew:
             direction = "ahead of" if skew > 0 else "behind"
@@ -1183,7 +1191,7 @@ def _apply_cooldown(decisions: list[Decision], state: PolicyState, settings: Set
     out = []
     for d in decisions:
         if d.verdict is Verdict.RECLAIM:
-            keys = [d.candidate.key] + ([f"pod:{d.candidate.pod.uid}"] if d.candidate.pod is not None else [])
+            keys = [d.candidate.key] + ([pod_key(d.candidate.pod.uid)] if d.candidate.pod is not None else [])
             acted = [state.last_action_at[k] for k in keys if k in state.last_action_at]
             if acted and now - max(acted) < cooldown:
                 ago = now - max(acted)
@@ -1350,11 +1358,11 @@ def _target(d: Decision) -> str | None:
 
 
 def _pod_key(c: Candidate) -> str | None:
-    return f"pod:{c.pod.uid}" if c.pod is not None else None
+    return pod_key(c.pod.uid) if c.pod is not None else None
 
 
 def _notebook_key(c: Candidate) -> str | None:
-    return f"notebook:{c.notebook.namespace}/{c.notebook.name}" if c.notebook is not None else None
+    return notebook_key(c.notebook.namespace, c.notebook.name) if c.notebook is not None else None
 
 
 # The key of each ``ActionSpec.ends``: two plans ending the same one are a single action.
@@ -1386,7 +1394,7 @@ def _gateway(c: Candidate) -> str | None:
 
 def _server_key(c: Candidate) -> str | None:
     """The server stop-server would stop: only the one the hub listed (never the user's default as a fallback)."""
-    return f"server:{c.server.user}/{c.server.server_name}" if c.server is not None else None
+    return server_key(c.server.user, c.server.server_name) if c.server is not None else None
 
 
 def _gpu_label(uuid: str, sampler: SamplerSnapshot) -> str:
@@ -1410,7 +1418,7 @@ def _error_code(errors: Sequence[str], about: str) -> str:
     chosen = next((e for e in errors if about and about in e.lower()), errors[0] if errors else None)
     if chosen is None:
         return "no value"
-    return _scrub(chosen.rpartition(":")[2] or chosen)
+    return redact_line(chosen.rpartition(":")[2] or chosen)
 
 
 def _utc(moment: datetime) -> datetime:
@@ -1431,11 +1439,4 @@ def _pct(ratio: float) -> str:
 
 
 def _quote(value: object) -> str:
-    return repr(_scrub(str(value)))
-
-
-def _scrub(text: str) -> str:
-    """Foreign text made fit for a reason: one line, bounded, anything token-like redacted."""
-    text = redact_text(text)
-    text = " ".join(text.split())
-    return text if len(text) <= _TEXT_LIMIT else text[: _TEXT_LIMIT - 1] + "…"
+    return repr(redact_line(str(value)))

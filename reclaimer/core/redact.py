@@ -1,8 +1,9 @@
 """One redaction for everything the daemon writes: logs, config dumps, decision reasons, Kubernetes Event notes.
 
 Pure (``re`` only). One list of secret words and one list of text patterns; every writer calls ``redact_text`` for
-free text and ``redact_data`` for structured data (mappings are redacted by key as well as by content). The test
-corpus is tests/test_redact.py: a pattern added here is added there.
+free text, ``redact_line`` for foreign text quoted on one line (decision reasons, back-off details) and
+``redact_data`` for structured data (mappings are redacted by key as well as by content). The test corpus is
+tests/test_redact.py: a pattern added here is added there. Nothing else in the package scrubs secrets.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 REDACTED = "<redacted>"
 MAX_DEPTH = 8  # deeper structures are replaced whole: a log field nested that far is not worth the risk
+LINE_LIMIT = 120  # longest piece of foreign text (gateway errors, annotation values) quoted in a reason or detail
 
 # Words that make a key (``api_key``, ``Authorization``, ``hub_token``) or a ``word=value`` pair secret.
 SECRET_WORDS: tuple[str, ...] = (
@@ -72,6 +74,13 @@ def redact_text(text: str) -> str:
     for pattern, replacement in TEXT_PATTERNS:
         text = pattern.sub(replacement, text)
     return text
+
+
+def redact_line(text: str, limit: int = LINE_LIMIT) -> str:
+    """Foreign text made fit to quote in a decision reason or a back-off detail: redacted, on one line, at most
+    ``limit`` characters (cut with …)."""
+    text = " ".join(redact_text(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def redact_data(value: Any, depth: int = 0) -> Any:

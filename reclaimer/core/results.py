@@ -36,7 +36,7 @@ DONE: tuple[str, ...] = (SUCCESS, ALREADY_GONE)  # the target is gone: verificat
 
 # What an adapter's stop/shutdown call answers (gateway, hub, notebook server, Kubeflow Notebook), with a detail.
 AdapterResult = Literal["success", "already-gone", "failed"]
-Outcome = tuple[AdapterResult, str]
+AdapterOutcome = tuple[AdapterResult, str]
 ADAPTER_RESULTS: tuple[AdapterResult, ...] = (SUCCESS, ALREADY_GONE, FAILED)
 
 # What an eviction answers (reclaimer.observe.kube.EvictionResult); the executor maps these onto ACTION_RESULTS.

@@ -23,7 +23,8 @@ from reclaimer import __version__
 from reclaimer.core.actionkinds import EXECUTABLE
 from reclaimer.core.actions import ActionKind
 from reclaimer.core.model import BREAKER_CAUSES, NO_NAMESPACE, ActionResult, BreakerStatus, CycleSnapshot, Decision
-from reclaimer.core.results import ACTION_RESULTS
+from reclaimer.core.modes import MODES
+from reclaimer.core.results import ACTION_RESULTS, RELEASED, VERIFIED
 from reclaimer.core.verdicts import Verdict
 from reclaimer.core.views import candidate_namespace, candidate_user, is_idle, kernel_gpu_usage, metric_kernel_id
 
@@ -36,7 +37,6 @@ SnapshotProvider = Callable[[], CycleSnapshot | None]
 NvmlErrorCounts = Callable[[], Mapping[tuple[str, str], int]]
 StallStates = Callable[[], Mapping[str, Any]]  # stage -> stall.StageState
 
-MODES: tuple[str, ...] = ("dry-run", "enforce")
 ACTIONS: tuple[str, ...] = tuple(a.value for a in EXECUTABLE)
 RESULTS: tuple[str, ...] = ACTION_RESULTS
 VERDICTS: tuple[str, ...] = tuple(v.value for v in Verdict)
@@ -375,10 +375,10 @@ class Metrics:
         mode = _bounded(outcome.mode, MODES, "mode")
         self.actions_total.labels(action, result, mode).inc()
         # Memory counts as reclaimed only once verification saw it released (docs/safety.md invariant 8).
-        if result == "verified" and outcome.reclaimed_bytes > 0:
+        if result == VERIFIED and outcome.reclaimed_bytes > 0:
             self.reclaimed_gpu_memory_bytes_total.inc(outcome.reclaimed_bytes)
         # An allocation counts as released only once the pod was seen gone (or no longer holding the GPU).
-        if result == "released" and outcome.released_gpus > 0:
+        if result == RELEASED and outcome.released_gpus > 0:
             self.released_gpus_total.inc(outcome.released_gpus)
 
     def record_breaker_trip(self, status: BreakerStatus) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import structlog
 
+from reclaimer.core.kernelids import canonical_kernel_id
 from reclaimer.core.model import AttributedProcess, ProcessInfo, ProcessSample
 from reclaimer.observe import procfs
 
@@ -287,7 +288,7 @@ def _with_pod_label(chain: _Chain, info: ProcessInfo, labels: Mapping[str, str])
     """Apply the pod's ``kernel_id`` label when the process is in a kernel pod."""
     if info.pod_uid is None or info.pod_uid not in labels:
         return chain
-    label = procfs.canonical_uuid(str(labels[info.pod_uid]))
+    label = canonical_kernel_id(str(labels[info.pod_uid]))
     if label is None:
         if chain.kernel_id is not None:
             return chain

@@ -21,7 +21,9 @@ from urllib.parse import quote
 import structlog
 
 from reclaimer.core.config import GatewaySettings
+from reclaimer.core.kernelids import is_kernel_id
 from reclaimer.core.model import KernelActivity
+from reclaimer.core.results import ALREADY_GONE, DONE, FAILED, SUCCESS, AdapterOutcome
 from reclaimer.observe.jupyter_rest import (
     ERROR_BODY_LIMIT,
     KERNEL_BODY_LIMIT,
@@ -32,7 +34,6 @@ from reclaimer.observe.jupyter_rest import (
     RestEndpoint,
     SessionFactory,
     answer_clock_skew,
-    is_kernel_id,
     parse_kernel_listing,
     parse_kernel_model,
     tls_context,
@@ -198,10 +199,10 @@ class GatewayClient:
         """Every kernel the gateway lists; None when unknown (403 — listing off —, error, or a garbled body)."""
         return (await self.listing()).kernels
 
-    async def shutdown_kernel(self, kernel_id: str) -> tuple[str, str]:
+    async def shutdown_kernel(self, kernel_id: str) -> AdapterOutcome:
         """``DELETE /api/kernels/{id}``: ("success" | "already-gone" | "failed", detail)."""
         if not is_kernel_id(kernel_id):
-            return "failed", "not a canonical kernel id; no request made"
+            return FAILED, "not a canonical kernel id; no request made"
         answer = await self._http.request(
             "DELETE",
             "/api/kernels/" + quote(kernel_id, safe=""),
@@ -210,14 +211,14 @@ class GatewayClient:
         )
         if answer.status == 404:
             self._mark(True, None)
-            return "already-gone", f"gateway {self.name} no longer has the kernel"
+            return ALREADY_GONE, f"gateway {self.name} no longer has the kernel"
         if answer.error is not None or answer.status not in (200, 202, 204):
             error = answer.error or f"unexpected HTTP {answer.status}"
             self._mark(False, error)
             detail = f"{error}: {answer.message}" if answer.message else error
-            return "failed", f"gateway {self.name}: {detail}"
+            return FAILED, f"gateway {self.name}: {detail}"
         self._mark(True, None)
-        return "success", f"kernel shut down through gateway {self.name}"
+        return SUCCESS, f"kernel shut down through gateway {self.name}"
 
     async def close(self) -> None:
         await self._http.close()
@@ -468,10 +469,10 @@ class GatewayPool:
         ]
         await asyncio.gather(*(c.probe() for c in quiet))
 
-    async def shutdown(self, kernel_id: str) -> tuple[str, str]:
+    async def shutdown(self, kernel_id: str) -> AdapterOutcome:
         """Shut the kernel down through the gateway that serves it: (result, detail) as ``shutdown_kernel``."""
         if not is_kernel_id(kernel_id):
-            return "failed", "not a canonical kernel id; no request made"
+            return FAILED, "not a canonical kernel id; no request made"
         client = self.client_for(kernel_id)
         if client is None:
             seen = (await self.observe([kernel_id]))[kernel_id]
@@ -479,9 +480,9 @@ class GatewayPool:
             if client is None:
                 # Not "already-gone": a kernel no gateway ever served here (e.g. one seen only through the hub)
                 # is still running, and saying otherwise would report a reclaim that did not happen.
-                return "failed", f"cannot tell which gateway serves the kernel: {seen.error}"
+                return FAILED, f"cannot tell which gateway serves the kernel: {seen.error}"
         result, detail = await client.shutdown_kernel(kernel_id)
-        if result in ("success", "already-gone"):
+        if result in DONE:
             self._forget(kernel_id)
         log.info("kernel shutdown", kernel_id=kernel_id, gateway=client.name, result=result, detail=detail)
         return result, detail

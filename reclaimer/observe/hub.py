@@ -31,7 +31,10 @@ from urllib.parse import quote, unquote, urlsplit
 import structlog
 
 from reclaimer.core.config import HubSettings
+from reclaimer.core.kernelids import is_kernel_id
 from reclaimer.core.model import Candidate, KernelActivity, PodInfo, ServerRef
+from reclaimer.core.results import ALREADY_GONE, FAILED, SUCCESS, AdapterOutcome
+from reclaimer.core.sources import HUB_GATEWAY
 from reclaimer.observe import procfs
 from reclaimer.observe.jupyter_rest import (
     ERROR_BODY_LIMIT,
@@ -41,7 +44,6 @@ from reclaimer.observe.jupyter_rest import (
     RestEndpoint,
     SessionFactory,
     answer_clock_skew,
-    is_kernel_id,
     parse_kernel_listing,
     parse_last_activity,
     tls_context,
@@ -50,7 +52,6 @@ from reclaimer.observe.tokens import TokenSource
 
 log = structlog.get_logger(__name__)
 
-HUB_GATEWAY = "jupyterhub"  # KernelActivity.gateway for kernels observed in a JupyterHub user server
 PAGINATION_ACCEPT = "application/jupyterhub-pagination+json"
 MAX_PAGES = 1000  # 1000 pages of the hub's default 200 users; a hub that paginates forever is unknown
 MAX_NAME_LENGTH = 255
@@ -243,15 +244,15 @@ class HubClient:
         self._mark(True, None)
         return servers  # the hub lists only active servers unless asked with include_stopped_servers
 
-    async def stop_server(self, user: str, server_name: str = "") -> tuple[str, str]:
+    async def stop_server(self, user: str, server_name: str = "") -> AdapterOutcome:
         """Stop a user's server (``""``: the default one): ("success" | "already-gone" | "failed", detail)."""
         try:
             _check_name(user, "user name")
             _check_name(server_name, "server name")
         except ValueError as exc:
-            return "failed", f"{exc}; no request made"
+            return FAILED, f"{exc}; no request made"
         if not user:
-            return "failed", "empty user name; no request made"
+            return FAILED, "empty user name; no request made"
         path = f"/hub/api/users/{quote(user, safe='')}/" + (
             f"servers/{quote(server_name, safe='')}" if server_name else "server"
         )
@@ -261,16 +262,16 @@ class HubClient:
         label = f"{user}/{server_name}" if server_name else user
         if answer.status in (200, 202, 204):
             self._mark(True, None)
-            return "success", ("stop requested (pending)" if answer.status == 202 else "server stopped") + f": {label}"
+            return SUCCESS, ("stop requested (pending)" if answer.status == 202 else "server stopped") + f": {label}"
         if answer.status == 404:
             self._mark(True, None)
-            return "already-gone", f"no such server: {label}"
+            return ALREADY_GONE, f"no such server: {label}"
         if answer.status == 400 and "not running" in answer.message:
             self._mark(True, None)
-            return "already-gone", f"server not running: {label}"
+            return ALREADY_GONE, f"server not running: {label}"
         error = answer.error or f"unexpected HTTP {answer.status}"
         self._mark(False, error)
-        return "failed", f"hub: {error}: {answer.message}" if answer.message else f"hub: {error}"
+        return FAILED, f"hub: {error}: {answer.message}" if answer.message else f"hub: {error}"
 
     # ------------------------------------------------------------------ tokens for one server
 
@@ -442,11 +443,11 @@ class HubClient:
             )
             return None
 
-    async def shutdown_server_kernel(self, server: ServerRef, kernel_id: str) -> tuple[str, str]:
+    async def shutdown_server_kernel(self, server: ServerRef, kernel_id: str) -> AdapterOutcome:
         """``DELETE <server>/api/kernels/{id}`` directly, for a kernel no configured gateway serves:
         ("success" | "already-gone" | "failed", detail)."""
         if not is_kernel_id(kernel_id):
-            return "failed", "not a canonical kernel id; no request made"
+            return FAILED, "not a canonical kernel id; no request made"
         answer, refused = await self._server_request(
             server,
             "DELETE",
@@ -455,14 +456,14 @@ class HubClient:
             timeout=self.settings.timeout * SHUTDOWN_TIMEOUT_FACTOR,
         )
         if answer is None:
-            return "failed", str(refused)
+            return FAILED, str(refused)
         label = f"{server.user}/{server.server_name}" if server.server_name else server.user
         if answer.status in (200, 202, 204):
-            return "success", f"kernel shut down in server {label}"
+            return SUCCESS, f"kernel shut down in server {label}"
         if answer.status == 404:
-            return "already-gone", f"server {label} no longer has the kernel"
+            return ALREADY_GONE, f"server {label} no longer has the kernel"
         error = answer.error or f"unexpected HTTP {answer.status}"
-        return "failed", f"server {label}: {error}"
+        return FAILED, f"server {label}: {error}"
 
     async def close(self) -> None:
         """Revoke every server token still held (best effort: they expire anyway), then close the connections."""

@@ -19,6 +19,7 @@ import structlog
 import yarl
 
 from reclaimer.core.errors import StartupError
+from reclaimer.core.kernelids import is_kernel_id
 from reclaimer.core.model import KernelActivity
 from reclaimer.observe.tokens import TokenSource
 
@@ -31,7 +32,6 @@ MAX_CONCURRENCY = 8
 SHUTDOWN_TIMEOUT_FACTOR = 3  # a graceful kernel shutdown waits for the kernel to exit; give it longer than a GET
 MAX_STATE_LENGTH = 32
 
-_KERNEL_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _TIMESTAMP_RE = re.compile(
     r"^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:[.,](\d{1,9}))?"
     r"\s*(?:([Zz])|([+-])(\d{2}):?(\d{2}))?$"
@@ -42,11 +42,6 @@ SessionFactory = Callable[[], aiohttp.ClientSession]
 
 
 # --------------------------------------------------------------------------- pure parsing
-
-
-def is_kernel_id(value: object) -> bool:
-    """True for a canonical lowercase UUID (``8-4-4-4-12`` hex), the only form a URL is ever built from."""
-    return isinstance(value, str) and _KERNEL_ID_RE.fullmatch(value) is not None
 
 
 def parse_last_activity(value: object) -> datetime | None:

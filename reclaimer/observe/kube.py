@@ -34,8 +34,20 @@ from reclaimer.core import actionkinds
 from reclaimer.core.actionkinds import KUBEFLOW_STOP_ANNOTATION
 from reclaimer.core.config import KubernetesSettings
 from reclaimer.core.errors import ReclaimerError
+from reclaimer.core.kernelids import is_kernel_id
 from reclaimer.core.model import OwnerRef, PodInfo
 from reclaimer.core.redact import redact_text
+from reclaimer.core.results import (
+    ALREADY_GONE,
+    BLOCKED_PDB,
+    CONFLICT,
+    DONE,
+    FAILED,
+    FORBIDDEN,
+    RETRY_AFTER,
+    SUCCESS,
+    AdapterOutcome,
+)
 
 if TYPE_CHECKING:
     import urllib3
@@ -54,13 +66,11 @@ EVENT_REASONS = frozenset(
     }
 )
 EVENT_TYPES = frozenset({"Normal", "Warning"})
-EVICTION_RESULTS = ("success", "already-gone", "blocked-pdb", "retry-after", "failed", "forbidden", "conflict")
 
 _NOTE_MAX_BYTES = 1024  # events.k8s.io/v1 rejects a longer note
 _FIELD_MAX = 128  # reportingInstance, action and reason limits in events.k8s.io/v1
 _DETAIL_MAX = 300
 _RUNTIME_PREFIX = re.compile(r"^[a-z0-9.+-]+://", re.I)
-_KERNEL_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 class KubeError(ReclaimerError):
@@ -73,7 +83,7 @@ class KubeUnavailable(KubeError):
 
 @dataclass(frozen=True, slots=True)
 class EvictionResult:
-    """Outcome of one eviction request. ``result`` is one of ``EVICTION_RESULTS`` (a bounded label value)."""
+    """AdapterOutcome of one eviction request. ``result`` is one of ``reclaimer.core.results.EVICTION_RESULTS``."""
 
     result: str
     detail: str = ""
@@ -486,7 +496,7 @@ class KubeClient:
         elog = self._log.bind(namespace=namespace, pod=name, pod_uid=uid, dry_run=dry_run)
         if not uid:
             elog.error("refusing to evict a pod without its uid")
-            return EvictionResult("failed", "refusing to evict without the pod uid (identity must bind)")
+            return EvictionResult(FAILED, "refusing to evict without the pod uid (identity must bind)")
         body = k8s.V1Eviction(
             api_version="policy/v1",
             kind="Eviction",
@@ -503,12 +513,12 @@ class KubeClient:
                 _preload_content=False,
             )
             raw_response(resp).read()
-            result = EvictionResult("success", f"evicted {namespace}/{name}" + (" (server dry-run)" if dry_run else ""))
+            result = EvictionResult(SUCCESS, f"evicted {namespace}/{name}" + (" (server dry-run)" if dry_run else ""))
         except ApiException as exc:
             result = self._eviction_failure(exc)
         except Exception as exc:  # transport error or timeout: unknown whether it landed; next cycle asks again
-            result = EvictionResult("failed", describe_error(exc))
-        level = "info" if result.result in ("success", "already-gone") else "warning"
+            result = EvictionResult(FAILED, describe_error(exc))
+        level = "info" if result.result in DONE else "warning"
         getattr(elog, level)("eviction", result=result.result, detail=result.detail, retry_after=result.retry_after)
         return result
 
@@ -518,21 +528,21 @@ class KubeClient:
         detail = describe_error(exc)
         code = exc.status
         if code == 404:
-            return EvictionResult("already-gone", detail)
+            return EvictionResult(ALREADY_GONE, detail)
         if code == 429:
             retry = _retry_after_seconds(exc.headers, status, time.time())
             if _is_pdb_block(status):
-                return EvictionResult("blocked-pdb", _cut(_pdb_detail(status) or detail), retry)
-            return EvictionResult("retry-after", detail, retry)
+                return EvictionResult(BLOCKED_PDB, _cut(_pdb_detail(status) or detail), retry)
+            return EvictionResult(RETRY_AFTER, detail, retry)
         if code == 403:
-            return EvictionResult("forbidden", detail)
+            return EvictionResult(FORBIDDEN, detail)
         if code == 409:
-            return EvictionResult("conflict", detail)
-        return EvictionResult("failed", detail)  # 500 (several PDBs) and anything unexpected
+            return EvictionResult(CONFLICT, detail)
+        return EvictionResult(FAILED, detail)  # 500 (several PDBs) and anything unexpected
 
     # ------------------------------------------------------------------ Kubeflow notebooks
 
-    def stop_notebook(self, namespace: str, name: str, now: float | None = None) -> tuple[str, str]:
+    def stop_notebook(self, namespace: str, name: str, now: float | None = None) -> AdapterOutcome:
         """Stop a Kubeflow Notebook as Kubeflow's culler does: the ``kubeflow-resource-stopped`` annotation (RFC 3339
         UTC time) by a merge patch; the notebook-controller then scales it to 0. Never raises.
 
@@ -546,15 +556,15 @@ class KubeClient:
             )
         except ApiException as exc:
             if exc.status == 404:
-                return "already-gone", f"{what} no longer exists"
-            return "failed", f"reading {what}: {describe_error(exc)}"
+                return ALREADY_GONE, f"{what} no longer exists"
+            return FAILED, f"reading {what}: {describe_error(exc)}"
         except Exception as exc:
-            return "failed", f"reading {what}: {describe_error(exc)}"
+            return FAILED, f"reading {what}: {describe_error(exc)}"
         meta = notebook.get("metadata") if isinstance(notebook, Mapping) else None
         annotations = meta.get("annotations") if isinstance(meta, Mapping) else None
         if isinstance(annotations, Mapping) and KUBEFLOW_STOP_ANNOTATION in annotations:
             return (
-                "already-gone",
+                ALREADY_GONE,
                 f"{what} is already stopped ({KUBEFLOW_STOP_ANNOTATION}="
                 f"{str(annotations[KUBEFLOW_STOP_ANNOTATION])[:40]})",
             )
@@ -566,12 +576,12 @@ class KubeClient:
             )
         except ApiException as exc:
             if exc.status == 404:
-                return "already-gone", f"{what} no longer exists"
-            return "failed", f"stopping {what}: {describe_error(exc)}"
+                return ALREADY_GONE, f"{what} no longer exists"
+            return FAILED, f"stopping {what}: {describe_error(exc)}"
         except Exception as exc:
-            return "failed", f"stopping {what}: {describe_error(exc)}"
+            return FAILED, f"stopping {what}: {describe_error(exc)}"
         self._log.info("notebook stopped", namespace=namespace, notebook=name, annotation=value)
-        return "success", f"{what} stopped ({KUBEFLOW_STOP_ANNOTATION}={value}); its controller scales it to 0"
+        return SUCCESS, f"{what} stopped ({KUBEFLOW_STOP_ANNOTATION}={value}); its controller scales it to 0"
 
     # ------------------------------------------------------------------ events
 
@@ -714,7 +724,7 @@ class PodCache:
             kid = pod.labels.get(label)
             if kid is None:
                 continue
-            if _KERNEL_ID.match(kid):
+            if is_kernel_id(kid):
                 kernel_ids[pod.uid] = kid
             elif pod.uid not in self._bad_kernel_labels:
                 self._bad_kernel_labels.add(pod.uid)

@@ -15,7 +15,10 @@ import time
 from collections.abc import Callable, Iterable
 
 from reclaimer.core.config import KubeflowSettings
+from reclaimer.core.kernelids import is_kernel_id
 from reclaimer.core.model import NotebookRef
+from reclaimer.core.results import ALREADY_GONE, FAILED, SUCCESS, AdapterOutcome
+from reclaimer.core.sources import KUBEFLOW_GATEWAY
 from reclaimer.observe.jupyter_rest import (
     ERROR_BODY_LIMIT,
     LIST_BODY_LIMIT,
@@ -24,13 +27,11 @@ from reclaimer.observe.jupyter_rest import (
     RestEndpoint,
     SessionFactory,
     answer_clock_skew,
-    is_kernel_id,
     parse_kernel_listing,
     tls_context,
 )
 from reclaimer.observe.tokens import TokenSource
 
-KUBEFLOW_GATEWAY = "kubeflow"  # KernelActivity.gateway for kernels observed through a notebook server
 MAX_NOTEBOOK_CLIENTS = 256  # notebook servers remembered between cycles (one per notebook pod on the node)
 _DNS_LABEL = re.compile(r"^[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?$")
 
@@ -95,11 +96,11 @@ class NotebookServers:
             return NotebookRef(namespace, name, None, f"notebook server: {exc}", now)
         return NotebookRef(namespace, name, tuple(kernels), None, now)
 
-    async def shutdown_kernel(self, namespace: str, name: str, kernel_id: str) -> tuple[str, str]:
+    async def shutdown_kernel(self, namespace: str, name: str, kernel_id: str) -> AdapterOutcome:
         """``DELETE <notebook url>/api/kernels/{id}`` for a kernel seen only through its notebook server."""
         url = notebook_url(self.settings.notebook_url, namespace, name)
         if url is None or not is_kernel_id(kernel_id):
-            return "failed", "not a DNS-label notebook or not a canonical kernel id; no request made"
+            return FAILED, "not a DNS-label notebook or not a canonical kernel id; no request made"
         answer = await self._endpoint(namespace, name, url).request(
             "DELETE",
             "/api/kernels/" + kernel_id,
@@ -107,10 +108,10 @@ class NotebookServers:
             timeout=self.settings.timeout * SHUTDOWN_TIMEOUT_FACTOR,
         )
         if answer.status in (200, 202, 204):
-            return "success", f"kernel shut down in notebook {namespace}/{name}"
+            return SUCCESS, f"kernel shut down in notebook {namespace}/{name}"
         if answer.status == 404:
-            return "already-gone", f"notebook {namespace}/{name} no longer has the kernel"
-        return "failed", f"notebook {namespace}/{name}: {answer.error or f'unexpected HTTP {answer.status}'}"
+            return ALREADY_GONE, f"notebook {namespace}/{name} no longer has the kernel"
+        return FAILED, f"notebook {namespace}/{name}: {answer.error or f'unexpected HTTP {answer.status}'}"
 
     async def prune(self, live: Iterable[tuple[str, str]]) -> None:
         """Forget the servers of notebooks no longer on this node (and close their sessions)."""

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import structlog
 
+from reclaimer.core.kernelids import UUID_PATTERN, canonical_kernel_id
 from reclaimer.core.model import ProcessInfo
 
 log = structlog.get_logger(__name__)
@@ -42,10 +43,7 @@ _POD_DIR_RE = re.compile(rf"^pod(?P<uid>{_UUID_ANY_SEP}|{_STATIC_POD_HASH})$")
 _CONTAINER_SCOPE_RE = re.compile(rf"^(?:cri-containerd|crio|docker|libpod)-(?P<id>{_HEX64})\.scope$")
 _CONTAINER_BARE_RE = re.compile(rf"^(?P<id>{_HEX64})$")
 _COLON_RUNTIMES = frozenset({"cri-containerd", "crio", "docker"})  # "<pod slice>:<runtime>:<id>" (systemd driver)
-_CANONICAL_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
-_CONNECTION_FILE_RE = re.compile(
-    r"^kernel-(?P<id>[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})\.json$"
-)
+_CONNECTION_FILE_RE = re.compile(rf"kernel-(?P<id>{UUID_PATTERN})\.json")
 _EXISTING_FLAG = "--existing"  # `jupyter console --existing kernel-<id>.json` is a client, not the kernel
 # How a kernel is told its connection file (ipykernel, IRkernel's ``-f``, traitlets' long forms).
 _CONNECTION_FILE_FLAGS = (
@@ -125,11 +123,6 @@ _warn_once = LogOnce()
 
 
 # --------------------------------------------------------------------------- parsing (pure)
-
-
-def canonical_uuid(text: str) -> str | None:
-    """``text`` lowercased when it is a canonical 8-4-4-4-12 hex UUID, else None."""
-    return text.lower() if _CANONICAL_UUID_RE.match(text) else None
 
 
 def _canonical_pod_uid(raw: str) -> str:
@@ -225,8 +218,8 @@ def parse_cmdline(raw: bytes) -> list[str]:
 
 def _connection_file_id(arg: str) -> str | None:
     basename = re.split(r"[/\\]", arg)[-1]
-    m = _CONNECTION_FILE_RE.match(basename)
-    return m["id"].lower() if m else None
+    m = _CONNECTION_FILE_RE.fullmatch(basename)
+    return canonical_kernel_id(m["id"]) if m else None
 
 
 def kernel_id_from_cmdline(args: Sequence[str]) -> str | None:
