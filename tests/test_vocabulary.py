@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import reclaimer
 from reclaimer.act.actions import DryRunExecutor, LiveExecutor
-from reclaimer.core import keys, modes, results, sources
+from reclaimer.core import keys, modes, results, sources, views
 from reclaimer.core.actions import ActionKind, ActionName, Recovers
 from reclaimer.core.candidates import join
 from reclaimer.core.config import KubernetesSettings, Settings, parse_settings
@@ -41,7 +41,7 @@ from reclaimer.export import metrics as metrics_mod
 from reclaimer.export import report as report_mod
 from reclaimer.export.metrics import Metrics
 from reclaimer.observe import procfs
-from reclaimer.observe.gateway import BadAnswer, parse_kernel_model
+from reclaimer.observe.jupyter_rest import BadAnswer, parse_kernel_model
 from reclaimer.observe.kube import EvictionResult, PodCache
 
 PACKAGE = Path(reclaimer.__file__).parent
@@ -95,9 +95,9 @@ class Stopper:
     """A kernel/server/notebook adapter answering as scripted (the real ones are tested against real servers in
     test_actions, test_hub and test_kubeflow; here only the vocabulary of their answers matters)."""
 
-    answer: results.Outcome = (results.SUCCESS, "done")
+    answer: results.AdapterOutcome = (results.SUCCESS, "done")
 
-    async def shutdown(self, kernel_id: str) -> results.Outcome:
+    async def shutdown(self, kernel_id: str) -> results.AdapterOutcome:
         return self.answer
 
 
@@ -215,7 +215,7 @@ def test_candidate_keys_come_from_the_keys_vocabulary() -> None:
     )  # fmt: skip
     assert sorted(c.key for c in joined.candidates) == sorted([keys.kernel_key(KID), keys.pod_key(bare.uid)])
     # A pod candidate's key is also its kernel_id label value (metrics, report).
-    assert {report_mod.metric_kernel_id(c) for c in joined.candidates} == {KID, keys.pod_key(bare.uid)}
+    assert {views.metric_kernel_id(c) for c in joined.candidates} == {KID, keys.pod_key(bare.uid)}
     assert keys.server_key("alice", "") == "server:alice/" and keys.notebook_key("ns", "nb") == "notebook:ns/nb"
 
 
