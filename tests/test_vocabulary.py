@@ -302,7 +302,6 @@ ALLOWED = {
     ("app/cli.py", "enforce"): "the argparse dest of --enforce",
     ("app/daemon.py", "kubeflow"): "a credential's name (beside hub, gateway:<name>, kubernetes), not a kernel source",
     ("observe/kubeflow.py", "kubeflow"): "the same credential's name in its token and TLS errors",
-    ("export/report.py", "dry-run"): "the table's notes on a report's mode (moving with the report split)",
 }
 
 

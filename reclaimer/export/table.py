@@ -9,6 +9,7 @@ import re
 from collections.abc import Iterable, Mapping
 
 from reclaimer.core.actions import Recovers
+from reclaimer.core.modes import DRY_RUN
 from reclaimer.core.verdicts import Verdict
 from reclaimer.export.report import ClusterReport, KernelEntry, Report, Summary, summarize, waste
 
@@ -147,7 +148,7 @@ def render_table(report: Report, width: int | None = None) -> str:
     kernels = sorted(
         report.kernels, key=lambda k: (-waste(k, totals), k.namespace or "", k.pod or "", k.kernel_id or "")
     )
-    note = " (verdicts show what enforce would do)" if report.mode == "dry-run" else ""
+    note = " (verdicts show what enforce would do)" if report.mode == DRY_RUN else ""
     lines = [_cell(f"node {report.node}  mode {report.mode}{note}  at {report.generated_at}"), ""]
     if kernels:
         lines += _format_table(list(KERNEL_COLUMNS), [_kernel_row(k, index_of) for k in kernels], width, "REASON")
@@ -201,7 +202,7 @@ def render_cluster_table(merged: ClusterReport, width: int | None = None) -> str
     answered = len(merged.nodes)
     total = answered + len(merged.unanswered)
     by_mode = ", ".join(f"{count} {mode}" for mode, count in sorted(modes.items()))
-    note = "; dry-run verdicts show what enforce would do" if modes.get("dry-run") else ""
+    note = "; dry-run verdicts show what enforce would do" if modes.get(DRY_RUN) else ""
     lines = [
         _cell(
             f"cluster  {answered} of {total} nodes answered"
