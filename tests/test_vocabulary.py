@@ -300,7 +300,7 @@ DISTINCTIVE = {
 # Where such a string is not the vocabulary: (module, value) -> why.
 ALLOWED = {
     ("app/cli.py", "enforce"): "the argparse dest of --enforce",
-    ("app/daemon.py", "kubeflow"): "a credential's name (beside hub, gateway:<name>, kubernetes), not a kernel source",
+    ("app/pipeline.py", "kubeflow"): "a credential's name (beside hub, gateway:<name>, kubernetes), not a kernel source",
     ("observe/kubeflow.py", "kubeflow"): "the same credential's name in its token and TLS errors",
 }
 
