@@ -74,6 +74,8 @@ def test_the_vocabularies_spell_the_interface_contract() -> None:
     )  # fmt: skip
     assert (keys.kernel_key(KID), keys.pod_key("u-1")) == (f"kernel:{KID}", "pod:u-1")
     assert (sources.HUB_GATEWAY, sources.KUBEFLOW_GATEWAY) == ("jupyterhub", "kubeflow")
+    assert (keys.HUB_CREDENTIAL, keys.KUBEFLOW_CREDENTIAL, keys.KUBERNETES_CREDENTIAL) == ("hub", "kubeflow", "kubernetes")
+    assert keys.gateway_credential("eg") == "gateway:eg"
 
 
 def test_exporters_and_config_use_the_vocabularies() -> None:
@@ -300,8 +302,6 @@ DISTINCTIVE = {
 # Where such a string is not the vocabulary: (module, value) -> why.
 ALLOWED = {
     ("app/cli.py", "enforce"): "the argparse dest of --enforce",
-    ("app/pipeline.py", "kubeflow"): "a credential's name (beside hub, gateway:<name>, kubernetes), not a kernel source",
-    ("observe/kubeflow.py", "kubeflow"): "the same credential's name in its token and TLS errors",
 }
 
 

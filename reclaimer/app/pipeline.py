@@ -33,7 +33,7 @@ import structlog
 from reclaimer.act.actions import DryRunExecutor, LiveExecutor
 from reclaimer.app.adapters import Adapters
 from reclaimer.app.hubfallback import HubFallback, describe
-from reclaimer.core import actionkinds, policy
+from reclaimer.core import actionkinds, keys, policy
 from reclaimer.core import candidates as join_mod
 from reclaimer.core.config import Settings
 from reclaimer.core.model import (
@@ -290,13 +290,13 @@ class Pipeline:
         out: dict[str, str | None] = {}
         for client in a.gateways.clients if a.gateways is not None else ():
             if client.credential is not None:
-                out[f"gateway:{client.name}"] = client.credential.rejected
+                out[keys.gateway_credential(client.name)] = client.credential.rejected
         if a.hub is not None and a.hub.credential is not None:
-            out["hub"] = a.hub.credential.rejected
+            out[keys.HUB_CREDENTIAL] = a.hub.credential.rejected
         if a.notebooks is not None and a.notebooks.credential is not None:
-            out["kubeflow"] = a.notebooks.credential.rejected
+            out[keys.KUBEFLOW_CREDENTIAL] = a.notebooks.credential.rejected
         if a.kube is not None:
-            out["kubernetes"] = a.kube.rejected
+            out[keys.KUBERNETES_CREDENTIAL] = a.kube.rejected
         return out
 
     def close(self) -> None:

@@ -389,8 +389,8 @@ class CycleSnapshot:
     )  # by configured gateway name; None: not contacted yet
     observed_at: float | None = None  # when the last gateway observation finished (None: not yet)
     breaker: BreakerStatus = field(default_factory=BreakerStatus)
-    # Each credential the daemon holds ("hub", "gateway:<name>", "kubernetes") -> why it was refused (None: not
-    # refused). While any was refused after a re-read, no action is taken (issue 10 item 6).
+    # Each credential the daemon holds (reclaimer.core.keys: "hub", "gateway:<name>", "kubeflow", "kubernetes") -> why
+    # it was refused (None: not refused). While any was refused after a re-read, no action is taken (issue 10 item 6).
     credentials: Mapping[str, str | None] = field(default_factory=dict)
 
     @property

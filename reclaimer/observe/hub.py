@@ -32,6 +32,7 @@ import structlog
 
 from reclaimer.core.config import HubSettings
 from reclaimer.core.kernelids import is_kernel_id
+from reclaimer.core.keys import HUB_CREDENTIAL
 from reclaimer.core.model import Candidate, KernelActivity, PodInfo, ServerRef
 from reclaimer.core.results import ALREADY_GONE, FAILED, SUCCESS, AdapterOutcome
 from reclaimer.core.sources import HUB_GATEWAY
@@ -149,7 +150,7 @@ class HubClient:
         self._http = RestEndpoint(
             "hub",
             settings.url,
-            TokenSource.from_settings(settings.token_env, settings.token_file, "hub"),
+            TokenSource.from_settings(settings.token_env, settings.token_file, HUB_CREDENTIAL),
             timeout=settings.timeout,
             tls=tls_context(settings.url, settings.ca_file, settings.verify_tls, "hub"),
             session_factory=session_factory,

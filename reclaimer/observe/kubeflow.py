@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 
 from reclaimer.core.config import KubeflowSettings
 from reclaimer.core.kernelids import is_kernel_id
+from reclaimer.core.keys import KUBEFLOW_CREDENTIAL
 from reclaimer.core.model import NotebookRef
 from reclaimer.core.results import ALREADY_GONE, FAILED, SUCCESS, AdapterOutcome
 from reclaimer.core.sources import KUBEFLOW_GATEWAY
@@ -59,7 +60,7 @@ class NotebookServers:
     ):
         self.settings = settings
         # Re-read when its file changes, one re-read after a refusal (issue 10 item 6), like the gateways' tokens.
-        self.credential = TokenSource.from_settings(settings.token_env, settings.token_file, "kubeflow")
+        self.credential = TokenSource.from_settings(settings.token_env, settings.token_file, KUBEFLOW_CREDENTIAL)
         self._session_factory = session_factory
         self._clock = clock
         self._endpoints: dict[tuple[str, str], RestEndpoint] = {}
@@ -75,7 +76,7 @@ class NotebookServers:
                 url,
                 self.credential,
                 timeout=self.settings.timeout,
-                tls=tls_context(url, None, True, "kubeflow"),
+                tls=tls_context(url, None, True, KUBEFLOW_CREDENTIAL),
                 session_factory=self._session_factory,
                 untracked=True,  # watching is not using: Kubeflow's own culler reads the same activity
             )
