@@ -20,7 +20,8 @@ from pydantic import BaseModel
 from reclaimer.core.errors import ReclaimerError
 from reclaimer.core.actions import ActionKind
 from reclaimer.core.verdicts import Verdict
-from reclaimer.core.model import NO_NAMESPACE, Decision, ProcessSample
+from reclaimer.core.labels import NO_NAMESPACE
+from reclaimer.core.model import Decision, ProcessSample
 from reclaimer.core.views import held_idle_increments
 from reclaimer.export.report import (
     NOT_ATTRIBUTED_YET,

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import reclaimer
 from reclaimer.act.actions import DryRunExecutor, LiveExecutor
-from reclaimer.core import keys, modes, results, sources, views
+from reclaimer.core import keys, labels, modes, results, sources, views
 from reclaimer.core.actions import ActionKind, ActionName, Recovers
 from reclaimer.core.candidates import join
 from reclaimer.core.config import KubernetesSettings, Settings, parse_settings
@@ -76,6 +76,7 @@ def test_the_vocabularies_spell_the_interface_contract() -> None:
     assert (sources.HUB_GATEWAY, sources.KUBEFLOW_GATEWAY) == ("jupyterhub", "kubeflow")
     assert (keys.HUB_CREDENTIAL, keys.KUBEFLOW_CREDENTIAL, keys.KUBERNETES_CREDENTIAL) == ("hub", "kubeflow", "kubernetes")
     assert keys.gateway_credential("eg") == "gateway:eg"
+    assert (labels.BREAKER_CAUSES, labels.NO_NAMESPACE) == (("mass-flip", "sustained"), "-")
 
 
 def test_exporters_and_config_use_the_vocabularies() -> None:
@@ -293,11 +294,11 @@ def test_kernel_id_parsers_agree_on_any_text(text: str) -> None:
 # --------------------------------------------------------------------------- nothing spells a vocabulary again
 
 VOCABULARY_MODULES = {"core/modes.py", "core/verdicts.py", "core/actions.py", "core/results.py", "core/keys.py",
-                      "core/sources.py", "core/kernelids.py"}  # fmt: skip
+                      "core/sources.py", "core/kernelids.py", "core/labels.py"}  # fmt: skip
 # Strings that only a vocabulary means (common words such as "none", "unknown", "success" are prose elsewhere).
 DISTINCTIVE = {
     *results.ACTION_RESULTS, *results.EVICTION_RESULTS, *modes.MODES, sources.HUB_GATEWAY, sources.KUBEFLOW_GATEWAY,
-    *(a.value for a in ActionKind), keys.KERNEL_PREFIX, keys.POD_PREFIX, keys.SERVER_PREFIX, keys.NOTEBOOK_PREFIX,
+    *(a.value for a in ActionKind), *labels.BREAKER_CAUSES, keys.KERNEL_PREFIX, keys.POD_PREFIX, keys.SERVER_PREFIX, keys.NOTEBOOK_PREFIX,
 } - {"none", "auto", "success", "failed", "blocked", "skipped", "verified", "released", "forbidden", "conflict"}  # fmt: skip
 # Where such a string is not the vocabulary: (module, value) -> why.
 ALLOWED = {

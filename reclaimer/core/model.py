@@ -323,20 +323,12 @@ class ActionResult:
     released_gpus: int = 0  # "released": GPU allocations seen released
 
 
-# Why the circuit breaker tripped (a bounded label set): most would-be reclaims turned reclaimable within one cycle
-# (a gateway answering "idle" for everything, idle clocks reset together by a restart, a sampler gap or an outage),
-# or they became reclaimable over several cycles (a node that is genuinely mostly idle).
-BREAKER_MASS_FLIP = "mass-flip"
-BREAKER_SUSTAINED = "sustained"
-BREAKER_CAUSES: tuple[str, ...] = (BREAKER_MASS_FLIP, BREAKER_SUSTAINED)
-
-
 @dataclass(frozen=True, slots=True)
 class BreakerStatus:
     """The circuit breaker after one decide cycle (for /metrics, /report and the logs)."""
 
     tripped: bool = False
-    cause: str | None = None  # one of BREAKER_CAUSES while tripped: what started this trip
+    cause: str | None = None  # one of reclaimer.core.labels.BREAKER_CAUSES while tripped: what started this trip
     reclaimable: int = 0  # candidates that would be reclaimed this cycle without the breaker
     total: int = 0  # candidates this cycle
     since: float | None = None  # when this trip began
@@ -365,9 +357,6 @@ class PolicyState:
 
 
 # --------------------------------------------------------------------------- what one decide cycle leaves behind
-
-
-NO_NAMESPACE = "-"  # namespace label value for GPUs held outside Kubernetes (not a valid namespace name)
 
 
 @dataclass(frozen=True, slots=True)

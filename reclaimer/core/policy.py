@@ -27,9 +27,8 @@ from reclaimer.core import actionkinds
 from reclaimer.core.actions import ActionKind
 from reclaimer.core.config import PolicySettings, Settings, format_duration, parse_duration
 from reclaimer.core.keys import notebook_key, pod_key, server_key
+from reclaimer.core.labels import BREAKER_MASS_FLIP, BREAKER_SUSTAINED
 from reclaimer.core.model import (
-    BREAKER_MASS_FLIP,
-    BREAKER_SUSTAINED,
     BreakerStatus,
     Candidate,
     Decision,

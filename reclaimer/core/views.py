@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from reclaimer.core import actionkinds
-from reclaimer.core.model import NO_NAMESPACE, Candidate, CycleSnapshot, Decision, GpuSample, SamplerSnapshot
+from reclaimer.core.labels import NO_NAMESPACE
+from reclaimer.core.model import Candidate, CycleSnapshot, Decision, GpuSample, SamplerSnapshot
 from reclaimer.core.verdicts import Verdict
 
 

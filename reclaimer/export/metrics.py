@@ -22,7 +22,8 @@ from prometheus_client.registry import Collector
 from reclaimer import __version__
 from reclaimer.core.actionkinds import EXECUTABLE
 from reclaimer.core.actions import ActionKind
-from reclaimer.core.model import BREAKER_CAUSES, NO_NAMESPACE, ActionResult, BreakerStatus, CycleSnapshot, Decision
+from reclaimer.core.labels import BREAKER_CAUSES, NO_NAMESPACE
+from reclaimer.core.model import ActionResult, BreakerStatus, CycleSnapshot, Decision
 from reclaimer.core.modes import MODES
 from reclaimer.core.results import ACTION_RESULTS, RELEASED, VERIFIED
 from reclaimer.core.verdicts import Verdict
