@@ -1,4 +1,5 @@
-"""Shared test setup: GPU-only tests skip without a device; async tests must not leak tasks."""
+"""Shared test setup: the shared fixtures and the e2e marker (plugins below), GPU-only tests skip without a device,
+async tests must not leak tasks."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import shutil
 import subprocess
 
 import pytest
+
+# Registered once for every module: the real servers (each booted once per session), the fake NVML (compiled once per
+# source), and the e2e marker with its guard. Ask for these fixtures by name; importing one defines a second copy.
+pytest_plugins = ["tests.support.jupyter_fixtures", "tests.support.nvml_fixtures", "tests.support.e2e", "pytester"]
 
 
 def _real_gpu_present() -> bool:

@@ -44,12 +44,14 @@ def _run_tests(rules_text: str, tmp_path: Path) -> subprocess.CompletedProcess[s
     return promtool("test", "rules", str(tmp_path / "alerts.test.yaml"))
 
 
+@pytest.mark.e2e
 def test_promtool_unit_tests_pass() -> None:
     done = promtool("test", "rules", str(ALERT_TESTS))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SUCCESS" in done.stdout + done.stderr
 
 
+@pytest.mark.e2e
 def test_promtool_accepts_the_rules() -> None:
     done = promtool("check", "rules", str(ALERTS))
     assert done.returncode == 0, done.stdout + done.stderr
@@ -73,6 +75,7 @@ def _with_expr(alert: str, expr: str) -> str:
 
 @pytest.mark.parametrize("alert", alert_names())
 @pytest.mark.parametrize(("mutation", "expr"), [("never-fires", "vector(1) == 0"), ("always-fires", "vector(1)")])
+@pytest.mark.e2e
 def test_the_unit_tests_catch_a_broken_rule(alert: str, mutation: str, expr: str, tmp_path: Path) -> None:
     """Each alert's cases fail if the rule never fires or always fires: the tests above can fail."""
     done = _run_tests(_with_expr(alert, expr), tmp_path)
@@ -94,6 +97,7 @@ def test_per_kernel_alert_carries_what_alertmanager_routes_on() -> None:
 # --------------------------------------------------------------------------- Prometheus Operator objects
 
 
+@pytest.mark.e2e
 def test_prometheus_rule_is_generated_from_the_plain_rules() -> None:
     done = subprocess.run(["python3", str(ROOT / "scripts" / "generate_monitoring.py"), "--check", "--only", "rules"],
                           capture_output=True, text=True, timeout=60)
@@ -113,6 +117,7 @@ def _rendered_monitoring() -> list[dict[str, Any]]:
 
 @pytest.mark.skipif(KUBECTL is None and not os.environ.get("CI"),  # CI installs kubectl: never skipped there
                     reason="kubectl is not installed (.ci/run installs it)")
+@pytest.mark.e2e
 def test_service_monitor_scrapes_the_daemons_service() -> None:
     objs = {d["kind"]: d for d in _rendered_monitoring()}
     assert set(objs) == {"ServiceMonitor", "PrometheusRule"}
@@ -133,6 +138,7 @@ def test_service_monitor_scrapes_the_daemons_service() -> None:
         assert set(r) <= {"sourceLabels", "targetLabel", "action", "regex", "replacement", "separator"}, r
 
 
+@pytest.mark.e2e
 def test_plain_scrape_config_is_valid_and_names_the_job(tmp_path: Path) -> None:
     """Debian's promtool is built without Kubernetes discovery: check the job with static targets in its place (the
     relabelling itself runs in a real Prometheus in tests/test_prometheus.py)."""

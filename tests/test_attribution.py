@@ -24,6 +24,7 @@ from tests.support.procfs_fixtures import (
     real_starttime,
     recording_opens,
 )
+from tests.support.e2e import e2e_fixture
 
 K1 = "0e1b5f4a-9c3d-4b2e-8f7a-6d5c4b3a2f1e"
 K2 = "7a6b5c4d-3e2f-4a1b-9c8d-7e6f5a4b3c2d"
@@ -462,6 +463,7 @@ def test_attribution_never_opens_environ_nor_leaks_it(fake: FakeProc) -> None:
 
 
 @pytest.fixture(scope="module")
+@e2e_fixture
 def kernel_with_child(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int, int]]:
     """A real ipykernel, started as Jupyter Server does, that spawned `sleep 30`: (kernel_id, kernel pid, child pid)."""
     mkm = MultiKernelManager(connection_dir=str(tmp_path_factory.mktemp("runtime")))

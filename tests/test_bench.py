@@ -25,6 +25,7 @@ def _bench(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=timeout)
 
 
+@pytest.mark.e2e
 def test_smoke_run_reports_every_measure_without_the_optional_parts(tmp_path: Path) -> None:
     done = _bench("--smoke", "--out", str(tmp_path), "--assume-missing", "peer,plot,profile,psutil",
                   timeout=110)
@@ -43,6 +44,7 @@ def test_smoke_run_reports_every_measure_without_the_optional_parts(tmp_path: Pa
     assert "(/proc), RSS sampled" in results  # psutil treated as absent: CPU and RSS come from /proc
 
 
+@pytest.mark.e2e
 def test_unknown_measure_is_a_usage_error_naming_it() -> None:
     done = _bench("--only", "tick,warp-speed", timeout=60)
     assert done.returncode == 2

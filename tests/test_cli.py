@@ -149,6 +149,7 @@ def test_missing_config_file_is_exit_2_without_traceback(tmp_path: Path, capsys:
 # --------------------------------------------------------------------------- real processes
 
 
+@pytest.mark.e2e
 def test_python_dash_m_help_lists_the_commands() -> None:
     done = subprocess.run([sys.executable, "-m", "reclaimer", "--help"], capture_output=True, text=True, timeout=60,
                           cwd=REPO)
@@ -157,6 +158,7 @@ def test_python_dash_m_help_lists_the_commands() -> None:
         assert command in done.stdout
 
 
+@pytest.mark.e2e
 def test_console_script_check_config_bad_file_exits_2_with_lines(bad_file: Path) -> None:
     assert CONSOLE_SCRIPT.exists(), "the package must be installed (pip install -e '.[test]')"
     done = subprocess.run([str(CONSOLE_SCRIPT), "check-config", str(bad_file)], capture_output=True, text=True,
@@ -166,6 +168,7 @@ def test_console_script_check_config_bad_file_exits_2_with_lines(bad_file: Path)
     assert "Traceback" not in done.stderr and done.stdout == ""
 
 
+@pytest.mark.e2e
 def test_console_script_bad_env_value_exits_2_naming_the_variable(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "RECLAIMER_WINDOW": "forever"}
     done = subprocess.run([str(CONSOLE_SCRIPT), "report"], capture_output=True, text=True, timeout=60, env=env,

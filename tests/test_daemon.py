@@ -23,7 +23,10 @@ from reclaimer.app.demo import free_port
 from reclaimer.observe.gateway import GatewayClient, GatewayPool
 from reclaimer.observe.gpusim import SimulatedBackend
 from reclaimer.core.verdicts import Verdict
-from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, fake_nvml, fake_nvml_libs, gpu_uuid  # noqa: F401
+from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, gpu_uuid
+from tests.support.e2e import e2e_fixture
+
+pytestmark = pytest.mark.e2e  # every test here starts real servers or processes
 
 KID = "5e5e5e5e-0000-4000-8000-000000000001"
 GIB = 1024**3
@@ -53,6 +56,7 @@ def poll(fn, timeout: float = 30.0, what: str = "condition"):
 
 
 @pytest.fixture
+@e2e_fixture
 def kernel_process(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     """A real process whose command line names a kernel connection file, like ipykernel's."""
     conn = tmp_path / f"kernel-{KID}.json"

@@ -12,6 +12,8 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "dashboards" / "gpu-reclaimer.json"
 
@@ -24,6 +26,7 @@ def targets() -> list[tuple[str, dict[str, Any]]]:
     return [(p["title"], t) for p in board()["panels"] for t in p.get("targets", [])]
 
 
+@pytest.mark.e2e
 def test_committed_json_is_what_the_generator_writes() -> None:
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate_monitoring.py"), "--check", "--only",
                            "dashboard"], capture_output=True, text=True, timeout=120)

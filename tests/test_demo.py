@@ -9,7 +9,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from reclaimer.app.demo import free_port
+
+pytestmark = pytest.mark.e2e  # every test here starts real servers or processes
 
 
 def _processes_mentioning(text: str) -> list[int]:

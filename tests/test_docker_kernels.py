@@ -44,8 +44,9 @@ from tests.support.jupyter_fixtures import (
     start_kernel,
     wait_for_state,
 )
-from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, fake_nvml, fake_nvml_libs, gpu_uuid  # noqa: F401
+from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, gpu_uuid
 from tests.support.procfs_fixtures import SAMPLES, FakeProc, recording_opens
+from tests.support.e2e import e2e_fixture
 
 K = "0b6e2c61-8f7c-4b1a-9d3e-5a4f2e1c7b90"
 GIB = 1024**3
@@ -188,6 +189,7 @@ def test_a_garbled_mountinfo_is_unreadable_naming_the_file(fake: FakeProc) -> No
 
 
 @pytest.fixture
+@e2e_fixture
 def docker_like(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     """A real process in its own mount namespace whose /connection-spec-like path is a bind mount of the host file
     kernel-<K>.json, started with `-f <that path>` (as `docker run -v` does), plus a GPU child of it."""
@@ -263,6 +265,7 @@ def _docker_like_kernelspec(root: Path) -> Path:
 
 
 @needs_unshare
+@pytest.mark.e2e
 async def test_docker_kernel_is_found_through_its_bind_mount_and_shut_down_e2e(
     fake_nvml: FakeNvml, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -23,15 +22,16 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from reclaimer.core.config import Settings, parse_settings
 from reclaimer.app.daemon import Daemon, build_adapters
-from reclaimer.app.demo import RESERVED_KERNEL, KernelGatewayProcess, _write_reserved_kernelspec, free_port
+from reclaimer.app.demo import RESERVED_KERNEL, free_port
 from reclaimer.app.kernelclient import GatewayRest
 from reclaimer.core.verdicts import Verdict
 from reclaimer.core.model import ActionResult, CycleSnapshot
+from reclaimer.core.config import Settings, parse_settings
 from tests.support.fake_kube import FakeKube
 from tests.support.fake_kubelet import FakeKubelet, pod
-from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, fake_nvml, fake_nvml_libs, gpu_uuid  # noqa: F401
+from tests.support.jupyter_fixtures import JupyterProcess
+from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, gpu_uuid
 from tests.support.recording_proxy import RecordingProxy
 
 GIB = 1024**3
@@ -40,21 +40,9 @@ NODE = "e2e-node"
 TOKEN_ENV = "E2E_GATEWAY_TOKEN"
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelGatewayProcess]:
-    workdir = tmp_path_factory.mktemp("kg")
-    (workdir / "runtime").mkdir()
-    _write_reserved_kernelspec(workdir / "share")
-    kg = KernelGatewayProcess(workdir, secrets.token_hex(8))
-    kg.start()
-    asyncio.run(kg.wait_ready())
-    yield kg
-    kg.stop()
-
-
 @dataclass
 class Node:
-    kg: KernelGatewayProcess
+    kg: JupyterProcess
     rest: GatewayRest
     proxy: RecordingProxy
     proxy_url: str
@@ -81,10 +69,10 @@ class Node:
 
 
 @pytest.fixture
-async def node(gateway: KernelGatewayProcess, fake_nvml: FakeNvml, tmp_path: Path,
+async def node(kernel_gateway: JupyterProcess, fake_nvml: FakeNvml, tmp_path: Path,
                monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Node]:
-    monkeypatch.setenv(TOKEN_ENV, gateway.token)
-    rest = GatewayRest(gateway.url, gateway.token)
+    monkeypatch.setenv(TOKEN_ENV, kernel_gateway.token)
+    rest = GatewayRest(kernel_gateway.url, kernel_gateway.token)
     roles = {"idle": "python3", "training": "python3", "reserved": RESERVED_KERNEL, "gpubusy": "python3"}
     ids = dict(zip(roles, await asyncio.gather(*(rest.start_kernel(n) for n in roles.values())), strict=True))
     pids = dict(zip(ids, await asyncio.gather(*(rest.pid(k) for k in ids.values())), strict=True))
@@ -93,7 +81,7 @@ async def node(gateway: KernelGatewayProcess, fake_nvml: FakeNvml, tmp_path: Pat
     from reclaimer.observe.jupyter_rest import parse_last_activity
 
     last = {r: parse_last_activity((await rest.kernel(k))["last_activity"]) for r, k in ids.items()}
-    proxy = RecordingProxy(gateway.url)
+    proxy = RecordingProxy(kernel_gateway.url)
     runner = web.AppRunner(proxy.app())
     await runner.setup()
     port = free_port()
@@ -102,7 +90,7 @@ async def node(gateway: KernelGatewayProcess, fake_nvml: FakeNvml, tmp_path: Pat
     pod_json = kube.add_pod("idle-alloc", namespace="team-a", node=NODE)
     kubelet = FakeKubelet(tmp_path / "kubelet.sock").start()
     kubelet.pods = [pod("idle-alloc", "team-a", {"main": [("nvidia.com/gpu", [gpu_uuid(4)])]})]
-    n = Node(gateway, rest, proxy, f"http://127.0.0.1:{port}", ids, pids, last, fake_nvml, kube, kubelet,
+    n = Node(kernel_gateway, rest, proxy, f"http://127.0.0.1:{port}", ids, pids, last, fake_nvml, kube, kubelet,
              pod_json["metadata"]["uid"])
     fake_nvml.write(**n.gpu_state())
     try:
@@ -308,18 +296,18 @@ async def test_report_from_a_running_daemon_and_metrics(node: Node, tmp_path: Pa
 
 
 async def test_invariant_18_breaker_cannot_latch_after_a_gateway_outage(
-    gateway: KernelGatewayProcess, fake_nvml: FakeNvml, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kernel_gateway: JupyterProcess, fake_nvml: FakeNvml, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """3 of 4 GPU kernels are idle while the gateway is down (every kernel unknown). When it comes back, all three
     turn reclaimable in one cycle: a mass flip. The breaker holds them for another full window, then lets them go
     one per cycle; it never latches. The busy kernel is never touched."""
-    monkeypatch.setenv(TOKEN_ENV, gateway.token)
-    rest = GatewayRest(gateway.url, gateway.token)
+    monkeypatch.setenv(TOKEN_ENV, kernel_gateway.token)
+    rest = GatewayRest(kernel_gateway.url, kernel_gateway.token)
     ids = list(await asyncio.gather(*(rest.start_kernel("python3") for _ in range(4))))
     pids = list(await asyncio.gather(*(rest.pid(k) for k in ids)))  # talking to a kernel makes it idle
     await rest.execute(ids[3], "import time\ntime.sleep(600)", wait=False)
     await rest.wait_state(ids[3], "busy")
-    proxy = RecordingProxy(gateway.url, failing=True)
+    proxy = RecordingProxy(kernel_gateway.url, failing=True)
     runner = web.AppRunner(proxy.app())
     await runner.setup()
     port = free_port()

@@ -20,11 +20,10 @@ from reclaimer.app.daemon import Daemon, build_adapters
 from reclaimer.app.demo import free_port
 from reclaimer.observe.gateway import CONFLICTING_GATEWAYS, GatewayClient, GatewayPool
 from reclaimer.core.verdicts import Verdict
-from tests.support.jupyter_fixtures import (  # noqa: F401  (session fixtures used by name)
+from tests.support.jupyter_fixtures import (
     EG_USER,
     JupyterProcess,
     auth,
-    enterprise_gateway,
     kernel_pid,
     run_code,
     shutdown_kernel,
@@ -34,7 +33,9 @@ from tests.support.jupyter_fixtures import (  # noqa: F401  (session fixtures us
     wait_for_state,
     wake_kernel,
 )
-from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, fake_nvml, fake_nvml_libs, gpu_uuid  # noqa: F401
+from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, gpu_uuid
+
+pytestmark = pytest.mark.e2e  # every test here starts real servers or processes
 
 GIB = 1024**3
 

@@ -34,6 +34,7 @@ from reclaimer.observe.jupyter_rest import (
     parse_last_activity,
 )
 from reclaimer.observe.tokens import TokenError
+from tests.support.e2e import e2e_fixture
 from tests.support.fake_gateway import (
     FakeGateway,
     chunked,
@@ -46,12 +47,9 @@ from tests.support.fake_gateway import (
     redirect,
     status,
 )
-from tests.support.jupyter_fixtures import (  # noqa: F401  (session fixtures used by name)
+from tests.support.jupyter_fixtures import (
     JupyterProcess,
     interrupt_kernel,
-    jupyter_server,
-    kernel_gateway,
-    kernel_gateway_unlisted,
     kernel_pid,
     run_code,
     shutdown_kernel,
@@ -916,6 +914,7 @@ def test_pool_rejects_bad_backoff(retry: float, retry_max: float) -> None:
 
 
 @pytest.fixture(scope="module")
+@e2e_fixture
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 (made with the openssl CLI)."""
     d = tmp_path_factory.mktemp("tls")

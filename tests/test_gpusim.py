@@ -13,6 +13,7 @@ import pytest
 from reclaimer.observe.gpusim import DEFAULT_SCENARIO, ScenarioError, SimulatedBackend
 from reclaimer.core.model import GpuSample
 from reclaimer.observe.sampler import Sampler
+from tests.support.e2e import e2e_fixture
 
 GIB = 1024**3
 UUID0 = "GPU-00000000-0000-4000-8000-000000000000"
@@ -36,6 +37,7 @@ def by_uuid(samples: list[GpuSample]) -> dict[str, GpuSample]:
 
 
 @pytest.fixture
+@e2e_fixture
 def sleeper() -> Any:
     """A real process that lives until the test ends it."""
     proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)

@@ -24,14 +24,13 @@ from reclaimer.core.verdicts import Verdict
 from reclaimer.core.model import Candidate, ProcessSample, ServerRef
 from reclaimer.core.policy import choose_policy, decide
 from reclaimer.core.model import PolicyState
-from tests.support.jupyter_fixtures import (  # noqa: F401  (session fixtures used by name)
+from tests.support.jupyter_fixtures import (
     JupyterProcess,
-    jupyterhub,
     kernel_pid,
     spawn_servers,
     start_kernel,
 )
-from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, fake_nvml, fake_nvml_libs, gpu_uuid  # noqa: F401
+from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, gpu_uuid
 from tests.support.policy_fixtures import NOW, WARNED, activity, kernel, make_settings, pod, series, snapshot
 
 GIB = 1024**3

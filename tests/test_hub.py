@@ -21,9 +21,8 @@ from reclaimer.observe.hub import PAGINATION_ACCEPT, HubClient, loopback_origin,
 from reclaimer.core.model import ServerRef
 from tests.support.fake_gateway import hang, html, json_body, raw, redirect, status
 from tests.support.fake_hub import FakeHub
-from tests.support.jupyter_fixtures import (  # noqa: F401  (session fixture used by name)
+from tests.support.jupyter_fixtures import (
     JupyterProcess,
-    jupyterhub,
     spawn_servers,
     start_kernel,
     wake_kernel,

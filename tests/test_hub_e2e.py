@@ -20,10 +20,9 @@ from reclaimer.app.daemon import Daemon, build_adapters
 from reclaimer.app.demo import free_port
 from reclaimer.observe.hub import HubClient
 from reclaimer.core.verdicts import Verdict
-from tests.support.jupyter_fixtures import (  # noqa: F401  (session fixtures used by name)
+from tests.support.jupyter_fixtures import (
     JupyterProcess,
     hub_request,
-    jupyterhub,
     kernel_pid,
     run_code,
     spawn_servers,
@@ -31,7 +30,7 @@ from tests.support.jupyter_fixtures import (  # noqa: F401  (session fixtures us
     wait_for_state,
     wake_kernel,
 )
-from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, fake_nvml, fake_nvml_libs, gpu_uuid  # noqa: F401
+from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, gpu_uuid
 
 GIB = 1024**3
 

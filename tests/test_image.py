@@ -8,6 +8,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +61,7 @@ def test_build_stage_installs_from_local_wheels_only() -> None:
     assert "COPY wheels/ /wheels/" in build
 
 
+@pytest.mark.e2e
 def test_build_script_is_valid_bash_and_runs_the_checks() -> None:
     done = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr

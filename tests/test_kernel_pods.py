@@ -30,14 +30,13 @@ from reclaimer.core.policy import decide
 from tests.support.fake_kube import FakeKube
 from tests.support.fake_kubelet import FakeKubelet
 from tests.support.fake_kubelet import pod as kubelet_pod
-from tests.support.jupyter_fixtures import (  # noqa: F401  (session fixtures used by name)
+from tests.support.jupyter_fixtures import (
     JupyterProcess,
     auth,
-    enterprise_gateway,
     start_kernel,
     wake_kernel,
 )
-from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, fake_nvml, fake_nvml_libs, gpu_uuid  # noqa: F401
+from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, gpu_uuid
 from tests.support.policy_fixtures import NOW, UUID0, WARNED, activity, make_settings, policy, series, snapshot
 from tests.support.procfs_fixtures import SAMPLES, FakeProc, pod_cgroup
 

@@ -31,6 +31,7 @@ from tests.support.fake_kubelet import FakeKubelet
 from tests.support.fake_kubelet import pod as kubelet_pod
 from tests.support.jupyter_fixtures import (
     JupyterProcess,
+    end_leftover_kernels,
     kernel_pid,
     run_code,
     shutdown_kernel,
@@ -39,11 +40,12 @@ from tests.support.jupyter_fixtures import (
     wait_for_state,
     wake_kernel,
 )
-from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, fake_nvml, fake_nvml_libs, gpu_uuid  # noqa: F401
+from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, gpu_uuid
 from tests.support.policy_fixtures import (
     KID, KID2, NOW, WARNED, activity, kernel, make_settings, policy, series, snapshot, utc,
 )
 from tests.support.procfs_fixtures import FakeProc, kernel_cmdline, pod_cgroup
+from tests.support.e2e import e2e_fixture
 
 NS, NB = "team-a", "nb-alice"
 GIB = 1024**3
@@ -205,12 +207,21 @@ def test_evict_pod_on_a_notebook_pod_names_stop_notebook() -> None:
 # --------------------------------------------------------------------------- a real notebook server
 
 
-@pytest.fixture
-def notebook_server(tmp_path: Path) -> Any:
-    """A real Jupyter Server serving /notebook/team-a/nb-alice/ as a Kubeflow notebook server does."""
-    js = start_jupyter_server(tmp_path / "nb", secrets.token_hex(16), base_url=f"/notebook/{NS}/{NB}/")
+@pytest.fixture(scope="module")
+@e2e_fixture
+def _notebook_server_module(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    # Private to this module: the Kubeflow base path (/notebook/<namespace>/<name>/) is its own server configuration.
+    js = start_jupyter_server(tmp_path_factory.mktemp("nb"), secrets.token_hex(16), base_url=f"/notebook/{NS}/{NB}/")
     yield js
     js.stop()
+
+
+@pytest.fixture
+def notebook_server(_notebook_server_module: JupyterProcess) -> Any:
+    """A real Jupyter Server serving /notebook/team-a/nb-alice/ as a Kubeflow notebook server does; every test starts
+    with no kernels on it (booted once for the module, the kernels a test leaves are shut down after it)."""
+    yield _notebook_server_module
+    end_leftover_kernels(_notebook_server_module, listable=True)
 
 
 async def test_notebook_server_kernels_from_a_real_server(notebook_server: JupyterProcess,

@@ -76,6 +76,7 @@ def json_lines(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+@pytest.mark.e2e
 def test_json_lines_when_stdout_is_not_a_terminal() -> None:
     lines = json_lines(run_emitter())
     assert [(r["logger"], r["level"], r["event"]) for r in lines] == [
@@ -91,6 +92,7 @@ def test_json_lines_when_stdout_is_not_a_terminal() -> None:
         assert abs(stamp.timestamp() - time.time()) < 3600  # a real, current clock reading, not a placeholder
 
 
+@pytest.mark.e2e
 def test_secrets_never_reach_the_output_of_a_real_process() -> None:
     out = run_emitter()
     assert "s3cr3t-token" not in out and "hunter2" not in out
@@ -107,6 +109,7 @@ def test_secrets_never_reach_the_output_of_a_real_process() -> None:
         pytest.param(True, "json", True, id="tty-forced-json"),
     ],
 )
+@pytest.mark.e2e
 def test_renderer_follows_the_terminal_unless_forced(tty: bool, fmt: str | None, expect_json: bool) -> None:
     out = run_emitter({FORMAT_ENV: fmt} if fmt else None, tty=tty)
     assert "cycle done" in out and "gateway eg slow" in out and "not at info" not in out

@@ -19,6 +19,7 @@ import yaml
 from reclaimer.core.config import parse_settings
 from reclaimer.export.metrics import Metrics
 from reclaimer.export.server import make_app
+from tests.support.e2e import e2e_fixture
 from tests.support.export_fixtures import node_snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +51,7 @@ def kustomize(path: Path) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
+@e2e_fixture
 def rendered() -> dict[str, list[dict[str, Any]]]:
     return {"base": kustomize(DEPLOY), "enforce": kustomize(ENFORCE)}
 
@@ -305,6 +307,7 @@ def test_network_policy_admits_only_the_monitoring_namespace(rendered: dict[str,
     assert rule["ports"] == [{"port": "http-metrics", "protocol": "TCP"}]
 
 
+@pytest.mark.e2e
 def test_the_documented_patch_changes_the_monitoring_namespace(tmp_path: Path) -> None:
     """docs/deploy.md's overlay for a Prometheus in another namespace, and for the API server's pod proxy."""
     docs = (ROOT / "docs" / "deploy.md").read_text()
@@ -322,6 +325,7 @@ def test_the_documented_patch_changes_the_monitoring_namespace(tmp_path: Path) -
     assert any("ipBlock" in f for f in froms)
 
 
+@pytest.mark.e2e
 def test_listen_token_component_wires_the_secret_into_daemons_and_service_monitor(tmp_path: Path) -> None:
     """deploy/components/listen-token, used as docs/deploy.md shows: the daemon reads the mounted Secret through
     RECLAIMER_LISTEN_TOKEN_FILE and the ServiceMonitor sends the same Secret; no Secret object is shipped."""

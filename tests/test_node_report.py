@@ -16,17 +16,15 @@ from reclaimer.app.daemon import Daemon, build_adapters
 from reclaimer.app.demo import free_port
 from reclaimer.export.report import build_report, render_json
 from reclaimer.export.table import render_table
-from tests.support.jupyter_fixtures import (  # noqa: F401  (session fixtures used by name)
+from tests.support.jupyter_fixtures import (
     JupyterProcess,
-    jupyter_server,
-    kernel_gateway_unlisted,
     kernel_pid,
     run_code,
     shutdown_kernel,
     start_kernel,
     wait_for_state,
 )
-from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, fake_nvml, fake_nvml_libs, gpu_uuid  # noqa: F401
+from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, gpu_uuid
 
 GIB = 1024**3
 PER_GATEWAY = 6

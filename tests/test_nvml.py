@@ -26,7 +26,8 @@ from reclaimer.observe.nvml import (
     _Utilization,
     code_name,
 )
-from tests.support.nvml_fixtures import (  # noqa: F401  (fixtures)
+from tests.support.e2e import e2e_fixture
+from tests.support.nvml_fixtures import (
     GIB,
     SOURCE,
     FakeDelay,
@@ -35,8 +36,6 @@ from tests.support.nvml_fixtures import (  # noqa: F401  (fixtures)
     FakeNvml,
     FakeProcess,
     FakeSample,
-    fake_nvml,
-    fake_nvml_libs,
     gpu_uuid,
     mig_uuid,
     run_probe,
@@ -134,6 +133,7 @@ def test_mig_devices_map_to_their_parent_and_empty_slots_are_skipped(open_nvml: 
                      "NVML cannot count the GPUs: UNKNOWN", id="count-fails"),
     ],
 )
+@pytest.mark.e2e
 def test_unusable_nvml_is_a_one_line_error_naming_the_cause(
     fake_nvml: FakeNvml, tmp_path: Any, state: dict[str, Any], library_path: str | None, expected: str
 ) -> None:
@@ -151,6 +151,7 @@ def test_unusable_nvml_is_a_one_line_error_naming_the_cause(
     assert "\n" not in result["message"] and "Traceback" not in result["message"]
 
 
+@pytest.mark.e2e
 def test_library_path_is_what_pynvml_loads_in_a_fresh_process(fake_nvml: FakeNvml) -> None:
     fake_nvml.write(gpus=[FakeGpu(uuid=gpu_uuid(7))])
     env = fake_nvml.env()
@@ -199,6 +200,7 @@ def test_process_list_follows_the_size_query_convention(open_nvml: OpenNvml, cou
 
 
 @pytest.mark.parametrize("variant", [pytest.param("no_v3", id="no-v3-symbol"), pytest.param("v1_only", id="v1-only")])
+@pytest.mark.e2e
 def test_old_drivers_fall_back_to_older_process_symbols_once(fake_nvml: FakeNvml, variant: str) -> None:
     fake_nvml.write(gpus=[FakeGpu(uuid=gpu_uuid(0))],
                     processes=[FakeProcess(pid=77, gpu=0, memory=5 * GIB), FakeProcess(pid=78, gpu=0, memory=None)])
@@ -217,6 +219,7 @@ def test_old_drivers_fall_back_to_older_process_symbols_once(fake_nvml: FakeNvml
 
 @pytest.mark.parametrize("variant", [pytest.param("full", id="v3"), pytest.param("no_v3", id="v2"),
                                      pytest.param("v1_only", id="v1")])
+@pytest.mark.e2e
 def test_every_process_struct_layout_reads_a_long_list(fake_nvml: FakeNvml, variant: str) -> None:
     """A wrong struct size would shift every entry after the first: 150 processes make that visible."""
     procs = [FakeProcess(pid=3000 + i, gpu=i % 2, memory=None if i % 5 == 0 else (i + 1) * GIB) for i in range(150)]
@@ -248,6 +251,7 @@ def layout(struct: type[ctypes.Structure]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
+@e2e_fixture
 def c_layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     """sizeof and per-field offset/size of the fake library's own typedefs, as gcc lays them out here."""
     gcc = shutil.which("gcc") or shutil.which("cc")

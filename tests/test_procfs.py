@@ -25,6 +25,7 @@ from reclaimer.observe.procfs import (
     parse_stat,
     read_process,
 )
+from tests.support.e2e import e2e_fixture
 from tests.support.procfs_fixtures import (
     SAMPLES,
     SECRET,
@@ -344,6 +345,7 @@ def test_in_initial_pid_namespace(fake: FakeProc) -> None:
 
 
 @pytest.fixture
+@e2e_fixture
 def sleeper() -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(["sleep", "60"])
     yield proc
@@ -388,6 +390,7 @@ def test_real_process_exiting_mid_read_is_gone_not_an_error(
 
 
 @pytest.fixture(scope="module")
+@e2e_fixture
 def real_kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int, str]]:
     """A real ipykernel started the way Jupyter Server starts kernels: (kernel_id, kernel pid, connection file)."""
     mkm = MultiKernelManager(connection_dir=str(tmp_path_factory.mktemp("runtime")))

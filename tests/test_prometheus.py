@@ -28,6 +28,7 @@ from tests.support.prometheus_fixtures import (
     running_prometheus,
     wait_for_target_up,
 )
+from tests.support.e2e import e2e_fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "dashboards/gpu-reclaimer.json"
@@ -146,6 +147,7 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
+@e2e_fixture
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     now = time.time()
     snap = node_snapshot(now=now, last_sample_at=now - 600)  # a sampler stalled 10 minutes ago
@@ -264,12 +266,14 @@ def test_every_metric_the_queries_use_is_exported(stack: Stack) -> None:
     assert used and used <= exported, sorted(used - exported)
 
 
+@pytest.mark.e2e
 def test_promtool_accepts_the_rules() -> None:
     done = promtool("check", "rules", str(ALERTS))
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"SUCCESS: {len(alert_rules())} rules found" in done.stdout
 
 
+@pytest.mark.e2e
 def test_promtool_lints_a_real_scrape_clean(stack: Stack) -> None:
     status, body = http_get(f"{stack.base_url}/metrics")
     assert status == 200
@@ -277,6 +281,7 @@ def test_promtool_lints_a_real_scrape_clean(stack: Stack) -> None:
     assert done.returncode == 0 and not done.stdout.strip() and not done.stderr.strip(), done.stdout + done.stderr
 
 
+@pytest.mark.e2e
 def test_promtool_lint_does_flag_a_bad_exposition() -> None:
     # The lint above could pass vacuously; show it rejects what we must never export.
     bad = b"# HELP reclaimer_actions Actions.\n# TYPE reclaimer_actions counter\nreclaimer_actions 1\n"

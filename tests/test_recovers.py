@@ -31,7 +31,7 @@ from reclaimer.core.policy import decide, recheck
 from tests.support.fake_kube import FakeKube, Reply
 from tests.support.fake_kubelet import FakeKubelet
 from tests.support.fake_kubelet import pod as fk_pod
-from tests.support.nvml_fixtures import FakeGpu, FakeNvml, fake_nvml, fake_nvml_libs, gpu_uuid  # noqa: F401
+from tests.support.nvml_fixtures import FakeGpu, FakeNvml, gpu_uuid
 from tests.support.policy_fixtures import (
     WARNED,
     warn_then_execute,

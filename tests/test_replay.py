@@ -247,6 +247,7 @@ def test_best_action_releases_the_allocation_in_each_shape() -> None:
 # --------------------------------------------------------------------------- the command
 
 
+@pytest.mark.e2e
 def test_smoke_run_writes_results_and_keeps_the_analysis(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["--smoke", "--users", "2", "--out", str(tmp_path), "--only", "none,jupyter,ours-default", "--jobs", "1",
             "--no-plot"]

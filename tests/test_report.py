@@ -488,6 +488,7 @@ def test_held_idle_never_exceeds_wall_time(
 # --------------------------------------------------------------------------- layering
 
 
+@pytest.mark.e2e
 def test_report_module_is_pure() -> None:
     code = "import sys, reclaimer.export.report, reclaimer.export.table; print(sorted(m for m in ('aiohttp', 'kubernetes', 'pynvml', 'grpc') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

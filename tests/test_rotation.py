@@ -21,8 +21,9 @@ import pytest
 from aiohttp import web
 
 from reclaimer.app.demo import free_port
+from tests.support.e2e import e2e_fixture
 from tests.support.fake_gateway import FakeGateway
-from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, fake_nvml, fake_nvml_libs, gpu_uuid  # noqa: F401
+from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, gpu_uuid
 from tests.test_daemon import http_status, poll
 
 KID = "5e5e5e5e-0000-4000-8000-000000000006"
@@ -69,6 +70,7 @@ KID2 = "5e5e5e5e-0000-4000-8000-000000000007"
 
 
 @pytest.fixture
+@e2e_fixture
 def kernel_processes(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
     """Two real processes whose command lines name kernel connection files, like ipykernel's."""
     procs = []

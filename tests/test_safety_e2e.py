@@ -15,16 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from reclaimer.core.config import Settings, parse_settings
 from reclaimer.app.daemon import Daemon, build_adapters
-from reclaimer.app.demo import KernelGatewayProcess, free_port
+from reclaimer.app.demo import free_port
 from reclaimer.app.kernelclient import GatewayRest
 from reclaimer.core.verdicts import Verdict
 from reclaimer.core.model import ActionResult, CycleSnapshot, Decision
+from reclaimer.core.config import Settings, parse_settings
 from tests.support.fake_kube import FakeKube
 from tests.support.fake_kubelet import FakeKubelet, pod
-from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, fake_nvml, fake_nvml_libs, gpu_uuid  # noqa: F401
-from tests.test_e2e import gateway  # noqa: F401  (the module-scoped real Kernel Gateway)
+from tests.support.jupyter_fixtures import JupyterProcess
+from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, gpu_uuid
 
 GIB = 1024**3
 IDLE_AFTER = 6.0
@@ -35,7 +35,7 @@ TOKEN_ENV = "SAFETY_E2E_GATEWAY_TOKEN"
 
 @dataclass
 class World:
-    kg: KernelGatewayProcess
+    kg: JupyterProcess
     rest: GatewayRest
     kernel: str
     pid: int
@@ -52,17 +52,17 @@ class World:
 
 
 @pytest.fixture
-async def world(gateway: KernelGatewayProcess, fake_nvml: FakeNvml, tmp_path: Path,  # noqa: F811
+async def world(kernel_gateway: JupyterProcess, fake_nvml: FakeNvml, tmp_path: Path,
                 monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[World]:
-    monkeypatch.setenv(TOKEN_ENV, gateway.token)
-    rest = GatewayRest(gateway.url, gateway.token)
+    monkeypatch.setenv(TOKEN_ENV, kernel_gateway.token)
+    rest = GatewayRest(kernel_gateway.url, kernel_gateway.token)
     kid = await rest.start_kernel("python3")
     pid = await rest.pid(kid)
     kube = FakeKube().start()
     kubelet = FakeKubelet(tmp_path / "kubelet.sock").start()
     fake_nvml.write(gpus=[FakeGpu(uuid=gpu_uuid(i), util=0) for i in range(4)], processes=[])
     try:
-        yield World(gateway, rest, kid, pid, fake_nvml, kube, kubelet)
+        yield World(kernel_gateway, rest, kid, pid, fake_nvml, kube, kubelet)
     finally:
         await rest.shutdown(kid)
         kubelet.stop()
@@ -333,7 +333,7 @@ async def test_invariant_19_e2e_a_gateway_clock_behind_ours_vouches_for_nothing(
     assert acted_at > fixed[0]
 
 
-async def test_invariant_19_e2e_a_reused_pid_is_not_the_process_nvml_listed(fake_nvml: FakeNvml,  # noqa: F811
+async def test_invariant_19_e2e_a_reused_pid_is_not_the_process_nvml_listed(fake_nvml: FakeNvml,
                                                                              tmp_path: Path) -> None:
     """The real daemon (one cycle, real pynvml over the fake NVML) attributes through a fake /proc: the process now at
     the listed pid started after the sample that listed it, so it is not a kernel's GPU process and no candidate is

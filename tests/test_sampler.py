@@ -18,12 +18,10 @@ from reclaimer.observe.gpusim import SimulatedBackend
 from reclaimer.core.model import GpuDevice, GpuSample, SamplerSnapshot
 from reclaimer.observe.nvml import NvmlBackend
 from reclaimer.observe.sampler import Sampler, open_backend, ring_size
-from tests.support.nvml_fixtures import (  # noqa: F401  (fixtures)
+from tests.support.nvml_fixtures import (
     FakeDelay,
     FakeGpu,
     FakeNvml,
-    fake_nvml,
-    fake_nvml_libs,
     gpu_uuid,
 )
 
@@ -345,6 +343,7 @@ def test_open_backend_nvml_uses_the_library_path(fake_nvml: FakeNvml) -> None:
         backend.close()
 
 
+@pytest.mark.e2e
 def test_the_simulated_backend_does_not_import_pynvml() -> None:
     code = ("import sys, json; from reclaimer.core.config import parse_settings; from reclaimer.observe.sampler import open_backend;"
             "open_backend(parse_settings('gpu: {backend: simulated}').gpu); print(json.dumps('pynvml' in sys.modules))")

@@ -24,17 +24,15 @@ from reclaimer.observe.gateway import GatewayClient, GatewayPool
 from reclaimer.observe.jupyter_rest import parse_last_activity
 from reclaimer.observe.hub import HubClient, loopback_origin
 from reclaimer.core.model import ServerRef
-from tests.support.jupyter_fixtures import (  # noqa: F401  (session fixtures used by name)
+from tests.support.jupyter_fixtures import (
     JupyterProcess,
     header_log,
-    jupyter_server,
-    enterprise_gateway,
-    jupyterhub,
-    kernel_gateway,
     spawn_servers,
     start_kernel,
     wake_kernel,
 )
+
+pytestmark = pytest.mark.e2e  # every test here starts real servers or processes
 
 POLLS = 300  # "hundreds of the daemon's requests"
 WINDOW = 3.0  # seconds after the polling during which the hub (1 s activity intervals here) could still move

@@ -11,10 +11,13 @@ notebook does (REST + the websocket channels), so a kernel's state and last_acti
     await run_code(gw.url, gw.token, kid, "import time; time.sleep(30)", wait=False)   # busy now
     pid = await kernel_pid(gw.url, gw.token, kid)
 
-Session fixtures (import them into a test module, or list this module in ``pytest_plugins``): ``kernel_gateway``,
-``kernel_gateway_unlisted`` (listing off: 403), ``jupyter_server``, ``jupyterhub``, ``enterprise_gateway`` (Enterprise
-Gateway 3.x from its own virtualenv, see ``enterprise_gateway_venv``; start its kernels with
-``env=eg.extra["kernel_env"]``).
+Shared servers, as fixtures registered for every test module by tests/conftest.py (``pytest_plugins``; ask for them
+by name, never import them: an imported fixture is a second, per-module definition that boots its own server):
+``kernel_gateway`` (listing on, plus the demo's reserved kernelspec), ``kernel_gateway_unlisted`` (listing off: 403),
+``jupyter_server``, ``jupyterhub``, ``enterprise_gateway`` (Enterprise Gateway 3.x from its own virtualenv, see
+``enterprise_gateway_venv``; start its kernels with ``env=eg.extra["kernel_env"]``). Each server boots once per test
+session; a module sees it without the kernels earlier modules left behind (they are shut down when a module that used
+the server ends). A test that changes a server's configuration or kills it starts its own with ``start_*``.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ READY_TIMEOUT = 90.0  # generous: 2 loaded CI cores start a Jupyter server in a 
 
 class JupyterTestError(RuntimeError):
     pass
+
+
+BOOTS: dict[str, int] = {}  # server name -> how many this process started (reported at the end of a test run)
 
 
 def free_port() -> int:
@@ -114,6 +120,7 @@ def _die_with_parent() -> None:
 
 def _spawn(name: str, cmd: list[str], workdir: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], Path]:
     log_path = workdir / f"{name}.log"
+    BOOTS[name] = BOOTS.get(name, 0) + 1
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
@@ -146,14 +153,15 @@ def wait_http(handle: JupyterProcess, path: str, timeout: float = READY_TIMEOUT,
     raise JupyterTestError(f"{handle.name} not ready within {timeout:.0f}s ({last}):\n{handle.log_tail()}")
 
 
-def start_kernel_gateway(workdir: Path, token: str, list_kernels: bool = True,
-                         timeout: float = READY_TIMEOUT) -> JupyterProcess:
-    """A real ``jupyter kernelgateway`` (websocket personality) on a free loopback port, token required."""
+def start_kernel_gateway(workdir: Path, token: str, list_kernels: bool = True, timeout: float = READY_TIMEOUT,
+                         env: dict[str, str] | None = None) -> JupyterProcess:
+    """A real ``jupyter kernelgateway`` (websocket personality) on a free loopback port, token required; ``env`` adds
+    variables (e.g. ``JUPYTER_PATH`` for extra kernelspecs)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     cmd = [sys.executable, "-m", "kernel_gateway", "--KernelGatewayApp.ip=127.0.0.1", f"--KernelGatewayApp.port={port}",
            "--KernelGatewayApp.port_retries=0", f"--JupyterWebsocketPersonality.list_kernels={list_kernels}"]
-    proc, log_path = _spawn("kernelgateway", cmd, workdir, _env(workdir, KG_AUTH_TOKEN=token))
+    proc, log_path = _spawn("kernelgateway", cmd, workdir, _env(workdir, KG_AUTH_TOKEN=token, **(env or {})))
     handle = JupyterProcess("kernel gateway", f"http://127.0.0.1:{port}", token, proc, workdir, log_path)
     wait_http(handle, "/api", timeout, headers=auth(token))
     return handle
@@ -354,7 +362,7 @@ def start_jupyterhub(workdir: Path, token: str, users: tuple[str, ...] = ("alice
     proc, log_path = _spawn("jupyterhub", cmd, workdir, env)
     handle = JupyterProcess("jupyterhub", f"http://127.0.0.1:{proxy_port}", token, proc, workdir, log_path,
                             extra={"admin_token": admin_token, "hub_url": f"http://127.0.0.1:{hub_port}",
-                                   "header_log": str(headers)})
+                                   "header_log": str(headers), "users": tuple(users)})
     wait_http(handle, "/hub/api/", timeout, headers=auth(admin_token))
     return handle
 
@@ -419,10 +427,15 @@ async def _call(coro: Awaitable[Any]) -> Any:
         raise JupyterTestError(str(exc)) from None
 
 
+STARTED: list[tuple[str, str, str]] = []  # (url, token, kernel id) of every kernel start_kernel started
+
+
 async def start_kernel(url: str, token: str, name: str = "python3", env: dict[str, str] | None = None) -> str:
     """POST /api/kernels; returns the new kernel's id (the kernel says "starting" until a client talks to it).
     ``env``: the kernel's environment in the start request (Enterprise Gateway needs ``KERNEL_USERNAME``)."""
-    return await _call(_gateway(url, token).start_kernel(name, env))
+    kernel_id = await _call(_gateway(url, token).start_kernel(name, env))
+    STARTED.append((url, token, kernel_id))
+    return kernel_id
 
 
 async def kernel_model(url: str, token: str, kernel_id: str) -> dict[str, Any]:
@@ -474,53 +487,139 @@ async def kernel_pid(url: str, token: str, kernel_id: str) -> int:
     return await _call(_gateway(url, token).pid(kernel_id))
 
 
-# --------------------------------------------------------------------------- session fixtures
+# --------------------------------------------------------------------------- shared servers
+
+
+def _blocking(method: str, url: str, token: str) -> Any:
+    """One blocking API call for fixture housekeeping; the parsed JSON answer, or None on any failure."""
+    request = urllib.request.Request(url, method=method, headers=auth(token))
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            raw = resp.read()
+            return json.loads(raw) if raw else {}
+    except (OSError, ValueError):
+        return None
+
+
+def _server_kernel_ids(base: str, token: str) -> list[str]:
+    listed = _blocking("GET", f"{base}/api/kernels?no_track_activity=1", token)
+    return [k["id"] for k in listed if isinstance(k, dict) and "id" in k] if isinstance(listed, list) else []
+
+
+def end_leftover_kernels(handle: JupyterProcess, listable: bool) -> None:
+    """Shut down the kernels left on a shared server: every listed one where listing works, else those ``start_kernel``
+    started there; on a hub, every kernel of every running user server. Failures are ignored (the kernel may be gone).
+    """
+    targets: list[tuple[str, str, str]] = []
+    if "admin_token" in handle.extra:  # a hub: its users' servers, through the proxy
+        admin = handle.extra["admin_token"]
+        for user in handle.extra.get("users", ()):
+            model = _blocking("GET", f"{handle.url}/hub/api/users/{user}", admin) or {}
+            for server in (model.get("servers") or {}).values():
+                if server.get("ready") and isinstance(server.get("url"), str):
+                    base = handle.url + server["url"].rstrip("/")
+                    targets += [(base, admin, kid) for kid in _server_kernel_ids(base, admin)]
+    elif listable:
+        targets = [(handle.url, handle.token, kid) for kid in _server_kernel_ids(handle.url, handle.token)]
+    else:
+        targets = [entry for entry in STARTED if entry[0] == handle.url]
+    for base, token, kid in targets:
+        _blocking("DELETE", f"{base}/api/kernels/{kid}", token)
+    STARTED[:] = [entry for entry in STARTED if entry not in targets]
+
+
+def _shared(handle: JupyterProcess) -> JupyterProcess:
+    if handle.proc.poll() is not None:
+        raise JupyterTestError(f"the shared {handle.name} exited ({handle.proc.returncode}); a test must not stop a "
+                               f"shared server (start a private one with start_*):\n{handle.log_tail()}")
+    return handle
 
 
 @pytest.fixture(scope="session")
-def kernel_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterProcess]:
-    """A Kernel Gateway that lists kernels (``--JupyterWebsocketPersonality.list_kernels=True``)."""
-    handle = start_kernel_gateway(tmp_path_factory.mktemp("kg"), secrets.token_hex(16), list_kernels=True)
+def _kernel_gateway_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterProcess]:
+    from reclaimer.app.demo import _write_reserved_kernelspec
+
+    workdir = tmp_path_factory.mktemp("kg")
+    _write_reserved_kernelspec(workdir / "share")  # the demo's exempt kernelspec (tests/test_e2e.py)
+    handle = start_kernel_gateway(workdir, secrets.token_hex(16), list_kernels=True,
+                                  env={"JUPYTER_PATH": str(workdir / "share")})
     yield handle
     handle.stop()
 
 
+@pytest.fixture(scope="module")
+def kernel_gateway(_kernel_gateway_session: JupyterProcess) -> Iterator[JupyterProcess]:
+    """A Kernel Gateway that lists kernels (``--JupyterWebsocketPersonality.list_kernels=True``) and offers the
+    demo's reserved kernelspec (``reclaimer.app.demo.RESERVED_KERNEL``) beside python3."""
+    yield _shared(_kernel_gateway_session)
+    end_leftover_kernels(_kernel_gateway_session, listable=True)
+
+
 @pytest.fixture(scope="session")
-def kernel_gateway_unlisted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterProcess]:
-    """A Kernel Gateway with its default: listing kernels is forbidden (403)."""
+def _kernel_gateway_unlisted_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterProcess]:
     handle = start_kernel_gateway(tmp_path_factory.mktemp("kg-unlisted"), secrets.token_hex(16), list_kernels=False)
     yield handle
     handle.stop()
 
 
+@pytest.fixture(scope="module")
+def kernel_gateway_unlisted(_kernel_gateway_unlisted_session: JupyterProcess) -> Iterator[JupyterProcess]:
+    """A Kernel Gateway with its default: listing kernels is forbidden (403)."""
+    yield _shared(_kernel_gateway_unlisted_session)
+    end_leftover_kernels(_kernel_gateway_unlisted_session, listable=False)
+
+
 @pytest.fixture(scope="session")
-def jupyter_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterProcess]:
+def _jupyter_server_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterProcess]:
     handle = start_jupyter_server(tmp_path_factory.mktemp("jupyter-server"), secrets.token_hex(16))
     yield handle
     handle.stop()
 
 
+@pytest.fixture(scope="module")
+def jupyter_server(_jupyter_server_session: JupyterProcess) -> Iterator[JupyterProcess]:
+    """A Jupyter Server (token auth, root dir in a temporary directory)."""
+    yield _shared(_jupyter_server_session)
+    end_leftover_kernels(_jupyter_server_session, listable=True)
+
+
 @pytest.fixture(scope="session")
-def enterprise_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterProcess]:
-    """A real Enterprise Gateway with its defaults: token auth, listing refused (403), no culling of its own."""
+def _enterprise_gateway_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterProcess]:
     handle = start_enterprise_gateway(tmp_path_factory.mktemp("eg"), secrets.token_hex(16))
     yield handle
     handle.stop()
 
 
+@pytest.fixture(scope="module")
+def enterprise_gateway(_enterprise_gateway_session: JupyterProcess) -> Iterator[JupyterProcess]:
+    """A real Enterprise Gateway with its defaults: token auth, listing refused (403), no culling of its own."""
+    yield _shared(_enterprise_gateway_session)
+    end_leftover_kernels(_enterprise_gateway_session, listable=False)
+
+
 @pytest.fixture(scope="session")
-def jupyterhub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterProcess]:
-    """A JupyterHub with users alice (group research) and bob (group course), pagination at one user per page; no
-    servers started."""
+def _jupyterhub_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterProcess]:
     handle = start_jupyterhub(tmp_path_factory.mktemp("jupyterhub"), secrets.token_hex(16))
     yield handle
     handle.stop()
 
 
+@pytest.fixture(scope="module")
+def jupyterhub(_jupyterhub_session: JupyterProcess) -> Iterator[JupyterProcess]:
+    """A JupyterHub with users alice (group research) and bob (group course), pagination at one user per page. User
+    servers that earlier modules started stay running (``spawn_servers`` reuses them), without their kernels."""
+    yield _shared(_jupyterhub_session)
+    end_leftover_kernels(_jupyterhub_session, listable=True)
+
+
+SHARED_SERVER_FIXTURES = frozenset({"kernel_gateway", "kernel_gateway_unlisted", "jupyter_server", "enterprise_gateway",
+                                    "jupyterhub"})
+
+
 __all__ = [
-    "EG_USER", "JupyterProcess", "JupyterTestError", "auth", "enterprise_gateway",
-    "enterprise_gateway_venv", "free_port", "header_log", "hub_available", "hub_request", "interrupt_kernel",
-    "jupyter_server", "jupyterhub", "kernel_gateway", "kernel_gateway_unlisted", "kernel_model", "kernel_pid",
+    "BOOTS", "EG_USER", "SHARED_SERVER_FIXTURES", "STARTED", "JupyterProcess", "JupyterTestError", "auth",
+    "end_leftover_kernels", "enterprise_gateway_venv", "free_port", "header_log", "hub_available", "hub_request",
+    "interrupt_kernel", "kernel_model", "kernel_pid",
     "run_code", "shutdown_kernel", "spawn_servers", "start_enterprise_gateway", "start_jupyter_server",
     "start_jupyter_server_with_gateway", "start_jupyterhub", "start_kernel",
     "start_kernel_gateway", "wait_for_state", "wait_http", "wake_kernel",

@@ -1,8 +1,10 @@
 """Build and script the fake ``libnvidia-ml.so.1`` (tests/support/fake_nvml.c) so the real pynvml path runs.
 
-Use in tests::
+The fixtures ``fake_nvml_libs`` (session) and ``fake_nvml`` (per test) are registered for every test module by
+tests/conftest.py (``pytest_plugins``): ask for them by name, never import them (an imported fixture is a second,
+per-module definition). Use in tests::
 
-    from tests.support.nvml_fixtures import FakeGpu, FakeProcess, fake_nvml, fake_nvml_libs  # noqa: F401
+    from tests.support.nvml_fixtures import FakeGpu, FakeProcess, gpu_uuid
 
     def test_x(fake_nvml):
         fake_nvml.write(gpus=[FakeGpu(uuid=gpu_uuid(0), util=0)], processes=[FakeProcess(pid=os.getpid(), gpu=0)])
@@ -16,11 +18,13 @@ variants (``no_v3``: no ``_v3`` process symbol; ``v1_only``: neither ``_v3`` nor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -154,10 +158,46 @@ def render_config(
 
 _build_lock = threading.Lock()
 _built: dict[str, Path] | None = None
+BUILDS = {"count": 0}  # compiler runs in this process (tests/test_testinfra.py checks the cache holds)
 
 
-def build_fake_nvml(dest: Path) -> dict[str, Path]:
-    """Compile every variant into ``dest/<variant>/libnvidia-ml.so.1`` (once per process); variant -> lib dir."""
+def _cache_root() -> Path:
+    return Path(os.environ.get("RECLAIMER_FAKE_NVML_CACHE") or Path.home() / ".cache" / "reclaimer" / "fake-nvml")
+
+
+def _build_key(gcc: str) -> str:
+    """What the libraries depend on: the source, every variant's flags, the compiler; a change rebuilds."""
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest.update(repr(sorted(VARIANTS.items())).encode())
+    digest.update(os.path.realpath(gcc).encode())
+    return digest.hexdigest()[:16]
+
+
+def _compile(gcc: str, dest: Path) -> dict[str, Path]:
+    dirs: dict[str, Path] = {}
+    builds: dict[str, subprocess.Popen[str]] = {}
+    for name, flags in VARIANTS.items():  # compiled side by side: the variants are independent
+        out = dirs[name] = dest / name
+        out.mkdir(parents=True, exist_ok=True)
+        cmd = [gcc, "-shared", "-fPIC", "-O1", "-Wall", "-Wextra", "-Werror", *flags,
+               f"-Wl,-soname,{SONAME}", "-o", str(out / SONAME), str(SOURCE), "-lpthread"]
+        builds[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    BUILDS["count"] += 1
+    for name, build in builds.items():
+        output, _ = build.communicate()
+        if build.returncode != 0:
+            raise RuntimeError(f"building the fake NVML ({name}) failed:\n{output}")
+    return dirs
+
+
+def build_fake_nvml(dest: Path | None = None) -> dict[str, Path]:
+    """Every variant of the fake library, compiled at most once per source: variant -> lib dir.
+
+    The builds live in a cache keyed by the source's hash ($RECLAIMER_FAKE_NVML_CACHE, else
+    ~/.cache/reclaimer/fake-nvml/<hash>/<variant>/libnvidia-ml.so.1), so a test run compiles only when
+    fake_nvml.c changed; ``dest`` is kept for callers that name a directory and is used only when the cache
+    directory cannot be written.
+    """
     global _built
     with _build_lock:
         if _built is not None:
@@ -165,20 +205,27 @@ def build_fake_nvml(dest: Path) -> dict[str, Path]:
         gcc = shutil.which("gcc") or shutil.which("cc")
         if gcc is None:
             raise RuntimeError("the fake NVML library needs a C compiler: install gcc (apt-get install gcc libc6-dev)")
-        dirs: dict[str, Path] = {}
-        builds: dict[str, subprocess.Popen[str]] = {}
-        for name, flags in VARIANTS.items():  # compiled side by side: the variants are independent
-            out = dirs[name] = dest / name
-            out.mkdir(parents=True, exist_ok=True)
-            cmd = [gcc, "-shared", "-fPIC", "-O1", "-Wall", "-Wextra", "-Werror", *flags,
-                   f"-Wl,-soname,{SONAME}", "-o", str(out / SONAME), str(SOURCE), "-lpthread"]
-            builds[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for name, build in builds.items():
-            output, _ = build.communicate()
-            if build.returncode != 0:
-                raise RuntimeError(f"building the fake NVML ({name}) failed:\n{output}")
-        _built = dirs
-        return dirs
+        final = _cache_root() / _build_key(gcc)
+        if not all((final / name / SONAME).is_file() for name in VARIANTS):
+            try:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                staging = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
+            except OSError:
+                if dest is None:
+                    raise
+                _built = _compile(gcc, dest)
+                return _built
+            try:
+                _compile(gcc, staging)
+                try:
+                    staging.rename(final)  # atomic: another run building the same source at once wins or loses whole
+                except OSError:
+                    if not all((final / name / SONAME).is_file() for name in VARIANTS):
+                        raise
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        _built = {name: final / name for name in VARIANTS}
+        return _built
 
 
 class FakeNvml:
@@ -233,7 +280,7 @@ class FakeNvml:
 
 @pytest.fixture(scope="session")
 def fake_nvml_libs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The fake library, every variant, built once per test run."""
+    """The fake library, every variant: compiled only when fake_nvml.c changed (see ``build_fake_nvml``)."""
     return build_fake_nvml(tmp_path_factory.mktemp("fake-nvml"))
 
 
