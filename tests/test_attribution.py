@@ -519,6 +519,7 @@ def test_real_process_outside_any_kernel() -> None:
     assert re.fullmatch(r"no kernel connection file among \d+ ancestors", result.reason), result.reason
 
 
+@pytest.mark.e2e  # a churn of 1,000 kernels (seconds of CPU)
 def test_item4_cache_stays_bounded_by_the_live_gpu_processes(fake: FakeProc) -> None:
     """1,000 kernels (each a kernel process and a GPU child) come and go, 5 alive at a time: the identity cache holds
     the live chains only, never the history."""

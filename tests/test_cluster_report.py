@@ -170,6 +170,7 @@ def test_forbidden_pending_and_impostor_nodes_are_named(two_nodes: FakeKube, tmp
     assert "answered as node 'gpu-node-1'" in reasons["gpu-node-4"]
 
 
+@pytest.mark.e2e  # waits out a real 3 s deadline
 def test_a_hanging_node_costs_at_most_the_deadline(two_nodes: FakeKube, tmp_path: Path) -> None:
     with hanging_server() as hung:
         two_nodes.proxy_to(two_nodes.pods[(NS, "gpu-reclaimer-2x")], hung)

@@ -34,6 +34,8 @@ from tests.support.jupyter_fixtures import JupyterProcess
 from tests.support.nvml_fixtures import FakeGpu, FakeNvml, FakeProcess, gpu_uuid
 from tests.support.recording_proxy import RecordingProxy
 
+pytestmark = pytest.mark.e2e  # the whole node end to end: a real Kernel Gateway and the daemon in real time
+
 GIB = 1024**3
 IDLE_AFTER = 6.0
 NODE = "e2e-node"

@@ -448,6 +448,7 @@ def test_invariant_17_counters_for_released_gpus_and_allocation_waste() -> None:
 # --------------------------------------------------------------------------- through the real daemon
 
 
+@pytest.mark.e2e  # the real daemon, running for seconds
 async def test_invariant_17_daemon_never_evicts_a_controller_pod_and_verifies_the_release(
     fake_nvml: FakeNvml, tmp_path: Path
 ) -> None:
@@ -676,6 +677,7 @@ async def test_invariant_17_allocation_checks_stay_bounded_and_run_at_once(api: 
     assert unreleased >= 15
 
 
+@pytest.mark.e2e  # the real daemon, running for seconds
 async def test_invariant_17_daemon_counts_a_release_only_once_the_pod_is_gone(
     fake_nvml: FakeNvml, tmp_path: Path
 ) -> None:

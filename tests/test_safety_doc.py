@@ -1,6 +1,7 @@
 """docs/safety.md lists every invariant, in order, and every test it names exists."""
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -8,6 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "safety.md"
 
 
+@functools.cache  # the doc names many tests per file: parse each file once
 def _test_names(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
     return {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}

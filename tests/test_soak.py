@@ -12,7 +12,7 @@ import pytest
 from bench import soak
 from bench.results import write_markdown
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.e2e]  # e2e: the daemon through a simulated day, seconds each
 
 
 @pytest.mark.parametrize("mode", ["enforce", "dry-run"])

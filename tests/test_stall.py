@@ -209,6 +209,7 @@ kubernetes: {{enabled: false}}
         await daemon.close()
 
 
+@pytest.mark.e2e  # waits out real timeouts
 async def test_item5_a_timed_out_observation_says_what_timed_out_and_leaves_no_unretrieved_future(
     aiohttp_server: Any,
 ) -> None:
