@@ -444,6 +444,7 @@ def test_demo_extra_is_complete_in_the_test_environment() -> None:
     assert missing_demo_dependencies() == []
 
 
+@pytest.mark.e2e
 def test_the_daemon_does_not_import_the_demo_dependencies() -> None:
     """rich and jupyter_client are not runtime dependencies: running the daemon's code paths must not need them."""
     code = (

@@ -1105,6 +1105,7 @@ async def test_jupyter_server(jupyter_server: JupyterProcess, monkeypatch: pytes
     assert result[0] == "success" and after.error == "not found"
 
 
+@pytest.mark.e2e  # a churn of 3,000 kernels over 300 cycles (seconds)
 async def test_item4_pool_caches_stay_bounded_by_the_kernels_still_asked_about(make_gateway: Make) -> None:
     """3,000 kernels come and go (some served, some unknown to every gateway): the home and absence caches hold
     only what an observe asked about within absent_retry_max."""
