@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS = (
     "python3 -m ruff check reclaimer",
@@ -42,6 +44,7 @@ def _run(tool: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.e2e  # runs ruff / mypy (processes)
 def test_the_package_passes_ruff() -> None:
     """The positive control for the two below (and the same commands .ci/run runs)."""
     for args in (("check", "reclaimer"), ("format", "--check", "reclaimer")):
@@ -49,6 +52,7 @@ def test_the_package_passes_ruff() -> None:
         assert out.returncode == 0, out.stdout + out.stderr
 
 
+@pytest.mark.e2e  # runs ruff / mypy (processes)
 def test_ruff_config_catches_an_unused_import_and_a_long_line(tmp_path: Path) -> None:
     probe = '"""Probe."""\n\nimport os\n\nLONG = "' + "x" * 120 + '"\n'
     out = _run("ruff", "check", "--no-cache", "reclaimer", cwd=_project(tmp_path, probe))
@@ -56,11 +60,13 @@ def test_ruff_config_catches_an_unused_import_and_a_long_line(tmp_path: Path) ->
     assert "F401" in out.stdout and "E501" in out.stdout, out.stdout
 
 
+@pytest.mark.e2e  # runs ruff / mypy (processes)
 def test_ruff_format_check_fails_on_unformatted_code(tmp_path: Path) -> None:
     out = _run("ruff", "format", "--check", "--no-cache", "reclaimer", cwd=_project(tmp_path, "x = [1,2 ,3]\n"))
     assert out.returncode == 1 and "reclaimer/probe.py" in out.stdout, out.stdout
 
 
+@pytest.mark.e2e  # runs ruff / mypy (processes)
 def test_mypy_config_refuses_untyped_defs_and_targets_python_3_10(tmp_path: Path) -> None:
     probe = (
         '"""Probe."""\n\n\n'
