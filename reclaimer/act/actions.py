@@ -20,7 +20,7 @@ import structlog
 from reclaimer.core import actionkinds, modes
 from reclaimer.core.actions import ActionKind, Recovers
 from reclaimer.core.config import format_duration
-from reclaimer.core.model import ActionResult, Decision, PodGpuAllocation, SamplerSnapshot
+from reclaimer.core.model import ActionResult, Decision, PodGpuAllocation, PodInfo, SamplerSnapshot, ServerRef
 from reclaimer.core.redact import redact_line
 from reclaimer.core.results import (
     BLOCKED,
@@ -45,21 +45,48 @@ EVENT_ACTIONS = actionkinds.EVENT_ACTIONS
 
 
 class KernelStopper(Protocol):
+    """Shuts a kernel down at the gateway that serves it (observe.gateway.GatewayPool)."""
+
     async def shutdown(self, kernel_id: str) -> AdapterOutcome: ...
 
 
 class ServerStopper(Protocol):
+    """Stops a user's server, or one kernel inside it, through JupyterHub (observe.hub.HubClient)."""
+
     async def stop_server(self, user: str, server_name: str = "") -> AdapterOutcome: ...
 
-    async def shutdown_server_kernel(self, server: Any, kernel_id: str) -> AdapterOutcome: ...
+    async def shutdown_server_kernel(self, server: ServerRef, kernel_id: str) -> AdapterOutcome: ...
+
+
+class Eviction(Protocol):
+    """What one eviction request answered (observe.kube.EvictionResult)."""
+
+    @property
+    def result(self) -> str: ...  # one of reclaimer.core.results.EVICTION_RESULTS
+
+    @property
+    def detail(self) -> str: ...
+
+    @property
+    def retry_after(self) -> float | None: ...  # seconds the API server asked us to wait
 
 
 class PodEvicter(Protocol):
-    def evict(self, namespace: str, name: str, uid: str) -> Any: ...  # -> kube.EvictionResult
+    """Evicts pods, stops Kubeflow notebooks, reads a pod again, creates Events (observe.kube.KubeClient)."""
 
-    def create_event(self, pod: Any, *, reason: str, action: str, note: str, type: str = "Normal") -> bool: ...
+    def evict(self, namespace: str, name: str, uid: str) -> Eviction: ...
 
-    def get_pod(self, namespace: str, name: str) -> Any: ...  # -> PodInfo | None (None: gone)
+    def stop_notebook(self, namespace: str, name: str, now: float | None = None) -> AdapterOutcome: ...
+
+    def create_event(self, pod: PodInfo, *, reason: str, action: str, note: str, type: str = "Normal") -> bool: ...
+
+    def get_pod(self, namespace: str, name: str) -> PodInfo | None: ...  # None: gone
+
+
+class NotebookKernelStopper(Protocol):
+    """Shuts a kernel down inside a Kubeflow notebook server (observe.kubeflow.NotebookServers)."""
+
+    async def shutdown_kernel(self, namespace: str, name: str, kernel_id: str) -> AdapterOutcome: ...
 
 
 Recheck = Callable[[Decision], Awaitable[Decision]]
@@ -173,7 +200,7 @@ class LiveExecutor:
     kernels: KernelStopper | None = None
     servers: ServerStopper | None = None
     kube: PodEvicter | None = None
-    notebooks: Any | None = None  # kubeflow.NotebookServers
+    notebooks: NotebookKernelStopper | None = None
     clock: Callable[[], float] = field(default=lambda: __import__("time").time())
     verify_within: float = 120.0
     default_backoff: float = 300.0
@@ -332,10 +359,9 @@ class LiveExecutor:
 
     async def _stop_notebook(self, d: Decision) -> Outcome:
         c = d.candidate
-        stop = getattr(self.kube, "stop_notebook", None)
-        if stop is None or c.notebook is None:
+        if self.kube is None or c.notebook is None:
             return self._record(d, SKIPPED, "no Kubeflow Notebook known for this candidate")
-        return await asyncio.to_thread(stop, c.notebook.namespace, c.notebook.name, self.clock())
+        return await asyncio.to_thread(self.kube.stop_notebook, c.notebook.namespace, c.notebook.name, self.clock())
 
     async def _shutdown_kernel(self, d: Decision) -> Outcome:
         c = d.candidate
@@ -380,7 +406,7 @@ class LiveExecutor:
             )
         return result, detail
 
-    def _eviction_outcome(self, d: Decision, ev: Any) -> tuple[str, str]:
+    def _eviction_outcome(self, d: Decision, ev: Eviction) -> tuple[str, str]:
         now = self.clock()
         if ev.result in DONE:
             return ev.result, ev.detail
@@ -473,17 +499,16 @@ class LiveExecutor:
         return done
 
     async def _pod_gone(self, p: _AllocationPending) -> str | None:
-        get_pod = getattr(self.kube, "get_pod", None)
-        if get_pod is None:
+        if self.kube is None:
             return None
         try:
-            pod = await asyncio.to_thread(get_pod, p.namespace, p.name)
+            pod = await asyncio.to_thread(self.kube.get_pod, p.namespace, p.name)
         except Exception as exc:  # unknown: neither released nor held
             log.warning("allocation check: reading the pod failed", error=str(exc), namespace=p.namespace, pod=p.name)
             return None
         if pod is None:
             return "pod gone"
-        if getattr(pod, "uid", p.uid) != p.uid:
+        if pod.uid != p.uid:
             return "pod replaced (another uid)"
         return None
 
@@ -502,8 +527,20 @@ OPERATIONS: dict[str, Callable[[LiveExecutor, Decision], Awaitable[Outcome]]] = 
 }
 
 
-def executor_for(mode: str, **adapters: Any) -> DryRunExecutor | LiveExecutor:
+def executor_for(
+    mode: str,
+    *,
+    kernels: KernelStopper | None = None,
+    servers: ServerStopper | None = None,
+    kube: PodEvicter | None = None,
+    notebooks: NotebookKernelStopper | None = None,
+    clock: Callable[[], float] | None = None,
+    verify_within: float = 120.0,
+) -> DryRunExecutor | LiveExecutor:
     """Dry-run gets no adapters at all: it cannot call anything even by mistake."""
-    if mode == modes.ENFORCE:
-        return LiveExecutor(**adapters)
-    return DryRunExecutor()
+    if mode != modes.ENFORCE:
+        return DryRunExecutor()
+    live = LiveExecutor(kernels=kernels, servers=servers, kube=kube, notebooks=notebooks, verify_within=verify_within)
+    if clock is not None:
+        live.clock = clock
+    return live
