@@ -1,4 +1,4 @@
-"""GPU process -> pod -> Jupyter kernel. Pure core over a procfs root directory.
+"""GPU process -> pod -> Jupyter kernel, read from a procfs root directory (/proc or a test tree) through procfs.
 
 A GPU process belongs to the first process up its parent chain whose cmdline names a ``kernel-<uuid>.json``
 connection file (the kernel itself, or e.g. ``!python train.py`` and its DataLoader workers), or whose connection file

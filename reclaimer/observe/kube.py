@@ -1,6 +1,7 @@
 """Kubernetes API adapter: pod metadata for this node, evictions and events.k8s.io Events.
 
-The only module that imports ``kubernetes``. Every call is synchronous (callers run it via ``asyncio.to_thread``),
+The daemon's adapter to the Kubernetes API (app/cluster.py also uses the client, for ``report --cluster``).
+Every call is synchronous (callers run it via ``asyncio.to_thread``),
 carries ``_request_timeout`` from the settings and is tried once: the caller retries on its next cycle.
 
 Pod cache: a cheap periodic LIST (``spec.nodeName=<node>``, paginated) at most every ``resync_interval``, driven

@@ -1,7 +1,7 @@
 """Read what /proc says about a process: identity (stat), pod and container (cgroup), kernel id (cmdline, or the
 bind-mounted connection file in mountinfo).
 
-Pure core: plain file reads under a ``root`` directory (``/proc`` or a test tree), no I/O libraries.
+Plain file reads under a ``root`` directory (``/proc`` or a test tree), no I/O libraries.
 ``/proc/<pid>/environ`` is never opened: it holds tokens.
 
 The ``parse_*`` functions take file contents and raise ``ProcfsParseError`` naming the culprit on malformed
