@@ -291,30 +291,18 @@ class RestEndpoint:
         once and retries when the token changed; a 401 that stays marks the token ``rejected``.
         """
         source = self.token_source if token is None else None
-        answer = await self._request_once(
-            method,
-            path,
-            limit=limit,
-            timeout=timeout,
-            params=params,
-            accept=accept,
-            token=token if token is not None else (source.current() if source else None),
-            body=body,
-        )
+
+        async def once(with_token: str | None) -> HttpAnswer:
+            return await self._request_once(
+                method, path, limit=limit, timeout=timeout, params=params, accept=accept, token=with_token, body=body
+            )
+
+        answer = await once(token if token is not None else (source.current() if source else None))
         if source is None:
             return answer
         if self._refusal(answer):
             if source.reread():
-                answer = await self._request_once(
-                    method,
-                    path,
-                    limit=limit,
-                    timeout=timeout,
-                    params=params,
-                    accept=accept,
-                    token=source.current(),
-                    body=body,
-                )
+                answer = await once(source.current())
             if self._refusal(answer):
                 source.refused(answer.status or 0)
                 return answer
