@@ -14,6 +14,8 @@ from typing import Any
 
 import aiohttp
 
+READY_RETRY = 3.0  # seconds between kernel_info_requests while the channel is not known live
+
 
 class KernelClientError(Exception):
     pass
@@ -99,15 +101,45 @@ class GatewayRest:
         )
         msg_id = req["header"]["msg_id"]
         out: list[str] = []
+        asked: set[str] = set()
+
+        async def ask_ready(ws: aiohttp.ClientWebSocketResponse[bool]) -> None:
+            info = _msg("kernel_info_request", {}, session_id)
+            asked.add(info["header"]["msg_id"])
+            await ws.send_str(json.dumps(info))
 
         async def converse(ws: aiohttp.ClientWebSocketResponse[bool]) -> str:
-            async for m in ws:
+            # First a kernel_info_request, asked again every READY_RETRY seconds until an IOPub status answers one:
+            # only then is the server's IOPub subscription for this channel known to be live. Code sent earlier can
+            # lose its output to ZMQ's slow joiner and leave this call waiting for an answer that went nowhere
+            # (seen under load on a fresh kernel). kernel_info is idempotent; the code is sent once.
+            ready = False
+            await ask_ready(ws)
+            while True:
+                try:
+                    m = await ws.receive(timeout=None if ready else READY_RETRY)
+                except (TimeoutError, asyncio.TimeoutError):
+                    await ask_ready(ws)
+                    continue
+                if m.type in (
+                    aiohttp.WSMsgType.CLOSE,
+                    aiohttp.WSMsgType.CLOSING,
+                    aiohttp.WSMsgType.CLOSED,
+                    aiohttp.WSMsgType.ERROR,
+                ):
+                    break
                 if m.type != aiohttp.WSMsgType.TEXT:
                     continue
                 msg = json.loads(m.data)
-                if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                    continue
+                parent = msg.get("parent_header", {}).get("msg_id")
                 t = msg.get("msg_type") or msg.get("header", {}).get("msg_type")
+                if not ready:
+                    if parent in asked and t == "status":
+                        ready = True
+                        await ws.send_str(json.dumps(req))
+                    continue
+                if parent != msg_id:
+                    continue
                 if t == "status" and msg["content"].get("execution_state") == "busy" and not wait:
                     return ""
                 if t == "stream" and msg["content"].get("name") == "stdout":
@@ -124,7 +156,6 @@ class GatewayRest:
             aiohttp.ClientSession(headers=self.headers) as s,
             s.ws_connect(ws_url, timeout=aiohttp.ClientWSTimeout(ws_close=5)) as ws,
         ):
-            await ws.send_str(json.dumps(req))
             try:
                 return await asyncio.wait_for(converse(ws), timeout)
             except (TimeoutError, asyncio.TimeoutError):
